@@ -1,0 +1,47 @@
+"""corejax: a sandboxed, GPU-optional LLM inference runtime on JAX.
+
+Public API (everything else is internal):
+    generate(prompt, model=None, **sampling) -> str       stream(...) -> iterator of str
+    Session(model) -> .generate() -> GenerationResult, .stream(), .info()
+    pull(name), list_models(), SamplingParams, and the exceptions below.
+"""
+
+from corejax.api import generate, stream
+from corejax.errors import (
+    ContextLengthError,
+    CorejaxError,
+    InvalidParameterError,
+    MemoryBudgetError,
+    ModelFormatError,
+    ModelNotFoundError,
+    PullError,
+    UnsupportedModelError,
+)
+from corejax.hub import DEFAULT_MODEL, list_models, pull
+from corejax.results import GenerationResult, Timings, TokenLogprob
+from corejax.config import SamplingParams
+from corejax.session import Session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ContextLengthError",
+    "CorejaxError",
+    "GenerationResult",
+    "InvalidParameterError",
+    "MemoryBudgetError",
+    "ModelFormatError",
+    "ModelNotFoundError",
+    "PullError",
+    "SamplingParams",
+    "Session",
+    "Timings",
+    "TokenLogprob",
+    "UnsupportedModelError",
+    "__version__",
+    "generate",
+    "list_models",
+    "pull",
+    "stream",
+]

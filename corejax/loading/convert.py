@@ -1,0 +1,203 @@
+"""Checkpoint names -> corejax params: the one place that knows GGUF's and HF's tensor names and quirks.
+
+Params layout (what models/ sees; matrices are [in, out] so decode GEMVs contract the leading axis):
+  lm_head [D, V]; embed [V, D] (untied models only); final_norm [D];
+  layers[i]: attn_norm, ffn_norm [D]; wq [D, N*H]; wk, wv [D, K*H]; wo [N*H, D];
+             w_gate, w_up [D, F]; w_down [F, D]; Gemma also q_norm, k_norm [H], post_attn_norm, post_ffn_norm [D].
+Norm weights are stored as the multiplier: Gemma's (1 + w) is applied here, never in the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from corejax.config import ModelConfig
+from corejax.errors import ModelFormatError, ModelNotFoundError
+
+Getter = Callable[[str], np.ndarray]
+
+# Our per-layer name -> (GGUF name, HF name by arch). None: the arch lacks it.
+_LAYER_NAMES = {
+    "attn_norm": ("attn_norm", {"llama": "input_layernorm", "gemma3": "input_layernorm"}),
+    "wq": ("attn_q", "self_attn.q_proj"),
+    "wk": ("attn_k", "self_attn.k_proj"),
+    "wv": ("attn_v", "self_attn.v_proj"),
+    "wo": ("attn_output", "self_attn.o_proj"),
+    "ffn_norm": ("ffn_norm", {"llama": "post_attention_layernorm", "gemma3": "pre_feedforward_layernorm"}),
+    "w_gate": ("ffn_gate", "mlp.gate_proj"),
+    "w_up": ("ffn_up", "mlp.up_proj"),
+    "w_down": ("ffn_down", "mlp.down_proj"),
+    "q_norm": ("attn_q_norm", "self_attn.q_norm"),
+    "k_norm": ("attn_k_norm", "self_attn.k_norm"),
+    "post_attn_norm": ("post_attention_norm", {"gemma3": "post_attention_layernorm"}),
+    "post_ffn_norm": ("post_ffw_norm", {"gemma3": "post_feedforward_layernorm"}),
+}
+_GEMMA_ONLY = ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint-order ([out, in]) shapes of each per-layer tensor."""
+    d, h, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_size
+    shapes = {
+        "attn_norm": (d,), "ffn_norm": (d,),
+        "wq": (cfg.num_heads * h, d), "wk": (cfg.num_kv_heads * h, d), "wv": (cfg.num_kv_heads * h, d),
+        "wo": (d, cfg.num_heads * h), "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
+    }
+    if cfg.arch == "gemma3":
+        shapes.update(q_norm=(h,), k_norm=(h,), post_attn_norm=(d,), post_ffn_norm=(d,))
+    return shapes
+
+
+def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter interleaves each head's Q/K rows for its RoPE; restore HF's rotate-half order."""
+    out, d_in = w.shape
+    return w.reshape(heads, out // heads // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
+
+
+def _check(name: str, w: np.ndarray, shape: tuple[int, ...], source: str) -> None:
+    if tuple(w.shape) != shape:
+        raise ModelFormatError(
+            f"{source}: tensor {name!r} has shape {tuple(w.shape)} but the model config implies {shape}; "
+            "the file is inconsistent with its own metadata"
+        )
+
+
+def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source: str,
+                 permuted_qk: bool, norm_offset: float, progress: bool) -> dict[str, Any]:
+    """Shared by both formats: fetch every tensor through `get`, check shapes, fix quirks, lay out [in, out]."""
+    shapes = _expected_shapes(cfg)
+    total = 2 + (0 if cfg.tie_embeddings else 1) + cfg.num_layers * len(shapes)
+    bar = tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False)
+
+    def fetch(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        w = np.asarray(get(names[key]), dtype=np.float32)
+        _check(names[key], w, shape, source)
+        bar.update(1)
+        return w
+
+    def norm(w: np.ndarray) -> jnp.ndarray:
+        return jnp.asarray(w + np.float32(norm_offset) if norm_offset else w)
+
+    v, d = cfg.vocab_size, cfg.hidden_size
+    params: dict[str, Any] = {"final_norm": norm(fetch("final_norm", (d,)))}
+    if cfg.tie_embeddings:
+        params["lm_head"] = jnp.asarray(np.ascontiguousarray(fetch("embed", (v, d)).T))
+    else:
+        params["embed"] = jnp.asarray(fetch("embed", (v, d)))
+        params["lm_head"] = jnp.asarray(np.ascontiguousarray(fetch("lm_head", (v, d)).T))
+    layers = []
+    for i in range(cfg.num_layers):
+        layer = {}
+        for key, shape in shapes.items():
+            w = fetch(f"{i}.{key}", shape)
+            if w.ndim == 1:
+                layer[key] = norm(w)
+                continue
+            if permuted_qk and key in ("wq", "wk"):
+                w = _unpermute_rope(w, cfg.num_heads if key == "wq" else cfg.num_kv_heads)
+            layer[key] = jnp.asarray(np.ascontiguousarray(w.T))
+        layers.append(layer)
+    params["layers"] = layers
+    bar.close()
+    return params
+
+
+def gguf_names(cfg: ModelConfig) -> dict[str, str]:
+    names = {"final_norm": "output_norm.weight", "embed": "token_embd.weight", "lm_head": "output.weight"}
+    for i in range(cfg.num_layers):
+        for key in _expected_shapes(cfg):
+            names[f"{i}.{key}"] = f"blk.{i}.{_LAYER_NAMES[key][0]}.weight"
+    return names
+
+
+def load_gguf_params(gguf: Any, cfg: ModelConfig, *, progress: bool = True) -> dict[str, Any]:
+    """`gguf` is an open corejax.loading.gguf.GGUFFile."""
+    names = gguf_names(cfg)
+    missing = [n for n in names.values() if n not in gguf.tensors and n != "output.weight"]
+    if missing:
+        raise ModelFormatError(f"{gguf.path}: missing tensors {missing[:4]}{'...' if len(missing) > 4 else ''}")
+    return build_params(
+        cfg, gguf.dequantize, names, source=str(gguf.path),
+        # llama.cpp permutes Q/K for llama-arch models only; Gemma's norms are stored as (1 + w) already.
+        permuted_qk=cfg.arch == "llama", norm_offset=0.0, progress=progress,
+    )
+
+
+def hf_names(cfg: ModelConfig, prefix: str) -> dict[str, str]:
+    names = {"final_norm": f"{prefix}norm.weight", "embed": f"{prefix}embed_tokens.weight",
+             "lm_head": "lm_head.weight"}
+    for i in range(cfg.num_layers):
+        for key in _expected_shapes(cfg):
+            hf = _LAYER_NAMES[key][1]
+            hf = hf[cfg.arch] if isinstance(hf, dict) else hf
+            names[f"{i}.{key}"] = f"{prefix}layers.{i}.{hf}.weight"
+    return names
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelFormatError(f"{index}: not a valid safetensors index ({e})") from None
+        return sorted({folder / name for name in weight_map.values()})
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"{folder} has no *.safetensors files; an HF folder needs config.json and weights")
+    return files
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
+    from safetensors import safe_open
+
+    for path in files:
+        try:
+            # The "flax" framework reads bf16, which numpy cannot; safetensors mmaps the file either way.
+            with safe_open(str(path), framework="flax") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    yield name, (path, name)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_hf_folder(folder: Path, *, progress: bool = True) -> tuple[ModelConfig, dict[str, Any], dict]:
+    """An HF folder (config.json + *.safetensors) -> (config, params, raw config dict)."""
+    from safetensors import safe_open
+
+    config_path = folder / "config.json"
+    try:
+        raw = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{folder} has no config.json; an HF folder needs config.json and weights") from None
+    except ValueError as e:
+        raise ModelFormatError(f"{config_path} is not valid JSON ({e})") from None
+    cfg = ModelConfig.from_hf(raw)
+    where = dict(_iter_safetensors(_safetensors_files(folder)))
+    prefix = next((p for p in ("model.", "language_model.model.", "model.language_model.", "")
+                   if f"{p}embed_tokens.weight" in where), None)
+    if prefix is None:
+        raise ModelFormatError(f"{folder}: no embed_tokens.weight tensor; not a decoder checkpoint corejax knows")
+    names = hf_names(cfg, prefix)
+    if not cfg.tie_embeddings and "lm_head.weight" not in where:
+        raise ModelFormatError(f"{folder}: config says untied embeddings but lm_head.weight is missing")
+    handles: dict[Path, Any] = {}
+
+    def get(name: str) -> np.ndarray:
+        if name not in where:
+            raise ModelFormatError(f"{folder}: missing tensor {name!r}")
+        path, key = where[name]
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="flax")
+        return np.asarray(handles[path].get_tensor(key), dtype=np.float32)
+
+    params = build_params(cfg, get, names, source=str(folder), permuted_qk=False,
+                          norm_offset=1.0 if cfg.arch == "gemma3" else 0.0, progress=progress)
+    return cfg, params, raw

@@ -1,0 +1,47 @@
+"""What a request returns: the result object, its timings and per-token logprobs (plain data, no JAX)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely alternatives, best first
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    load_s: float  # loading the model (once per session; repeated here for convenience)
+    prompt_tokens: int
+    generated_tokens: int
+    time_to_first_token_s: float  # prefill + first sample, including any compile on a new shape
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float  # tokens after the first, over the time after the first
+    total_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    tokens: tuple[int, ...]  # generated ids (an end-of-sequence token included when one ended it)
+    finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length" (max_tokens or context)
+    prompt_tokens: tuple[int, ...]
+    timings: Timings
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One streamed piece. The last chunk of a request has `result` set (its text is then empty)."""
+
+    text: str
+    tokens: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    result: GenerationResult | None = None

@@ -1,0 +1,113 @@
+"""Everything that runs where the model lives: prompt -> tokens -> engine -> text pieces, stop strings, results.
+
+Session calls this in-process today; the sandbox issue runs the same object in the worker subprocess
+behind the protocol, so nothing here may assume it shares memory with the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from corejax.engine import Engine, StepTimes
+from corejax.errors import InvalidParameterError
+from corejax.hub import ModelSource, cache_dir
+from corejax.loading.loader import LoadedModel, load_model
+from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
+from corejax.sampling import SamplingParams
+from corejax.stopping import StopMatcher
+
+
+def enable_compilation_cache() -> None:
+    """XLA programs persist under the corejax cache, so a second start skips the first compile."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class Runtime:
+    def __init__(self, source: ModelSource, *, progress: bool = True):
+        enable_compilation_cache()
+        self.model: LoadedModel = load_model(source, progress=progress)
+        self.tokenizer = self.model.tokenizer
+        self.engine = Engine(self.model.cfg, self.model.params)
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.model.info, load_seconds=self.model.load_seconds)
+
+    def prompt_ids(self, prompt: str | None, messages: Sequence[dict] | None) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise InvalidParameterError("give exactly one of prompt (a string) or messages (a list of dicts)")
+        if messages is not None:
+            if isinstance(messages, (str, bytes)) or not all(isinstance(m, dict) for m in messages):
+                raise InvalidParameterError(
+                    "messages must be a list of dicts like {'role': 'user', 'content': 'Hi'}")
+            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+            # The template writes BOS itself where the model wants it (HF tokenizes templates the same way).
+            return self.tokenizer.encode(text, add_special=False)
+        if not isinstance(prompt, str):
+            raise InvalidParameterError(f"prompt must be a string; got {type(prompt).__name__}")
+        return self.tokenizer.encode(prompt, add_special=True)
+
+    def stream(self, prompt: str | None, messages: Sequence[dict] | None, sp: SamplingParams) -> Iterator[Chunk]:
+        """Yields text chunks as tokens arrive; the final chunk carries the GenerationResult."""
+        start = time.perf_counter()
+        ids = self.prompt_ids(prompt, messages)
+        self.engine.check_fits(len(ids))
+        detok = self.tokenizer.stream(continuation=True)  # keep the SPM space before the first new word
+        stops = StopMatcher(sp.stop)
+        times = StepTimes()
+        generated: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        text_parts: list[str] = []
+        finish = "length"
+        steps = self.engine.generate(ids, sp, self.tokenizer.eos_ids, times)
+        try:
+            for event in steps:
+                generated.append(event.token)
+                lp = ()
+                if event.logprob is not None:
+                    lp = (TokenLogprob(event.token, self.tokenizer.decode([event.token], skip_special=False),
+                                       event.logprob, tuple(event.top_logprobs or ())),)
+                    logprobs.extend(lp)
+                if event.token in self.tokenizer.eos_ids and not sp.ignore_eos:
+                    finish = "stop"
+                    break
+                text, hit = stops.push(detok.push(event.token))
+                if text or lp:
+                    text_parts.append(text)
+                    yield Chunk(text, (event.token,), lp)
+                if hit:
+                    finish = "stop"
+                    break
+        finally:
+            steps.close()
+        if not stops.stopped:  # release what the detokenizer and the stop matcher still hold
+            tail, hit = stops.push(detok.flush())
+            if hit:
+                finish = "stop"
+            else:
+                tail += stops.flush()
+            if tail:
+                text_parts.append(tail)
+                yield Chunk(tail)
+        yield Chunk("", result=self._result(ids, generated, "".join(text_parts), finish, logprobs, sp, times,
+                                            start))
+
+    def _result(self, ids, generated, text, finish, logprobs, sp, times: StepTimes, start) -> GenerationResult:
+        ttft = max(times.first_token - start, 1e-9) if times.generated else 0.0
+        decode_s = times.last_token - times.first_token
+        timings = Timings(
+            load_s=self.model.load_seconds,
+            prompt_tokens=len(ids),
+            generated_tokens=len(generated),
+            time_to_first_token_s=ttft,
+            prefill_tokens_per_s=len(ids) / ttft if ttft else 0.0,
+            decode_tokens_per_s=(times.generated - 1) / decode_s if decode_s > 0 else 0.0,
+            total_s=time.perf_counter() - start,
+        )
+        return GenerationResult(text, tuple(generated), finish, tuple(ids), timings,
+                                tuple(logprobs) if sp.logprobs is not None else None)

@@ -1,0 +1,1 @@
+"""Attention and matmul kernels, shipped as ``corejax.kernels``: one op per file."""

