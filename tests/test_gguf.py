@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import pathlib
 import tempfile
 
@@ -396,21 +395,14 @@ def test_fuzz_only_corejax_errors(flips, cut):
 # ------------------------------------------------------------------------------------------ real model files
 
 
-def _model_path(var: str) -> pathlib.Path:
-    value = os.environ.get(var)
-    if not value or not pathlib.Path(value).is_file():
-        pytest.skip(f"set {var} to a GGUF file to run this test")
-    return pathlib.Path(value)
+@pytest.fixture(scope="module")
+def smollm2_path(smollm2_gguf) -> pathlib.Path:
+    return smollm2_gguf
 
 
 @pytest.fixture(scope="module")
-def smollm2_path() -> pathlib.Path:
-    return _model_path("COREJAX_TEST_SMOLLM2")
-
-
-@pytest.fixture(scope="module")
-def gemma3_path() -> pathlib.Path:
-    return _model_path("COREJAX_TEST_GEMMA3")
+def gemma3_path(gemma3_gguf) -> pathlib.Path:
+    return gemma3_gguf
 
 
 def _sample_per_type(reader: gguf.GGUFReader) -> set[str]:

