@@ -33,3 +33,23 @@ class PullError(CorejaxError, RuntimeError):
 
 class MemoryBudgetError(CorejaxError, MemoryError):
     """A reservation that would exceed the session's declared memory limit."""
+
+
+class CacheFullError(MemoryBudgetError):
+    """The KV page pool cannot hold a request: now (wait, or free sequences) or ever (grow the pool)."""
+
+    def __init__(self, message: str, *, needed: int, available: int, total: int):
+        super().__init__(message)
+        self.needed, self.available, self.total = needed, available, total
+
+
+class SandboxError(CorejaxError, RuntimeError):
+    """The sandboxed worker could not be started or broke the protocol; the message says which and why."""
+
+
+class WorkerCrashed(SandboxError):
+    """The worker process died (a crash, a kill, the memory limit) while it ran this request."""
+
+
+class RequestTimeout(SandboxError, TimeoutError):
+    """A request ran longer than the Session's timeout; the worker was stopped and will be restarted."""

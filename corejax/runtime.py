@@ -29,9 +29,9 @@ def enable_compilation_cache() -> None:
 
 
 class Runtime:
-    def __init__(self, source: ModelSource, *, progress: bool = True):
+    def __init__(self, source: ModelSource, *, weights: str | None = None, progress: bool = True):
         enable_compilation_cache()
-        self.model: LoadedModel = load_model(source, progress=progress)
+        self.model: LoadedModel = load_model(source, weights=weights, progress=progress)
         self.tokenizer = self.model.tokenizer
         self.engine = Engine(self.model.cfg, self.model.params)
 

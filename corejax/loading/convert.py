@@ -9,6 +9,8 @@ Norm weights are stored as the multiplier: Gemma's (1 + w) is applied here, neve
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from corejax import quant
 from corejax.config import ModelConfig
 from corejax.errors import ModelFormatError, ModelNotFoundError
+from corejax.loading.ggml_quants import BLOCK_SIZES, UNPACKERS
 
-Getter = Callable[[str], np.ndarray]
+Getter = Callable[[str], Any]
 
 # Our per-layer name -> (GGUF name, HF name by arch). None: the arch lacks it.
 _LAYER_NAMES = {
@@ -55,13 +59,13 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
+def _unpermute_rope(w: np.ndarray, *, heads: int) -> np.ndarray:
     """llama.cpp's converter interleaves each head's Q/K rows for its RoPE; restore HF's rotate-half order."""
     out, d_in = w.shape
     return w.reshape(heads, out // heads // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
 
 
-def _check(name: str, w: np.ndarray, shape: tuple[int, ...], source: str) -> None:
+def _check(name: str, w: Any, shape: tuple[int, ...], source: str) -> None:
     if tuple(w.shape) != shape:
         raise ModelFormatError(
             f"{source}: tensor {name!r} has shape {tuple(w.shape)} but the model config implies {shape}; "
@@ -69,40 +73,78 @@ def _check(name: str, w: np.ndarray, shape: tuple[int, ...], source: str) -> Non
         )
 
 
-def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source: str,
+@dataclasses.dataclass
+class Blocks:
+    """A tensor still in its quantized form, checkpoint order: value = scales * code - mins per block."""
+
+    codes: np.ndarray  # [out, in] integers
+    scales: np.ndarray  # [out, in // block] float32
+    mins: np.ndarray | None
+    fmt: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    def rows(self, fn: Callable[[np.ndarray], np.ndarray]) -> Blocks:
+        """Applies a row permutation (`fn` on [out, X] arrays) to codes, scales and mins alike."""
+        return Blocks(fn(self.codes), fn(self.scales), None if self.mins is None else fn(self.mins), self.fmt)
+
+
+def _matrix(w: np.ndarray | Blocks, weights: str) -> Any:
+    """A checkpoint-order [out, in] weight -> what models/ gets: f32 [in, out] or a QuantArray."""
+    if isinstance(w, Blocks):
+        return quant.from_blocks(w.codes, w.scales, w.mins, fmt=w.fmt)
+    if weights in ("int8", "int4"):
+        return quant.quantize(w, 8 if weights == "int8" else 4)
+    return jnp.asarray(np.ascontiguousarray(w.T))
+
+
+def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source: str, weights: str,
                  permuted_qk: bool, norm_offset: float, progress: bool) -> dict[str, Any]:
-    """Shared by both formats: fetch every tensor through `get`, check shapes, fix quirks, lay out [in, out]."""
+    """Shared by both formats: fetch every tensor through `get`, check shapes, fix quirks, lay out [in, out].
+
+    `get` returns float arrays, or Blocks for tensors to keep quantized; weights "int8"/"int4" quantizes
+    float matrices here."""
     shapes = _expected_shapes(cfg)
     total = 2 + (0 if cfg.tie_embeddings else 1) + cfg.num_layers * len(shapes)
     bar = tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False)
 
-    def fetch(key: str, shape: tuple[int, ...]) -> np.ndarray:
-        w = np.asarray(get(names[key]), dtype=np.float32)
+    def fetch(key: str, shape: tuple[int, ...]) -> np.ndarray | Blocks:
+        w = get(names[key])
+        if not isinstance(w, Blocks):
+            w = np.asarray(w, dtype=np.float32)
         _check(names[key], w, shape, source)
         bar.update(1)
         return w
 
-    def norm(w: np.ndarray) -> jnp.ndarray:
+    def norm(w: np.ndarray | Blocks) -> jnp.ndarray:
+        if isinstance(w, Blocks):
+            raise ModelFormatError(f"{source}: a norm weight is stored quantized ({w.fmt}); expected a float type")
         return jnp.asarray(w + np.float32(norm_offset) if norm_offset else w)
 
     v, d = cfg.vocab_size, cfg.hidden_size
     params: dict[str, Any] = {"final_norm": norm(fetch("final_norm", (d,)))}
     if cfg.tie_embeddings:
-        params["lm_head"] = jnp.asarray(np.ascontiguousarray(fetch("embed", (v, d)).T))
+        params["lm_head"] = _matrix(fetch("embed", (v, d)), weights)
     else:
-        params["embed"] = jnp.asarray(fetch("embed", (v, d)))
-        params["lm_head"] = jnp.asarray(np.ascontiguousarray(fetch("lm_head", (v, d)).T))
+        embed = fetch("embed", (v, d))
+        params["embed"] = (jnp.asarray(embed) if isinstance(embed, np.ndarray) and weights not in ("int8", "int4")
+                           else _matrix(embed, weights))
+        params["lm_head"] = _matrix(fetch("lm_head", (v, d)), weights)
     layers = []
     for i in range(cfg.num_layers):
         layer = {}
         for key, shape in shapes.items():
             w = fetch(f"{i}.{key}", shape)
-            if w.ndim == 1:
+            if len(shape) == 1:
                 layer[key] = norm(w)
                 continue
             if permuted_qk and key in ("wq", "wk"):
-                w = _unpermute_rope(w, cfg.num_heads if key == "wq" else cfg.num_kv_heads)
-            layer[key] = jnp.asarray(np.ascontiguousarray(w.T))
+                heads = cfg.num_heads if key == "wq" else cfg.num_kv_heads
+                unpermute = functools.partial(_unpermute_rope, heads=heads)
+                w = w.rows(unpermute) if isinstance(w, Blocks) else unpermute(w)
+            layer[key] = _matrix(w, weights)
         layers.append(layer)
     params["layers"] = layers
     bar.close()
@@ -117,14 +159,34 @@ def gguf_names(cfg: ModelConfig) -> dict[str, str]:
     return names
 
 
-def load_gguf_params(gguf: Any, cfg: ModelConfig, *, progress: bool = True) -> dict[str, Any]:
-    """`gguf` is an open corejax.loading.gguf.GGUFFile."""
+WEIGHT_MODES = ("native", "f32", "int8", "int4")
+
+
+def _gguf_getter(gguf: Any, weights: str) -> Getter:
+    """native: quantized GGUF tensors stay quantized (Blocks); f32: everything dequantized at load."""
+
+    def get(name: str) -> np.ndarray | Blocks:
+        info = gguf.tensors[name]
+        if weights != "native" or info.ggml_type not in UNPACKERS or len(info.shape) != 2:
+            return gguf.dequantize(name)
+        _, type_size = BLOCK_SIZES[info.ggml_type]
+        q = UNPACKERS[info.ggml_type](gguf.raw(name).reshape(-1, type_size))
+        out = info.shape[0]
+        return Blocks(q.codes.reshape(out, -1), q.scales.reshape(out, -1),
+                      None if q.mins is None else q.mins.reshape(out, -1), info.ggml_type.name)
+
+    return get
+
+
+def load_gguf_params(gguf: Any, cfg: ModelConfig, *, weights: str = "native",
+                     progress: bool = True) -> dict[str, Any]:
+    """`gguf` is an open corejax.loading.gguf.GGUFFile. weights: one of WEIGHT_MODES."""
     names = gguf_names(cfg)
     missing = [n for n in names.values() if n not in gguf.tensors and n != "output.weight"]
     if missing:
         raise ModelFormatError(f"{gguf.path}: missing tensors {missing[:4]}{'...' if len(missing) > 4 else ''}")
     return build_params(
-        cfg, gguf.dequantize, names, source=str(gguf.path),
+        cfg, _gguf_getter(gguf, weights), names, source=str(gguf.path), weights=weights,
         # llama.cpp permutes Q/K for llama-arch models only; Gemma's norms are stored as (1 + w) already.
         permuted_qk=cfg.arch == "llama", norm_offset=0.0, progress=progress,
     )
@@ -168,7 +230,8 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
             raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_hf_folder(folder: Path, *, progress: bool = True) -> tuple[ModelConfig, dict[str, Any], dict]:
+def load_hf_folder(folder: Path, *, weights: str = "f32",
+                   progress: bool = True) -> tuple[ModelConfig, dict[str, Any], dict]:
     """An HF folder (config.json + *.safetensors) -> (config, params, raw config dict)."""
     from safetensors import safe_open
 
@@ -198,6 +261,6 @@ def load_hf_folder(folder: Path, *, progress: bool = True) -> tuple[ModelConfig,
             handles[path] = safe_open(str(path), framework="flax")
         return np.asarray(handles[path].get_tensor(key), dtype=np.float32)
 
-    params = build_params(cfg, get, names, source=str(folder), permuted_qk=False,
+    params = build_params(cfg, get, names, source=str(folder), weights=weights, permuted_qk=False,
                           norm_offset=1.0 if cfg.arch == "gemma3" else 0.0, progress=progress)
     return cfg, params, raw

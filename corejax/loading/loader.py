@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from corejax.config import ModelConfig
-from corejax.errors import ModelFormatError
+from corejax.errors import InvalidParameterError, ModelFormatError
 from corejax.hub import ModelSource
-from corejax.loading.convert import load_gguf_params, load_hf_folder
+from corejax.loading.convert import WEIGHT_MODES, load_gguf_params, load_hf_folder
 from corejax.loading.gguf import read_gguf
 
 
@@ -50,6 +50,13 @@ def describe_gguf(path: Path) -> dict[str, Any]:
         }
 
 
+def param_bytes(params: Any) -> int:
+    """Bytes the loaded weights occupy in memory (codes + scales for quantized ones)."""
+    import jax
+
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -57,8 +64,16 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def load_model(source: ModelSource, *, progress: bool = True) -> LoadedModel:
-    """Reads a model completely: the only place corejax touches model files (inside the worker)."""
+def load_model(source: ModelSource, *, weights: str | None = None, progress: bool = True) -> LoadedModel:
+    """Reads a model completely: the only place corejax touches model files (inside the worker).
+
+    weights: "f32" (the default: everything dequantized at load — the fastest on XLA:CPU today, see
+    corejax/quant.py), "native" (GGUF only: quantized tensors stay quantized, ~file-size memory),
+    "int8" / "int4" (quantize float matrices at load)."""
+    weights = weights or "f32"
+    if weights not in WEIGHT_MODES or (source.format == "hf" and weights == "native"):
+        raise InvalidParameterError(
+            f"weights must be one of {', '.join(WEIGHT_MODES)} (native only for GGUF); got {weights!r}")
     start = time.perf_counter()
     if source.format == "gguf":
         from corejax.tokenizer import tokenizer_from_gguf_metadata
@@ -66,12 +81,12 @@ def load_model(source: ModelSource, *, progress: bool = True) -> LoadedModel:
         with read_gguf(source.path) as f:
             cfg = ModelConfig.from_gguf(f.metadata, tie_embeddings="output.weight" not in f.tensors)
             tokenizer = tokenizer_from_gguf_metadata(f.metadata)
-            params = load_gguf_params(f, cfg, progress=progress)
+            params = load_gguf_params(f, cfg, weights=weights, progress=progress)
         info = describe_gguf(source.path)
     elif source.format == "hf":
         from corejax.tokenizer import tokenizer_from_files
 
-        cfg, params, raw = load_hf_folder(source.path, progress=progress)
+        cfg, params, raw = load_hf_folder(source.path, weights=weights, progress=progress)
         tokenizer = tokenizer_from_files(source.path)
         info = {"path": str(source.path), "format": "hf", "architecture": cfg.arch,
                 "name": raw.get("_name_or_path") or source.name}
@@ -83,4 +98,6 @@ def load_model(source: ModelSource, *, progress: bool = True) -> LoadedModel:
             f"{cfg.vocab_size} embedding rows"
         )
     info["config"] = dataclasses.asdict(cfg)
+    info["weights"] = weights
+    info["weight_bytes"] = param_bytes(params)
     return LoadedModel(cfg, params, tokenizer, info, time.perf_counter() - start)

@@ -8,15 +8,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from corejax import quant
 from corejax.config import ModelConfig, RopeScaling
+from corejax.quant import QuantArray
 
 Params = dict[str, Any]
 
 
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., D_in] @ w [D_in, D_out]. Weights are stored [in, out]: XLA's CPU GEMV is ~5x faster that way
-    than contracting the trailing axis of an [out, in] matrix (shared/PERF-NOTES.md). The quantized matmul
-    will dispatch here on the weight's type."""
+def dense(x: jax.Array, w: jax.Array | QuantArray) -> jax.Array:
+    """x [..., D_in] @ w [D_in, D_out] -> float32. Float weights are stored [in, out]: XLA's CPU GEMV is ~5x
+    faster that way than contracting the trailing axis of an [out, in] matrix (shared/PERF-NOTES.md).
+    Quantized weights go through the one quantized matmul."""
+    if isinstance(w, QuantArray):
+        return quant.matmul(x, w)
     return jnp.einsum("...d,de->...e", x, w, preferred_element_type=jnp.float32)
 
 
@@ -72,11 +76,13 @@ def gated_mlp(x: jax.Array, layer: Params, activation: str) -> jax.Array:
 def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     """tokens [B, T] -> [B, T, D]. Tied models keep only lm_head [D, V] and gather its columns: one copy of
     the largest matrix, in the layout the per-token LM-head GEMV wants."""
-    if cfg.tie_embeddings:
-        x = jnp.take(params["lm_head"], tokens, axis=1)  # [D, B, T]
-        x = jnp.moveaxis(x, 0, -1)
+    table = params["lm_head"] if cfg.tie_embeddings else params["embed"]
+    if isinstance(table, QuantArray):  # [D, V] quantized: a column per token
+        x = quant.take_columns(table, tokens)
+    elif cfg.tie_embeddings:
+        x = jnp.moveaxis(jnp.take(table, tokens, axis=1), 0, -1)  # [D, V] -> [B, T, D]
     else:
-        x = jnp.take(params["embed"], tokens, axis=0)
+        x = jnp.take(table, tokens, axis=0)  # [V, D]
     x = x.astype(jnp.float32)
     if cfg.embed_scale != 1.0:
         x = x * jnp.float32(cfg.embed_scale)
