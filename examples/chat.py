@@ -17,10 +17,9 @@ parser.add_argument("--max-tokens", type=int, default=40)
 args = parser.parse_args()
 
 session = corejax.Session(args.model, progress=False)
-messages = [
-    {"role": "system", "content": "You are a concise, helpful assistant."},
-    {"role": "user", "content": "What is the capital of France?"},
-]
+# A system message ({"role": "system", "content": "..."}) may come first; SmolLM2's template adds its own
+# default one when none is given, and this small model answers best with that default.
+messages = [{"role": "user", "content": "What is the capital of France?"}]
 
 for follow_up in ["What is a famous landmark there?", None]:
     result = session.generate(messages=messages, max_tokens=args.max_tokens, temperature=0)

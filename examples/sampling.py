@@ -34,7 +34,7 @@ for label, kw in [
     ("min_p=0.2", dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.2)),
     ("no truncation, temperature=1.5", dict(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)),
 ]:
-    text = session.generate(prompt, max_tokens=N, seed=7, **kw).text
+    text = session.generate(prompt, max_tokens=N, seed=2, **kw).text
     print(f"{label:<32} {text!r}")
 
 print("\n== penalties: discourage tokens that already appeared")
