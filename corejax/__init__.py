@@ -8,6 +8,7 @@ Public API (everything else is internal):
 
 from corejax.api import generate, stream
 from corejax.errors import (
+    CacheFullError,
     ContextLengthError,
     CorejaxError,
     InvalidParameterError,
@@ -15,7 +16,10 @@ from corejax.errors import (
     ModelFormatError,
     ModelNotFoundError,
     PullError,
+    RequestTimeout,
+    SandboxError,
     UnsupportedModelError,
+    WorkerCrashed,
 )
 from corejax.hub import DEFAULT_MODEL, list_models, pull
 from corejax.results import GenerationResult, Timings, TokenLogprob
@@ -27,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL",
     "ContextLengthError",
+    "CacheFullError",
     "CorejaxError",
     "GenerationResult",
     "InvalidParameterError",
@@ -34,11 +39,14 @@ __all__ = [
     "ModelFormatError",
     "ModelNotFoundError",
     "PullError",
+    "RequestTimeout",
+    "SandboxError",
     "SamplingParams",
     "Session",
     "Timings",
     "TokenLogprob",
     "UnsupportedModelError",
+    "WorkerCrashed",
     "__version__",
     "generate",
     "list_models",

@@ -1,4 +1,8 @@
-"""The one-call API: generate / stream over a Session kept per model, so repeated calls do not reload."""
+"""The one-call API: generate / stream over a Session kept per model, so repeated calls do not reload.
+
+The model runs in a sandboxed worker subprocess by default (corejax/sandbox/); sandbox=False runs it in
+this process (faster to start, no isolation from the model file).
+"""
 
 from __future__ import annotations
 
@@ -8,26 +12,26 @@ from typing import Any
 
 from corejax.session import Session
 
-_sessions: dict[str | None, Session] = {}
+_sessions: dict[tuple[str | None, bool], Session] = {}
 _sessions_lock = threading.Lock()
 
 
-def get_session(model: str | None = None) -> Session:
+def get_session(model: str | None = None, *, sandbox: bool = True) -> Session:
     """The shared Session for `model` (created on first use; None = the default model)."""
-    key = None if model is None else str(model)
+    key = (None if model is None else str(model), bool(sandbox))
     with _sessions_lock:
         if key not in _sessions:
-            _sessions[key] = Session(model)
+            _sessions[key] = Session(model, sandbox=sandbox)
         return _sessions[key]
 
 
 def generate(prompt: str | None = None, model: str | None = None, *, messages: Sequence[dict] | None = None,
-             **sampling: Any) -> str:
+             sandbox: bool = True, **sampling: Any) -> str:
     """Generates text for `prompt` (or chat `messages`) and returns it. Sampling keywords: SamplingParams."""
-    return get_session(model).generate(prompt, messages=messages, **sampling).text
+    return get_session(model, sandbox=sandbox).generate(prompt, messages=messages, **sampling).text
 
 
 def stream(prompt: str | None = None, model: str | None = None, *, messages: Sequence[dict] | None = None,
-           **sampling: Any) -> Iterator[str]:
+           sandbox: bool = True, **sampling: Any) -> Iterator[str]:
     """Like generate, yielding text pieces as they are produced."""
-    return get_session(model).stream(prompt, messages=messages, **sampling)
+    return get_session(model, sandbox=sandbox).stream(prompt, messages=messages, **sampling)

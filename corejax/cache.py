@@ -6,11 +6,14 @@ cache (here) and the paged cache with its flash/paged kernels plug in, so both s
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from corejax.config import ModelConfig
+from corejax.kernels import paged_attention, quantize_kv
 
 _MASKED = -1e30  # large but finite: a fully masked padding row must stay NaN-free
 
@@ -88,3 +91,88 @@ def dense_attention(
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
     return out.reshape(batch, t, n, h)
+
+
+KV_DTYPES = ("float32", "bf16", "int8", "int4")
+
+
+@struct.dataclass
+class PagedKVCache:
+    """KV pages shared by every sequence, read through a page table (vLLM's layout of concepts).
+
+    k_pages, v_pages: [num_layers, num_kv_heads, num_pages, page_size, head_dim] float32/bfloat16/int8,
+                      or uint8 [..., head_dim // 2] for packed int4 (kernels/kv_quant.py)
+    k_scales, v_scales: [num_layers, num_kv_heads, num_pages, page_size] float32, or None for float pages
+    page_table: [B, pages_per_seq] int32 — the pages of each row, padded with page 0
+    lengths: [B] int32 — tokens of each row in the cache once this step's tokens are written
+
+    Page 0 is the padding target: prompt padding and table padding write and point there, never into a
+    page that holds a sequence's tokens. Which page holds what is decided on the host (corejax/paging.py).
+    """
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    k_scales: jax.Array | None
+    v_scales: jax.Array | None
+    page_table: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str = "float32") -> PagedKVCache:
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"{kv_dtype=} must be one of {KV_DTYPES}")
+        h = cfg.head_dim // 2 if kv_dtype == "int4" else cfg.head_dim
+        shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, h)
+        dtype = {"float32": jnp.float32, "bf16": jnp.bfloat16, "int8": jnp.int8, "int4": jnp.uint8}[kv_dtype]
+        quantized = kv_dtype in ("int8", "int4")
+        return cls(k_pages=jnp.zeros(shape, dtype), v_pages=jnp.zeros(shape, dtype),
+                   k_scales=jnp.ones(shape[:-1], jnp.float32) if quantized else None,
+                   v_scales=jnp.ones(shape[:-1], jnp.float32) if quantized else None,
+                   page_table=jnp.zeros((1, 1), jnp.int32), lengths=jnp.zeros((1,), jnp.int32))
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[3]
+
+    @property
+    def kv_dtype(self) -> str:
+        return {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.uint8): "int4",
+                jnp.dtype(jnp.bfloat16): "bf16"}.get(jnp.dtype(self.k_pages.dtype), "float32")
+
+    def with_rows(self, page_table: jax.Array, lengths: jax.Array) -> PagedKVCache:
+        """The same pages, viewed through this step's page table [B, pages_per_seq] and lengths [B]."""
+        return dataclasses.replace(self, page_table=page_table, lengths=lengths)
+
+    def copy_page(self, src: int, dst: int) -> PagedKVCache:
+        """Copy-on-write: duplicate page src into dst in every layer (host-issued, outside the jit sites)."""
+        def cp(a):
+            return None if a is None else a.at[:, :, dst].set(a[:, :, src])
+        return dataclasses.replace(self, k_pages=cp(self.k_pages), v_pages=cp(self.v_pages),
+                                   k_scales=cp(self.k_scales), v_scales=cp(self.v_scales))
+
+    def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, *,
+               window: int, scale: float, softcap: float) -> tuple[jax.Array, PagedKVCache]:
+        """Writes k/v [B, T, K, H] at `positions` [B, T] through the page table, then paged attention."""
+        ps = self.page_size
+        real = positions < self.lengths[:, None]  # padding tokens go to page 0
+        index = jnp.clip(positions // ps, 0, self.page_table.shape[1] - 1)
+        pages = jnp.where(real, jnp.take_along_axis(self.page_table, index, axis=1), 0)  # [B, T]
+        offsets = jnp.where(real, positions % ps, 0)
+        fmt = self.kv_dtype
+        new = {}
+        for name, x in (("k", k), ("v", v)):
+            pages_arr = getattr(self, f"{name}_pages")
+            if fmt in ("int8", "int4"):
+                values, scales = quantize_kv(x, fmt)  # [B, T, K, Hk], [B, T, K]
+                new[f"{name}_scales"] = getattr(self, f"{name}_scales").at[layer, :, pages, offsets].set(scales)
+            else:
+                values = x.astype(pages_arr.dtype)
+            new[f"{name}_pages"] = pages_arr.at[layer, :, pages, offsets].set(values)
+        cache = dataclasses.replace(self, **new)
+        out = paged_attention(
+            q, cache.k_pages[layer], cache.v_pages[layer], self.page_table, self.lengths, positions,
+            None if cache.k_scales is None else cache.k_scales[layer],
+            None if cache.v_scales is None else cache.v_scales[layer],
+            window=window, scale=scale, softcap=softcap,
+        )
+        return out, cache

@@ -15,6 +15,18 @@ from corejax.errors import CorejaxError
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
                    help=f"registry name, .gguf file or HF folder (default: {hub.DEFAULT_MODEL})")
+    p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
+                   help="run the model in this process instead of the sandboxed worker")
+    p.add_argument("--weights", choices=["f32", "native", "int8", "int4"], default=None,
+                   help="f32: dequantize at load (fastest today); native: keep GGUF blocks quantized")
+    p.add_argument("--kv-dtype", choices=["float32", "bf16", "int8", "int4"], default="float32")
+
+
+def _session(args: argparse.Namespace, progress: bool) -> Any:
+    from corejax.session import Session
+
+    return Session(args.model, sandbox=args.sandbox, weights=args.weights, kv_dtype=args.kv_dtype,
+                   progress=progress)
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -49,9 +61,7 @@ def _timings_line(result: Any) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from corejax.session import Session
-
-    session = Session(args.model, progress=not args.quiet)
+    session = _session(args, progress=not args.quiet)
     result = None
     for chunk in session.stream_chunks(args.prompt, **_sampling(args)):
         if chunk.text:
@@ -65,9 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from corejax.session import Session
-
-    session = Session(args.model, progress=True)
+    session = _session(args, progress=True)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:

@@ -13,6 +13,8 @@ import numpy as np
 from corejax.errors import InvalidParameterError, ModelFormatError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+# How weights are held: f32 (dequantized at load), native (GGUF blocks kept quantized), int8/int4 (quantized).
+WEIGHT_MODES = ("f32", "native", "int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +206,47 @@ class ModelConfig:
                 final_softcap=float(config.get("final_logit_softcapping") or 0.0),
             )
         return cls(**common)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine lays out the KV cache and splits prompts (per Session).
+
+    kv_dtype: "float32" | "bf16" | "int8" | "int4" pages (int8/int4 dequantized inside the attention kernel).
+    kv_cache_tokens: the page pool's capacity in tokens, shared by all sequences and the prefix cache;
+    None = the model's full context, capped at `kv_cache_max_bytes`.
+    prefill_chunk: prompts run through the model in chunks of at most this many tokens, so attention's
+    working set stays bounded however long the prompt."""
+
+    page_size: int = 16
+    kv_dtype: str = "float32"
+    kv_cache_tokens: int | None = None
+    kv_cache_max_bytes: int = 1 << 30
+    prefill_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype not in ("float32", "bf16", "int8", "int4"):
+            raise InvalidParameterError(f"kv_dtype must be float32, bf16, int8 or int4; got {self.kv_dtype!r}")
+        for name in ("page_size", "prefill_chunk", "kv_cache_max_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InvalidParameterError(f"{name} must be a positive integer; got {value!r}")
+        if self.kv_cache_tokens is not None and (not isinstance(self.kv_cache_tokens, int)
+                                                 or self.kv_cache_tokens < self.page_size):
+            raise InvalidParameterError(
+                f"kv_cache_tokens must be an integer >= page_size ({self.page_size}); got {self.kv_cache_tokens!r}")
+
+    def kv_bytes_per_token(self, cfg: ModelConfig) -> float:
+        per_value = {"float32": 4, "bf16": 2, "int8": 1, "int4": 0.5}[self.kv_dtype]
+        scales = 4 if self.kv_dtype in ("int8", "int4") else 0  # one f32 per (token, kv head)
+        return 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim * per_value + scales)
+
+    def num_pages(self, cfg: ModelConfig) -> int:
+        """Pages in the pool (page 0, the padding target, included)."""
+        tokens = self.kv_cache_tokens
+        if tokens is None:
+            tokens = min(cfg.max_context, int(self.kv_cache_max_bytes // self.kv_bytes_per_token(cfg)))
+        return max(2, -(-tokens // self.page_size) + 1)
 
 
 def _rope_param(config: Mapping[str, Any], key: str, default: float, layer_type: str = "full_attention") -> Any:

@@ -1,8 +1,10 @@
-"""The jit sites (prefill, decode step, full-sequence logits) and the host loop that drives them for one request.
+"""The jit sites (prefill chunk, decode step, full-sequence logits, page copy) and the host loop that drives
+them for one request over the paged KV cache.
 
-What recompiles: a new ModelConfig, a new prompt-length bucket or cache-length bucket (powers of two),
-and a change of the sampler's static flags (greedy vs sampling, top-k bound, logprobs count). Values of
-temperature, top-p, seeds, positions and tokens are traced and never recompile.
+What recompiles: a new ModelConfig, a new prompt-chunk bucket or page-table width (powers of two), the
+first chunk vs the final (sampling) chunk, and a change of the sampler's static flags (greedy vs sampling,
+top-k bound, logprobs count, penalties). Values of temperature, top-p, seeds, positions, tokens, page
+tables and lengths are traced and never recompile.
 """
 
 from __future__ import annotations
@@ -18,22 +20,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from corejax import models
-from corejax.cache import DenseKVCache
-from corejax.config import ModelConfig
+from corejax.cache import DenseKVCache, PagedKVCache
+from corejax.config import EngineConfig, ModelConfig
 from corejax.errors import ContextLengthError
+from corejax.paging import PageAllocator
 from corejax.sampling import (
     PenaltyState,
     SampleOutput,
     SamplingParams,
     SamplingTensors,
-    init_penalty_state,
     request_keys,
     sample,
     update_penalty_state,
 )
 
 MIN_PREFILL_BUCKET = 16
-MIN_CACHE_BUCKET = 256
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -42,34 +43,37 @@ def bucket(n: int, minimum: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def prefill(params: Any, tokens: jax.Array, positions: jax.Array, last: jax.Array, cache: Any,
-            sampling: SamplingTensors, keys: jax.Array, cfg: ModelConfig
-            ) -> tuple[SampleOutput, Any, PenaltyState | None]:
-    """tokens, positions [B, T] (right-padded); last [B] index of each row's last real token.
+def prefill(params: Any, tokens: jax.Array, positions: jax.Array, last: jax.Array, cache: Any, cfg: ModelConfig,
+            sampling: SamplingTensors | None = None, penalties: PenaltyState | None = None,
+            keys: jax.Array | None = None) -> tuple[SampleOutput | None, Any]:
+    """One prompt chunk: tokens, positions [B, T] (right-padded); last [B] index of each row's last real token.
 
-    Runs the prompt through the model, writes its KV, and samples the first new token from the logits at
-    `last` (only those rows of the LM head are computed)."""
+    Writes the chunk's KV. With `sampling` (the prompt's final chunk) it also samples the first new token
+    from the logits at `last` — only those rows of the LM head are computed."""
     hidden, cache = models.forward(params, tokens, positions, cache, cfg)
+    if sampling is None:
+        return None, cache
     hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
     logits = models.lm_head(params, hidden_last, cfg)[:, 0]
-    penalties = init_penalty_state(tokens, last + 1, cfg.vocab_size) if sampling.any_penalty else None
-    out = sample(logits, sampling, penalties, keys, 0)
-    if penalties is not None:
-        penalties = update_penalty_state(penalties, out.tokens)
-    return out, cache, penalties
+    return sample(logits, sampling, penalties, keys, 0), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache", "penalties"))
 def decode_step(params: Any, tokens: jax.Array, positions: jax.Array, cache: Any, sampling: SamplingTensors,
                 penalties: PenaltyState | None, keys: jax.Array, step: jax.Array, cfg: ModelConfig
                 ) -> tuple[SampleOutput, Any, PenaltyState | None]:
-    """tokens, positions [B]: one new token per row -> the next token per row."""
+    """tokens, positions [B]: the last sampled token of each row -> the next token."""
+    if penalties is not None:
+        penalties = update_penalty_state(penalties, tokens)  # the fed-in token is now part of the output
     hidden, cache = models.forward(params, tokens[:, None], positions[:, None], cache, cfg)
     logits = models.lm_head(params, hidden, cfg)[:, 0]
-    out = sample(logits, sampling, penalties, keys, step)
-    if penalties is not None:
-        penalties = update_penalty_state(penalties, out.tokens)
-    return out, cache, penalties
+    return sample(logits, sampling, penalties, keys, step), cache, penalties
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def copy_page(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
+    """Copy-on-write of one KV page in every layer (a page shared with a fork is about to change)."""
+    return cache.copy_page(src, dst)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -97,14 +101,30 @@ class StepTimes:
     first_token: float = 0.0
     last_token: float = 0.0
     generated: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class Engine:
-    """Holds one model's params and config; runs single requests through the jitted prefill and decode."""
+    """One model's params, its KV page pool and the host allocator that assigns the pages.
 
-    def __init__(self, cfg: ModelConfig, params: Any):
+    Requests run one at a time here (continuous batching is the scheduler's job); pages of finished
+    requests stay cached, so a prompt that starts like an earlier one reuses that KV (prefix caching)."""
+
+    def __init__(self, cfg: ModelConfig, params: Any, engine_cfg: EngineConfig | None = None):
         self.cfg = cfg
         self.params = params
+        self.engine_cfg = engine_cfg or EngineConfig()
+        ec = self.engine_cfg
+        num_pages = ec.num_pages(cfg)
+        self.allocator = PageAllocator(num_pages, ec.page_size)
+        self.cache = PagedKVCache.create(cfg, num_pages, ec.page_size, ec.kv_dtype)
+        self._next_seq = 0
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        leaves = jax.tree_util.tree_leaves((self.cache.k_pages, self.cache.v_pages, self.cache.k_scales,
+                                            self.cache.v_scales))
+        return sum(int(x.size) * x.dtype.itemsize for x in leaves)
 
     def check_fits(self, prompt_len: int) -> None:
         if prompt_len == 0:
@@ -117,42 +137,61 @@ class Engine:
 
     def generate(self, prompt: list[int], sp: SamplingParams, stop_ids: frozenset[int],
                  times: StepTimes | None = None) -> Iterator[TokenEvent]:
-        """Yields tokens until max_tokens, a stop id (yielded, then the loop ends) or the context is full.
-
-        Each decode step is dispatched before the previous token is read back, so the host's work on a
-        token (detokenizing, stop strings) overlaps the device's next step."""
+        """Yields tokens until max_tokens, a stop id (yielded, then the loop ends) or the context is full."""
         times = times or StepTimes()
         times.start = time.perf_counter()
         n = len(prompt)
         self.check_fits(n)
         max_new = min(sp.max_tokens, self.cfg.max_context - n)
-        t_bucket = bucket(n, MIN_PREFILL_BUCKET)
-        cache_len = min(bucket(n + max_new, MIN_CACHE_BUCKET), self.cfg.max_context)
-        cache = DenseKVCache.create(self.cfg, 1, cache_len)
-        tokens = np.zeros((1, t_bucket), np.int32)
-        tokens[0, :n] = prompt
-        positions = np.arange(t_bucket, dtype=np.int32)[None]
+        ps, chunk = self.engine_cfg.page_size, self.engine_cfg.prefill_chunk
+        seq = self._next_seq
+        self._next_seq += 1
+        reused = self.allocator.allocate(seq, prompt)
+        times.cached_tokens = reused
+        width = bucket(-(-(n + max_new) // ps), 16)  # page-table columns: a few shapes, few compiles
         sampling = SamplingTensors.from_params([sp], self.cfg.vocab_size)
         keys = request_keys([sp])
-        out, cache, penalties = prefill(self.params, tokens, positions, np.array([n - 1], np.int32), cache,
-                                        sampling, keys, cfg=self.cfg)
-        for i in range(max_new):
-            pending = None
-            if i + 1 < max_new:
-                pending = decode_step(self.params, out.tokens, np.array([n + i], np.int32), cache, sampling,
-                                      penalties, keys, np.int32(i + 1), cfg=self.cfg)
-            event = _to_event(out, sp)
-            now = time.perf_counter()
-            if i == 0:
-                times.first_token = now
-            times.last_token = now
-            times.generated = i + 1
-            yield event
-            if event.token in stop_ids and not sp.ignore_eos:
-                return
-            if pending is None:
-                return
-            out, cache, penalties = pending
+        penalties = initial_penalties(prompt, self.cfg.vocab_size) if sampling.any_penalty else None
+        cache = self.cache
+        try:
+            out = None
+            for start in range(reused, n, chunk):
+                part = prompt[start:start + chunk]
+                t_bucket = bucket(len(part), MIN_PREFILL_BUCKET)
+                tokens = np.zeros((1, t_bucket), np.int32)
+                tokens[0, :len(part)] = part
+                positions = np.arange(start, start + t_bucket, dtype=np.int32)[None]
+                rows = cache.with_rows(self.allocator.page_table([seq], width),
+                                       np.array([start + len(part)], np.int32))
+                final = start + chunk >= n
+                out, cache = prefill(self.params, tokens, positions, np.array([len(part) - 1], np.int32), rows,
+                                     cfg=self.cfg, **(dict(sampling=sampling, penalties=penalties, keys=keys)
+                                                      if final else {}))
+            for i in range(max_new):
+                event = _to_event(out, sp)
+                now = time.perf_counter()
+                if i == 0:
+                    times.first_token = now
+                times.last_token = now
+                times.generated = i + 1
+                yield event
+                if (event.token in stop_ids and not sp.ignore_eos) or i + 1 == max_new:
+                    return
+                for c in self.allocator.append(seq, [event.token]):
+                    cache = copy_page(cache, np.int32(c.src), np.int32(c.dst))
+                rows = cache.with_rows(self.allocator.page_table([seq], width), np.array([n + i + 1], np.int32))
+                out, cache, penalties = decode_step(self.params, out.tokens, np.array([n + i], np.int32), rows,
+                                                    sampling, penalties, keys, np.int32(i + 1), cfg=self.cfg)
+        finally:
+            self.cache = cache
+            self.allocator.free(seq)
+
+
+def initial_penalties(prompt: list[int], vocab_size: int) -> PenaltyState:
+    """Penalty state of one row from its prompt (host-built: the prompt may span several prefill chunks)."""
+    seen = np.zeros((1, vocab_size), bool)
+    seen[0, np.asarray(prompt, np.int64)] = True
+    return PenaltyState(counts=jnp.zeros((1, vocab_size), jnp.int32), seen=jnp.asarray(seen))
 
 
 def _to_event(out: SampleOutput, sp: SamplingParams) -> TokenEvent:

@@ -17,6 +17,7 @@ class TokenLogprob:
 class Timings:
     load_s: float  # loading the model (once per session; repeated here for convenience)
     prompt_tokens: int
+    cached_prompt_tokens: int  # prompt tokens whose KV was reused from an earlier request (prefix cache)
     generated_tokens: int
     time_to_first_token_s: float  # prefill + first sample, including any compile on a new shape
     prefill_tokens_per_s: float

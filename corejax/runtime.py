@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from corejax.config import EngineConfig
 from corejax.engine import Engine, StepTimes
 from corejax.errors import InvalidParameterError
 from corejax.hub import ModelSource, cache_dir
@@ -29,14 +30,18 @@ def enable_compilation_cache() -> None:
 
 
 class Runtime:
-    def __init__(self, source: ModelSource, *, weights: str | None = None, progress: bool = True):
+    def __init__(self, source: ModelSource, *, weights: str | None = None,
+                 engine: EngineConfig | None = None, progress: bool = True):
         enable_compilation_cache()
         self.model: LoadedModel = load_model(source, weights=weights, progress=progress)
         self.tokenizer = self.model.tokenizer
-        self.engine = Engine(self.model.cfg, self.model.params)
+        self.engine = Engine(self.model.cfg, self.model.params, engine)
 
     def info(self) -> dict[str, Any]:
-        return dict(self.model.info, load_seconds=self.model.load_seconds)
+        ec = self.engine.engine_cfg
+        return dict(self.model.info, load_seconds=self.model.load_seconds, kv_dtype=ec.kv_dtype,
+                    kv_page_size=ec.page_size, kv_cache_bytes=self.engine.kv_cache_bytes,
+                    kv_cache_tokens=(self.engine.allocator.num_pages - 1) * ec.page_size)
 
     def prompt_ids(self, prompt: str | None, messages: Sequence[dict] | None) -> list[int]:
         if (prompt is None) == (messages is None):
@@ -103,9 +108,10 @@ class Runtime:
         timings = Timings(
             load_s=self.model.load_seconds,
             prompt_tokens=len(ids),
+            cached_prompt_tokens=times.cached_tokens,
             generated_tokens=len(generated),
             time_to_first_token_s=ttft,
-            prefill_tokens_per_s=len(ids) / ttft if ttft else 0.0,
+            prefill_tokens_per_s=(len(ids) - times.cached_tokens) / ttft if ttft else 0.0,
             decode_tokens_per_s=(times.generated - 1) / decode_s if decode_s > 0 else 0.0,
             total_s=time.perf_counter() - start,
         )

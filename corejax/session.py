@@ -1,41 +1,162 @@
-"""Session: one loaded model, many requests. In-process today; the sandbox issue moves the Runtime it
-drives into a worker subprocess behind the same methods."""
+"""Session: one model served by a worker, many requests. By default the worker is a sandboxed subprocess
+(corejax/sandbox/): this process only resolves the model's path, sends requests and reads results — it never
+imports JAX nor parses a model file. sandbox=False runs the same worker loop on a thread of this process."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from corejax import hub
-from corejax.errors import CorejaxError
+from corejax.config import WEIGHT_MODES, EngineConfig, SamplingParams
+from corejax.errors import CorejaxError, InvalidParameterError, RequestTimeout, WorkerCrashed
 from corejax.results import Chunk, GenerationResult
-from corejax.config import SamplingParams
+from corejax.sandbox import protocol
+from corejax.sandbox.client import WorkerClient, thread_status, worker_error
+from corejax.sandbox.protocol import Kind
+
+_RETRIES = 2  # a request that had not started is re-sent to this many fresh workers before it fails
 
 
 class Session:
-    """`Session(model)` loads `model` (a registry name, a .gguf path or an HF folder; None = the default)."""
+    """`Session(model)` serves `model` (a registry name, a .gguf path or an HF folder; None = the default).
 
-    def __init__(self, model: str | None = None, *, progress: bool = True):
-        from corejax.runtime import Runtime  # JAX is imported only when a session starts
+    sandbox: run the model in a restricted subprocess (True) or on a thread of this process (False).
+    memory_limit: bytes of resident memory the worker may use; over it, the worker is stopped and its request
+        fails with WorkerCrashed. timeout: seconds a request may run once the worker starts it; past it the
+        worker is stopped and the request fails with RequestTimeout. Either way the next call starts a new
+        worker, and requests that had not started yet are sent to it rather than lost.
+    Thread-safe: several threads may have requests in flight; the worker runs them one at a time for now.
+    """
 
-        self.source = hub.resolve(model, progress=progress)
-        self._runtime = Runtime(self.source, progress=progress)
-        # One request runs at a time until the scheduler batches them; the lock keeps threads safe.
-        self._lock = threading.Lock()
+    _testing = False  # corejax.sandbox.testing.TestingSession sets it; nothing else can reach RUN_TEST
+
+    def __init__(self, model: str | None = None, *, sandbox: bool = True, memory_limit: int | None = None,
+                 timeout: float | None = None, weights: str | None = None, kv_dtype: str = "float32",
+                 kv_cache_tokens: int | None = None, progress: bool = True, start_timeout: float = 600.0,
+                 _pythonpath: Sequence[str] = ()):
+        if memory_limit is not None and (not isinstance(memory_limit, int) or memory_limit <= 0):
+            raise InvalidParameterError(f"memory_limit must be a positive number of bytes; got {memory_limit!r}")
+        if timeout is not None and not timeout > 0:
+            raise InvalidParameterError(f"timeout must be a positive number of seconds; got {timeout!r}")
+        if weights is not None and weights not in WEIGHT_MODES:
+            raise InvalidParameterError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {weights!r}")
+        engine = EngineConfig(kv_dtype=kv_dtype, kv_cache_tokens=kv_cache_tokens)  # validates in the parent
+        self._options = {"weights": weights, "engine": dataclasses.asdict(engine)}
+        # Resolving maps a name to a path (pulling it on first use); it never opens the model file itself.
+        self.source = hub.resolve(model, progress=progress) if model is not None or not self._testing else None
+        self.sandbox = bool(sandbox)
+        self.memory_limit = memory_limit
+        self.timeout = timeout
+        self._start_timeout = start_timeout
+        self._pythonpath = tuple(str(p) for p in _pythonpath)
+        self._client_lock = threading.Lock()
         self._closed = False
+        self._client: WorkerClient | None = None
+        self._client = self._new_client()
+        self._finalizer = weakref.finalize(self, _close_client, [self._client])
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise CorejaxError("this Session is closed; create a new one")
+    # --- the worker ----------------------------------------------------------------------------------------
+
+    def _new_client(self) -> WorkerClient:
+        return WorkerClient(self.source, sandbox=self.sandbox, memory_limit=self.memory_limit, timeout=self.timeout,
+                            testing=self._testing, pythonpath=self._pythonpath, start_timeout=self._start_timeout,
+                            options=self._options)
+
+    def _current_client(self) -> WorkerClient:
+        with self._client_lock:
+            if self._closed:
+                raise CorejaxError("this Session is closed; create a new one")
+            if self._client is None or self._client.dead:
+                old, self._client = self._client, None
+                if old is not None:
+                    old.close()
+                self._client = self._new_client()
+                self._finalizer.detach()
+                self._finalizer = weakref.finalize(self, _close_client, [self._client])
+            return self._client
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker process's id (None for sandbox=False or before it starts)."""
+        client = self._client
+        return client.pid if client is not None else None
+
+    @property
+    def _runtime(self) -> Any:
+        """sandbox=False only: the Runtime on this process's worker thread (tests inspect the model with it)."""
+        if self.sandbox:
+            raise AttributeError("a sandboxed Session has no Runtime in this process; use sandbox=False")
+        return self._current_client().runtime
+
+    def _frames(self, kind: Kind, payload: dict) -> Iterator[protocol.Frame]:
+        """Reply frames of one request, to its RESULT; restarts the worker and re-sends a request not begun."""
+        for attempt in range(_RETRIES + 1):
+            client = self._current_client()
+            req = client.submit(kind, payload)
+            done = False
+            try:
+                while True:
+                    event = req.events.get()
+                    if isinstance(event, tuple):
+                        what, message = event
+                        if what == "retry" and attempt < _RETRIES:
+                            break
+                        done = True
+                        if what == "timeout":
+                            raise RequestTimeout(f"the request did not finish within {self.timeout:g} s ({message}); "
+                                                 "a new worker starts for the next call.")
+                        raise WorkerCrashed(f"the request failed because {message}; a new worker starts for the next "
+                                            "call. If this repeats, the model file may be corrupt or hostile, or the "
+                                            "memory_limit too low.")
+                    if event.kind == Kind.STARTED:
+                        continue
+                    if event.kind == Kind.ERROR:
+                        done = True
+                        raise worker_error(event.payload)
+                    if event.kind == Kind.RESULT:
+                        done = True
+                    yield event
+                    if done:
+                        return
+            finally:
+                if not done:
+                    client.forget(req)
+        raise AssertionError("unreachable")
+
+    def _call(self, kind: Kind, payload: dict | None = None) -> dict:
+        for frame in self._frames(kind, payload or {}):
+            if frame.kind == Kind.RESULT:
+                return frame.payload
+        raise WorkerCrashed("the worker ended a request without a result")
+
+    # --- generation ----------------------------------------------------------------------------------------
 
     def stream_chunks(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
                       **sampling: Any) -> Iterator[Chunk]:
         """Chunks with text, token ids and logprobs; the last one carries the GenerationResult."""
-        self._check_open()
         sp = SamplingParams.from_kwargs(**sampling)
-        with self._lock:
-            yield from self._runtime.stream(prompt, messages, sp)
+        if (prompt is None) == (messages is None):
+            raise InvalidParameterError("give exactly one of prompt (a string) or messages (a list of dicts)")
+        if messages is not None and (isinstance(messages, (str, bytes)) or not all(isinstance(m, dict)
+                                                                                   for m in messages)):
+            raise InvalidParameterError("messages must be a list of dicts like {'role': 'user', 'content': 'Hi'}")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InvalidParameterError(f"prompt must be a string; got {type(prompt).__name__}")
+        payload = {"prompt": prompt, "messages": None if messages is None else [dict(m) for m in messages],
+                   "sampling": protocol.sampling_to_wire(sp)}
+        return self._chunks(payload)
+
+    def _chunks(self, payload: dict) -> Iterator[Chunk]:
+        for frame in self._frames(Kind.GENERATE, payload):
+            if frame.kind == Kind.CHUNK:
+                yield protocol.chunk_from_wire(frame.payload)
+            else:
+                yield Chunk("", result=protocol.result_from_wire(frame.payload["result"]))
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
                **sampling: Any) -> Iterator[str]:
@@ -54,23 +175,103 @@ class Session:
         return result
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        self._check_open()
-        return self._runtime.tokenizer.encode(text, add_special=add_special)
+        if not isinstance(text, str):
+            raise InvalidParameterError(f"text must be a string; got {type(text).__name__}")
+        return [int(i) for i in self._call(Kind.TOKENIZE, {"text": text, "add_special": add_special})["ids"]]
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        self._check_open()
-        return self._runtime.tokenizer.decode(list(ids))
+        import numpy as np
+
+        return str(self._call(Kind.DETOKENIZE, {"ids": np.asarray(list(ids), np.int64)})["text"])
 
     def info(self) -> dict[str, Any]:
-        self._check_open()
-        return self._runtime.info()
+        return self._call(Kind.INFO)["info"]
+
+    def ping(self) -> None:
+        """The empty request: a round trip through the worker's request loop (the benchmark measures it)."""
+        self._call(Kind.PING)
+
+    def sandbox_report(self) -> dict[str, Any]:
+        """Each layer of the worker's policy and whether it is engaged, plus the per-thread kernel state
+        (NoNewPrivs, Seccomp) read from /proc by this process, which the worker cannot forge."""
+        client = self._current_client()
+        if not self.sandbox:
+            return {"sandbox": False, "pid": None, "layers": [], "threads": None}
+        return {"sandbox": True, "pid": client.pid, "layers": [dict(layer) for layer in client.report],
+                "threads": thread_status(client.pid)}
+
+    # --- asyncio -------------------------------------------------------------------------------------------
+
+    async def agenerate(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
+                        **sampling: Any) -> GenerationResult:
+        """generate for asyncio code: waits on a worker thread, never blocks the event loop."""
+        return await asyncio.to_thread(self.generate, prompt, messages=messages, **sampling)
+
+    async def astream_chunks(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
+                             **sampling: Any) -> AsyncIterator[Chunk]:
+        chunks = self.stream_chunks(prompt, messages=messages, **sampling)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def pump() -> None:
+            try:
+                for chunk in chunks:
+                    loop.call_soon_threadsafe(q.put_nowait, ("chunk", chunk))
+                    if stop.is_set():
+                        break
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                loop.call_soon_threadsafe(q.put_nowait, ("error", e))
+            finally:
+                chunks.close()
+                loop.call_soon_threadsafe(q.put_nowait, ("end", None))
+
+        thread = threading.Thread(target=pump, name="corejax-astream", daemon=True)
+        thread.start()
+        try:
+            while True:
+                what, value = await q.get()
+                if what == "end":
+                    return
+                if what == "error":
+                    raise value
+                yield value
+        finally:
+            stop.set()
+
+    async def astream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
+                      **sampling: Any) -> AsyncIterator[str]:
+        """stream for asyncio code: `async for piece in session.astream(...)`."""
+        async for chunk in self.astream_chunks(prompt, messages=messages, **sampling):
+            if chunk.text:
+                yield chunk.text
+
+    # --- lifetime ------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._closed = True
-        self._runtime = None
+        """Stops the worker (requests still running fail with WorkerCrashed) and removes its temp folder."""
+        with self._client_lock:
+            self._closed = True
+            client, self._client = self._client, None
+        self._finalizer.detach()
+        if client is not None:
+            client.close()
 
     def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
+
+def _close_client(holder: list) -> None:
+    client = holder[0]
+    if client is not None:
+        client.close()
+

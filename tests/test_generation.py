@@ -16,7 +16,7 @@ PROMPT = "the cat sat on the mat and then"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", context=128)
-    with corejax.Session(str(path), progress=False) as session:
+    with corejax.Session(str(path), sandbox=False, progress=False) as session:
         yield session
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from corejax import quant
-from corejax.config import ModelConfig
+from corejax.config import WEIGHT_MODES, ModelConfig  # noqa: F401 - WEIGHT_MODES re-exported
 from corejax.errors import ModelFormatError, ModelNotFoundError
 from corejax.loading.ggml_quants import BLOCK_SIZES, UNPACKERS
 
@@ -157,9 +157,6 @@ def gguf_names(cfg: ModelConfig) -> dict[str, str]:
         for key in _expected_shapes(cfg):
             names[f"{i}.{key}"] = f"blk.{i}.{_LAYER_NAMES[key][0]}.weight"
     return names
-
-
-WEIGHT_MODES = ("native", "f32", "int8", "int4")
 
 
 def _gguf_getter(gguf: Any, weights: str) -> Getter:

@@ -11,7 +11,8 @@ from typing import Any
 from corejax.config import ModelConfig
 from corejax.errors import InvalidParameterError, ModelFormatError
 from corejax.hub import ModelSource
-from corejax.loading.convert import WEIGHT_MODES, load_gguf_params, load_hf_folder
+from corejax.config import WEIGHT_MODES
+from corejax.loading.convert import load_gguf_params, load_hf_folder
 from corejax.loading.gguf import read_gguf
 
 

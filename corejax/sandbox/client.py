@@ -1,0 +1,386 @@
+"""The parent's side of one worker: starts it (a subprocess, or a thread for sandbox=False), routes reply
+frames to the requests waiting for them, and turns a death, a hang or a broken frame into per-request errors.
+
+One reader thread owns the socket's receiving end; a monitor thread enforces the request timeout and the
+memory limit by killing the worker, which the reader then sees as end-of-file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from corejax import errors
+from corejax.sandbox.protocol import Connection, Kind, ProtocolError
+
+# Names the worker may put in an ERROR frame; anything else becomes a SandboxError (never a lookup by name).
+_ERRORS = {cls.__name__: cls for cls in (
+    errors.CorejaxError, errors.ModelFormatError, errors.UnsupportedModelError, errors.InvalidParameterError,
+    errors.ContextLengthError, errors.MemoryBudgetError, errors.ModelNotFoundError, errors.SandboxError)}
+
+# Environment names passed to the worker; everything else (tokens, credentials, proxies) stays behind.
+_ENV_PREFIXES = ("JAX_", "XLA_", "TF_CPP_", "CUDA_", "NVIDIA_", "TPU_")
+_ENV_NAMES = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH")
+
+
+def _clean(text: str, limit: int = 2000) -> str:
+    """A worker's words, made safe to print: no terminal control sequences, bounded length."""
+    text = "".join(c if c.isprintable() or c in "\n\t" else "?" for c in str(text))
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def worker_error(payload: dict, during: str = "") -> errors.CorejaxError:
+    cls = _ERRORS.get(payload.get("type"), None)
+    message = _clean(payload.get("message", "no message"))
+    if cls is None:
+        return errors.SandboxError(f"the worker failed{during}: {_clean(payload.get('type'), 80)}: {message}")
+    return cls(message)
+
+
+class Request:
+    """One request's mailbox: reply frames, then possibly a terminal ('crashed' / 'timeout' / 'retry') event."""
+
+    def __init__(self, rid: int, kind: Kind, payload: dict):
+        self.rid, self.kind, self.payload = rid, kind, payload
+        self.events: queue.Queue = queue.Queue()
+        self.started_at: float | None = None
+
+
+class WorkerClient:
+    def __init__(self, source: Any, *, sandbox: bool = True, memory_limit: int | None = None,
+                 timeout: float | None = None, testing: bool = False, pythonpath: tuple[str, ...] = (),
+                 start_timeout: float = 600.0, network_namespace: bool = True, options: dict | None = None):
+        self.source = source
+        self.options = dict(options or {})  # how the worker loads the model (weights, engine config): plain data
+        self.sandbox = sandbox
+        self.memory_limit = memory_limit
+        self.timeout = timeout
+        self.testing = testing
+        self.pid: int | None = None
+        self.report: list[dict] = []
+        self.proc: subprocess.Popen | None = None
+        self.dead = False
+        self._death: str | None = None
+        self._kill_reason: str | None = None
+        self._timed_out: int | None = None
+        self._lock = threading.Lock()
+        self._pending: dict[int, Request] = {}
+        self._next_rid = 1
+        self._startup: queue.Queue = queue.Queue()
+        self._private: Path | None = None
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.conn = Connection(parent)
+        try:
+            if sandbox:
+                self._spawn(child, pythonpath, network_namespace)
+            else:
+                from corejax.sandbox.worker import serve_in_process
+
+                self.runtime = None  # sandbox=False only: the Runtime, for tests that inspect the model
+
+                def loaded(runtime: Any) -> None:
+                    self.runtime = runtime
+
+                self._thread = threading.Thread(target=serve_in_process, args=(child, source, loaded, self.options),
+                                                name="corejax-in-process-worker", daemon=True)
+                self._thread.start()
+                child = None
+        finally:
+            if child is not None:
+                child.close()  # the worker holds its own copy; ours would hide the worker's death
+        threading.Thread(target=self._read, name="corejax-sandbox-reader", daemon=True).start()
+        if sandbox:
+            threading.Thread(target=self._monitor, name="corejax-sandbox-monitor", daemon=True).start()
+        try:
+            self._wait_ready(start_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- starting -----------------------------------------------------------------------------------------
+
+    def _spawn(self, child: socket.socket, pythonpath: tuple[str, ...], network_namespace: bool) -> None:
+        from corejax.hub import cache_dir
+
+        self._private = Path(tempfile.mkdtemp(prefix="corejax-worker-"))
+        tmp, cwd = self._private / "tmp", self._private / "cwd"
+        tmp.mkdir()
+        cwd.mkdir()
+        # Compiled programs persist across sandboxed workers, in a folder no unsandboxed Runtime reads: a
+        # compromised worker could poison this cache, and only other sandboxed workers would load it.
+        xla = cache_dir() / "xla-sandbox"
+        xla.mkdir(parents=True, exist_ok=True)
+        import corejax
+
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(corejax.__file__)))
+        env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
+        import site
+
+        user_site = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+        paths = [package_root] + [p for p in (user_site,) if p and p in sys.path and os.path.isdir(p)]
+        env.update(
+            HOME=str(tmp), TMPDIR=str(tmp), PYTHONPATH=os.pathsep.join(paths), PYTHONDONTWRITEBYTECODE="1",
+            OPENBLAS_NUM_THREADS="1",  # numpy's BLAS would start threads before the policy binds them
+            JAX_COMPILATION_CACHE_DIR=str(xla), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+        )
+        env.setdefault("LANG", "C.UTF-8")
+        cmd = [sys.executable, "-m", "corejax.sandbox.worker", "--fd", str(child.fileno()), "--parent",
+               str(os.getpid()), "--private", str(tmp), "--writable", str(xla)]
+        if self.source is not None:
+            cmd += ["--model", self.source.name, self.source.format, str(self.source.path),
+                    "--options", json.dumps(self.options)]
+        for d in env.get("LD_LIBRARY_PATH", "").split(os.pathsep):
+            if d and os.path.isabs(d):
+                cmd += ["--read", d]
+        if self.testing:
+            cmd.append("--testing")
+            for p in pythonpath:
+                cmd += ["--pythonpath", str(p), "--read", str(p)]
+        if not network_namespace:
+            cmd.append("--no-netns")
+        self._log = open(self._private / "worker.log", "wb")  # noqa: SIM115 - the worker's stderr, closed in close()
+        self.proc = _spawn(cmd, pass_fds=[child.fileno()], close_fds=True, env=env, cwd=cwd,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log)
+        self.pid = self.proc.pid
+
+    def _wait_ready(self, start_timeout: float) -> None:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                frame = self._startup.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                self.kill(f"it did not load the model within {start_timeout:.0f} s")
+                frame = self._startup.get()
+            if isinstance(frame, str):
+                raise errors.WorkerCrashed(f"the sandboxed worker could not start: {frame}")
+            if frame.kind == Kind.ERROR:
+                self.kill("it failed to start")
+                raise worker_error(frame.payload, " while loading the model")
+            if frame.kind == Kind.READY and frame.payload.get("stage") == "policy":
+                self.report = list(frame.payload.get("report") or [])
+            elif frame.kind == Kind.READY:
+                return
+
+    # --- requests -----------------------------------------------------------------------------------------
+
+    def submit(self, kind: Kind, payload: dict | None = None) -> Request:
+        with self._lock:
+            rid = self._next_rid
+            self._next_rid += 1
+            req = Request(rid, kind, payload or {})
+            if self.dead:
+                req.events.put(("retry", self._death))
+                return req
+            self._pending[rid] = req
+        try:
+            self.conn.send(kind, rid, req.payload)
+        except OSError as e:
+            self._die(f"sending to it failed ({e})")
+        return req
+
+    def forget(self, req: Request) -> None:
+        """The caller stopped waiting: drop the mailbox and tell the worker to skip or stop the request."""
+        with self._lock:
+            known = self._pending.pop(req.rid, None) is not None
+        if known and not self.dead:
+            try:
+                self.conn.send(Kind.CANCEL, req.rid)
+            except OSError:
+                pass
+
+    def _read(self) -> None:
+        reason = "it closed the connection"
+        try:
+            while (frame := self.conn.recv()) is not None:
+                if frame.rid == 0:
+                    self._startup.put(frame)
+                    continue
+                with self._lock:
+                    req = self._pending.get(frame.rid)
+                    if req is None:
+                        continue
+                    if frame.kind == Kind.STARTED:
+                        req.started_at = time.monotonic()
+                    elif frame.kind in (Kind.RESULT, Kind.ERROR):
+                        del self._pending[frame.rid]
+                    elif frame.kind != Kind.CHUNK:
+                        raise ProtocolError(f"a worker may not send {frame.kind.name} for a request")
+                req.events.put(frame)
+        except ProtocolError as e:
+            reason = f"it broke the protocol ({e})"
+        except OSError as e:
+            reason = f"the connection failed ({e})"
+        self._die(reason)
+
+    def _monitor(self) -> None:
+        while not self.dead:
+            time.sleep(0.05)
+            if self.timeout is not None:
+                now = time.monotonic()
+                with self._lock:
+                    late = [r for r in self._pending.values()
+                            if r.started_at is not None and now - r.started_at > self.timeout]
+                if late:
+                    self._timed_out = late[0].rid
+                    self.kill(f"request {late[0].rid} ran past the {self.timeout:g} s timeout")
+            if self.memory_limit is not None and self.pid is not None:
+                rss = _rss_bytes(self.pid)
+                if rss is not None and rss > self.memory_limit:
+                    self.kill(f"it used {rss / 2**20:.0f} MiB, over the session's memory_limit of "
+                              f"{self.memory_limit / 2**20:.0f} MiB")
+
+    def kill(self, reason: str) -> None:
+        """Stops the worker now; its requests fail with `reason` (the reader sees the end of the socket)."""
+        if self._kill_reason is None:
+            self._kill_reason = reason
+        if self.proc is not None:
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
+        else:
+            self.conn.close()  # an in-process worker cannot be stopped; detach from it
+
+    def _describe_death(self, reason: str) -> str:
+        if self._kill_reason is not None:
+            return f"the worker was stopped because {self._kill_reason}"
+        if self.proc is None:
+            return f"the in-process worker stopped: {reason}"
+        if self.proc.poll() is None and "closed the connection" not in reason:
+            self.proc.kill()  # alive but misbehaving: stop it, and say why
+            self.proc.wait()
+            return f"the worker was stopped because {reason}"
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            how = f"the worker process died from {name}"
+            if -code == signal.SIGKILL:
+                how += " (killed from outside, or by the kernel's out-of-memory killer)"
+        else:
+            how = f"the worker process exited with status {code}"
+        if "closed the connection" not in reason:
+            how += f"; {reason}"
+        tail = self.log_tail()
+        return how + (f". Its last words: {tail}" if tail else "")
+
+    def log_tail(self, n: int = 600) -> str:
+        if self._private is None:
+            return ""
+        try:
+            data = (self._private / "worker.log").read_bytes()[-n:]
+        except OSError:
+            return ""
+        return _clean(data.decode("utf-8", "replace").strip(), n)
+
+    def _die(self, reason: str) -> None:
+        with self._lock:
+            if self.dead:
+                return
+            self.dead = True
+        message = self._describe_death(reason)
+        self._death = message
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for req in pending.values():
+            if req.rid == self._timed_out:
+                req.events.put(("timeout", message))
+            elif req.started_at is not None:
+                req.events.put(("crashed", message))
+            else:
+                req.events.put(("retry", message))  # never started: safe to send to the next worker
+        self._startup.put(message)
+        self.conn.close()
+
+    def close(self) -> None:
+        if not self.dead:
+            try:
+                self.conn.send(Kind.SHUTDOWN)
+            except OSError:
+                pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self._kill_reason = self._kill_reason or "the session closed"
+                self.proc.kill()
+                self.proc.wait()
+        self._kill_reason = self._kill_reason or "the session closed"
+        self.conn.close()
+        if self.proc is not None:
+            self._log.close()
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+
+
+_spawn_requests: queue.Queue = queue.Queue()
+_spawner_lock = threading.Lock()
+_spawner: threading.Thread | None = None
+
+
+def _spawner_loop() -> None:
+    while True:
+        args, kwargs, reply = _spawn_requests.get()
+        try:
+            reply.put(subprocess.Popen(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller
+            reply.put(e)
+
+
+def _spawn(*args: Any, **kwargs: Any) -> subprocess.Popen:
+    """Popen from one long-lived thread: the worker's parent-death signal fires when the *thread* that
+    started it exits, so a worker started from a short-lived caller thread would die with that thread."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or not _spawner.is_alive():
+            _spawner = threading.Thread(target=_spawner_loop, name="corejax-spawner", daemon=True)
+            _spawner.start()
+    reply: queue.Queue = queue.Queue()
+    _spawn_requests.put((args, kwargs, reply))
+    result = reply.get()
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def thread_status(pid: int) -> dict[str, int]:
+    """Read from outside the worker, so a compromised worker cannot fake it: per-thread NoNewPrivs, Seccomp."""
+    nnp = filt = total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {"threads": 0, "no_new_privs": 0, "seccomp_filter": 0}
+    for tid in tids:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        total += 1
+        nnp += fields.get("NoNewPrivs", "").strip() == "1"
+        filt += fields.get("Seccomp", "").strip() == "2"
+    return {"threads": total, "no_new_privs": nnp, "seccomp_filter": filt}

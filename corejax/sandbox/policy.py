@@ -1,0 +1,368 @@
+"""The worker's self-restriction, applied before it reads a byte of the model: a network namespace, rlimits,
+dropped capabilities, no_new_privs, Landlock and seccomp, in that order (each later layer would forbid the
+syscalls an earlier one needs). Every layer reports whether the kernel let it engage; none is assumed.
+
+Linux only; everything goes through ctypes (libc and libseccomp.so.2), so there is no compiled extension.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import errno
+import os
+import resource
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWTIME = 0x10000000, 0x20000000, 0x40000000, 0x00000080
+NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID,
+                   CLONE_NEWNET, CLONE_NEWTIME)
+
+# Syscall numbers that are the same on every architecture (Landlock came after the unified table).
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_SYS_CAPSET = {"x86_64": 126, "aarch64": 91}.get(os.uname().machine)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    name: str
+    engaged: bool
+    detail: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _err(what: str) -> str:
+    e = ctypes.get_errno()
+    return f"{what} failed: {errno.errorcode.get(e, e)} ({os.strerror(e)})"
+
+
+def set_parent_death_signal(sig: int = 9) -> None:
+    """The kernel kills the worker when its parent dies, so a crashed parent leaves no orphan behind."""
+    _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+# --- network namespace --------------------------------------------------------------------------------
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def new_network_namespace() -> Layer:
+    """A private network namespace (only a down loopback): directly as root, else inside a user namespace."""
+    _libc.unshare.argtypes = [ctypes.c_int]
+    if _libc.unshare(CLONE_NEWNET) == 0:
+        return Layer("network_namespace", True, "unshare(CLONE_NEWNET): no interfaces but a down loopback")
+    first = _err("unshare(CLONE_NEWNET)")
+    uid, gid = os.getuid(), os.getgid()
+    if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
+        return Layer("network_namespace", False,
+                     f"{first}; {_err('unshare(CLONE_NEWUSER|CLONE_NEWNET)')} (needs root or unprivileged user "
+                     "namespaces: sysctl kernel.unprivileged_userns_clone / user.max_user_namespaces)")
+    try:
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    except OSError as e:
+        return Layer("network_namespace", True, f"in a new user namespace (uid map failed: {e})")
+    return Layer("network_namespace", True, "in a new user namespace (unprivileged): no interfaces")
+
+
+# --- rlimits -------------------------------------------------------------------------------------------
+
+def _user_tasks() -> int:
+    """Threads the real user already runs: RLIMIT_NPROC counts them all, not only this process's."""
+    uid, n = os.getuid(), 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    n += len(os.listdir(f"/proc/{pid}/task"))
+            except OSError:
+                pass
+    return n
+
+
+def set_rlimits(*, max_file_bytes: int, max_open_files: int, extra_tasks: int) -> Layer:
+    """Soft and hard limits alike, so the worker cannot raise them back (seccomp also denies setrlimit)."""
+    limits = {
+        "core": (resource.RLIMIT_CORE, 0),
+        "fsize": (resource.RLIMIT_FSIZE, max_file_bytes),
+        "nofile": (resource.RLIMIT_NOFILE, max_open_files),
+        "nproc": (resource.RLIMIT_NPROC, _user_tasks() + extra_tasks),
+    }
+    done, failed = [], []
+    for name, (res, value) in limits.items():
+        _, hard = resource.getrlimit(res)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        try:
+            resource.setrlimit(res, (value, value))
+            done.append(f"{name}={value}")
+        except (OSError, ValueError) as e:
+            failed.append(f"{name}: {e}")
+    note = "; root is exempt from nproc" if os.getuid() == 0 else ""
+    return Layer("rlimits", not failed, ", ".join(done) + (f"; failed {failed}" if failed else "") + note)
+
+
+# --- capabilities --------------------------------------------------------------------------------------
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities() -> Layer:
+    """Empties the bounding, ambient, effective, permitted and inheritable sets (matters when run as root)."""
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last + 1):
+        _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EPERM without CAP_SETPCAP: the set is then already empty
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    if _SYS_CAPSET is None:
+        return Layer("capabilities", False, f"capset number unknown on {os.uname().machine}")
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words
+    data = (_CapData * 2)()
+    if _libc.syscall(_SYS_CAPSET, ctypes.byref(header), ctypes.byref(data)) != 0:
+        return Layer("capabilities", False, _err("capset"))
+    eff = _status_field("CapEff")
+    return Layer("capabilities", int(eff, 16) == 0, f"CapEff={eff}")
+
+
+def _status_field(name: str, path: str = "/proc/thread-self/status") -> str:
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def set_no_new_privs() -> Layer:
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        return Layer("no_new_privs", False, _err("prctl(PR_SET_NO_NEW_PRIVS)"))
+    return Layer("no_new_privs", True, "setuid binaries and file capabilities give nothing")
+
+
+# --- Landlock ------------------------------------------------------------------------------------------
+
+_FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_FS_ALL_V1 = (1 << 13) - 1  # execute ... make_sym
+_FS_REFER, _FS_TRUNCATE, _FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+_NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
+_SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1
+_FILE_ONLY = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
+_RULE_PATH_BENEATH = 1
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0: Landlock is absent or disabled at boot)."""
+    v = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    return max(int(v), 0)
+
+
+def landlock(read: Iterable[str | os.PathLike], write: Iterable[str | os.PathLike],
+             devices: Iterable[str | os.PathLike] = ()) -> list[Layer]:
+    """Read-only `read`, read-write `write`, read-write + ioctl `devices`; nothing else, and no TCP."""
+    abi = landlock_abi()
+    if abi == 0:
+        return [Layer("landlock", False, "the kernel has no Landlock (needs Linux 5.13+ with lsm=landlock)"),
+                Layer("landlock_network", False, "no Landlock")]
+    fs = _FS_ALL_V1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0) | (
+        _FS_IOCTL_DEV if abi >= 5 else 0)
+    net = _NET_BIND_TCP | _NET_CONNECT_TCP if abi >= 4 else 0
+    scoped = _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL if abi >= 6 else 0
+    attr = _RulesetAttr(fs, net, scoped)
+    size = 8 if abi < 4 else 16 if abi < 6 else 24
+    rs = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if rs < 0:
+        return [Layer("landlock", False, _err("landlock_create_ruleset")), Layer("landlock_network", False, "")]
+    read_dir = _FS_READ_FILE | _FS_READ_DIR
+    write_dir = fs & ~_FS_EXECUTE & ~_FS_IOCTL_DEV  # everything but exec (and device ioctls) in the private temp
+    granted, skipped = [], []
+    try:
+        for paths, access in ((read, read_dir), (write, write_dir), (devices, _FS_READ_FILE | _FS_WRITE_FILE | (
+                _FS_IOCTL_DEV if abi >= 5 else 0))):
+            for p in dict.fromkeys(str(p) for p in paths):
+                try:
+                    fd = os.open(p, os.O_PATH | os.O_CLOEXEC)
+                except OSError:
+                    skipped.append(p)
+                    continue
+                try:
+                    allowed = access if os.path.isdir(p) else access & _FILE_ONLY
+                    rule = _PathBeneath(allowed & fs, fd)
+                    if _libc.syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(rs), ctypes.c_int(_RULE_PATH_BENEATH),
+                                     ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
+                        skipped.append(f"{p} ({_err('add_rule')})")
+                    else:
+                        granted.append(p)
+                finally:
+                    os.close(fd)
+        if _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(rs), ctypes.c_uint32(0)) != 0:
+            return [Layer("landlock", False, _err("landlock_restrict_self")), Layer("landlock_network", False, "")]
+    finally:
+        os.close(rs)
+    fs_detail = f"ABI {abi}: {len(granted)} paths granted" + (", scoped signals/abstract sockets" if scoped else "")
+    return [Layer("landlock", True, fs_detail),
+            Layer("landlock_network", bool(net), "TCP bind and connect denied" if net else
+                  f"Landlock ABI {abi} has no network rules (needs 4)")]
+
+
+# --- seccomp -------------------------------------------------------------------------------------------
+
+_SCMP_ACT_ALLOW = 0x7FFF0000
+_SCMP_FLTATR_CTL_TSYNC = 4
+_SCMP_CMP_NE, _SCMP_CMP_MASKED_EQ = 1, 7
+
+
+def _scmp_errno(e: int) -> int:
+    return 0x00050000 | (e & 0xFFFF)
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
+
+
+# Denied with EPERM: running programs, inspecting or writing other processes, changing namespaces, mounts,
+# keys, kernel modules, BPF, perf, io_uring (its operations bypass seccomp), and making sockets: the worker
+# talks only over the socketpair it inherited.
+DENIED = (
+    "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "pidfd_getfd",
+    "kcmp", "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsconfig",
+    "fsmount", "fspick", "mount_setattr", "unshare", "setns", "keyctl", "add_key", "request_key", "bpf",
+    "perf_event_open", "socket", "socketpair", "setrlimit", "userfaultfd", "io_uring_setup", "io_uring_enter",
+    "io_uring_register", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "reboot", "swapon", "swapoff", "acct", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
+    "open_by_handle_at", "name_to_handle_at", "iopl", "ioperm", "quotactl", "quotactl_fd", "lookup_dcookie",
+    "fanotify_init", "syslog", "vhangup", "uselib",
+)
+
+
+def _libseccomp() -> ctypes.CDLL | None:
+    for name in ("libseccomp.so.2", ctypes.util.find_library("seccomp")):
+        if name:
+            try:
+                return ctypes.CDLL(name, use_errno=True)
+            except OSError:
+                pass
+    return None
+
+
+def seccomp() -> Layer:
+    """A deny-list filter on every thread (TSYNC): the listed syscalls, raising rlimits, namespace clones."""
+    lib = _libseccomp()
+    if lib is None:
+        return Layer("seccomp", False, "libseccomp.so.2 not found (apt-get install libseccomp2)")
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
+    if not ctx:
+        return Layer("seccomp", False, "seccomp_init failed")
+    eperm = _scmp_errno(errno.EPERM)
+    unknown = []
+
+    def rule(action: int, name: str, *cmps: tuple[int, int, int, int]) -> None:
+        nr = lib.seccomp_syscall_resolve_name(name.encode())
+        if nr < 0:
+            unknown.append(name)
+            return
+        arr = (_ArgCmp * max(len(cmps), 1))(*[_ArgCmp(*c) for c in cmps])
+        rc = lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), arr)
+        if rc != 0:
+            raise OSError(-rc, f"seccomp_rule_add({name}) failed: {os.strerror(-rc)}")
+
+    try:
+        for name in DENIED:
+            rule(eperm, name)
+        rule(eperm, "prlimit64", (2, _SCMP_CMP_NE, 0, 0))  # a new limit; reading limits stays allowed
+        for flag in NAMESPACE_FLAGS:
+            rule(eperm, "clone", (0, _SCMP_CMP_MASKED_EQ, flag, flag))
+        # clone3 passes its flags in memory seccomp cannot read: ENOSYS makes glibc fall back to clone.
+        rule(_scmp_errno(errno.ENOSYS), "clone3")
+        if lib.seccomp_attr_set(ctx, _SCMP_FLTATR_CTL_TSYNC, 1) != 0:
+            return Layer("seccomp", False, "libseccomp cannot synchronise threads (SCMP_FLTATR_CTL_TSYNC)")
+        rc = lib.seccomp_load(ctx)
+        if rc != 0:
+            return Layer("seccomp", False, f"seccomp_load failed: {os.strerror(-rc)}")
+    except OSError as e:
+        return Layer("seccomp", False, str(e))
+    finally:
+        lib.seccomp_release(ctx)
+    note = f"; not in this libseccomp: {', '.join(unknown)}" if unknown else ""
+    return Layer("seccomp", True, f"deny-list filter, {len(DENIED) + 2 + len(NAMESPACE_FLAGS)} rules, EPERM{note}")
+
+
+# --- the whole policy ----------------------------------------------------------------------------------
+
+def python_paths() -> list[str]:
+    """What the interpreter and its packages are read from: prefixes, sys.path, the corejax package."""
+    import corejax
+
+    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+             os.path.dirname(os.path.dirname(os.path.abspath(corejax.__file__)))]
+    paths += [p for p in sys.path if p and os.path.isabs(p)]
+    return paths
+
+
+# Shared libraries, the loader cache, CPU topology (XLA sizes its thread pools from /proc and /sys).
+SYSTEM_READ = ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/ld.so.cache", "/etc/localtime",
+               "/usr/share/zoneinfo", "/proc", "/sys/devices/system/cpu", "/sys/fs/cgroup",
+               "/sys/devices/system/node", "/dev/urandom", "/dev/random")
+DEVICES = ("/dev/null", "/dev/zero")
+
+
+def gpu_devices() -> list[str]:
+    return [f"/dev/{n}" for n in sorted(os.listdir("/dev")) if n.startswith(("nvidia", "dri", "accel"))]
+
+
+def apply(*, model_paths: Iterable[str], private_dirs: Iterable[str], extra_read: Iterable[str] = (),
+          network_namespace: bool = True, max_file_bytes: int = 16 << 30, max_open_files: int = 4096,
+          extra_tasks: int = 1024) -> list[Layer]:
+    """Restricts the calling process for good. Call while it has one thread (Landlock binds only the caller)."""
+    layers = []
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        layers.append(Layer("single_thread", False, f"{threads} threads existed before the policy"))
+    layers.append(new_network_namespace() if network_namespace else Layer("network_namespace", False, "off"))
+    layers.append(set_rlimits(max_file_bytes=max_file_bytes, max_open_files=max_open_files, extra_tasks=extra_tasks))
+    layers.append(drop_capabilities())
+    layers.append(set_no_new_privs())
+    read = [*python_paths(), *SYSTEM_READ, *model_paths, *extra_read]
+    layers += landlock(read, private_dirs, [*DEVICES, *gpu_devices()])
+    layers.append(seccomp())
+    return layers
+

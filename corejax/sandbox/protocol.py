@@ -1,0 +1,262 @@
+"""The parent <-> worker wire format: length-prefixed binary frames, a typed header, msgpack payloads.
+
+A frame is a 20-byte header followed by `length` bytes of msgpack:
+
+    magic b"CJX\\x00" | version u8 | kind u8 | flags u16 | request id u64 | length u32   (little-endian)
+
+msgpack (not pickle) because the parent decodes what a possibly compromised worker sends: msgpack builds
+only dicts, lists, strings, numbers and bytes, so decoding can never run code. Arrays travel as one msgpack
+extension (dtype, shape, raw bytes) and come back as read-only numpy views of the received bytes. Sizes are
+checked before anything is allocated: a header that announces more than `max_frame` bytes is rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import socket
+import struct
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from corejax.config import SamplingParams
+from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
+
+MAGIC = b"CJX\x00"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQI")  # magic, version, kind, flags, request id, payload length
+MAX_FRAME = 16 << 20  # a chunk is a few hundred bytes; info a few KiB; 16 MiB leaves room for arrays
+
+_ARRAY_EXT = 1
+# Plain numeric dtypes only: an object dtype in a frame would be a way back to arbitrary Python objects.
+_DTYPES = frozenset(
+    ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32",
+     "float64"])
+_MAX_NDIM = 8
+
+
+class Kind(enum.IntEnum):
+    """What a frame is. Requests go parent -> worker, replies worker -> parent, both carry the request id."""
+
+    # parent -> worker
+    GENERATE = 1  # {prompt, messages, sampling}
+    TOKENIZE = 2  # {text, add_special}
+    DETOKENIZE = 3  # {ids: array}
+    INFO = 4  # {}
+    PING = 5  # {}: the empty request (round-trip benchmark)
+    CANCEL = 6  # {}: stop the request with this id (the caller stopped reading)
+    SHUTDOWN = 7  # {}
+    RUN_TEST = 8  # {target, args}: honoured only by a worker started through corejax.sandbox.testing
+    # worker -> parent
+    READY = 32  # {pid, report, info}: policy applied and model loaded
+    STARTED = 33  # {}: the worker began this request (requests not started survive a crash)
+    CHUNK = 34  # {text, tokens, logprobs}
+    RESULT = 35  # {result} / {value}: the request is complete
+    ERROR = 36  # {type, message}: the request (id 0: the worker) failed
+
+
+class ProtocolError(Exception):
+    """A frame that breaks the protocol: bad magic, unknown version or kind, oversize, undecodable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    kind: Kind
+    rid: int
+    payload: dict
+    flags: int = 0
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return _pack_array(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (tuple, frozenset, set)):
+        return list(obj)
+    if hasattr(obj, "__fspath__"):
+        return str(obj)
+    raise TypeError(f"cannot send a {type(obj).__name__} over the sandbox protocol")
+
+
+def _pack_array(a: np.ndarray) -> msgpack.ExtType:
+    name = a.dtype.name
+    if name not in _DTYPES:
+        raise TypeError(f"arrays of dtype {name} cannot cross the sandbox protocol")
+    head = msgpack.packb([name, list(a.shape)])
+    raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+    return msgpack.ExtType(_ARRAY_EXT, struct.pack("<I", len(head)) + head + raw)
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != _ARRAY_EXT:
+        raise ProtocolError(f"unknown msgpack extension type {code}")
+    if len(data) < 4:
+        raise ProtocolError("truncated array header")
+    (n,) = struct.unpack_from("<I", data)
+    if n > len(data) - 4:
+        raise ProtocolError("array header longer than the array")
+    try:
+        name, shape = msgpack.unpackb(data[4:4 + n], raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # noqa: BLE001 - msgpack raises many types; all mean a bad frame
+        raise ProtocolError(f"bad array header: {e}") from None
+    if name not in _DTYPES or not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(
+            isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolError(f"bad array header: dtype {name!r}, shape {shape!r}")
+    dtype = np.dtype(name).newbyteorder("<")
+    body = memoryview(data)[4 + n:]
+    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(body):
+        raise ProtocolError(f"array of {name}{shape} does not match its {len(body)} bytes")
+    return np.frombuffer(body, dtype).reshape(shape)
+
+
+def encode(kind: Kind, rid: int, payload: Mapping[str, Any] | None = None, flags: int = 0) -> bytes:
+    """One frame as bytes."""
+    body = msgpack.packb(payload or {}, default=_default, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"a {Kind(kind).name} payload of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return HEADER.pack(MAGIC, VERSION, kind, flags, rid, len(body)) + body
+
+
+def decode_header(header: bytes, max_frame: int = MAX_FRAME) -> tuple[Kind, int, int, int]:
+    """(kind, request id, flags, payload length) of a 20-byte header, or ProtocolError."""
+    magic, version, kind, flags, rid, length = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r} (not a corejax sandbox frame)")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version} (this side speaks {VERSION})")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {kind}") from None
+    if length > max_frame:
+        raise ProtocolError(f"a frame of {length} bytes exceeds the {max_frame}-byte limit")
+    return kind, rid, flags, length
+
+
+def decode_payload(body: bytes) -> dict:
+    try:
+        payload = msgpack.unpackb(body, raw=False, ext_hook=_ext_hook, strict_map_key=True, use_list=True)
+    except ProtocolError:
+        raise
+    except Exception as e:  # noqa: BLE001 - msgpack raises many types; all mean a bad frame
+        raise ProtocolError(f"undecodable payload: {type(e).__name__}: {e}") from None
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"a payload must be a map; got {type(payload).__name__}")
+    return payload
+
+
+def decode(frame: bytes, max_frame: int = MAX_FRAME) -> Frame:
+    """One complete frame (header + payload) from bytes."""
+    if len(frame) < HEADER.size:
+        raise ProtocolError(f"a frame needs {HEADER.size} header bytes; got {len(frame)}")
+    kind, rid, flags, length = decode_header(frame[:HEADER.size], max_frame)
+    if len(frame) != HEADER.size + length:
+        raise ProtocolError(f"the header announces {length} payload bytes; {len(frame) - HEADER.size} follow")
+    return Frame(kind, rid, decode_payload(frame[HEADER.size:]), flags)
+
+
+class Connection:
+    """Frames over a connected stream socket: send is thread-safe; recv is for one reader thread."""
+
+    def __init__(self, sock: socket.socket, max_frame: int = MAX_FRAME):
+        self.sock = sock
+        self.max_frame = max_frame
+        self._send_lock = threading.Lock()
+
+    def send(self, kind: Kind, rid: int = 0, payload: Mapping[str, Any] | None = None, flags: int = 0) -> None:
+        data = encode(kind, rid, payload, flags)
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def _read_exact(self, n: int) -> bytes | None:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if k == 0:
+                if got == 0:
+                    return None
+                raise ProtocolError(f"the connection closed inside a frame ({got} of {n} bytes)")
+            got += k
+        return bytes(buf)
+
+    def recv(self) -> Frame | None:
+        """The next frame, or None when the other side closed the connection cleanly between frames."""
+        header = self._read_exact(HEADER.size)
+        if header is None:
+            return None
+        kind, rid, flags, length = decode_header(header, self.max_frame)
+        body = self._read_exact(length) if length else b""
+        if body is None:
+            raise ProtocolError("the connection closed between a header and its payload")
+        return Frame(kind, rid, decode_payload(body), flags)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+# Typed payloads: the dataclasses callers see, to and from plain maps.
+
+def sampling_to_wire(sp: SamplingParams) -> dict:
+    return dataclasses.asdict(sp)
+
+
+def sampling_from_wire(d: Mapping[str, Any]) -> SamplingParams:
+    d = dict(d)
+    d["stop"] = tuple(d.get("stop") or ())
+    return SamplingParams(**d)
+
+
+def _logprob_to_wire(lp: TokenLogprob) -> list:
+    return [lp.token, lp.text, lp.logprob, [list(t) for t in lp.top]]
+
+
+def _logprob_from_wire(v: list) -> TokenLogprob:
+    token, text, logprob, top = v
+    return TokenLogprob(int(token), str(text), float(logprob), tuple((int(t), float(p)) for t, p in top))
+
+
+def chunk_to_wire(c: Chunk) -> dict:
+    return {"text": c.text, "tokens": list(c.tokens), "logprobs": [_logprob_to_wire(lp) for lp in c.logprobs]}
+
+
+def chunk_from_wire(d: Mapping[str, Any]) -> Chunk:
+    try:
+        return Chunk(str(d["text"]), tuple(int(t) for t in d["tokens"]),
+                     tuple(_logprob_from_wire(v) for v in d["logprobs"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProtocolError(f"a malformed CHUNK payload: {e!r}") from None
+
+
+def result_to_wire(r: GenerationResult) -> dict:
+    return {
+        "text": r.text,
+        "tokens": np.asarray(r.tokens, np.int32),
+        "finish_reason": r.finish_reason,
+        "prompt_tokens": np.asarray(r.prompt_tokens, np.int32),
+        "timings": dataclasses.asdict(r.timings),
+        "logprobs": None if r.logprobs is None else [_logprob_to_wire(lp) for lp in r.logprobs],
+    }
+
+
+def result_from_wire(d: Mapping[str, Any]) -> GenerationResult:
+    try:
+        fields = {f.name for f in dataclasses.fields(Timings)}
+        timings = Timings(**{k: v for k, v in d["timings"].items() if k in fields})
+        lps = d["logprobs"]
+        return GenerationResult(
+            str(d["text"]), tuple(int(t) for t in d["tokens"]), str(d["finish_reason"]),
+            tuple(int(t) for t in d["prompt_tokens"]), timings,
+            None if lps is None else tuple(_logprob_from_wire(v) for v in lps))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ProtocolError(f"a malformed RESULT payload: {e!r}") from None

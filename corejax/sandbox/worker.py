@@ -1,0 +1,217 @@
+"""The worker: the only process that opens model files and imports JAX. Started by the Session as
+`python -m corejax.sandbox.worker --fd N ...` (a fresh interpreter, never a fork), it applies the policy while
+it still has one thread, then loads the model and serves requests over the inherited socket.
+
+`serve` is the loop itself; Session(sandbox=False) runs it in a thread of the caller's process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Nothing here may import numpy, JAX or the model code at module level: the policy must be applied while
+# the process has a single thread (Landlock binds only the calling thread), and numpy's BLAS starts threads.
+
+
+def _error_payload(e: BaseException) -> dict:
+    from corejax.errors import CorejaxError
+
+    if isinstance(e, CorejaxError):
+        return {"type": type(e).__name__, "message": str(e)}
+    return {"type": "InternalError", "message": f"{type(e).__name__}: {e}",
+            "traceback": "".join(traceback.format_exception(e))[-4000:]}
+
+
+class WorkerLoop:
+    """Reads requests on a reader thread, runs them one at a time in order, streams replies by request id."""
+
+    def __init__(self, conn, runtime: Any | None, *, testing: bool = False):
+        self.conn = conn
+        self.runtime = runtime
+        self.testing = testing
+        self.requests: queue.Queue = queue.Queue()
+        self.cancelled: set[int] = set()
+
+    def _read(self) -> None:
+        from corejax.sandbox.protocol import Kind, ProtocolError
+
+        try:
+            while (frame := self.conn.recv()) is not None:
+                if frame.kind == Kind.CANCEL:
+                    self.cancelled.add(frame.rid)
+                elif frame.kind == Kind.SHUTDOWN:
+                    break
+                else:
+                    self.requests.put(frame)
+        except (OSError, ProtocolError):
+            pass  # the parent is trusted: a broken frame from it means it is gone
+        self.requests.put(None)
+
+    def serve(self) -> None:
+        from corejax.sandbox.protocol import Kind
+
+        threading.Thread(target=self._read, name="corejax-worker-reader", daemon=True).start()
+        while (frame := self.requests.get()) is not None:
+            if frame.rid in self.cancelled:
+                self.cancelled.discard(frame.rid)
+                continue
+            try:
+                self.conn.send(Kind.STARTED, frame.rid)
+                self._handle(frame)
+            except Exception as e:  # noqa: BLE001 - every failure goes back to the caller as an ERROR frame
+                try:
+                    self.conn.send(Kind.ERROR, frame.rid, _error_payload(e))
+                except OSError:
+                    break  # the socket is gone: the parent closed or died
+            finally:
+                self.cancelled.discard(frame.rid)
+
+    def _handle(self, frame) -> None:
+        from corejax.sandbox import protocol as p
+        from corejax.sandbox.protocol import Kind
+
+        kind, rid, d = frame.kind, frame.rid, frame.payload
+        if kind == Kind.PING:
+            self.conn.send(Kind.RESULT, rid)
+            return
+        if kind == Kind.RUN_TEST:
+            self.conn.send(Kind.RESULT, rid, {"value": self._run_test(d)})
+            return
+        if self.runtime is None:
+            raise _sandbox_error(f"this worker has no model loaded; it cannot serve {kind.name}")
+        if kind == Kind.GENERATE:
+            stream = self.runtime.stream(d.get("prompt"), d.get("messages"), p.sampling_from_wire(d["sampling"]))
+            try:
+                for chunk in stream:
+                    if rid in self.cancelled:
+                        return
+                    if chunk.result is not None:
+                        self.conn.send(Kind.RESULT, rid, {"result": p.result_to_wire(chunk.result)})
+                    else:
+                        self.conn.send(Kind.CHUNK, rid, p.chunk_to_wire(chunk))
+            finally:
+                stream.close()
+        elif kind == Kind.TOKENIZE:
+            import numpy as np
+
+            ids = self.runtime.tokenizer.encode(str(d["text"]), add_special=bool(d.get("add_special", True)))
+            self.conn.send(Kind.RESULT, rid, {"ids": np.asarray(ids, np.int32)})
+        elif kind == Kind.DETOKENIZE:
+            text = self.runtime.tokenizer.decode([int(i) for i in d["ids"]])
+            self.conn.send(Kind.RESULT, rid, {"text": text})
+        elif kind == Kind.INFO:
+            self.conn.send(Kind.RESULT, rid, {"info": self.runtime.info()})
+        else:
+            raise _sandbox_error(f"a worker does not accept {kind.name} frames")
+
+    def _run_test(self, d: dict) -> Any:
+        if not self.testing:
+            raise _sandbox_error("RUN_TEST is refused: this worker was not started through corejax.sandbox.testing")
+        import importlib
+
+        module, _, name = str(d["target"]).partition(":")
+        func: Callable = getattr(importlib.import_module(module), name)
+        return func(*d.get("args", ()))
+
+
+def _sandbox_error(message: str) -> Exception:
+    from corejax.errors import SandboxError
+
+    return SandboxError(message)
+
+
+def load_runtime(name: str, fmt: str, path: str, options: dict | None = None) -> Any:
+    """options (plain data from the parent): weights, and the EngineConfig fields under "engine"."""
+    from corejax.config import EngineConfig
+    from corejax.hub import ModelSource
+    from corejax.runtime import Runtime
+
+    options = options or {}
+    return Runtime(ModelSource(name, fmt, Path(path)), weights=options.get("weights"),
+                   engine=EngineConfig(**options.get("engine", {})), progress=False)
+
+
+def serve_in_process(sock, source, on_loaded: Callable[[Any], None] | None = None,
+                     options: dict | None = None) -> None:
+    """Session(sandbox=False): the same loop on a thread of this process, with no policy."""
+    from corejax.sandbox.protocol import Connection, Kind
+
+    conn = Connection(sock)
+    try:
+        conn.send(Kind.READY, 0, {"pid": os.getpid(), "report": [], "stage": "policy"})
+        runtime = (load_runtime(source.name, source.format, str(source.path), options)
+                   if source is not None else None)
+        if on_loaded is not None:
+            on_loaded(runtime)
+        conn.send(Kind.READY, 0, {"pid": os.getpid(), "stage": "loaded"})
+    except Exception as e:  # noqa: BLE001
+        try:
+            conn.send(Kind.ERROR, 0, _error_payload(e))
+        finally:
+            conn.close()
+        return
+    WorkerLoop(conn, runtime).serve()
+    conn.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m corejax.sandbox.worker")
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--parent", type=int, required=True)
+    ap.add_argument("--model", nargs=3, metavar=("NAME", "FORMAT", "PATH"))
+    ap.add_argument("--options", default="{}", help="JSON: weights and engine config for loading the model")
+    ap.add_argument("--private", required=True, help="the read-write folder (TMPDIR, the XLA cache)")
+    ap.add_argument("--writable", action="append", default=[])
+    ap.add_argument("--read", action="append", default=[])
+    ap.add_argument("--pythonpath", action="append", default=[], help="testing: where the probe module lives")
+    ap.add_argument("--no-netns", action="store_true")
+    ap.add_argument("--testing", action="store_true")
+    args = ap.parse_args(argv)
+
+    sys.path[:0] = args.pythonpath if args.testing else []
+    from corejax.sandbox import policy
+
+    policy.set_parent_death_signal()
+    if os.getppid() != args.parent:
+        os._exit(1)  # the parent died before the death signal was armed
+    import socket
+
+    sock = socket.socket(fileno=args.fd)
+    model_paths = [args.model[2]] if args.model else []
+    layers = policy.apply(model_paths=model_paths, private_dirs=[args.private, *args.writable],
+                          extra_read=args.read, network_namespace=not args.no_netns)
+    # From here on the process is restricted; only now may numpy, JAX and the model code be imported.
+    from corejax.sandbox.protocol import Connection, Kind
+
+    conn = Connection(sock)
+    report = [layer.as_dict() for layer in layers]
+    conn.send(Kind.READY, 0, {"pid": os.getpid(), "report": report, "stage": "policy"})
+    if any(layer.name == "single_thread" for layer in layers):
+        conn.send(Kind.ERROR, 0, {"type": "SandboxError", "message": (
+            "the worker had several threads before its policy was applied, so Landlock would bind only one; "
+            "refusing to open the model")})
+        os._exit(2)
+    try:
+        runtime = load_runtime(*args.model, json.loads(args.options)) if args.model else None
+    except Exception as e:  # noqa: BLE001
+        conn.send(Kind.ERROR, 0, _error_payload(e))
+        conn.close()
+        os._exit(3)
+    conn.send(Kind.READY, 0, {"pid": os.getpid(), "stage": "loaded"})
+    WorkerLoop(conn, runtime, testing=args.testing).serve()
+    conn.close()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: JAX's threads can make a normal exit slow
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Worker faults: a kill mid-stream, a segfault, an abort, a hang, the memory limit, a broken or oversize frame.
+Each gives the affected request a clear error, the next call gets a fresh worker, queued requests survive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import corejax
+from corejax.errors import RequestTimeout, WorkerCrashed
+from tiny_model import write_tiny_llama
+
+TESTS = str(Path(__file__).parent)
+
+
+# --- probes (run inside the worker) ---------------------------------------------------------------------
+
+def probe_hold_memory(nbytes, seconds):
+    block = b"\x01" * nbytes  # written, so resident
+    time.sleep(seconds)
+    return len(block)
+
+
+def _worker_socket() -> int:
+    for fd in sorted(int(f) for f in os.listdir("/proc/self/fd")):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                return fd
+        except OSError:
+            pass
+    raise RuntimeError("no socket")
+
+
+def probe_send_garbage():
+    os.write(_worker_socket(), b"not a frame at all, just bytes" * 4)
+    time.sleep(30)
+
+
+def probe_send_oversize():
+    os.write(_worker_socket(), struct.pack("<4sBBHQI", b"CJX\x00", 1, 34, 0, 1, 2**32 - 1))
+    time.sleep(30)
+
+
+# --- tests ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("faults") / "tiny.gguf", context=256)
+
+
+@pytest.fixture()
+def session(tiny):
+    from corejax.sandbox.testing import TestingSession
+
+    with TestingSession(str(tiny), pythonpath=[TESTS], timeout=20) as s:
+        yield s
+
+
+def run(session, name, *args):
+    return session.run(f"{__name__}:{name}", *args)
+
+
+def _alive(session) -> None:
+    assert len(session.generate("the sea", max_tokens=3, ignore_eos=True).tokens) == 3
+
+
+def test_kill_9_mid_stream(session):
+    pid = session.worker_pid
+    stream = session.stream_chunks("the sea", max_tokens=200, ignore_eos=True, temperature=0)
+    next(stream)
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(WorkerCrashed, match="SIGKILL"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - start < 10
+    _alive(session)
+    assert session.worker_pid != pid
+
+
+@pytest.mark.parametrize("target, args, signame", [("ctypes:string_at", (0,), "SIGSEGV"), ("os:abort", (), "SIGABRT")])
+def test_segfault_and_abort(session, target, args, signame):
+    with pytest.raises(WorkerCrashed, match=signame):
+        session.run(target, *args)
+    _alive(session)
+
+
+def test_hang_times_out_and_queued_requests_are_not_lost(tiny):
+    from corejax.sandbox.testing import TestingSession
+
+    with TestingSession(str(tiny), pythonpath=[TESTS], timeout=2) as s:
+        results, errors = {}, {}
+        started = time.monotonic()
+
+        def hang():
+            try:
+                s.run("time:sleep", 60)
+            except Exception as e:  # noqa: BLE001
+                errors["hang"] = (e, time.monotonic() - started)
+
+        def gen(i):
+            try:
+                results[i] = s.generate("the sea", max_tokens=3, ignore_eos=True, temperature=0).tokens
+            except Exception as e:  # noqa: BLE001
+                errors[i] = e
+
+        first = threading.Thread(target=hang)
+        first.start()
+        time.sleep(0.3)  # the hang is running; these queue behind it
+        others = [threading.Thread(target=gen, args=(i,)) for i in range(3)]
+        for t in others:
+            t.start()
+        for t in [first, *others]:
+            t.join(timeout=120)
+        error, elapsed = errors.pop("hang")
+        assert isinstance(error, RequestTimeout) and "2 s timeout" in str(error)
+        assert elapsed < 10
+        assert not errors and len(results) == 3 and len(set(results.values())) == 1
+
+
+def test_memory_limit_stops_the_worker(tiny):
+    from corejax.sandbox.testing import TestingSession
+
+    with TestingSession(str(tiny), pythonpath=[TESTS], memory_limit=1 << 30, timeout=30) as s:
+        with pytest.raises(WorkerCrashed, match="memory_limit"):
+            run(s, "probe_hold_memory", 1536 << 20, 20)
+        _alive(s)
+
+
+@pytest.mark.parametrize("probe, match", [("probe_send_garbage", "bad magic"), ("probe_send_oversize", "exceeds")])
+def test_protocol_errors_from_the_worker(session, probe, match):
+    start = time.monotonic()
+    with pytest.raises(WorkerCrashed, match=match):
+        run(session, probe)
+    assert time.monotonic() - start < 10
+    _alive(session)
+
+
+def test_concurrent_requests_complete_or_fail_clearly_when_the_worker_dies(tiny):
+    with corejax.Session(str(tiny), progress=False) as s:
+        outcomes = {}
+
+        def gen(i):
+            try:
+                outcomes[i] = s.generate("the sea", max_tokens=60, ignore_eos=True, temperature=0).tokens
+            except WorkerCrashed as e:
+                outcomes[i] = e
+
+        threads = [threading.Thread(target=gen, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        os.kill(s.worker_pid, signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=120)
+        assert len(outcomes) == 4
+        crashed = [o for o in outcomes.values() if isinstance(o, WorkerCrashed)]
+        done = [o for o in outcomes.values() if not isinstance(o, WorkerCrashed)]
+        assert len(crashed) <= 1  # only the request running at the kill; the queued ones are re-sent
+        assert done and all(len(o) == 60 for o in done)
+
+
+def test_in_process_timeout_raises_but_cannot_stop_the_thread(tiny):
+    with corejax.Session(str(tiny), sandbox=False, progress=False, timeout=30) as s:
+        _alive(s)
