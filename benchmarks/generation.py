@@ -55,7 +55,8 @@ def measure(model: str, prompt_lengths: list[int], decode_tokens: int, reps: int
             sandbox: bool) -> list[dict]:
     rows = []
     t0 = time.perf_counter()
-    session = corejax.Session(model, progress=False, weights=weights, sandbox=sandbox)
+    # Prefix caching off: every run computes its whole prompt, so prefill is measured, not the cache.
+    session = corejax.Session(model, progress=False, weights=weights, sandbox=sandbox, prefix_cache=False)
     load_s = time.perf_counter() - t0
     for n in prompt_lengths:
         prompt = prompt_of(session, n)

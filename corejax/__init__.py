@@ -2,11 +2,12 @@
 
 Public API (everything else is internal):
     generate(prompt, model=None, **sampling) -> str       stream(...) -> iterator of str
+    embed(texts, model="all-minilm-l6-v2") -> np.ndarray  classify(texts, model=None, labels=...) -> Classification
     Session(model) -> .generate() -> GenerationResult, .stream(), .info()
     pull(name), list_models(), SamplingParams, and the exceptions below.
 """
 
-from corejax.api import generate, stream
+from corejax.api import DEFAULT_EMBEDDING_MODEL, classify, embed, generate, stream
 from corejax.errors import (
     CacheFullError,
     ContextLengthError,
@@ -22,14 +23,16 @@ from corejax.errors import (
     WorkerCrashed,
 )
 from corejax.hub import DEFAULT_MODEL, list_models, pull
-from corejax.results import GenerationResult, Timings, TokenLogprob
+from corejax.results import Classification, GenerationResult, Timings, TokenLogprob
 from corejax.config import SamplingParams
 from corejax.session import Session
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_EMBEDDING_MODEL",
     "DEFAULT_MODEL",
+    "Classification",
     "ContextLengthError",
     "CacheFullError",
     "CorejaxError",
@@ -48,6 +51,8 @@ __all__ = [
     "UnsupportedModelError",
     "WorkerCrashed",
     "__version__",
+    "classify",
+    "embed",
     "generate",
     "list_models",
     "pull",

@@ -10,7 +10,10 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from corejax.results import Classification
 from corejax.session import Session
+
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 _sessions: dict[tuple[str | None, bool], Session] = {}
 _sessions_lock = threading.Lock()
@@ -35,3 +38,20 @@ def stream(prompt: str | None = None, model: str | None = None, *, messages: Seq
            sandbox: bool = True, **sampling: Any) -> Iterator[str]:
     """Like generate, yielding text pieces as they are produced."""
     return get_session(model, sandbox=sandbox).stream(prompt, messages=messages, **sampling)
+
+
+def embed(texts: str | Sequence[str], model: str | None = DEFAULT_EMBEDDING_MODEL, *, truncate: bool = True,
+          sandbox: bool = True) -> Any:
+    """Sentence embeddings: np.ndarray float32 [n, D] for n texts ([D] for one string); see Session.embed."""
+    return get_session(model or DEFAULT_EMBEDDING_MODEL, sandbox=sandbox).embed(texts, truncate=truncate)
+
+
+def classify(texts: str | Sequence[str], model: str | None = None, *, labels: Sequence[str] | None = None,
+             head: Any = None, multi_label: bool | None = None, template: str | None = None,
+             truncate: bool = True, sandbox: bool = True) -> Classification | list[Classification]:
+    """Labels with scores for each text; see Session.classify. With no model: zero-shot with the default
+    generative model, or with head=(W, b) the default embedding model."""
+    if model is None and head is not None:
+        model = DEFAULT_EMBEDDING_MODEL
+    return get_session(model, sandbox=sandbox).classify(texts, labels=labels, head=head, multi_label=multi_label,
+                                                        template=template, truncate=truncate)

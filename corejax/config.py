@@ -216,15 +216,20 @@ class EngineConfig:
     kv_cache_tokens: the page pool's capacity in tokens, shared by all sequences and the prefix cache;
     None = the model's full context, capped at `kv_cache_max_bytes`.
     prefill_chunk: prompts run through the model in chunks of at most this many tokens, so attention's
-    working set stays bounded however long the prompt."""
+    working set stays bounded however long the prompt.
+    prefix_cache: reuse the KV pages of earlier prompts that start the same way (off: every prompt is
+    computed in full — for measuring prefill)."""
 
     page_size: int = 16
     kv_dtype: str = "float32"
     kv_cache_tokens: int | None = None
     kv_cache_max_bytes: int = 1 << 30
     prefill_chunk: int = 512
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prefix_cache, bool):
+            raise InvalidParameterError(f"prefix_cache must be True or False; got {self.prefix_cache!r}")
         if self.kv_dtype not in ("float32", "bf16", "int8", "int4"):
             raise InvalidParameterError(f"kv_dtype must be float32, bf16, int8 or int4; got {self.kv_dtype!r}")
         for name in ("page_size", "prefill_chunk", "kv_cache_max_bytes"):
@@ -395,3 +400,80 @@ def _normalise_stop(stop: Any) -> tuple[str, ...]:
             raise InvalidParameterError(
                 f"stop must be a string or a list of non-empty strings; got {s!r} in it")
     return tuple(stop)
+
+
+ENCODER_MODEL_TYPES = ("bert",)
+_ENCODER_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def is_encoder_config(config: Mapping[str, Any]) -> bool:
+    """Whether a transformers config.json describes an encoder corejax runs (BERT family)."""
+    return config.get("model_type") in ENCODER_MODEL_TYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """A BERT-family encoder (models/bert.py): post-norm layers, learned absolute positions, optional
+    sequence-classification head. A jit static like ModelConfig: changing any field recompiles."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    ffn_size: int
+    max_context: int  # learned position rows
+    type_vocab_size: int = 2
+    norm_eps: float = 1e-12
+    activation: str = "gelu"  # "gelu" (erf, BERT's), "gelu_tanh" or "relu"
+    labels: tuple[str, ...] = ()  # id2label of a *ForSequenceClassification head; () for a bare encoder
+    multi_label: bool = False  # problem_type == "multi_label_classification": sigmoid per label, not softmax
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any], *, with_head: bool) -> EncoderConfig:
+        """Reads a transformers BERT config.json; `with_head` when the checkpoint carries classifier weights."""
+        if not is_encoder_config(config):
+            raise UnsupportedModelError(f"HF model_type {config.get('model_type')!r} is not an encoder corejax runs "
+                                        f"({', '.join(ENCODER_MODEL_TYPES)})")
+        act = config.get("hidden_act", "gelu")
+        if act not in _ENCODER_ACTIVATIONS:
+            raise UnsupportedModelError(f"hidden_act {act!r} is not supported; corejax's encoder runs "
+                                        f"{', '.join(_ENCODER_ACTIVATIONS)}")
+        if config.get("position_embedding_type", "absolute") != "absolute":
+            raise UnsupportedModelError("only absolute position embeddings are supported in BERT checkpoints; got "
+                                        f"{config.get('position_embedding_type')!r}")
+        labels: tuple[str, ...] = ()
+        try:
+            if with_head:
+                id2label = config.get("id2label") or {}
+                n = int(config.get("num_labels") or len(id2label) or 2)
+                labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n))
+            hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            if hidden % heads:
+                raise ModelFormatError(f"config.json: hidden_size {hidden} is not a multiple of {heads} heads")
+            return cls(
+                arch="bert",
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=hidden,
+                num_layers=int(config["num_hidden_layers"]),
+                num_heads=heads,
+                ffn_size=int(config["intermediate_size"]),
+                max_context=int(config.get("max_position_embeddings", 512)),
+                type_vocab_size=int(config.get("type_vocab_size", 2)),
+                norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                activation=_ENCODER_ACTIVATIONS[act],
+                labels=labels,
+                multi_label=config.get("problem_type") == "multi_label_classification",
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ModelFormatError):
+                raise
+            raise ModelFormatError(f"config.json is missing or has a bad value for {e}") from None

@@ -1,5 +1,5 @@
-"""The jit sites (prefill chunk, decode step, full-sequence logits, page copy) and the host loop that drives
-them for one request over the paged KV cache.
+"""The jit sites (prefill chunk, decode step, full-sequence logits, page copy, encoder batch, token scoring)
+and the host loop that drives them for one request over the paged KV cache.
 
 What recompiles: a new ModelConfig, a new prompt-chunk bucket or page-table width (powers of two), the
 first chunk vs the final (sampling) chunk, and a change of the sampler's static flags (greedy vs sampling,
@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from corejax import models
+from corejax.models import bert
 from corejax.cache import DenseKVCache, PagedKVCache
-from corejax.config import EngineConfig, ModelConfig
+from corejax.config import EncoderConfig, EngineConfig, ModelConfig
 from corejax.errors import ContextLengthError
 from corejax.paging import PageAllocator
 from corejax.sampling import (
@@ -86,6 +87,30 @@ def full_logits(params: Any, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     return models.lm_head(params, hidden, cfg)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "output", "normalize"))
+def encode(params: Any, tokens: jax.Array, lengths: jax.Array, cfg: EncoderConfig, output: str,
+           normalize: bool) -> jax.Array:
+    """Encoder batch: tokens [B, T] right-padded, lengths [B] -> pooled vectors [B, D] (output "mean", "cls",
+    "max"; L2-normalised if `normalize`) or classifier logits [B, L] (output "logits").
+
+    Recompiles per (B, T) bucket (corejax/encode.py pads both to powers of two) and per static argument."""
+    hidden = bert.encode(params, tokens, lengths, cfg)
+    if output == "logits":
+        return bert.classifier_logits(params, hidden)
+    pooled = bert.pool(hidden, lengths, output)
+    return bert.l2_normalize(pooled) if normalize else pooled
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def token_logprobs(params: Any, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """tokens [B, T] -> [B, T - 1]: log p(tokens[:, t + 1] | tokens[:, :t + 1]) under a decoder (scoring).
+
+    Recompiles per (B, T) bucket."""
+    logits = full_logits(params, tokens, cfg)[:, :-1].astype(jnp.float32)  # [B, T-1, V]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
 @dataclasses.dataclass
 class TokenEvent:
     """One generated token, as the host loop yields it."""
@@ -146,7 +171,7 @@ class Engine:
         ps, chunk = self.engine_cfg.page_size, self.engine_cfg.prefill_chunk
         seq = self._next_seq
         self._next_seq += 1
-        reused = self.allocator.allocate(seq, prompt)
+        reused = self.allocator.allocate(seq, prompt, reuse=self.engine_cfg.prefix_cache)
         times.cached_tokens = reused
         width = bucket(-(-(n + max_new) // ps), 16)  # page-table columns: a few shapes, few compiles
         sampling = SamplingTensors.from_params([sp], self.cfg.vocab_size)

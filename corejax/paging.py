@@ -98,8 +98,9 @@ class PageAllocator:
         return page in self._hash_of_page
 
     # --- lifecycle -----------------------------------------------------------------------------------
-    def allocate(self, seq_id: int, prompt: Sequence[int]) -> int:
-        """Starts sequence `seq_id` holding `prompt`; returns how many leading tokens reuse cached KV.
+    def allocate(self, seq_id: int, prompt: Sequence[int], *, reuse: bool = True) -> int:
+        """Starts sequence `seq_id` holding `prompt`; returns how many leading tokens reuse cached KV
+        (none with reuse=False: the prompt's pages are all fresh, e.g. to measure prefill).
 
         Reuse is whole cached pages only, and stops one token short of the prompt's end so at least one
         token is computed (its logits start generation). Raises CacheFullError, changing nothing, when
@@ -114,7 +115,7 @@ class PageAllocator:
         for i in range(len(prompt) // ps):
             prev = _chain(prev, prompt[i * ps : (i + 1) * ps])
             hashes.append(prev)
-            page = self._page_of_hash.get(prev)
+            page = self._page_of_hash.get(prev) if reuse else None
             if page is not None and (i + 1) * ps <= len(prompt) - 1 and len(reused) == i:
                 reused.append(page)
         needed = -(-len(prompt) // ps) - len(reused)

@@ -46,3 +46,14 @@ class Chunk:
     tokens: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
     result: GenerationResult | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification:
+    """One text's classification: the best label, its score, and every label's score (in label order).
+
+    Scores are softmax probabilities (they sum to 1), or independent sigmoids for a multi-label head."""
+
+    label: str
+    score: float
+    scores: dict[str, float]

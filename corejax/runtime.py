@@ -10,9 +10,11 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from corejax.config import EngineConfig
+import numpy as np
+
+from corejax.config import EncoderConfig, EngineConfig
 from corejax.engine import Engine, StepTimes
-from corejax.errors import InvalidParameterError
+from corejax.errors import InvalidParameterError, UnsupportedModelError
 from corejax.hub import ModelSource, cache_dir
 from corejax.loading.loader import LoadedModel, load_model
 from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
@@ -35,9 +37,18 @@ class Runtime:
         enable_compilation_cache()
         self.model: LoadedModel = load_model(source, weights=weights, progress=progress)
         self.tokenizer = self.model.tokenizer
-        self.engine = Engine(self.model.cfg, self.model.params, engine)
+        self.encoder = None
+        self.engine: Engine | None = None
+        if isinstance(self.model.cfg, EncoderConfig):
+            from corejax.encode import Encoder
+
+            self.encoder = Encoder(self.model.cfg, self.model.params, self.tokenizer, self.model.sentence)
+        else:
+            self.engine = Engine(self.model.cfg, self.model.params, engine)
 
     def info(self) -> dict[str, Any]:
+        if self.engine is None:
+            return dict(self.model.info, load_seconds=self.model.load_seconds)
         ec = self.engine.engine_cfg
         return dict(self.model.info, load_seconds=self.model.load_seconds, kv_dtype=ec.kv_dtype,
                     kv_page_size=ec.page_size, kv_cache_bytes=self.engine.kv_cache_bytes,
@@ -59,6 +70,10 @@ class Runtime:
 
     def stream(self, prompt: str | None, messages: Sequence[dict] | None, sp: SamplingParams) -> Iterator[Chunk]:
         """Yields text chunks as tokens arrive; the final chunk carries the GenerationResult."""
+        if self.engine is None:
+            raise UnsupportedModelError(
+                f"{self.model.info.get('name')} is an encoder: it embeds and classifies but cannot generate text; "
+                "use embed()/classify(), or a generative model for generate()")
         start = time.perf_counter()
         ids = self.prompt_ids(prompt, messages)
         self.engine.check_fits(len(ids))
@@ -117,3 +132,29 @@ class Runtime:
         )
         return GenerationResult(text, tuple(generated), finish, tuple(ids), timings,
                                 tuple(logprobs) if sp.logprobs is not None else None)
+
+    # --- encoder tasks -------------------------------------------------------------------------------------
+
+    def embed(self, texts: list[str], truncate: bool = True) -> np.ndarray:
+        """[n, D] float32 sentence embeddings (pooling and normalization from the model's modules.json)."""
+        if self.encoder is None:
+            raise UnsupportedModelError(
+                f"{self.model.info.get('name')} is a generative model; embed() needs an encoder such as "
+                "all-minilm-l6-v2 (corejax.embed(texts, model='all-minilm-l6-v2'))")
+        return self.encoder.embed(texts, truncate)
+
+    def classify(self, texts: list[str], labels: list[str] | None, head: Any = None, multi_label: bool | None = None,
+                 template: str | None = None, truncate: bool = True) -> tuple[list[str], np.ndarray]:
+        """-> (labels, scores [n, L]): an encoder's own head, an embedding model plus head=(W, b), or
+        zero-shot with a generative model (each label scored by its likelihood after a prompt)."""
+        if self.encoder is not None:
+            if template is not None:
+                raise InvalidParameterError("template= is for zero-shot with a generative model; an encoder "
+                                            "classifies with its own head or head=(W, b)")
+            return self.encoder.classify(texts, labels, head, multi_label, truncate)
+        if head is not None:
+            raise InvalidParameterError("head=(W, b) needs an embedding model (e.g. all-minilm-l6-v2); a generative "
+                                        "model classifies zero-shot from labels= alone")
+        from corejax.zeroshot import zero_shot_scores
+
+        return zero_shot_scores(self.engine, self.tokenizer, texts, labels, template, bool(multi_label))

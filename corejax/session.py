@@ -14,12 +14,36 @@ from typing import Any
 from corejax import hub
 from corejax.config import WEIGHT_MODES, EngineConfig, SamplingParams
 from corejax.errors import CorejaxError, InvalidParameterError, RequestTimeout, WorkerCrashed
-from corejax.results import Chunk, GenerationResult
+from corejax.results import Chunk, Classification, GenerationResult
 from corejax.sandbox import protocol
 from corejax.sandbox.client import WorkerClient, thread_status, worker_error
 from corejax.sandbox.protocol import Kind
 
 _RETRIES = 2  # a request that had not started is re-sent to this many fresh workers before it fails
+_BATCH_TEXTS, _BATCH_CHARS = 2048, 4 << 20  # texts per EMBED/CLASSIFY frame, well inside protocol.MAX_FRAME
+
+
+def _texts(texts: Any) -> list[str]:
+    """A list of strings (one string is one text), or InvalidParameterError."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
+        raise InvalidParameterError(f"texts must be a string or a list of strings; got {type(texts).__name__}")
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise InvalidParameterError(f"texts must be strings; item {bad} is a {type(texts[bad]).__name__}")
+    return list(texts)
+
+
+def _text_batches(texts: list[str]) -> Iterator[list[str]]:
+    """Consecutive slices small enough for one frame; always at least one (possibly empty) slice."""
+    start, chars = 0, 0
+    for i, t in enumerate(texts):
+        if i > start and (i - start >= _BATCH_TEXTS or chars + len(t) > _BATCH_CHARS):
+            yield texts[start:i]
+            start, chars = i, 0
+        chars += len(t)
+    yield texts[start:]
 
 
 class Session:
@@ -37,7 +61,8 @@ class Session:
 
     def __init__(self, model: str | None = None, *, sandbox: bool = True, memory_limit: int | None = None,
                  timeout: float | None = None, weights: str | None = None, kv_dtype: str = "float32",
-                 kv_cache_tokens: int | None = None, progress: bool = True, start_timeout: float = 600.0,
+                 kv_cache_tokens: int | None = None, prefix_cache: bool = True, progress: bool = True,
+                 start_timeout: float = 600.0,
                  _pythonpath: Sequence[str] = ()):
         if memory_limit is not None and (not isinstance(memory_limit, int) or memory_limit <= 0):
             raise InvalidParameterError(f"memory_limit must be a positive number of bytes; got {memory_limit!r}")
@@ -45,7 +70,8 @@ class Session:
             raise InvalidParameterError(f"timeout must be a positive number of seconds; got {timeout!r}")
         if weights is not None and weights not in WEIGHT_MODES:
             raise InvalidParameterError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {weights!r}")
-        engine = EngineConfig(kv_dtype=kv_dtype, kv_cache_tokens=kv_cache_tokens)  # validates in the parent
+        # Validated here, in the parent, before a worker starts.
+        engine = EngineConfig(kv_dtype=kv_dtype, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
         self._options = {"weights": weights, "engine": dataclasses.asdict(engine)}
         # Resolving maps a name to a path (pulling it on first use); it never opens the model file itself.
         self.source = hub.resolve(model, progress=progress) if model is not None or not self._testing else None
@@ -183,6 +209,61 @@ class Session:
         import numpy as np
 
         return str(self._call(Kind.DETOKENIZE, {"ids": np.asarray(list(ids), np.int64)})["text"])
+
+    # --- encoder tasks -------------------------------------------------------------------------------------
+
+    def embed(self, texts: str | Sequence[str], *, truncate: bool = True) -> Any:
+        """Sentence embeddings: float32 [n, D] for a list of n texts, [D] for one string (as
+        sentence-transformers). Pooling and normalization follow the model's modules.json; texts longer than
+        its max_seq_length are truncated, or rejected with InvalidParameterError when truncate=False."""
+        import numpy as np
+
+        if not isinstance(truncate, bool):
+            raise InvalidParameterError(f"truncate must be True or False; got {truncate!r}")
+        items = _texts(texts)
+        parts = [np.array(self._call(Kind.EMBED, {"texts": batch, "truncate": truncate})["embeddings"],
+                          np.float32) for batch in _text_batches(items)]
+        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return out[0] if isinstance(texts, str) else out
+
+    def classify(self, texts: str | Sequence[str], *, labels: Sequence[str] | None = None, head: Any = None,
+                 multi_label: bool | None = None, template: str | None = None,
+                 truncate: bool = True) -> Classification | list[Classification]:
+        """Labels with scores, one Classification per text (a single one for a single string):
+        - a *ForSequenceClassification model: its own head and id2label (softmax; sigmoid if multi-label);
+        - an embedding model with head=(W [D, L], b [L]) and labels= (L names): a linear head over embeddings;
+        - a generative model with labels=: zero-shot, each label scored by its likelihood as the answer to
+          `template` (which holds {text} and may hold {labels})."""
+        import numpy as np
+
+        items = _texts(texts)
+        if labels is not None:
+            if isinstance(labels, str) or not isinstance(labels, Sequence) or not all(
+                    isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
+                raise InvalidParameterError(f"labels must be a list of distinct, non-empty strings; got {labels!r}")
+            labels = list(labels)
+        if multi_label is not None and not isinstance(multi_label, bool):
+            raise InvalidParameterError(f"multi_label must be True, False or None; got {multi_label!r}")
+        if template is not None and (not isinstance(template, str) or "{text}" not in template):
+            raise InvalidParameterError("template must be a string containing {text} (and may contain {labels})")
+        if head is not None:
+            try:
+                w, b = head
+                head = [np.asarray(w, np.float32), np.asarray(b, np.float32)]
+            except (TypeError, ValueError):
+                raise InvalidParameterError("head must be a pair (W, b) of numeric arrays: W [dim, labels], "
+                                            "b [labels]") from None
+        results: list[Classification] = []
+        for batch in _text_batches(items):
+            reply = self._call(Kind.CLASSIFY, {"texts": batch, "labels": labels, "head": head,
+                                               "multi_label": multi_label, "template": template,
+                                               "truncate": bool(truncate)})
+            names = [str(x) for x in reply["labels"]]
+            for row in np.asarray(reply["scores"], np.float32):
+                best = int(row.argmax())
+                results.append(Classification(names[best], float(row[best]),
+                                              {n: float(v) for n, v in zip(names, row)}))
+        return results[0] if isinstance(texts, str) else results
 
     def info(self) -> dict[str, Any]:
         return self._call(Kind.INFO)["info"]

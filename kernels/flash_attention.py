@@ -39,8 +39,11 @@ class BlockSizes:
     block_k: int = 128
 
 
-def _visible(qp: jax.Array, kp: jax.Array, window: int) -> jax.Array:
-    """Key visible to query: 0 <= k_pos <= q_pos and, with a window, q_pos - k_pos < window."""
+def _visible(qp: jax.Array, kp: jax.Array, window: int, causal: bool = True) -> jax.Array:
+    """Key visible to query: 0 <= k_pos <= q_pos and, with a window, q_pos - k_pos < window.
+    Non-causal (encoders): every key with k_pos >= 0, whatever the query."""
+    if not causal:
+        return jnp.broadcast_to(kp >= 0, jnp.broadcast_shapes(qp.shape, kp.shape))
     vis = (kp <= qp) & (kp >= 0)
     if window:
         vis &= qp - kp < window
@@ -58,6 +61,7 @@ def _key_tile_band(
     block_q: int,
     block_k: int,
     window: int,
+    causal: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """-> (lo, hi) [B, num_q_tiles]: the key tiles [lo, hi) holding every key a query tile can see.
 
@@ -72,7 +76,9 @@ def _key_tile_band(
     qp = q_positions[:, q_starts[:, None] + jnp.arange(block_q)]  # [B, nq, block_q]
     qmin, qmax = qp.min(-1), qp.max(-1)  # [B, nq]
     needed = kmin[:, None, :] <= qmax[:, :, None]  # [B, nq, nk]
-    if window:
+    if not causal:
+        needed = jnp.broadcast_to((kmin < _FAR)[:, None, :], needed.shape)
+    elif window:
         needed &= qmin[:, :, None] - kmax[:, None, :] < window
     anyn = needed.any(-1)
     lo = jnp.where(anyn, jnp.argmax(needed, axis=-1), nk)  # empty band: lo = nk > hi = 0
@@ -80,7 +86,7 @@ def _key_tile_band(
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
-def _flash_lax(q, k, v, q_positions, k_positions, *, window, scale, softcap, block_q, block_k):
+def _flash_lax(q, k, v, q_positions, k_positions, *, window, scale, softcap, block_q, block_k, causal=True):
     """The CPU path: loops over tiles; tiles that overhang T or S are shifted back inside (clamped start)
     and the rows/keys already covered by the previous tile are ignored, so nothing is padded or copied."""
     b, t, n, h = q.shape
@@ -89,7 +95,7 @@ def _flash_lax(q, k, v, q_positions, k_positions, *, window, scale, softcap, blo
     bq, bk = min(block_q, t), min(block_k, s)
     nq = pl.cdiv(t, bq)
     q_starts = jnp.minimum(jnp.arange(nq) * bq, t - bq)
-    lo, hi = _key_tile_band(q_positions, k_positions, q_starts, bq, bk, window)
+    lo, hi = _key_tile_band(q_positions, k_positions, q_starts, bq, bk, window, causal)
     lo, hi = lo.min(0), hi.max(0)  # [nq]: one band for the whole batch keeps the loop shapes static
 
     def q_tile(i, out):
@@ -106,7 +112,7 @@ def _flash_lax(q, k, v, q_positions, k_positions, *, window, scale, softcap, blo
             kpt = lax.dynamic_slice_in_dim(k_positions, ks, bk, 1)[:, None, None, None, :]  # [B,1,1,1,bk]
             fresh = (ks + jnp.arange(bk) >= j * bk)[None, None, None, None, :]
             sc = _cap(jnp.einsum("BTKGH,BSKH->BKGTS", qt, kt), softcap)  # [B, K, G, bq, bk]
-            vis = _visible(qpt, kpt, window) & fresh
+            vis = _visible(qpt, kpt, window, causal) & fresh
             sc = jnp.where(vis, sc, _MASKED)
             m_new = jnp.maximum(m, sc.max(-1))
             corr = jnp.exp(m - m_new)
@@ -140,6 +146,7 @@ def _flash_kernel(
     softcap: float,
     window: int,
     block_k: int,
+    causal: bool,
 ):
     q = q_ref[...].astype(jnp.float32) * scale
     qp = qpos_ref[...][:, None]
@@ -152,7 +159,7 @@ def _flash_kernel(
         v = v_ref[sl, :].astype(jnp.float32)
         kp = kpos_ref[sl][None, :]
         sc = _cap(lax.dot_general(q, k, (((1,), (1,)), ((), ()))), softcap)  # [block_q, block_k]
-        vis = _visible(qp, kp, window)
+        vis = _visible(qp, kp, window, causal)
         sc = jnp.where(vis, sc, _MASKED)
         m_new = jnp.maximum(m, sc.max(-1))
         corr = jnp.exp(m - m_new)
@@ -169,7 +176,8 @@ def _flash_kernel(
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
 
 
-def _flash_pallas(q, k, v, q_positions, k_positions, *, window, scale, softcap, block_q, block_k, interpret):
+def _flash_pallas(q, k, v, q_positions, k_positions, *, window, scale, softcap, block_q, block_k, interpret,
+                  causal=True):
     """Pads T and S up to whole tiles (padding keys get position -1, padding query rows are dropped)."""
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
@@ -182,9 +190,10 @@ def _flash_pallas(q, k, v, q_positions, k_positions, *, window, scale, softcap, 
     k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
     k_positions = jnp.pad(k_positions, ((0, 0), (0, sp - s)), constant_values=-1)
-    lo, hi = _key_tile_band(q_positions, k_positions, jnp.arange(nq) * bq, bq, bk, window)
+    lo, hi = _key_tile_band(q_positions, k_positions, jnp.arange(nq) * bq, bq, bk, window, causal)
     band = jnp.stack([lo, hi], axis=-1)  # [B, nq, 2]
-    kernel = functools.partial(_flash_kernel, scale=scale, softcap=softcap, window=window, block_k=bk)
+    kernel = functools.partial(_flash_kernel, scale=scale, softcap=softcap, window=window, block_k=bk,
+                               causal=causal)
     out = pl.pallas_call(
         kernel,
         grid=(b, n, nq),
@@ -209,7 +218,8 @@ def default_impl() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "lax"
 
 
-@functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "block_sizes", "impl", "interpret"))
+@functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "block_sizes", "impl", "interpret",
+                                             "causal"))
 def flash_attention(
     q: jax.Array,  # [B, T, N, H]
     k: jax.Array,  # [B, S, K, H]
@@ -223,13 +233,15 @@ def flash_attention(
     block_sizes: BlockSizes | None = None,
     impl: str | None = None,
     interpret: bool = False,
+    causal: bool = True,
 ) -> jax.Array:
     """Causal GQA attention -> [B, T, N, H] in q's dtype, scores and accumulation in f32.
 
     A key is visible to a query iff 0 <= k_pos <= q_pos and (window == 0 or q_pos - k_pos < window);
     scores are scale·q·k, soft-capped as tanh(s / softcap)·softcap when softcap > 0. A query row that sees
     no key returns zeros. For a prompt of length L padded to S, pass k_positions = arange(S) with -1 past L
-    (or the absolute positions of a chunk). `impl`: "lax" | "pallas" | "reference" | None (automatic).
+    (or the absolute positions of a chunk). causal=False (encoders) makes every key with k_pos >= 0
+    visible to every query (window must be 0), so padding is masked by k_pos = -1 alone. `impl`: "lax" | "pallas" | "reference" | None (automatic).
     Recompiles per shape and per static argument."""
     b, t, n, h = q.shape
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
@@ -242,10 +254,12 @@ def flash_attention(
         )
     if window < 0 or softcap < 0:
         raise ValueError(f"{window=} and {softcap=} must be >= 0")
+    if window and not causal:
+        raise ValueError(f"a sliding {window=} needs causal=True")
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     bs = block_sizes or BlockSizes()
     impl = impl or default_impl()
-    kw = {"window": window, "scale": scale, "softcap": softcap}
+    kw = {"window": window, "scale": scale, "softcap": softcap, "causal": causal}
     if impl == "reference":
         return flash_attention_reference(q, k, v, q_positions, k_positions, **kw).astype(q.dtype)
     if impl == "lax":
@@ -267,6 +281,7 @@ def flash_attention_reference(
     window: int = 0,
     scale: float | None = None,
     softcap: float = 0.0,
+    causal: bool = True,
 ) -> jax.Array:
     """The same math with an explicit [T, S] score matrix (f32 result); rows that see nothing give 0."""
     b, t, n, h = q.shape
@@ -274,7 +289,7 @@ def flash_attention_reference(
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h).astype(jnp.float32)
     sc = _cap(jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32)) * scale, softcap)
-    vis = _visible(q_positions[:, None, None, :, None], k_positions[:, None, None, None, :], window)
+    vis = _visible(q_positions[:, None, None, :, None], k_positions[:, None, None, None, :], window, causal)
     sc = jnp.where(vis, sc, _MASKED)
     p = jnp.where(vis, jax.nn.softmax(sc, axis=-1), 0.0)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32))

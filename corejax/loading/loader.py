@@ -23,6 +23,7 @@ class LoadedModel:
     tokenizer: Any
     info: dict[str, Any]
     load_seconds: float
+    sentence: Any = None  # encoders: loading.encoder.SentenceConfig (pooling, normalization, max length)
 
 
 def describe_gguf(path: Path) -> dict[str, Any]:
@@ -76,6 +77,7 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
         raise InvalidParameterError(
             f"weights must be one of {', '.join(WEIGHT_MODES)} (native only for GGUF); got {weights!r}")
     start = time.perf_counter()
+    sentence = None
     if source.format == "gguf":
         from corejax.tokenizer import tokenizer_from_gguf_metadata
 
@@ -84,6 +86,18 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
             tokenizer = tokenizer_from_gguf_metadata(f.metadata)
             params = load_gguf_params(f, cfg, weights=weights, progress=progress)
         info = describe_gguf(source.path)
+    elif source.format == "hf" and _is_encoder_folder(source.path):
+        from corejax.loading.encoder import load_encoder_folder, read_hf_config, read_sentence_config
+        from corejax.tokenizer import tokenizer_from_files
+
+        if weights != "f32":
+            raise InvalidParameterError(f"encoder models load as f32 only; got weights={weights!r}")
+        raw = read_hf_config(source.path)
+        cfg, params = load_encoder_folder(source.path, raw)
+        tokenizer = tokenizer_from_files(source.path)
+        sentence = read_sentence_config(source.path, cfg, None)
+        info = {"path": str(source.path), "format": "hf", "architecture": cfg.arch, "task": "encoder",
+                "name": raw.get("_name_or_path") or source.name, "sentence": dataclasses.asdict(sentence)}
     elif source.format == "hf":
         from corejax.tokenizer import tokenizer_from_files
 
@@ -101,4 +115,11 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
     info["config"] = dataclasses.asdict(cfg)
     info["weights"] = weights
     info["weight_bytes"] = param_bytes(params)
-    return LoadedModel(cfg, params, tokenizer, info, time.perf_counter() - start)
+    return LoadedModel(cfg, params, tokenizer, info, time.perf_counter() - start, sentence)
+
+
+def _is_encoder_folder(folder: Path) -> bool:
+    from corejax.config import is_encoder_config
+    from corejax.loading.encoder import read_hf_config
+
+    return is_encoder_config(read_hf_config(folder))

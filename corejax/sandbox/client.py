@@ -7,6 +7,7 @@ memory limit by killing the worker, which the reader then sees as end-of-file.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import queue
@@ -323,6 +324,12 @@ class WorkerClient:
                 self.proc.wait()
         self._kill_reason = self._kill_reason or "the session closed"
         self.conn.close()
+        if self.proc is None and getattr(self, "_thread", None) is not None:
+            # In-process worker: let its loop finish, then free the model here. A JAX array freed by a daemon
+            # thread that interpreter shutdown is tearing down aborts the process ("exception not rethrown").
+            self._thread.join(timeout=10)
+            self.runtime = None
+            gc.collect()
         if self.proc is not None:
             self._log.close()
         if self._private is not None:

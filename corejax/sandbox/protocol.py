@@ -51,6 +51,8 @@ class Kind(enum.IntEnum):
     CANCEL = 6  # {}: stop the request with this id (the caller stopped reading)
     SHUTDOWN = 7  # {}
     RUN_TEST = 8  # {target, args}: honoured only by a worker started through corejax.sandbox.testing
+    EMBED = 9  # {texts, truncate} -> {embeddings: array [n, D]}
+    CLASSIFY = 10  # {texts, labels, head: [W, b] | None, multi_label, template, truncate} -> {labels, scores}
     # worker -> parent
     READY = 32  # {pid, report, info}: policy applied and model loaded
     STARTED = 33  # {}: the worker began this request (requests not started survive a crash)

@@ -110,6 +110,16 @@ class WorkerLoop:
             self.conn.send(Kind.RESULT, rid, {"text": text})
         elif kind == Kind.INFO:
             self.conn.send(Kind.RESULT, rid, {"info": self.runtime.info()})
+        elif kind == Kind.EMBED:
+            embeddings = self.runtime.embed([str(t) for t in d["texts"]], truncate=bool(d.get("truncate", True)))
+            self.conn.send(Kind.RESULT, rid, {"embeddings": embeddings})
+        elif kind == Kind.CLASSIFY:
+            head = d.get("head")
+            labels, scores = self.runtime.classify(
+                [str(t) for t in d["texts"]], None if d.get("labels") is None else [str(x) for x in d["labels"]],
+                head=None if head is None else (head[0], head[1]), multi_label=d.get("multi_label"),
+                template=d.get("template"), truncate=bool(d.get("truncate", True)))
+            self.conn.send(Kind.RESULT, rid, {"labels": labels, "scores": scores})
         else:
             raise _sandbox_error(f"a worker does not accept {kind.name} frames")
 

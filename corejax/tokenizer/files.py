@@ -31,6 +31,9 @@ def _decoder_kind(spec: dict) -> str:
 def _from_tokenizer_json(path: Path, config: dict) -> Tokenizer:
     try:
         hf = HFTokenizer.from_file(str(path))
+        # Some tokenizer.json files (all-MiniLM-L6-v2's) fix truncation and padding at 128; callers decide both.
+        hf.no_truncation()
+        hf.no_padding()
         spec = json.loads(path.read_text(encoding="utf-8"))
     except Exception as e:
         raise ModelFormatError(f"{path} is not a readable tokenizer.json ({e}); re-download it") from None

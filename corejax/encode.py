@@ -1,0 +1,121 @@
+"""Encoder requests on the host: texts -> token ids (truncated or refused), length-sorted batches padded to
+power-of-two (batch, length) buckets, the `engine.encode` jit site, and the classification scores.
+
+Runs where the model lives (Runtime); the caller only sees numpy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from corejax.config import EncoderConfig
+from corejax.engine import bucket, encode
+from corejax.errors import InvalidParameterError, UnsupportedModelError
+
+MAX_BATCH = 32  # rows per program; batches of 1..32 rows are padded to 1, 2, 4, .., 32
+MIN_LENGTH_BUCKET = 16
+
+
+def scores_from_logits(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+    """logits [n, L] -> softmax over labels, or an independent sigmoid per label (multi-label)."""
+    logits = np.asarray(logits, np.float64)
+    if multi_label:
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return (z / z.sum(-1, keepdims=True)).astype(np.float32)
+
+
+class Encoder:
+    """One loaded encoder: its params, tokenizer and sentence config (pooling, normalization, max length)."""
+
+    def __init__(self, cfg: EncoderConfig, params: Any, tokenizer: Any, sentence: Any):
+        self.cfg, self.params, self.tokenizer, self.sentence = cfg, params, tokenizer, sentence
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.hidden_size
+
+    def token_ids(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
+        """[CLS] text [SEP] ids, as HF's tokenizer gives them; over-long texts keep their first
+        max_length - 1 tokens and the final special token (HF's truncation='longest_first')."""
+        limit = self.sentence.max_length
+        out = []
+        for i, text in enumerate(texts):
+            ids = self.tokenizer.encode(text, add_special=True)
+            if len(ids) > limit:
+                if not truncate:
+                    raise InvalidParameterError(
+                        f"text {i} is {len(ids)} tokens but the model reads at most {limit}; shorten it or pass "
+                        "truncate=True to keep its first tokens")
+                ids = ids[:limit - 1] + ids[-1:]
+            out.append(ids)
+        return out
+
+    def run(self, ids: list[list[int]], output: str, normalize: bool = False) -> np.ndarray:
+        """ids of n texts -> [n, D] pooled vectors (or [n, L] logits), rows in input order."""
+        width = self.cfg.num_labels if output == "logits" else self.dim
+        result = np.zeros((len(ids), width), np.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        pending = []
+        for start in range(0, len(order), MAX_BATCH):
+            rows = order[start:start + MAX_BATCH]
+            t = min(bucket(max(len(ids[i]) for i in rows), MIN_LENGTH_BUCKET), self.cfg.max_context)
+            tokens = np.zeros((bucket(len(rows), 1), t), np.int32)
+            lengths = np.ones(tokens.shape[0], np.int32)  # padding rows: one token, discarded
+            for r, i in enumerate(rows):
+                tokens[r, :len(ids[i])] = ids[i]
+                lengths[r] = len(ids[i])
+            # Dispatch every batch before reading any back, so the host work overlaps the device's.
+            pending.append((rows, encode(self.params, tokens, lengths, cfg=self.cfg, output=output,
+                                         normalize=normalize)))
+        for rows, out in pending:
+            result[rows] = np.asarray(out)[:len(rows)]
+        return result
+
+    def embed(self, texts: Sequence[str], truncate: bool = True) -> np.ndarray:
+        """[n, D] float32 sentence embeddings, pooled and normalised as the model's modules.json says."""
+        return self.run(self.token_ids(texts, truncate), self.sentence.pooling, self.sentence.normalize)
+
+    def classify(self, texts: Sequence[str], labels: Sequence[str] | None, head: Any, multi_label: bool | None,
+                 truncate: bool = True) -> tuple[list[str], np.ndarray]:
+        """-> (labels, scores [n, L]) from the checkpoint's own head, or from head=(W, b) over the embeddings."""
+        if head is None:
+            if not self.cfg.num_labels:
+                raise UnsupportedModelError(
+                    "this encoder has no classification head; pass head=(W, b) (a linear layer over its "
+                    "embeddings) or use a *ForSequenceClassification model")
+            if labels is not None and list(labels) != list(self.cfg.labels):
+                raise InvalidParameterError(
+                    f"this model's head has its own labels {list(self.cfg.labels)}; omit labels= (zero-shot "
+                    "labels need a generative model)")
+            logits = self.run(self.token_ids(texts, truncate), "logits")
+            multi = self.cfg.multi_label if multi_label is None else multi_label
+            return list(self.cfg.labels), scores_from_logits(logits, multi)
+        w, b = check_head(head, self.dim)
+        if labels is None or len(labels) != w.shape[1]:
+            raise InvalidParameterError(
+                f"head=(W, b) scores {w.shape[1]} labels; pass labels= with {w.shape[1]} names"
+                f"{'' if labels is None else f' (got {len(labels)})'}")
+        emb = self.embed(texts, truncate)
+        return list(labels), scores_from_logits(emb @ w + b, bool(multi_label))
+
+
+def check_head(head: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """head=(W, b): W [D, L] (or torch's [L, D]), b [L] -> float32 (W [D, L], b [L]), or InvalidParameterError."""
+    try:
+        w, b = head
+        w, b = np.asarray(w, np.float32), np.asarray(b, np.float32)
+    except (TypeError, ValueError):
+        raise InvalidParameterError("head must be a pair (W, b) of numeric arrays: W [dim, labels], b [labels]") \
+            from None
+    if w.ndim == 2 and w.shape[0] != dim and w.shape[1] == dim:
+        w = w.T  # torch.nn.Linear stores [out, in]
+    if w.ndim != 2 or w.shape[0] != dim or b.shape != (w.shape[1],):
+        raise InvalidParameterError(
+            f"head W must be [{dim}, L] (the model's embedding size by the number of labels) and b [L]; got "
+            f"W {list(w.shape)} and b {list(b.shape)}")
+    if not (np.isfinite(w).all() and np.isfinite(b).all()):
+        raise InvalidParameterError("head W and b must be finite (no NaN or inf)")
+    return w, b

@@ -1,0 +1,154 @@
+"""The encoder tasks' embeddings: non-causal flash attention, BERT vs transformers (tiny, random), and
+all-MiniLM-L6-v2 vs sentence-transformers and HF's tokenizer (slow: real model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tiny_bert import write_tiny_bert
+
+import corejax
+
+VARIED = [
+    "Hello world",
+    "",
+    "a",
+    " ",
+    "Ünïcödé façade — naïve café, 東京 北京大学, Привет, как дела?",
+    "😀",
+    "emoji 🤖🎉 in 🇫🇷 text",
+    "tab\tnew\nline   spaces",
+    "The quick brown fox jumps over the lazy dog. " * 40,  # > 256 tokens: truncated
+    "Short, but with punctuation!!! ??? ... --- ###",
+]
+
+
+@pytest.mark.parametrize("impl", ["lax", "reference", "pallas"])
+@pytest.mark.parametrize("t,block", [(16, 8), (37, 16)])
+def test_flash_attention_non_causal_matches_dense_softmax(impl, t, block):
+    import jax.numpy as jnp
+    from corejax.kernels import flash_attention
+    from corejax.kernels.flash_attention import BlockSizes
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, t, 4, 8)).astype(np.float32) for _ in range(3))
+    lengths = np.array([t, t // 2 + 1])
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (2, t))
+    kpos = np.where(pos < lengths[:, None], pos, -1).astype(np.int32)
+    out = flash_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pos, kpos, causal=False, impl=impl,
+                          block_sizes=BlockSizes(block, block), interpret=impl == "pallas")
+    s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(8)
+    s = np.where((kpos >= 0)[:, None, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), v)
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5)
+
+
+def test_flash_attention_rejects_window_without_causal():
+    import jax.numpy as jnp
+    from corejax.kernels import flash_attention
+
+    x = jnp.zeros((1, 4, 1, 8))
+    pos = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="causal"):
+        flash_attention(x, x, x, pos, pos, causal=False, window=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    folder = write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    with corejax.Session(str(folder), sandbox=False, progress=False) as s:
+        yield folder, s
+
+
+def test_tiny_bert_matches_transformers(tiny_encoder):
+    """No modules.json: CLS pooling, no normalization, as a plain transformers checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    folder, session = tiny_encoder
+    texts = ["the movie was great", "", "not good and very boring film " * 3, "café naïve 東京 xyz"]
+    ours = session.embed(texts)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = BertModel.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        for text, row in zip(texts, ours):
+            ids = tok(text, return_tensors="pt")
+            assert session.tokenize(text) == ids["input_ids"][0].tolist()
+            want = model(**ids).last_hidden_state[0, 0].numpy()
+            np.testing.assert_allclose(row, want, atol=1e-4)
+
+
+def test_embed_argument_errors(tiny_encoder):
+    _, session = tiny_encoder
+    for bad in (None, 3, [1, 2], b"bytes", ["ok", None]):
+        with pytest.raises(corejax.InvalidParameterError):
+            session.embed(bad)
+    with pytest.raises(corejax.InvalidParameterError, match="truncate"):
+        session.embed(["x"], truncate="no")
+    with pytest.raises(corejax.InvalidParameterError, match="at most 64"):
+        session.embed(["the " * 100], truncate=False)
+    assert session.embed(["the " * 100]).shape == (1, 32)
+    assert session.embed([]).shape == (0, 32)
+    assert session.embed("the").shape == (32,)
+
+
+def test_length_buckets_limit_compiles(tiny_encoder):
+    """Lengths 3..40 and batch sizes 1..40 compile only power-of-two (batch, length) buckets."""
+    from corejax import engine
+
+    _, session = tiny_encoder
+    before = engine.encode._cache_size()
+    for n in (1, 2, 3, 5, 7):
+        session.embed(["the " * (i % 38 + 1) for i in range(n)])
+    # lengths: buckets 16, 32, 64; batches: 1, 2, 4, 8 -> far fewer than the 5 x 38 shapes seen
+    assert engine.encode._cache_size() - before <= 8
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from corejax import hub
+
+    return hub.resolve("all-minilm-l6-v2", progress=False).path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sandbox", [False, True])
+def test_minilm_matches_sentence_transformers(minilm, sandbox):
+    import sentence_transformers as st  # in the test extra: parity must not skip silently
+    ours = corejax.embed(VARIED, model="all-minilm-l6-v2", sandbox=sandbox)
+    assert ours.shape == (len(VARIED), 384) and ours.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), 1.0, atol=1e-5)  # 2_Normalize
+    ref = st.SentenceTransformer(str(minilm), device="cpu").encode(VARIED, convert_to_numpy=True)
+    cos = (ours * ref).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.min() >= 0.9999, cos
+
+
+@pytest.mark.slow
+def test_minilm_token_ids_match_hf_tokenizer(minilm):
+    from transformers import AutoTokenizer
+
+    from corejax.encode import Encoder
+    from corejax.hub import ModelSource
+    from corejax.loading.loader import load_model
+
+    m = load_model(ModelSource("all-minilm-l6-v2", "hf", minilm), progress=False)
+    assert (m.sentence.pooling, m.sentence.normalize, m.sentence.max_length) == ("mean", True, 256)
+    enc = Encoder(m.cfg, m.params, m.tokenizer, m.sentence)
+    hf = AutoTokenizer.from_pretrained(str(minilm))
+    ours = enc.token_ids(VARIED)
+    for text, ids in zip(VARIED, ours):
+        assert ids == hf(text, truncation=True, max_length=256)["input_ids"], text
+    assert max(len(i) for i in ours) == 256
+    with pytest.raises(corejax.InvalidParameterError, match="truncate=True"):
+        enc.token_ids(VARIED, truncate=False)
+
+
+@pytest.mark.slow
+def test_embed_cli(minilm, capsys):
+    from corejax.cli import main
+
+    assert main(["embed", "hello", "world", "-q"]) == 0
+    rows = [np.array(__import__("json").loads(line)) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and rows[0].shape == (384,)
+    np.testing.assert_allclose(rows[0], corejax.embed("hello"), atol=1e-6)
