@@ -50,6 +50,18 @@ def _visible(qp: jax.Array, kp: jax.Array, window: int, causal: bool = True) -> 
     return vis
 
 
+def online_softmax_init(rows: int, h: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The online-softmax state before the first key tile: accumulator [rows, h], running max [rows],
+    running sum [rows] (FlashAttention, Dao et al. 2022)."""
+    return (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), _MASKED, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def online_softmax_finish(acc: jax.Array, l: jax.Array) -> jax.Array:
+    """acc [rows, h] / running sum [rows]; a row that saw no key (sum 0) stays zero."""
+    return acc / jnp.where(l > 0, l, 1.0)[:, None]
+
+
 def _cap(s: jax.Array, softcap: float) -> jax.Array:
     return jnp.tanh(s / softcap) * softcap if softcap else s
 
@@ -167,13 +179,8 @@ def _flash_kernel(
         acc = acc * corr[:, None] + jnp.dot(p, v)
         return acc, m_new, l * corr + p.sum(-1)
 
-    init = (
-        jnp.zeros((block_q, h), jnp.float32),
-        jnp.full((block_q,), _MASKED, jnp.float32),
-        jnp.zeros((block_q,), jnp.float32),
-    )
-    acc, _, l = lax.fori_loop(band_ref[0], band_ref[1], body, init)
-    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+    acc, _, l = lax.fori_loop(band_ref[0], band_ref[1], body, online_softmax_init(block_q, h))
+    o_ref[...] = online_softmax_finish(acc, l).astype(o_ref.dtype)
 
 
 def _flash_pallas(q, k, v, q_positions, k_positions, *, window, scale, softcap, block_q, block_k, interpret,

@@ -35,6 +35,8 @@ from corejax.kernels.flash_attention import (
     _cap,
     default_impl,
     flash_attention_reference,
+    online_softmax_finish,
+    online_softmax_init,
 )
 from corejax.kernels.kv_quant import dequantize_kv, kv_format, unpack_int4
 from jax import lax
@@ -52,6 +54,13 @@ class BlockSizes:
 
     def pages_per_block(self, page_size: int, pages_per_seq: int) -> int:
         return max(1, min(self.block_kv // page_size, pages_per_seq))
+
+
+def _tiles(page_table, page_size, block_kv):
+    """-> (pages per tile, number of tiles, the page table padded with page 0 to whole tiles)."""
+    ppb = BlockSizes(block_kv).pages_per_block(page_size, page_table.shape[1])
+    nblk = pl.cdiv(page_table.shape[1], ppb)
+    return ppb, nblk, jnp.pad(page_table, ((0, 0), (0, nblk * ppb - page_table.shape[1])))
 
 
 def _band(lengths, q_positions, window, page_size, ppb):
@@ -91,9 +100,7 @@ def _paged_lax(
     kv_heads, _, page, _ = k_pages.shape
     g = n // kv_heads
     fmt = kv_format(k_pages)
-    ppb = BlockSizes(block_kv).pages_per_block(page, page_table.shape[1])
-    nblk = pl.cdiv(page_table.shape[1], ppb)
-    table = jnp.pad(page_table, ((0, 0), (0, nblk * ppb - page_table.shape[1])))  # pad -> page 0
+    ppb, nblk, table = _tiles(page_table, page, block_kv)  # pad -> page 0
     bk = ppb * page
     lo, hi = _band(lengths, q_positions, window, page, ppb)
     qs = q.reshape(b, t, kv_heads, g, h).astype(jnp.float32) * scale
@@ -181,13 +188,8 @@ def _paged_kernel(
         acc = acc * corr[:, None] + _values(p, vt, fmt, "RS,SH->RH")
         return acc, m_new, l
 
-    init = (
-        jnp.zeros((rows, h), jnp.float32),
-        jnp.full((rows,), _MASKED, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    acc, _, l = lax.fori_loop(band_ref[0], band_ref[1], body, init)
-    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+    acc, _, l = lax.fori_loop(band_ref[0], band_ref[1], body, online_softmax_init(rows, h))
+    o_ref[...] = online_softmax_finish(acc, l).astype(o_ref.dtype)
 
 
 def _paged_pallas(
@@ -210,9 +212,7 @@ def _paged_pallas(
     kv_heads, num_pages, page, hk = k_pages.shape
     g = n // kv_heads
     fmt = kv_format(k_pages)
-    ppb = BlockSizes(block_kv).pages_per_block(page, page_table.shape[1])
-    nblk = pl.cdiv(page_table.shape[1], ppb)
-    table = jnp.pad(page_table, ((0, 0), (0, nblk * ppb - page_table.shape[1])))
+    ppb, nblk, table = _tiles(page_table, page, block_kv)
     lo, hi = _band(lengths, q_positions, window, page, ppb)
     band = jnp.stack([lo, hi, lengths.astype(jnp.int32), jnp.zeros_like(lo)], axis=-1)  # [B, 4]
     # Rows r = t·G + g of kv head k, padded to >= 16 (the smallest tile Triton's dot takes).
