@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from corejax.kernels.kv_quant import dequantize_kv, quantize_kv
 from corejax.kernels.paged_attention import paged_attention, paged_attention_reference
 from jax import lax
 
+from corejax.bench.machine import fingerprint
 from corejax.cache import dense_attention
 
 N, K, H, PAGE = 32, 4, 64, 16
@@ -253,9 +253,7 @@ def main() -> None:
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     meta = {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "machine": platform.processor() or platform.machine(),
+        "fingerprint": fingerprint(),
         "shape": {"num_heads": N, "num_kv_heads": K, "head_dim": H, "page_size": PAGE},
     }
     (out / "attention.json").write_text(

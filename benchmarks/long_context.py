@@ -57,6 +57,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2], args.decode_tokens)))
         return
+    from corejax.bench.machine import fingerprint
+
     rows = []
     for ctx in args.contexts:
         for kv in args.kv_dtypes:
@@ -76,7 +78,7 @@ def main() -> None:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python benchmarks/long_context.py " + " ".join(sys.argv[1:]),
-                               "rows": rows}, indent=2))
+                               "fingerprint": fingerprint(), "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 

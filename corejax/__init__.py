@@ -4,7 +4,7 @@ Public API (everything else is internal):
     generate(prompt, model=None, **sampling) -> str       stream(...) -> iterator of str
     embed(texts, model="all-minilm-l6-v2") -> np.ndarray  classify(texts, model=None, labels=...) -> Classification
     Session(model) -> .generate() -> GenerationResult, .stream(), .info()
-    pull(name), list_models(), SamplingParams, and the exceptions below.
+    pull(name), list_models(), SamplingParams, SpeculativeConfig, and the exceptions below.
 """
 
 from corejax.api import DEFAULT_EMBEDDING_MODEL, classify, embed, generate, stream
@@ -24,7 +24,7 @@ from corejax.errors import (
 )
 from corejax.hub import DEFAULT_MODEL, list_models, pull
 from corejax.results import Classification, GenerationResult, Timings, TokenLogprob
-from corejax.config import SamplingParams
+from corejax.config import SamplingParams, SpeculativeConfig
 from corejax.session import Session
 
 __version__ = "0.1.0"
@@ -45,6 +45,7 @@ __all__ = [
     "RequestTimeout",
     "SandboxError",
     "SamplingParams",
+    "SpeculativeConfig",
     "Session",
     "Timings",
     "TokenLogprob",

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from corejax.config import ModelConfig
-from corejax.kernels import paged_attention, quantize_kv
+from corejax.kernels import paged_attention, paged_decode, quantize_kv
 
 _MASKED = -1e30  # large but finite: a fully masked padding row must stay NaN-free
 
@@ -169,6 +169,10 @@ class PagedKVCache:
                 values = x.astype(pages_arr.dtype)
             new[f"{name}_pages"] = pages_arr.at[layer, :, pages, offsets].set(values)
         cache = dataclasses.replace(self, **new)
+        if paged_decode.supported(q, cache.k_pages):  # decode-sized: the native kernel, pages read in place
+            out = paged_decode.paged_decode(q, cache.k_pages, cache.v_pages, layer, self.page_table, self.lengths,
+                                            positions, window=window, scale=scale, softcap=softcap)
+            return out, cache
         out = paged_attention(
             q, cache.k_pages[layer], cache.v_pages[layer], self.page_table, self.lengths, positions,
             None if cache.k_scales is None else cache.k_scales[layer],

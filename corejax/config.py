@@ -477,3 +477,66 @@ class EncoderConfig:
             if isinstance(e, ModelFormatError):
                 raise
             raise ModelFormatError(f"config.json is missing or has a bad value for {e}") from None
+
+
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """speculative={"method": "ngram" | "draft", "k": ..., ...} as a Session or request option.
+
+    k: the most tokens drafted per step (adaptive: the start value and the ceiling).
+    draft_model: for "draft", a model name or path sharing the target's tokenizer (None: the target model
+    itself, loaded with draft_weights — e.g. "int8" — as its own cheaper copy).
+    ngram_max / ngram_min: for "ngram", the longest and shortest suffix looked up in the prompt and output."""
+
+    method: str
+    k: int = 4
+    adaptive: bool = True
+    draft_model: str | None = None
+    draft_weights: str | None = None
+    ngram_max: int = 4
+    ngram_min: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise InvalidParameterError(f"speculative method must be 'ngram' or 'draft'; got {self.method!r}")
+        for name, lo, hi in (("k", 1, 15), ("ngram_max", 1, 16), ("ngram_min", 1, 16)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise InvalidParameterError(f"speculative {name} must be an integer in [{lo}, {hi}]; got {value!r}")
+        if self.ngram_min > self.ngram_max:
+            raise InvalidParameterError(f"speculative ngram_min ({self.ngram_min}) must be <= ngram_max "
+                                        f"({self.ngram_max})")
+        if not isinstance(self.adaptive, bool):
+            raise InvalidParameterError(f"speculative adaptive must be True or False; got {self.adaptive!r}")
+        if self.method == "ngram" and (self.draft_model is not None or self.draft_weights is not None):
+            raise InvalidParameterError("draft_model/draft_weights are for method 'draft'; 'ngram' needs no model")
+        if self.method == "draft" and self.draft_model is None and self.draft_weights is None:
+            raise InvalidParameterError(
+                "speculative method 'draft' needs draft_model (a smaller model with the same tokenizer) or "
+                "draft_weights (the same model at lower precision, e.g. 'int8')")
+
+    @classmethod
+    def from_user(cls, value: Any) -> SpeculativeConfig | None:
+        """None, a SpeculativeConfig, or a dict of its fields (anything else: InvalidParameterError)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, Mapping):
+            raise InvalidParameterError(
+                f"speculative must be a dict like {{'method': 'ngram', 'k': 4}}; got {type(value).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown or "method" not in value:
+            raise InvalidParameterError(
+                f"speculative takes the keys {', '.join(sorted(names))} ('method' required); "
+                f"got {', '.join(map(repr, sorted(value)))}")
+        return cls(**dict(value))
+
+    def to_wire(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def draft_key(self) -> tuple:
+        return (self.draft_model, self.draft_weights)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -61,14 +59,29 @@ def prefill(params: Any, tokens: jax.Array, positions: jax.Array, last: jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache", "penalties"))
 def decode_step(params: Any, tokens: jax.Array, positions: jax.Array, cache: Any, sampling: SamplingTensors,
-                penalties: PenaltyState | None, keys: jax.Array, step: jax.Array, cfg: ModelConfig
+                penalties: PenaltyState | None, keys: jax.Array, steps: jax.Array, cfg: ModelConfig
                 ) -> tuple[SampleOutput, Any, PenaltyState | None]:
-    """tokens, positions [B]: the last sampled token of each row -> the next token."""
+    """tokens, positions [B, T]: each row's last sampled token, then up to T - 1 drafted tokens (speculative
+    decoding; padding past a row's length is written to page 0 and ignored) -> a sample at every position
+    ([B, T] outputs): position j is drawn with the row's key at step steps + j, so a drafted token that equals
+    its position's sample is exactly what plain decoding would have produced there.
+
+    Penalties apply to position 0 only: rows with penalties are never given drafts (corejax/scheduler.py).
+    Recompiles per (B, T, page-table width) bucket and per static sampling flag."""
     if penalties is not None:
-        penalties = update_penalty_state(penalties, tokens)  # the fed-in token is now part of the output
-    hidden, cache = models.forward(params, tokens[:, None], positions[:, None], cache, cfg)
-    logits = models.lm_head(params, hidden, cfg)[:, 0]
-    return sample(logits, sampling, penalties, keys, step), cache, penalties
+        penalties = update_penalty_state(penalties, tokens[:, 0])  # the fed-in token is now part of the output
+    hidden, cache = models.forward(params, tokens, positions, cache, cfg)
+    logits = models.lm_head(params, hidden, cfg)  # [B, T, V]
+    first = sample(logits[:, 0], sampling, penalties, keys, steps)
+    b, t = tokens.shape
+    if t == 1:
+        return jax.tree.map(lambda x: x[:, None], first), cache, penalties
+    rows = lambda x: jnp.repeat(x, t - 1, axis=0)  # noqa: E731 - row b's drafted positions are rows b(t-1)..
+    rest = sample(logits[:, 1:].reshape(b * (t - 1), -1), dataclasses.replace(jax.tree.map(rows, sampling),
+                                                                              any_penalty=False),
+                  None, rows(keys), (steps[:, None] + jnp.arange(1, t, dtype=steps.dtype)).reshape(-1))
+    join = lambda a, r: jnp.concatenate([a[:, None], r.reshape(b, t - 1, *r.shape[1:])], axis=1)  # noqa: E731
+    return jax.tree.map(join, first, rest), cache, penalties
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -111,29 +124,11 @@ def token_logprobs(params: Any, tokens: jax.Array, cfg: ModelConfig) -> jax.Arra
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
-@dataclasses.dataclass
-class TokenEvent:
-    """One generated token, as the host loop yields it."""
-
-    token: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-
-
-@dataclasses.dataclass
-class StepTimes:
-    start: float = 0.0
-    first_token: float = 0.0
-    last_token: float = 0.0
-    generated: int = 0
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-
-
 class Engine:
     """One model's params, its KV page pool and the host allocator that assigns the pages.
 
-    Requests run one at a time here (continuous batching is the scheduler's job); pages of finished
-    requests stay cached, so a prompt that starts like an earlier one reuses that KV (prefix caching)."""
+    The host loop that runs requests over them, batched, is corejax/scheduler.py; pages of finished requests
+    stay cached, so a prompt that starts like an earlier one reuses that KV (prefix caching)."""
 
     def __init__(self, cfg: ModelConfig, params: Any, engine_cfg: EngineConfig | None = None):
         self.cfg = cfg
@@ -143,7 +138,6 @@ class Engine:
         num_pages = ec.num_pages(cfg)
         self.allocator = PageAllocator(num_pages, ec.page_size)
         self.cache = PagedKVCache.create(cfg, num_pages, ec.page_size, ec.kv_dtype)
-        self._next_seq = 0
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -160,69 +154,13 @@ class Engine:
                 "shorten the prompt (leave room for the answer)"
             )
 
-    def generate(self, prompt: list[int], sp: SamplingParams, stop_ids: frozenset[int],
-                 times: StepTimes | None = None) -> Iterator[TokenEvent]:
-        """Yields tokens until max_tokens, a stop id (yielded, then the loop ends) or the context is full."""
-        times = times or StepTimes()
-        times.start = time.perf_counter()
-        n = len(prompt)
-        self.check_fits(n)
-        max_new = min(sp.max_tokens, self.cfg.max_context - n)
-        ps, chunk = self.engine_cfg.page_size, self.engine_cfg.prefill_chunk
-        seq = self._next_seq
-        self._next_seq += 1
-        reused = self.allocator.allocate(seq, prompt, reuse=self.engine_cfg.prefix_cache)
-        times.cached_tokens = reused
-        width = bucket(-(-(n + max_new) // ps), 16)  # page-table columns: a few shapes, few compiles
-        sampling = SamplingTensors.from_params([sp], self.cfg.vocab_size)
-        keys = request_keys([sp])
-        penalties = initial_penalties(prompt, self.cfg.vocab_size) if sampling.any_penalty else None
-        cache = self.cache
-        try:
-            out = None
-            for start in range(reused, n, chunk):
-                part = prompt[start:start + chunk]
-                t_bucket = bucket(len(part), MIN_PREFILL_BUCKET)
-                tokens = np.zeros((1, t_bucket), np.int32)
-                tokens[0, :len(part)] = part
-                positions = np.arange(start, start + t_bucket, dtype=np.int32)[None]
-                rows = cache.with_rows(self.allocator.page_table([seq], width),
-                                       np.array([start + len(part)], np.int32))
-                final = start + chunk >= n
-                out, cache = prefill(self.params, tokens, positions, np.array([len(part) - 1], np.int32), rows,
-                                     cfg=self.cfg, **(dict(sampling=sampling, penalties=penalties, keys=keys)
-                                                      if final else {}))
-            for i in range(max_new):
-                event = _to_event(out, sp)
-                now = time.perf_counter()
-                if i == 0:
-                    times.first_token = now
-                times.last_token = now
-                times.generated = i + 1
-                yield event
-                if (event.token in stop_ids and not sp.ignore_eos) or i + 1 == max_new:
-                    return
-                for c in self.allocator.append(seq, [event.token]):
-                    cache = copy_page(cache, np.int32(c.src), np.int32(c.dst))
-                rows = cache.with_rows(self.allocator.page_table([seq], width), np.array([n + i + 1], np.int32))
-                out, cache, penalties = decode_step(self.params, out.tokens, np.array([n + i], np.int32), rows,
-                                                    sampling, penalties, keys, np.int32(i + 1), cfg=self.cfg)
-        finally:
-            self.cache = cache
-            self.allocator.free(seq)
 
-
-def initial_penalties(prompt: list[int], vocab_size: int) -> PenaltyState:
-    """Penalty state of one row from its prompt (host-built: the prompt may span several prefill chunks)."""
-    seen = np.zeros((1, vocab_size), bool)
-    seen[0, np.asarray(prompt, np.int64)] = True
-    return PenaltyState(counts=jnp.zeros((1, vocab_size), jnp.int32), seen=jnp.asarray(seen))
-
-
-def _to_event(out: SampleOutput, sp: SamplingParams) -> TokenEvent:
-    token = int(out.tokens[0])
-    if sp.logprobs is None:
-        return TokenEvent(token)
-    top = list(zip(np.asarray(out.top_ids[0, :sp.logprobs]).tolist(),
-                   np.asarray(out.top_logprobs[0, :sp.logprobs]).tolist()))
-    return TokenEvent(token, float(out.logprob[0]), top)
+def penalty_state(rows: list[tuple[list[int], list[int]]], batch: int, vocab_size: int) -> PenaltyState:
+    """Host-built penalty state of a batch: per row (tokens seen in the prompt or output, output tokens to
+    count); rows past len(rows) are padding. Rebuilt when the batch changes, carried on device otherwise."""
+    seen = np.zeros((batch, vocab_size), bool)
+    counts = np.zeros((batch, vocab_size), np.int32)
+    for b, (seen_ids, counted) in enumerate(rows):
+        seen[b, np.asarray(seen_ids, np.int64)] = True
+        np.add.at(counts[b], np.asarray(counted, np.int64), 1)
+    return PenaltyState(counts=jnp.asarray(counts), seen=jnp.asarray(seen))

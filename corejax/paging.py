@@ -164,6 +164,24 @@ class PageAllocator:
             self._retain(page)
         self._seqs[child_id] = _Sequence(list(parent.tokens), list(parent.pages), list(parent.hashes))
 
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Keeps the sequence's first `length` tokens (speculative decoding rolls back rejected drafts).
+
+        Pages past the new end go back to the pool; a page that held rejected tokens loses its hash, since
+        its KV past `length` is stale and will be overwritten by the next append."""
+        seq = self._seq(seq_id)
+        if not 0 <= length <= len(seq.tokens):
+            raise ValueError(f"cannot truncate sequence {seq_id} of {len(seq.tokens)} tokens to {length}")
+        ps = self.page_size
+        full = length // ps
+        for page, h in zip(seq.pages[full:], seq.hashes[full:]):
+            if self._hash_of_page.get(page) == h:
+                del self._hash_of_page[page], self._page_of_hash[h]
+        keep = -(-length // ps)
+        for page in reversed(seq.pages[keep:]):
+            self._release(page)
+        del seq.pages[keep:], seq.hashes[full:], seq.tokens[length:]
+
     def free(self, seq_id: int) -> None:
         """Drops the sequence; its pages go back to the pool (full hashed pages stay cached for reuse)."""
         seq = self._seqs.pop(seq_id)

@@ -23,6 +23,9 @@ class Timings:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float  # tokens after the first, over the time after the first
     total_s: float
+    draft_tokens: int = 0  # speculative decoding: tokens proposed ...
+    accepted_draft_tokens: int = 0  # ... and accepted by the model (acceptance rate = accepted / drafted)
+    preemptions: int = 0  # times the scheduler preempted this request to free KV pages (recomputed, same text)
 
 
 @dataclasses.dataclass(frozen=True)

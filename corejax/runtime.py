@@ -6,20 +6,28 @@ behind the protocol, so nothing here may assume it shares memory with the caller
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from corejax.config import EncoderConfig, EngineConfig
-from corejax.engine import Engine, StepTimes
+from corejax import memory
+from corejax.config import EncoderConfig, EngineConfig, ModelConfig
+from corejax.engine import Engine
+from corejax.kernels import ffi, small_matmul
 from corejax.errors import InvalidParameterError, UnsupportedModelError
 from corejax.hub import ModelSource, cache_dir
-from corejax.loading.loader import LoadedModel, load_model
+from corejax.loading.loader import LoadedModel, load_model, plan_weights
 from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
 from corejax.sampling import SamplingParams
+from corejax.scheduler import Scheduler, StepTimes
+from corejax.speculative import DraftModelProposer, SpeculativeConfig
 from corejax.stopping import StopMatcher
+
+_SCHEDULER_LOCK = threading.Lock()
+_TOKENIZER_PROBES = ("Hello, world! 123", " def f(x):\n\treturn x ** 2", "naïve café — ünïcode ✓")
 
 
 def enable_compilation_cache() -> None:
@@ -33,9 +41,18 @@ def enable_compilation_cache() -> None:
 
 class Runtime:
     def __init__(self, source: ModelSource, *, weights: str | None = None,
-                 engine: EngineConfig | None = None, progress: bool = True):
+                 engine: EngineConfig | None = None, progress: bool = True, memory_limit: int | str | None = None):
         enable_compilation_cache()
+        self.source = source
+        self._scheduler: Scheduler | None = None
+        self._tagged: dict[Any, Any] = {}  # stream(tag=...) -> its scheduler Request, for cancel()
+        # Weights, KV pool and workspace are reserved from the file's headers before any is allocated, so a
+        # model that cannot fit memory_limit fails here with MemoryBudgetError, having allocated nothing.
+        self.budget = memory.MemoryBudget(memory_limit)
+        engine = memory.admit(self.budget, plan_weights(source, weights), engine or EngineConfig(), source.name)
         self.model: LoadedModel = load_model(source, weights=weights, progress=progress)
+        memory.loaded(self.budget, self.model.info["weight_bytes"])
+        memory.reserve_serving(self.budget)  # the KV pool and workspace admit() planned
         self.tokenizer = self.model.tokenizer
         self.encoder = None
         self.engine: Engine | None = None
@@ -44,13 +61,16 @@ class Runtime:
 
             self.encoder = Encoder(self.model.cfg, self.model.params, self.tokenizer, self.model.sentence)
         else:
+            if ffi.ensure():  # decode-sized matmuls on the native kernel (kernels/small_matmul.cc)
+                self.model.params = small_matmul.block_decoder_params(self.model.params)
             self.engine = Engine(self.model.cfg, self.model.params, engine)
 
     def info(self) -> dict[str, Any]:
         if self.engine is None:
-            return dict(self.model.info, load_seconds=self.model.load_seconds)
+            return dict(self.model.info, load_seconds=self.model.load_seconds, memory=self.budget.report())
         ec = self.engine.engine_cfg
-        return dict(self.model.info, load_seconds=self.model.load_seconds, kv_dtype=ec.kv_dtype,
+        return dict(self.model.info, load_seconds=self.model.load_seconds, memory=self.budget.report(),
+                    native_kernels=ffi.available(), kv_dtype=ec.kv_dtype,
                     kv_page_size=ec.page_size, kv_cache_bytes=self.engine.kv_cache_bytes,
                     kv_cache_tokens=(self.engine.allocator.num_pages - 1) * ec.page_size)
 
@@ -68,23 +88,63 @@ class Runtime:
             raise InvalidParameterError(f"prompt must be a string; got {type(prompt).__name__}")
         return self.tokenizer.encode(prompt, add_special=True)
 
-    def stream(self, prompt: str | None, messages: Sequence[dict] | None, sp: SamplingParams) -> Iterator[Chunk]:
-        """Yields text chunks as tokens arrive; the final chunk carries the GenerationResult."""
+    @property
+    def scheduler(self) -> Scheduler:
+        """The continuous-batching loop over the engine (started with the first request)."""
+        with _SCHEDULER_LOCK:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self.engine, draft_loader=self._load_draft)
+            return self._scheduler
+
+    def _load_draft(self, spec: SpeculativeConfig) -> DraftModelProposer:
+        """The draft model of speculative={"method": "draft", ...}: loaded once per (model, weights)."""
+        from corejax.hub import resolve
+
+        # In a sandboxed worker draft_model is a path the Session resolved and allowed the worker to read.
+        source = resolve(spec.draft_model, pull=False) if spec.draft_model is not None else self.source
+        plan = plan_weights(source, spec.draft_weights)
+        kv = memory.kv_pool_bytes(self.engine.engine_cfg, plan.cfg) if isinstance(plan.cfg, ModelConfig) else 0
+        self.budget.reserve(f"draft {source.name}", plan.weight_bytes + kv,  # before anything is allocated
+                            f"speculative draft: weights {plan.weights} + its KV pool",
+                            hint="Use a smaller draft model, draft_weights='int8', or raise memory_limit.",
+                            what=f"adding the draft model {source.name}")
+        draft = load_model(source, weights=spec.draft_weights, progress=False)
+        if isinstance(draft.cfg, EncoderConfig) or draft.cfg.vocab_size != self.model.cfg.vocab_size or any(
+                draft.tokenizer.encode(t) != self.tokenizer.encode(t) for t in _TOKENIZER_PROBES):
+            raise InvalidParameterError(
+                f"the draft model {source.name} does not share {self.model.info.get('name')}'s tokenizer; "
+                "speculative decoding needs a draft with the same vocabulary")
+        return DraftModelProposer(Engine(draft.cfg, draft.params, self.engine.engine_cfg))
+
+    def cancel(self, tag: Any) -> None:
+        """Cancels the generation started with stream(..., tag=tag), if it is still queued or running."""
+        req = self._tagged.get(tag)
+        if req is not None:
+            req.close()
+
+    def stream(self, prompt: str | None, messages: Sequence[dict] | None, sp: SamplingParams,
+               speculative: Any = None, tag: Any = None) -> Iterator[Chunk]:
+        """Yields text chunks as tokens arrive; the final chunk carries the GenerationResult.
+
+        Runs as one request of the scheduler's batch: other streams may share every decode step. `tag`
+        names the request for cancel(); closing the iterator cancels it too."""
         if self.engine is None:
             raise UnsupportedModelError(
                 f"{self.model.info.get('name')} is an encoder: it embeds and classifies but cannot generate text; "
                 "use embed()/classify(), or a generative model for generate()")
         start = time.perf_counter()
+        spec = SpeculativeConfig.from_user(speculative)
         ids = self.prompt_ids(prompt, messages)
-        self.engine.check_fits(len(ids))
         detok = self.tokenizer.stream(continuation=True)  # keep the SPM space before the first new word
         stops = StopMatcher(sp.stop)
-        times = StepTimes()
         generated: list[int] = []
         logprobs: list[TokenLogprob] = []
         text_parts: list[str] = []
         finish = "length"
-        steps = self.engine.generate(ids, sp, self.tokenizer.eos_ids, times)
+        steps = self.scheduler.submit(ids, sp, self.tokenizer.eos_ids, spec)
+        times = steps.times
+        if tag is not None:
+            self._tagged[tag] = steps
         try:
             for event in steps:
                 generated.append(event.token)
@@ -105,6 +165,7 @@ class Runtime:
                     break
         finally:
             steps.close()
+            self._tagged.pop(tag, None)
         if not stops.stopped:  # release what the detokenizer and the stop matcher still hold
             tail, hit = stops.push(detok.flush())
             if hit:
@@ -129,6 +190,9 @@ class Runtime:
             prefill_tokens_per_s=(len(ids) - times.cached_tokens) / ttft if ttft else 0.0,
             decode_tokens_per_s=(times.generated - 1) / decode_s if decode_s > 0 else 0.0,
             total_s=time.perf_counter() - start,
+            draft_tokens=times.drafted,
+            accepted_draft_tokens=times.accepted,
+            preemptions=times.preempted,
         )
         return GenerationResult(text, tuple(generated), finish, tuple(ids), timings,
                                 tuple(logprobs) if sp.logprobs is not None else None)

@@ -11,14 +11,15 @@ import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from corejax import hub
-from corejax.config import WEIGHT_MODES, EngineConfig, SamplingParams
+from corejax import hub, native
+from corejax.config import WEIGHT_MODES, EngineConfig, SamplingParams, SpeculativeConfig
 from corejax.errors import CorejaxError, InvalidParameterError, RequestTimeout, WorkerCrashed
 from corejax.results import Chunk, Classification, GenerationResult
 from corejax.sandbox import protocol
 from corejax.sandbox.client import WorkerClient, thread_status, worker_error
 from corejax.sandbox.protocol import Kind
 
+_DEFAULT = object()  # speculative= not given: the Session's default applies
 _RETRIES = 2  # a request that had not started is re-sent to this many fresh workers before it fails
 _BATCH_TEXTS, _BATCH_CHARS = 2048, 4 << 20  # texts per EMBED/CLASSIFY frame, well inside protocol.MAX_FRAME
 
@@ -50,31 +51,47 @@ class Session:
     """`Session(model)` serves `model` (a registry name, a .gguf path or an HF folder; None = the default).
 
     sandbox: run the model in a restricted subprocess (True) or on a thread of this process (False).
-    memory_limit: bytes of resident memory the worker may use; over it, the worker is stopped and its request
-        fails with WorkerCrashed. timeout: seconds a request may run once the worker starts it; past it the
+    memory_limit: bytes (or a size such as "2GiB") the worker may use. The worker reserves its weights, KV
+        pool and workspace against it before allocating them (corejax/memory.py), failing with
+        MemoryBudgetError if they cannot fit; a worker whose resident memory passes it anyway is stopped and its
+        request fails with WorkerCrashed. timeout: seconds a request may run once the worker starts it; past it the
         worker is stopped and the request fails with RequestTimeout. Either way the next call starts a new
         worker, and requests that had not started yet are sent to it rather than lost.
-    Thread-safe: several threads may have requests in flight; the worker runs them one at a time for now.
+    speculative: the default speculative decoding of every request, e.g. {"method": "ngram"} or
+        {"method": "draft", "draft_model": "...", "k": 4} (see corejax.SpeculativeConfig); a request's own
+        speculative=... overrides it (None turns it off). A draft model used by any request must be named here
+        when sandboxed: the worker may read only the files it was started with.
+    Thread-safe and concurrent: requests from several threads or asyncio tasks run batched together in the
+    worker (continuous batching), each streaming its own tokens.
     """
 
     _testing = False  # corejax.sandbox.testing.TestingSession sets it; nothing else can reach RUN_TEST
 
-    def __init__(self, model: str | None = None, *, sandbox: bool = True, memory_limit: int | None = None,
+    def __init__(self, model: str | None = None, *, sandbox: bool = True, memory_limit: int | str | None = None,
                  timeout: float | None = None, weights: str | None = None, kv_dtype: str = "float32",
                  kv_cache_tokens: int | None = None, prefix_cache: bool = True, progress: bool = True,
+                 speculative: Any = None,
                  start_timeout: float = 600.0,
                  _pythonpath: Sequence[str] = ()):
-        if memory_limit is not None and (not isinstance(memory_limit, int) or memory_limit <= 0):
-            raise InvalidParameterError(f"memory_limit must be a positive number of bytes; got {memory_limit!r}")
+        if memory_limit is not None:
+            from corejax.memory import parse_size
+
+            memory_limit = parse_size(memory_limit)  # bytes, or "2GiB", "512MiB", "1.5GB"
         if timeout is not None and not timeout > 0:
             raise InvalidParameterError(f"timeout must be a positive number of seconds; got {timeout!r}")
         if weights is not None and weights not in WEIGHT_MODES:
             raise InvalidParameterError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {weights!r}")
         # Validated here, in the parent, before a worker starts.
         engine = EngineConfig(kv_dtype=kv_dtype, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
-        self._options = {"weights": weights, "engine": dataclasses.asdict(engine)}
+        self._options = {"weights": weights, "engine": dataclasses.asdict(engine), "memory_limit": memory_limit}
         # Resolving maps a name to a path (pulling it on first use); it never opens the model file itself.
         self.source = hub.resolve(model, progress=progress) if model is not None or not self._testing else None
+        self._progress = progress
+        self.speculative = self._speculative(speculative)
+        if self.speculative is not None and self.speculative.draft_model is not None:
+            self._options["draft_read"] = self.speculative.draft_model  # the sandbox may read the draft's file
+        if sandbox and (kernel := native.build()) is not None:
+            self._options["native_kernels"] = str(kernel)  # built here: the sandboxed worker cannot compile
         self.sandbox = bool(sandbox)
         self.memory_limit = memory_limit
         self.timeout = timeout
@@ -162,10 +179,25 @@ class Session:
 
     # --- generation ----------------------------------------------------------------------------------------
 
+    def _speculative(self, value: Any) -> SpeculativeConfig | None:
+        """Validates a speculative= option; a draft model name becomes the path the worker loads."""
+        spec = SpeculativeConfig.from_user(value)
+        if spec is None or spec.draft_model is None:
+            return spec
+        path = str(hub.resolve(spec.draft_model, progress=self._progress).path)
+        declared = getattr(self, "speculative", None)
+        if getattr(self, "_client", None) is not None and self.sandbox and (
+                declared is None or declared.draft_model != path):
+            raise InvalidParameterError(
+                f"draft_model {spec.draft_model!r} was not declared when this sandboxed Session started, so its "
+                "worker may not read it; pass speculative={'method': 'draft', 'draft_model': ...} to Session()")
+        return dataclasses.replace(spec, draft_model=path)
+
     def stream_chunks(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
-                      **sampling: Any) -> Iterator[Chunk]:
+                      speculative: Any = _DEFAULT, **sampling: Any) -> Iterator[Chunk]:
         """Chunks with text, token ids and logprobs; the last one carries the GenerationResult."""
         sp = SamplingParams.from_kwargs(**sampling)
+        spec = self.speculative if speculative is _DEFAULT else self._speculative(speculative)
         if (prompt is None) == (messages is None):
             raise InvalidParameterError("give exactly one of prompt (a string) or messages (a list of dicts)")
         if messages is not None and (isinstance(messages, (str, bytes)) or not all(isinstance(m, dict)
@@ -174,7 +206,7 @@ class Session:
         if prompt is not None and not isinstance(prompt, str):
             raise InvalidParameterError(f"prompt must be a string; got {type(prompt).__name__}")
         payload = {"prompt": prompt, "messages": None if messages is None else [dict(m) for m in messages],
-                   "sampling": protocol.sampling_to_wire(sp)}
+                   "sampling": protocol.sampling_to_wire(sp), "speculative": spec and spec.to_wire()}
         return self._chunks(payload)
 
     def _chunks(self, payload: dict) -> Iterator[Chunk]:

@@ -25,6 +25,8 @@ EXPECTED = {
     "sampling.py": ["seed 1234 reproduced: True", "top_k=5", "repetition_penalty=1.3",
                     "finish_reason=stop", "finish_reason=length", "top alternatives", "' Rome'",
                     "InvalidParameterError: top_p"],
+    "many_streams.py": ["4 concurrent streams: ", "tok/s in all", "  the sea: ", "speculative ngram: same text: True",
+                      "drafted tokens accepted"],
     "models.py": ["smollm2-135m-instruct", "gemma3-270m: gguf at ", "cached=True", "gemma3 model",
                   "completion: ", "ModelNotFoundError: ", "Did you mean 'gemma3-270m'?"],
 }

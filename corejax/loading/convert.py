@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from corejax import quant
 from corejax.config import WEIGHT_MODES, ModelConfig  # noqa: F401 - WEIGHT_MODES re-exported
 from corejax.errors import ModelFormatError, ModelNotFoundError
-from corejax.loading.ggml_quants import BLOCK_SIZES, UNPACKERS
+from corejax.loading.ggml_quants import BLOCK_SIZES, UNPACKERS, GGMLType
 
 Getter = Callable[[str], Any]
 
@@ -100,6 +100,66 @@ def _matrix(w: np.ndarray | Blocks, weights: str) -> Any:
     return jnp.asarray(np.ascontiguousarray(w.T))
 
 
+# Formats whose codes span fewer than 16 values, so quant.from_blocks packs two per byte; the others hold one
+# int8 per value. Scales and mins: float16 where ggml stores them as f16 (exact), float32 for K-quants' products.
+_PACKED_4BIT = {"Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K"}
+_F16_SCALES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+
+
+def _sub_block(fmt: str) -> int:
+    """Values per scale of a GGUF quantized format (read off its unpacker, so it cannot drift)."""
+    t = GGMLType[fmt]
+    block, type_size = BLOCK_SIZES[t]
+    return block // UNPACKERS[t](np.zeros((1, type_size), np.uint8)).scales.shape[1]
+
+
+def matrix_bytes(shape: tuple[int, ...], fmt: str | None, weights: str) -> int:
+    """Bytes `_matrix` will hold for a checkpoint [out, in] matrix stored as `fmt` (a GGUF quantized type
+    name, or None for a float tensor), computed from the shape alone, before the tensor is read."""
+    n = 1
+    for d in shape:
+        n *= d
+    if weights == "native" and fmt is not None and GGMLType[fmt] in UNPACKERS and len(shape) == 2:
+        codes = n // 2 if fmt in _PACKED_4BIT else n
+        scales = n // _sub_block(fmt) * (2 if fmt in _F16_SCALES else 4)
+        has_mins = UNPACKERS[GGMLType[fmt]](np.zeros((1, BLOCK_SIZES[GGMLType[fmt]][1]), np.uint8)).mins is not None
+        return codes + scales * (2 if has_mins else 1)
+    if weights == "int8":
+        return n + n // 32 * 2  # quant.quantize: int8 codes, one f16 scale per 32
+    if weights == "int4":
+        return n // 2 + n // 32 * 4  # packed codes, f16 scale and f16 min per 32
+    return n * 4
+
+
+def weight_bytes(cfg: ModelConfig, names: dict[str, str], tensors: dict[str, tuple[tuple[int, ...], str | None]],
+                 weights: str) -> tuple[int, int]:
+    """-> (bytes of the params build_params makes, the most bytes one tensor's conversion holds besides them),
+    from each checkpoint tensor's (shape, quantized format or None) alone. Mirrors build_params tensor by tensor.
+
+    The transient: a tensor kept in its blocks unpacks to int8 codes, int16 while packing nibbles, and a tiled
+    copy (about 4 bytes per value); any other is dequantized to float32 and then transposed or quantized (two
+    float32 copies, 8 bytes per value; measured: Gemma 3's 168M-value embedding, f32, peaked 870 MiB above its
+    steady state)."""
+    total, transient = 0, 0
+    for key, name in names.items():
+        if name not in tensors or (key == "lm_head" and cfg.tie_embeddings):
+            continue
+        shape, fmt = tensors[name]
+        n = 1
+        for d in shape:
+            n *= d
+        blocks = weights == "native" and fmt is not None and GGMLType[fmt] in UNPACKERS and len(shape) == 2
+        transient = max(transient, n * (4 if blocks else 8))
+        if len(shape) == 1:
+            total += n * 4
+        elif key == "embed" and not cfg.tie_embeddings and weights not in ("int8", "int4") and (
+                fmt is None or weights != "native"):
+            total += n * 4  # an untied embedding stays a float table
+        else:
+            total += matrix_bytes(shape, fmt, weights)
+    return total, transient
+
+
 def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source: str, weights: str,
                  permuted_qk: bool, norm_offset: float, progress: bool) -> dict[str, Any]:
     """Shared by both formats: fetch every tensor through `get`, check shapes, fix quirks, lay out [in, out].
@@ -165,7 +225,10 @@ def _gguf_getter(gguf: Any, weights: str) -> Getter:
     def get(name: str) -> np.ndarray | Blocks:
         info = gguf.tensors[name]
         if weights != "native" or info.ggml_type not in UNPACKERS or len(info.shape) != 2:
-            return gguf.dequantize(name)
+            w = gguf.dequantize(name)
+            # An F32 tensor comes back as a view of the file's mapping; a param holding it would keep the
+            # whole mapping (every page read while loading) resident for the session's life.
+            return w.copy() if np.may_share_memory(w, gguf.raw(name)) else w
         _, type_size = BLOCK_SIZES[info.ggml_type]
         q = UNPACKERS[info.ggml_type](gguf.raw(name).reshape(-1, type_size))
         out = info.shape[0]

@@ -164,7 +164,8 @@ class GGUFFile:
         self._u8: np.ndarray | None = np.frombuffer(mm, dtype=np.uint8)
         cur = _Cursor(mm, self._u8, path)
         self.version, n_tensors, n_kv = _read_header(cur)
-        self.metadata: dict[str, Any] = _read_metadata(cur, n_kv)
+        # metadata_types: key -> (GGUF value type, element type for arrays else None), so a writer can copy them.
+        self.metadata, self.metadata_types = _read_metadata(cur, n_kv)
         self.alignment = _alignment(cur, self.metadata)
         self.tensors: dict[str, TensorInfo] = _read_tensor_infos(cur, n_tensors, self.alignment)
 
@@ -246,15 +247,18 @@ def _read_header(cur: _Cursor) -> tuple[int, int, int]:
     return version, n_tensors, n_kv
 
 
-def _read_metadata(cur: _Cursor, n_kv: int) -> dict[str, Any]:
+def _read_metadata(cur: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, tuple[int, int | None]]]:
     metadata: dict[str, Any] = {}
+    types: dict[str, tuple[int, int | None]] = {}
     for i in range(n_kv):
         key = cur.string(f"metadata key {i}")
         if key in metadata:
             raise cur.fail(f"metadata key {key!r} appears twice")
         vtype = cur.u32(f"the value type of {key!r}")
+        sub = _U32.unpack_from(cur.buf, cur.pos)[0] if vtype == _ARRAY and cur.size - cur.pos >= 4 else None
         metadata[key] = cur.value(vtype, key)
-    return metadata
+        types[key] = (vtype, sub)
+    return metadata, types
 
 
 def _alignment(cur: _Cursor, metadata: dict[str, Any]) -> int:

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import os
+import struct
 import time
 from pathlib import Path
 from typing import Any
 
-from corejax.config import ModelConfig
+import numpy as np
+
+from corejax.config import WEIGHT_MODES, ModelConfig
 from corejax.errors import InvalidParameterError, ModelFormatError
 from corejax.hub import ModelSource
-from corejax.config import WEIGHT_MODES
 from corejax.loading.convert import load_gguf_params, load_hf_folder
+from corejax.loading.ggml_quants import UNPACKERS
 from corejax.loading.gguf import read_gguf
 
 
@@ -82,8 +87,11 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
         from corejax.tokenizer import tokenizer_from_gguf_metadata
 
         with read_gguf(source.path) as f:
-            cfg = ModelConfig.from_gguf(f.metadata, tie_embeddings="output.weight" not in f.tensors)
-            tokenizer = tokenizer_from_gguf_metadata(f.metadata)
+            # Metadata arrays are views of the mapping; copies let close() unmap the file, whose pages (all of
+            # them, once every tensor was read) would otherwise stay resident for the session's life.
+            meta = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in f.metadata.items()}
+            cfg = ModelConfig.from_gguf(meta, tie_embeddings="output.weight" not in f.tensors)
+            tokenizer = tokenizer_from_gguf_metadata(meta)
             params = load_gguf_params(f, cfg, weights=weights, progress=progress)
         info = describe_gguf(source.path)
     elif source.format == "hf" and _is_encoder_folder(source.path):
@@ -116,6 +124,82 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
     info["weights"] = weights
     info["weight_bytes"] = param_bytes(params)
     return LoadedModel(cfg, params, tokenizer, info, time.perf_counter() - start, sentence)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightPlan:
+    """What loading a model will hold, read from its headers before any tensor is (memory.py reserves it).
+
+    weight_bytes: the params in the chosen weights mode; loading_bytes: held only while loading — the file
+    pages the mmap'd reads make resident, plus the largest one tensor's conversion holds (convert.weight_bytes);
+    native_bytes: what weights="native" would hold instead (GGUF only, for hints)."""
+
+    cfg: Any
+    weights: str
+    weight_bytes: int
+    loading_bytes: int
+    file_bytes: int
+    tensors: int
+    native_bytes: int | None = None
+
+
+def plan_weights(source: ModelSource, weights: str | None = None) -> WeightPlan:
+    """Sizes the params load_model(source, weights) would build, from the tensor table alone."""
+    from corejax.loading.convert import gguf_names, hf_names, weight_bytes
+
+    weights = weights or "f32"
+    if source.format == "gguf":
+        with read_gguf(source.path) as f:
+            cfg = ModelConfig.from_gguf(f.metadata, tie_embeddings="output.weight" not in f.tensors)
+            table = {name: (t.shape, t.ggml_type.name if t.ggml_type in UNPACKERS else None)
+                     for name, t in f.tensors.items()}
+        names = gguf_names(cfg)
+        file_bytes = source.path.stat().st_size
+        native = weight_bytes(cfg, names, table, "native")[0]
+    elif source.format == "hf":
+        table, file_bytes = _safetensors_table(source.path)
+        if _is_encoder_folder(source.path):
+            from corejax.config import EncoderConfig
+            from corejax.loading.encoder import read_hf_config
+
+            cfg = EncoderConfig.from_hf(read_hf_config(source.path), with_head=False)
+            numel = [int(np.prod(shape)) for shape, _ in table.values()]
+            total, largest = sum(numel) * 4, max(numel, default=0)
+            return WeightPlan(cfg, weights, total, file_bytes + 8 * largest, file_bytes, len(table))
+        from corejax.loading.encoder import read_hf_config
+
+        cfg = ModelConfig.from_hf(read_hf_config(source.path))
+        prefix = next((p for p in ("model.", "language_model.model.", "model.language_model.", "")
+                       if f"{p}embed_tokens.weight" in table), "model.")
+        names, native = hf_names(cfg, prefix), None
+    else:
+        raise ModelFormatError(f"unknown model format {source.format!r} for {source.path}")
+    total, transient = weight_bytes(cfg, names, table, weights)
+    used = sum(1 for n in names.values() if n in table)
+    return WeightPlan(cfg, weights, total, file_bytes + transient, file_bytes, used, native)
+
+
+def _safetensors_table(folder: Path) -> tuple[dict[str, tuple[tuple[int, ...], None]], int]:
+    """Tensor name -> (shape, None) from each safetensors file's JSON header, and the files' total bytes."""
+    from corejax.loading.convert import _safetensors_files
+
+    table: dict[str, tuple[tuple[int, ...], None]] = {}
+    total = 0
+    for path in _safetensors_files(folder):
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                n = struct.unpack("<Q", fh.read(8))[0] if size >= 8 else -1
+                if not 0 < n <= size - 8:
+                    raise ModelFormatError(f"{path}: its header length {n} does not fit the file ({size} bytes)")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from None
+        total += size
+        for name, entry in header.items():
+            if name != "__metadata__" and isinstance(entry, dict):
+                table[name] = (tuple(int(d) for d in entry.get("shape", ())), None)
+    return table, total
 
 
 def _is_encoder_folder(folder: Path) -> bool:

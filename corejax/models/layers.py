@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from corejax import quant
 from corejax.config import ModelConfig, RopeScaling
+from corejax.kernels.small_matmul import BlockedWeight, blocked_matmul
 from corejax.quant import QuantArray
 
 Params = dict[str, Any]
@@ -18,9 +19,12 @@ Params = dict[str, Any]
 def dense(x: jax.Array, w: jax.Array | QuantArray) -> jax.Array:
     """x [..., D_in] @ w [D_in, D_out] -> float32. Float weights are stored [in, out]: XLA's CPU GEMV is ~5x
     faster that way than contracting the trailing axis of an [out, in] matrix (shared/PERF-NOTES.md).
-    Quantized weights go through the one quantized matmul."""
+    Quantized weights go through the one quantized matmul; column-blocked ones (when the native kernel is
+    loaded) through the weight-streaming kernel for decode-sized row counts."""
     if isinstance(w, QuantArray):
         return quant.matmul(x, w)
+    if isinstance(w, BlockedWeight):
+        return blocked_matmul(x, w)
     return jnp.einsum("...d,de->...e", x, w, preferred_element_type=jnp.float32)
 
 
@@ -79,6 +83,8 @@ def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     table = params["lm_head"] if cfg.tie_embeddings else params["embed"]
     if isinstance(table, QuantArray):  # [D, V] quantized: a column per token
         x = quant.take_columns(table, tokens)
+    elif isinstance(table, BlockedWeight):
+        x = table.columns(tokens)
     elif cfg.tie_embeddings:
         x = jnp.moveaxis(jnp.take(table, tokens, axis=1), 0, -1)  # [D, V] -> [B, T, D]
     else:

@@ -56,6 +56,7 @@ class Request:
         self.rid, self.kind, self.payload = rid, kind, payload
         self.events: queue.Queue = queue.Queue()
         self.started_at: float | None = None
+        self.delivered = False  # a CHUNK reached the caller: the request can no longer be re-sent silently
 
 
 class WorkerClient:
@@ -141,6 +142,9 @@ class WorkerClient:
         if self.source is not None:
             cmd += ["--model", self.source.name, self.source.format, str(self.source.path),
                     "--options", json.dumps(self.options)]
+        for key in ("draft_read", "native_kernels"):  # the speculative draft model, the native kernels
+            if self.options.get(key):
+                cmd += ["--read", str(self.options[key])]
         for d in env.get("LD_LIBRARY_PATH", "").split(os.pathsep):
             if d and os.path.isabs(d):
                 cmd += ["--read", d]
@@ -217,6 +221,8 @@ class WorkerClient:
                         del self._pending[frame.rid]
                     elif frame.kind != Kind.CHUNK:
                         raise ProtocolError(f"a worker may not send {frame.kind.name} for a request")
+                    else:
+                        req.delivered = True
                 req.events.put(frame)
         except ProtocolError as e:
             reason = f"it broke the protocol ({e})"
@@ -299,13 +305,17 @@ class WorkerClient:
         self._death = message
         with self._lock:
             pending, self._pending = self._pending, {}
+        # Stopped for another request's timeout: a request that has not streamed anything yet is innocent,
+        # and the caller has seen nothing of it, so it is re-sent like one that never started. Otherwise a
+        # started request fails (it may be what crashed the worker).
+        innocent = self._timed_out is not None
         for req in pending.values():
             if req.rid == self._timed_out:
                 req.events.put(("timeout", message))
-            elif req.started_at is not None:
-                req.events.put(("crashed", message))
+            elif req.started_at is None or (innocent and not req.delivered):
+                req.events.put(("retry", message))  # safe to send to the next worker
             else:
-                req.events.put(("retry", message))  # never started: safe to send to the next worker
+                req.events.put(("crashed", message))
         self._startup.put(message)
         self.conn.close()
 

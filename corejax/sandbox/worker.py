@@ -32,7 +32,8 @@ def _error_payload(e: BaseException) -> dict:
 
 
 class WorkerLoop:
-    """Reads requests on a reader thread, runs them one at a time in order, streams replies by request id."""
+    """Reads requests on a reader thread and streams replies by request id: generations each on a thread of
+    their own (the runtime's scheduler batches them), everything else in arrival order on this loop."""
 
     def __init__(self, conn, runtime: Any | None, *, testing: bool = False):
         self.conn = conn
@@ -48,6 +49,8 @@ class WorkerLoop:
             while (frame := self.conn.recv()) is not None:
                 if frame.kind == Kind.CANCEL:
                     self.cancelled.add(frame.rid)
+                    if self.runtime is not None and hasattr(self.runtime, "cancel"):
+                        self.runtime.cancel(frame.rid)  # a queued or running generation frees its pages now
                 elif frame.kind == Kind.SHUTDOWN:
                     break
                 else:
@@ -64,16 +67,28 @@ class WorkerLoop:
             if frame.rid in self.cancelled:
                 self.cancelled.discard(frame.rid)
                 continue
+            if frame.kind == Kind.GENERATE:
+                # Each generation streams from its own thread; the scheduler batches them into shared steps.
+                threading.Thread(target=self._serve_one, args=(frame,), name=f"corejax-generate-{frame.rid}",
+                                 daemon=True).start()
+            elif not self._serve_one(frame):
+                break
+
+    def _serve_one(self, frame) -> bool:
+        """Runs one request to its last frame; False when the socket is gone."""
+        from corejax.sandbox.protocol import Kind
+
+        try:
+            self.conn.send(Kind.STARTED, frame.rid)
+            self._handle(frame)
+        except Exception as e:  # noqa: BLE001 - every failure goes back to the caller as an ERROR frame
             try:
-                self.conn.send(Kind.STARTED, frame.rid)
-                self._handle(frame)
-            except Exception as e:  # noqa: BLE001 - every failure goes back to the caller as an ERROR frame
-                try:
-                    self.conn.send(Kind.ERROR, frame.rid, _error_payload(e))
-                except OSError:
-                    break  # the socket is gone: the parent closed or died
-            finally:
-                self.cancelled.discard(frame.rid)
+                self.conn.send(Kind.ERROR, frame.rid, _error_payload(e))
+            except OSError:
+                return False  # the socket is gone: the parent closed or died
+        finally:
+            self.cancelled.discard(frame.rid)
+        return True
 
     def _handle(self, frame) -> None:
         from corejax.sandbox import protocol as p
@@ -89,7 +104,8 @@ class WorkerLoop:
         if self.runtime is None:
             raise _sandbox_error(f"this worker has no model loaded; it cannot serve {kind.name}")
         if kind == Kind.GENERATE:
-            stream = self.runtime.stream(d.get("prompt"), d.get("messages"), p.sampling_from_wire(d["sampling"]))
+            stream = self.runtime.stream(d.get("prompt"), d.get("messages"), p.sampling_from_wire(d["sampling"]),
+                                         speculative=d.get("speculative"), tag=rid)
             try:
                 for chunk in stream:
                     if rid in self.cancelled:
@@ -140,14 +156,18 @@ def _sandbox_error(message: str) -> Exception:
 
 
 def load_runtime(name: str, fmt: str, path: str, options: dict | None = None) -> Any:
-    """options (plain data from the parent): weights, and the EngineConfig fields under "engine"."""
+    """options (plain data from the parent): weights, the EngineConfig fields under "engine", and
+    memory_limit (bytes), which the Runtime reserves against before it allocates (corejax/memory.py)."""
     from corejax.config import EngineConfig
     from corejax.hub import ModelSource
+    from corejax.kernels import ffi
     from corejax.runtime import Runtime
 
     options = options or {}
+    ffi.ensure(options.get("native_kernels"))  # the native kernels the parent built, if any
     return Runtime(ModelSource(name, fmt, Path(path)), weights=options.get("weights"),
-                   engine=EngineConfig(**options.get("engine", {})), progress=False)
+                   engine=EngineConfig(**options.get("engine", {})), progress=False,
+                   memory_limit=options.get("memory_limit"))
 
 
 def serve_in_process(sock, source, on_loaded: Callable[[Any], None] | None = None,
@@ -200,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     layers = policy.apply(model_paths=model_paths, private_dirs=[args.private, *args.writable],
                           extra_read=args.read, network_namespace=not args.no_netns)
     # From here on the process is restricted; only now may numpy, JAX and the model code be imported.
+    from corejax.kernels import ffi
+
+    ffi.forbid_build()  # no compiler may run in here; the parent built the native kernels
     from corejax.sandbox.protocol import Connection, Kind
 
     conn = Connection(sock)

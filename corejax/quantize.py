@@ -1,0 +1,314 @@
+"""`corejax quantize`: a GGUF model (F32/F16/BF16, or already quantized) or an HF Llama-family folder -> a GGUF
+file with its matrices in Q8_0, Q4_0 or Q4_1, every metadata key (architecture, tokenizer, chat template)
+carried over or converted (loading/hf_gguf.py), so the result is a complete model for corejax and llama.cpp alike.
+
+The block math is llama.cpp's reference quantizers (ggml-quants.c quantize_row_q8_0_ref, q4_0_ref, q4_1_ref),
+vectorised in numpy over blocks of 32 and bit-exact with gguf-py's gguf.quants.quantize (tests/test_quantize.py);
+gguf-py's GGUFWriter writes the file. The source is read with corejax's bounds-checked reader, not gguf-py's.
+Which tensors: every 2-D matrix whose rows split into blocks of 32 (token embedding and output head included,
+as llama.cpp's Q8_0 does); 1-D tensors (norms) stay float32, as in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from corejax.errors import InvalidParameterError, UnsupportedModelError
+
+QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+_ALIASES = {"int8": "Q8_0", "q8_0": "Q8_0", "int4": "Q4_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+QK = 32  # values per block
+_BYTES_PER_BLOCK = {"Q8_0": 2 + QK, "Q4_0": 2 + QK // 2, "Q4_1": 4 + QK // 2}
+_FILE_TYPE = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+_QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
+_CHUNK_BLOCKS = 1 << 16  # blocks per vectorised step: bounded float32 temporaries (8 MiB) on any tensor
+
+
+def _roundf(x: np.ndarray) -> np.ndarray:
+    """C's roundf (half away from zero) in float32; floor(|x| + 0.5) would round 0.49999997 up."""
+    a = np.abs(x)
+    f = np.floor(a)
+    return np.copysign(f + (a - f >= 0.5), x)
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    """[n, 1] float32 -> [n, 2] uint8, little-endian IEEE half (ggml's GGML_FP32_TO_FP16: round to nearest)."""
+    return x.astype("<f2").view(np.uint8)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """[n, 32] uint8 in [0, 15] -> [n, 16]: element j in the low nibble of byte j, element j + 16 in its high."""
+    return q[:, :QK // 2] | (q[:, QK // 2:] << np.uint8(4))
+
+
+def quantize_blocks(x: np.ndarray, qtype: str) -> np.ndarray:
+    """[n, 32] float32 blocks -> [n, bytes per block] uint8 in ggml's layout for `qtype`."""
+    x = np.asarray(x, np.float32)
+    if qtype == "Q8_0":
+        d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
+        q = _roundf(x * _inverse(d)).astype(np.int8).view(np.uint8)
+        return np.concatenate([_f16_bytes(d), q], axis=1)
+    if qtype == "Q4_0":
+        # The signed value of largest magnitude (the first one, as ggml's strict `<` keeps) maps to -8.
+        big = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+        d = big / np.float32(-8)
+        q = np.minimum(np.trunc(x * _inverse(d) + np.float32(8.5)), 15).astype(np.uint8)
+        return np.concatenate([_f16_bytes(d), _nibbles(q)], axis=1)
+    if qtype == "Q4_1":
+        lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+        d = (hi - lo) / np.float32(15)
+        q = np.minimum(np.trunc((x - lo) * _inverse(d) + np.float32(0.5)), 15).astype(np.uint8)
+        return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _nibbles(q)], axis=1)
+    raise InvalidParameterError(f"quantization type must be one of {', '.join(QUANT_TYPES)}; got {qtype!r}")
+
+
+def quantize_tensor(w: np.ndarray, qtype: str) -> np.ndarray:
+    """A float [..., in] tensor (in % 32 == 0) -> uint8 [..., in // 32 * bytes per block], ggml's row layout."""
+    w = np.asarray(w, np.float32)
+    if qtype not in QUANT_TYPES:
+        raise InvalidParameterError(f"quantization type must be one of {', '.join(QUANT_TYPES)}; got {qtype!r}")
+    if w.shape[-1] % QK:
+        raise InvalidParameterError(f"rows of {w.shape[-1]} values do not split into blocks of {QK}")
+    blocks = w.reshape(-1, QK)
+    out = np.empty((blocks.shape[0], _BYTES_PER_BLOCK[qtype]), np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
+            out[start:start + _CHUNK_BLOCKS] = quantize_blocks(blocks[start:start + _CHUNK_BLOCKS], qtype)
+    return out.reshape(*w.shape[:-1], -1)
+
+
+def normalize_type(qtype: str) -> str:
+    """"Q8_0" | "Q4_0" | "Q4_1", also from "int8" (Q8_0) and "int4" (Q4_0), any case."""
+    name = _ALIASES.get(str(qtype).lower(), str(qtype).upper())
+    if name not in QUANT_TYPES:
+        raise InvalidParameterError(
+            f"quantization type must be one of {', '.join(QUANT_TYPES)} (or int8 = Q8_0, int4 = Q4_0); got {qtype!r}")
+    return name
+
+
+@dataclasses.dataclass
+class QuantizeReport:
+    """What quantize_gguf wrote, and the error it added against the float values it started from (the source's
+    tensors as stored, dequantized exactly): max and mean |error| and the relative RMS error over all quantized
+    values."""
+
+    source: str
+    output: str
+    qtype: str
+    quantized: int
+    kept: int
+    source_bytes: int
+    output_bytes: int
+    max_abs_error: float
+    mean_abs_error: float
+    relative_rms_error: float
+    seconds: float
+
+    def summary(self) -> str:
+        return (f"{self.output}: {self.quantized} tensors as {self.qtype}, {self.kept} kept as stored; "
+                f"{self.source_bytes / 1e6:.1f} MB -> {self.output_bytes / 1e6:.1f} MB in {self.seconds:.1f} s; "
+                f"error vs the source's values: max {self.max_abs_error:.3g}, mean {self.mean_abs_error:.3g}, "
+                f"relative RMS {self.relative_rms_error:.3g}")
+
+
+def quantize_gguf(source: str | os.PathLike, output: str | os.PathLike, qtype: str = "Q8_0", *,
+                  progress: bool = True) -> QuantizeReport:
+    """Writes `output`, a GGUF model with the matrices of `source` quantized to `qtype`.
+
+    source: a GGUF file (any tensor types corejax reads; quantized ones are dequantized exactly, then
+    re-quantized, and tensors already in `qtype` are copied byte for byte), or an HF folder of a Llama-family
+    checkpoint with a byte-level BPE tokenizer.json (converted as llama.cpp's convert_hf_to_gguf.py does)."""
+    qtype = normalize_type(qtype)
+    source, output = Path(source), Path(output)
+    if not source.exists():
+        from corejax.errors import ModelNotFoundError
+
+        raise ModelNotFoundError(f"{source}: no such file or folder; give a .gguf model or an HF folder")
+    if output.exists() and output.resolve() == source.resolve():
+        raise InvalidParameterError(f"the output {output} would overwrite the source; give another path")
+    start = time.perf_counter()
+    tmp = output.with_name(output.name + ".part")
+    try:
+        if source.is_dir():
+            from corejax.loading.hf_gguf import hf_as_gguf
+
+            with hf_as_gguf(source) as (arch, metadata, tensors):
+                stats = _write(tmp, arch, metadata, tensors, qtype, progress)
+        else:
+            with _gguf_source(source) as (arch, metadata, tensors):
+                stats = _write(tmp, arch, metadata, tensors, qtype, progress)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, output)
+    quantized, kept, err_max, err_sum, sq_err, sq_ref, count = stats
+    source_bytes = (sum(f.stat().st_size for f in source.glob("*.safetensors")) if source.is_dir()
+                    else source.stat().st_size)
+    return QuantizeReport(
+        str(source), str(output), qtype, quantized, kept, source_bytes, output.stat().st_size,
+        err_max, err_sum / max(count, 1), float(np.sqrt(sq_err / sq_ref)) if sq_ref else 0.0,
+        time.perf_counter() - start)
+
+
+@dataclasses.dataclass
+class SourceTensor:
+    """One tensor to write: its GGUF name and numpy-order shape, how to read rows of it as float32, and, when
+    it may be copied as stored, its ggml type and bytes."""
+
+    name: str
+    shape: tuple[int, ...]
+    rows: Any  # (start, stop) -> float32 [stop - start, shape[-1]] (2-D tensors), or () -> the whole tensor
+    stored_type: Any = None  # GGMLType of `raw`, or None: write float32
+    raw: Any = None  # () -> uint8 bytes as stored
+
+
+class _gguf_source:
+    """A GGUF file as (arch, metadata [(key, value, type, element type)], [SourceTensor]), read with corejax's
+    bounds-checked reader."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> tuple[str, list, list[SourceTensor]]:
+        from corejax.loading.ggml_quants import dequantize
+        from corejax.loading.gguf import read_gguf
+
+        self.f = f = read_gguf(self.path)
+        metadata = [(k, v, *f.metadata_types[k]) for k, v in f.metadata.items()]
+        tensors = []
+        for name, info in f.tensors.items():
+            def rows(start=0, stop=None, info=info):
+                if len(info.shape) == 1:
+                    return dequantize(f.raw(info.name), info.ggml_type, info.shape)
+                per_row = info.nbytes // info.shape[0]
+                stop = info.shape[0] if stop is None else stop
+                data = f.raw(info.name)[start * per_row:stop * per_row]
+                return dequantize(data, info.ggml_type, (stop - start, *info.shape[1:]))
+
+            tensors.append(SourceTensor(name, info.shape, rows, info.ggml_type,
+                                        lambda info=info: np.array(f.raw(info.name))))
+        return f.architecture, metadata, tensors
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+
+def _write(tmp: Path, arch: str, metadata: list, tensors: list[SourceTensor], qtype: str, progress: bool) -> tuple:
+    """Streams one GGUF file: header and metadata, the tensor directory, then each tensor quantized (or copied)
+    as it is read, so memory holds one tensor at a time."""
+    import gguf
+    from tqdm.auto import tqdm
+
+    from corejax.loading.ggml_quants import GGMLType
+
+    target = gguf.GGMLQuantizationType[qtype]
+    VT = gguf.GGUFValueType
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    for key, value, vtype, sub in metadata:
+        if key in ("general.architecture", "general.alignment", "general.file_type", "general.quantization_version"):
+            continue
+        if vtype == VT.ARRAY and sub == VT.ARRAY:
+            raise UnsupportedModelError(f"metadata key {key!r} nests arrays, which this writer cannot copy")
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        writer.add_key_value(key, value, VT(vtype), None if sub is None else VT(sub))
+    writer.add_file_type(_FILE_TYPE[qtype])
+    writer.add_quantization_version(_QUANTIZATION_VERSION)
+    plan = []
+    for t in tensors:
+        lead = int(np.prod(t.shape[:-1]))
+        if len(t.shape) == 2 and t.shape[-1] % QK == 0 and t.stored_type != GGMLType[qtype]:
+            row_bytes, dtype, how = t.shape[-1] // QK * _BYTES_PER_BLOCK[qtype], target, "quantize"
+        elif t.stored_type is not None:
+            row_bytes = None
+            dtype, how = gguf.GGMLQuantizationType(int(t.stored_type)), "copy"
+        else:
+            row_bytes, dtype, how = t.shape[-1] * 4, gguf.GGMLQuantizationType.F32, "f32"
+        if row_bytes is None:
+            from corejax.loading.ggml_quants import tensor_nbytes
+
+            row_bytes = tensor_nbytes(t.stored_type, t.shape) // lead
+        writer.add_tensor_info(t.name, (*t.shape[:-1], row_bytes), np.dtype(np.uint8), lead * row_bytes,
+                               raw_dtype=dtype)
+        plan.append((t, how))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    err_max, err_sum, sq_err, sq_ref, count = 0.0, 0.0, 0.0, 0.0, 0
+    quantized = kept = 0
+    bar = tqdm(total=len(plan), desc=f"quantizing to {qtype}", unit="tensor", disable=not progress, leave=False)
+    for t, how in plan:
+        if how == "quantize":
+            q, stats = _requantize(t, qtype)
+            err_max = max(err_max, stats[0])
+            err_sum, sq_err, sq_ref, count = (err_sum + stats[1], sq_err + stats[2], sq_ref + stats[3],
+                                              count + stats[4])
+            writer.write_tensor_data(q)
+            quantized += 1
+        else:
+            data = t.raw() if how == "copy" else np.ascontiguousarray(t.rows(), np.float32).view(np.uint8)
+            writer.write_tensor_data(data.reshape(-1))  # as stored, byte for byte
+            kept += 1
+        bar.update(1)
+    bar.close()
+    writer.close()
+    return quantized, kept, err_max, err_sum, sq_err, sq_ref, count
+
+
+def _requantize(t: SourceTensor, qtype: str) -> tuple[np.ndarray, tuple[float, float, float, float, int]]:
+    """One [rows, in] tensor -> (its bytes in `qtype`, (max |err|, sum |err|, sum err^2, sum value^2, n)),
+    a slab of rows at a time, so the float32 copies stay small whatever the tensor's size."""
+    from corejax.loading.ggml_quants import GGMLType, dequantize
+
+    rows, cols = t.shape
+    out = np.empty((rows, cols // QK * _BYTES_PER_BLOCK[qtype]), np.uint8)
+    step = max(1, (1 << 20) // cols)
+    e_max, e_sum, e_sq, v_sq = 0.0, 0.0, 0.0, 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            w = np.asarray(t.rows(r, r + n), np.float32)
+            q = out[r:r + n] = quantize_tensor(w, qtype)
+            diff = np.abs(dequantize(q.reshape(-1), GGMLType[qtype], (n, cols)) - w).astype(np.float64)
+            e_max = max(e_max, float(diff.max()))
+            e_sum += float(diff.sum())
+            e_sq += float(np.square(diff).sum())
+            v_sq += float(np.square(w.astype(np.float64)).sum())
+    return out, (e_max, e_sum, e_sq, v_sq, rows * cols)
+
+
+def add_parser(sub: Any) -> None:
+    """`corejax quantize SOURCE OUTPUT [-t Q8_0|Q4_0|Q4_1]` on the CLI's subparsers."""
+    p = sub.add_parser("quantize", help="write a GGUF model with its matrices quantized to Q8_0, Q4_0 or Q4_1")
+    p.add_argument("source", help="a .gguf model (F32/F16/BF16, or already quantized: it is re-quantized), "
+                                  "or a registry name")
+    p.add_argument("output", help="the .gguf file to write")
+    p.add_argument("-t", "--type", default="Q8_0",
+                   help="Q8_0 (int8, default), Q4_0 (int4) or Q4_1 (int4 with block minimums)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _cmd_quantize(args: Any) -> int:
+    from corejax import hub
+
+    source = Path(args.source)
+    if not source.exists():
+        resolved = hub.resolve(args.source, progress=not args.quiet)
+        if resolved.format != "gguf":
+            raise UnsupportedModelError(f"{args.source} is an HF folder; corejax quantize reads GGUF files so far")
+        source = resolved.path
+    report = quantize_gguf(source, args.output, args.type, progress=not args.quiet)
+    print(report.summary())
+    return 0

@@ -1,0 +1,56 @@
+"""Loads the native kernels' library (built by corejax/native.py) and registers its XLA FFI targets.
+
+Each kernel module asks `available(TARGET)` at trace time and falls back to XLA's own ops when the library
+is not loaded (no compiler, COREJAX_NATIVE=0, a GPU backend)."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+from pathlib import Path
+
+import jax
+
+# FFI target name -> the handler symbol in the library (kernels/*.cc XLA_FFI_DEFINE_HANDLER_SYMBOL).
+TARGETS = {"corejax_small_matmul": "CorejaxSmallMatmul", "corejax_paged_decode": "CorejaxPagedDecode"}
+_LOCK = threading.Lock()
+_loaded: list[str] = []
+_build_allowed = [True]
+
+
+def forbid_build() -> None:
+    """In the sandboxed worker: never start a compiler (the policy forbids exec); load what the parent built."""
+    _build_allowed[0] = False
+
+
+def load(path: str | Path) -> bool:
+    with _LOCK:
+        if _loaded:
+            return True
+        try:
+            lib = ctypes.CDLL(str(path))
+            for target, symbol in TARGETS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        except (OSError, AttributeError) as e:
+            print(f"corejax: cannot load the native kernels from {path}: {e}; using XLA's own ops", file=sys.stderr)
+            return False
+        _loaded.append(str(path))
+        return True
+
+
+def ensure(path: str | Path | None = None) -> bool:
+    """Loads the library: from `path` if given, else built for this machine (unless building is forbidden)."""
+    if _loaded:
+        return True
+    if jax.default_backend() != "cpu":
+        return False
+    if path is None and _build_allowed[0]:
+        from corejax import native
+
+        path = native.build()
+    return load(path) if path is not None else False
+
+
+def available() -> bool:
+    return bool(_loaded) and jax.default_backend() == "cpu"

@@ -1,0 +1,53 @@
+"""Decode-sized paged attention (a few query positions per row) through the native kernel
+kernels/paged_decode.cc, reading float32 KV pages in place from the whole cache; kernels/paged_attention.py
+is the reference and the path for everything else (prefill chunks, quantized pages, GPUs)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from corejax.kernels import ffi
+from corejax.kernels.paged_attention import paged_attention
+
+TARGET = "corejax_paged_decode"
+MAX_QUERIES = 8  # query positions per row (a decode step, a speculative verify of up to 7 drafts)
+
+
+def supported(q: jax.Array, k_pages: jax.Array) -> bool:
+    """Whether paged_decode serves this call: the library is loaded, float32 pages, few query positions."""
+    return ffi.available() and k_pages.dtype == jnp.float32 and q.shape[1] <= MAX_QUERIES
+
+
+def paged_decode(
+    q: jax.Array,  # [B, T, N, H]
+    k_pages: jax.Array,  # [L, K, P, page_size, H] float32: the whole cache
+    v_pages: jax.Array,  # [L, K, P, page_size, H]
+    layer: int,
+    page_table: jax.Array,  # [B, pages_per_seq] int32
+    lengths: jax.Array,  # [B] int32
+    q_positions: jax.Array,  # [B, T] int32
+    *,
+    window: int = 0,
+    scale: float | None = None,
+    softcap: float = 0.0,
+) -> jax.Array:
+    """Same contract as paged_attention on layer `layer` of the cache -> [B, T, N, H] in q's dtype."""
+    b, t, n, h = q.shape
+    if k_pages.ndim != 5 or k_pages.shape != v_pages.shape or k_pages.shape[-1] != h or n % k_pages.shape[1]:
+        raise ValueError(f"paged_decode needs k_pages, v_pages [L, K, P, page_size, H]: {q.shape=} {k_pages.shape=}")
+    scale = 1.0 / math.sqrt(h) if scale is None else scale
+    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, t, n, h), jnp.float32))(
+        q.astype(jnp.float32), k_pages, v_pages, page_table.astype(jnp.int32), lengths.astype(jnp.int32),
+        q_positions.astype(jnp.int32), layer=np.int64(layer), window=np.int64(window), scale=np.float32(scale),
+        softcap=np.float32(softcap))
+    return out.astype(q.dtype)
+
+
+def paged_decode_reference(q, k_pages, v_pages, layer, page_table, lengths, q_positions, *, window=0, scale=None,
+                           softcap=0.0) -> jax.Array:
+    return paged_attention(q, k_pages[layer], v_pages[layer], page_table, lengths, q_positions, window=window,
+                           scale=scale, softcap=softcap, impl="lax")

@@ -1,0 +1,52 @@
+"""Continuous batching and speculative decoding on the real models: every sequence of a batch gets the greedy
+tokens it gets alone, and speculative greedy text is plain greedy text."""
+
+from __future__ import annotations
+
+import pytest
+
+from corejax.config import EngineConfig, SamplingParams, SpeculativeConfig
+from corejax.engine import Engine
+from corejax.hub import ModelSource
+from corejax.runtime import Runtime
+from corejax.scheduler import Scheduler
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village by the sea, there lived",
+    "List three colours: red,",
+    "Water boils at a temperature of",
+]
+REPEAT = ("Rewrite the list with numbers.\nApples, pears, plums, cherries, grapes.\n"
+          "1. Apples\n2. Pears\n3. Plums\n4. Cherries\n5. Grapes\n\nAgain:\n1. Apples\n2.")
+N = 32
+
+
+def tokens_of(runtime: Runtime, prompts: list[str], spec: SpeculativeConfig | None = None,
+              draft: bool = False) -> list[list[int]]:
+    sch = Scheduler(Engine(runtime.model.cfg, runtime.model.params, EngineConfig()), background=False,
+                    draft_loader=runtime._load_draft if draft else None)
+    sp = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)
+    reqs = [sch.submit(runtime.tokenizer.encode(p), sp, frozenset(), spec) for p in prompts]
+    sch.run_until_idle()
+    return [[e.token for e in r] for r in reqs]
+
+
+@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+def runtime(request, smollm2_gguf, gemma3_gguf):
+    path = smollm2_gguf if request.param == "smollm2" else gemma3_gguf
+    return Runtime(ModelSource(request.param, "gguf", path), progress=False)
+
+
+def test_batched_greedy_equals_alone(runtime):
+    alone = [tokens_of(runtime, [p])[0] for p in PROMPTS]
+    assert tokens_of(runtime, PROMPTS) == alone
+
+
+def test_ngram_speculative_greedy_equals_plain(runtime):
+    prompts = [REPEAT, PROMPTS[1]]
+    plain = tokens_of(runtime, prompts)
+    assert tokens_of(runtime, prompts, SpeculativeConfig(method="ngram", k=4)) == plain
