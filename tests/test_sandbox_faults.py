@@ -94,8 +94,24 @@ def test_segfault_and_abort(session, target, args, signame):
 def test_hang_times_out_and_queued_requests_are_not_lost(tiny):
     from corejax.sandbox.testing import TestingSession
 
-    with TestingSession(str(tiny), pythonpath=[TESTS], timeout=2) as s:
+    with TestingSession(str(tiny), pythonpath=[TESTS], timeout=6) as s:
         results, errors = {}, {}
+
+        def gen(i):
+            try:
+                results[i] = s.generate("the sea", max_tokens=3, ignore_eos=True, temperature=0).tokens
+            except Exception as e:  # noqa: BLE001
+                errors[i] = e
+
+        # The three generations below run batched; compile their shapes now, outside the timed scenario
+        # (the replacement worker finds them in the persistent compilation cache).
+        warm = [threading.Thread(target=gen, args=(i,)) for i in range(3)]
+        for t in warm:
+            t.start()
+        for t in warm:
+            t.join(timeout=120)
+        assert not errors and len(results) == 3
+        results.clear()
         started = time.monotonic()
 
         def hang():
@@ -103,12 +119,6 @@ def test_hang_times_out_and_queued_requests_are_not_lost(tiny):
                 s.run("time:sleep", 60)
             except Exception as e:  # noqa: BLE001
                 errors["hang"] = (e, time.monotonic() - started)
-
-        def gen(i):
-            try:
-                results[i] = s.generate("the sea", max_tokens=3, ignore_eos=True, temperature=0).tokens
-            except Exception as e:  # noqa: BLE001
-                errors[i] = e
 
         first = threading.Thread(target=hang)
         first.start()
@@ -119,8 +129,8 @@ def test_hang_times_out_and_queued_requests_are_not_lost(tiny):
         for t in [first, *others]:
             t.join(timeout=120)
         error, elapsed = errors.pop("hang")
-        assert isinstance(error, RequestTimeout) and "2 s timeout" in str(error)
-        assert elapsed < 10
+        assert isinstance(error, RequestTimeout) and "6 s timeout" in str(error)
+        assert elapsed < 20
         assert not errors and len(results) == 3 and len(set(results.values())) == 1
 
 
