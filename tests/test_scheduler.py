@@ -78,20 +78,18 @@ def test_requests_join_a_running_batch(runtime):
     assert [[e.token for e in r] for r in reqs] == expected
 
 
-def test_sampled_rows_do_not_depend_on_the_batch(runtime):
-    prompts = [runtime.tokenizer.encode(p) for p in PROMPTS[:5]]
-    params = [SamplingParams(temperature=0.9, top_k=20, seed=i, max_tokens=16, ignore_eos=True) for i in range(5)]
-    expected = [alone(runtime, p, sp) for p, sp in zip(prompts, params)]
-    sch = scheduler(runtime)
-    reqs = [sch.submit(p, sp, frozenset()) for p, sp in zip(prompts, params)]
-    sch.run_until_idle()
-    assert [[e.token for e in r] for r in reqs] == expected
+ROW_PARAMS = {
+    "sampled": [SamplingParams(temperature=0.9, top_k=20, seed=i, max_tokens=16, ignore_eos=True) for i in range(5)],
+    "penalised": [SamplingParams(temperature=0.0, repetition_penalty=1.3 + 0.2 * i, frequency_penalty=0.5,
+                                 max_tokens=16, ignore_eos=True) for i in range(3)],
+}
 
 
-def test_penalties_in_a_batch_follow_each_row(runtime):
-    prompts = [runtime.tokenizer.encode(p) for p in PROMPTS[:3]]
-    params = [SamplingParams(temperature=0.0, repetition_penalty=1.3 + 0.2 * i, frequency_penalty=0.5,
-                             max_tokens=16, ignore_eos=True) for i in range(3)]
+@pytest.mark.parametrize("kind", sorted(ROW_PARAMS))
+def test_each_row_follows_its_own_sampling_in_a_batch(runtime, kind):
+    """Seeded sampling and penalties are per row: a batch gives every row what it gets alone."""
+    params = ROW_PARAMS[kind]
+    prompts = [runtime.tokenizer.encode(p) for p in PROMPTS[:len(params)]]
     expected = [alone(runtime, p, sp) for p, sp in zip(prompts, params)]
     sch = scheduler(runtime)
     reqs = [sch.submit(p, sp, frozenset()) for p, sp in zip(prompts, params)]
