@@ -3,7 +3,7 @@
 //
 // Why it exists: XLA:CPU runs a one-row dot as a GEMV that streams the weights once, but sends 2-16 rows
 // (a batch of decode steps, a speculative verify) to a GEMM that repacks the weight matrix on every call,
-// so a decode step of 8 rows cost 2.5-3x a step of one (kernels/small_matmul.py has the figures). Here
+// so a decode step of 8 rows cost ~1.9x a step of one (kernels/small_matmul.py has the figures). Here
 // every row shares one pass over the weights: the M x 32 accumulators of a column block stay in vector
 // registers while the block — K x 128 contiguous bytes — streams through once. The blocked layout is what
 // makes that stream sequential: over a row-major [K, N] matrix the same walk jumps N floats per row, into

@@ -2,9 +2,14 @@
 (kernels/small_matmul.cc, an XLA FFI custom call) for up to MAX_ROWS rows — decode steps, batches of them,
 speculative verifies — and XLA's dot for more (prefill).
 
-Measured on this 2-core AMD EPYC (AVX-512), float32, a 30-layer SmolLM2-shaped MLP stack ([576, 1536] x 2
-and [1536, 576] per layer, 318 MB) per call, median ms (`python benchmarks/small_matmul.py`):
-see that benchmark's docstring for the table; the decode-step figures are in corejax/scheduler.py.
+Measured on this 2-core AMD EPYC (AVX-512), quiet machine, a 30-layer SmolLM2-shaped float32 MLP stack
+(318 MB) per call, median ms (`python benchmarks/native_kernels.py`):
+
+    rows      1     2     4     8    16    32
+    XLA     11.4  17.0  17.5  20.4  27.0  39.6
+    native  12.9  12.6  13.2  15.0  27.8  53.4
+
+so the kernel takes 2-8 rows (one row is a wash; XLA keeps 16 and more).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from corejax.kernels import ffi
 
 TARGET = "corejax_small_matmul"
 BLOCK = 32  # columns per block (kernels/small_matmul.cc kBlock)
-MAX_ROWS = 32  # up to this many rows go to the kernel, in calls of CALL_ROWS (each reads the weights once)
+MAX_ROWS = 8  # up to this many rows go to the kernel (at 16-32 rows XLA's GEMM was as fast or faster)
 CALL_ROWS = 8
 
 
