@@ -49,7 +49,8 @@ COMPILER_BASELINE = 96 << 20
 PROGRAM_BYTES_PER_LAYER = 4 << 20
 PROGRAM_BYTES_MIN = 16 << 20
 PROGRAMS_RESERVED = 8
-# Kept-quantized weights (QuantArray) compile to bigger programs: each matmul carries its dequantize loop.
+# Kept-quantized weights (QuantArray) without the native kernel compile to bigger programs: each matmul carries
+# its dequantize loop.
 # Gemma 3 270M native in the sandbox, prompts of 4/20/60/120/250/500/1000 tokens: resident +321/437/535/640/
 # 833/1035/1037 MiB, peak +1349 MiB while compiling (f32 weights, same prompts: +730 MiB at most).
 QUANT_PROGRAM_FACTOR = 2.25
@@ -191,7 +192,10 @@ def workspace_bytes(cfg: Any, prefill_chunk: int, weights: str = "f32") -> tuple
     """-> (bytes, detail) for activations of the largest prefill chunk plus the reserved compiled programs."""
     chunk = min(prefill_chunk, cfg.max_context)
     act = activation_bytes(cfg, chunk)
-    programs = int(PROGRAMS_RESERVED * program_bytes(cfg.num_layers) * (1 if weights == "f32" else QUANT_PROGRAM_FACTOR))
+    from corejax.kernels import ffi  # with the quantized kernel loaded, a matmul is one custom call either way
+
+    factor = 1 if weights == "f32" or ffi.available() else QUANT_PROGRAM_FACTOR
+    programs = int(PROGRAMS_RESERVED * program_bytes(cfg.num_layers) * factor)
     return act + COMPILER_BASELINE + programs, (
         f"activations of a {chunk}-token prefill chunk {format_size(act)}, the compiler "
         f"{format_size(COMPILER_BASELINE)}, {PROGRAMS_RESERVED} compiled programs {format_size(programs)}")

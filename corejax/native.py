@@ -22,7 +22,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCES = ("small_matmul.cc", "paged_decode.cc")
+SOURCES = ("small_matmul.cc", "paged_decode.cc", "quant_matmul.cc")
 _LOCK = threading.Lock()
 _BUILT: dict[str, Path | None] = {}
 

@@ -1,80 +1,77 @@
-"""QuantArray: weights kept quantized in memory, and the one matmul that understands them.
+"""QuantArray: weights kept quantized in memory, and the one quantized matmul every model uses.
 
-A [D_in, D_out] weight is stored as integer codes plus per-block scales (and mins for asymmetric formats),
-with value = scales * code - mins, blocks running along D_in (GGUF's blocks, transposed to our [in, out]
-layout). Codes are tiled by output columns — codes [T, D_in, tile] — so one tile is contiguous.
+A [d_in, d_out] weight is held as unsigned codes u plus per-block scales (and mins for asymmetric formats):
+value = scale * (u - offset) - min, blocks of `block` values running along d_in (GGUF's blocks, transposed to
+our [in, out] layout). Columns are grouped by 16 in the layout the native kernel reads
+(kernels/quant_matmul.cc has the byte order and why):
+    codes  [d_out / 16, d_in / 4, 64] uint8 (8-bit) or [d_out / 16, d_in / 8, 64] uint8 (two 4-bit per byte)
+    scales [d_out / 16, d_in / block, 16] float16 (when exact, as GGUF's own) or float32 (K-quants' products)
+    mins   like scales, or None
+d_out is padded to a multiple of 16 with zero columns (shape keeps the true size).
 
-Why tiles (measured on this 2-core AMD EPYC, jax 0.10.2, one [2048, 16384] GEMV, min of 5x10 calls):
-  f32 weights, x @ W                                   4.5-7.5 ms   (reads 134 MB)
-  int8 dequantized inside one fused expression        38-62 ms     (XLA materialises float weights)
-  int8 x int8 -> int32 lax.dot / bf16 dot              55-66 ms     (XLA:CPU has no fast int8/bf16 GEMM)
-  int8, lax.map over 256-column tiles: dequantize a
-  [D_in, tile] f32 tile (cache-resident), then dot      6.3-6.6 ms   (reads 34 MB)
-The tiled form runs at f32 speed on one large matrix while holding 4x (int8) to ~6x (packed int4) fewer
-bytes; XLA flags (--xla_cpu_use_onednn, --xla_cpu_use_xnnpack) made every variant slower. Inside a whole
-model it does not hold: SmolLM2-135M Q4_1 kept quantized (96.6 MB of weights vs 538 MB f32) decodes at
-2.7 tok/s vs 15.3 tok/s for f32 in the same run — with many small matrices, XLA:CPU emits slow code for
-the dequantize-then-dot pairs (a scan over 30 such pairs: 37 ms; 30 separate pairs: 110-120 ms; the f32
-dots: 5 ms). So "native" weights are an opt-in memory saver, not the default. Beating f32 *speed* needs
-integer dot products (AVX-512 VNNI, as llama.cpp uses) that XLA:CPU does not emit: the next path is an
-XLA FFI custom call with a hand-written GEMV, or a Pallas CPU backend when one exists.
+The matmul: with the native kernels loaded (CPU, a C++ compiler), `kernels/quant_matmul.cc` — activations
+quantized to int8 per 32 values (as llama.cpp's Q8_0 activations) and integer dot products (AVX-512 VNNI),
+one pass over the weight bytes for up to 8 rows, column groups split over threads for prefill. Its error
+against dequantize-then-f32 is the activation rounding: ~0.3-0.5% of a row's output RMS (tests/test_quant.py).
+Without the kernels (a GPU, no compiler, COREJAX_NATIVE=0): XLA dequantizes a cache-sized slice of column
+groups at a time inside lax.map and multiplies in f32 (exact weights, slow: XLA:CPU has no integer dot
+products, and dequantize-then-dot over many small matrices compiles to slow code — measured on SmolLM2
+Q4_1: 2.7 tok/s vs 15 for f32, which is why the kernel exists; `python benchmarks/native_kernels.py` has
+the side-by-side figures).
 
-Exactness: the tile is dequantized with the same float32 operations, in the same order, as
-gguf.quants.dequantize, so a GGUF model computes with bit-identical weight values whether it is
-dequantized at load or kept quantized; only the summation order of the matmul differs.
+Exactness of the weights: dequantize() computes scale * (u - offset) - min in float32 in ggml's order, so
+GGUF blocks come back bit-identical to gguf.quants.dequantize.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax import lax
 
 from corejax.errors import InvalidParameterError
+from corejax.kernels import ffi
 
-_TILE_BYTES = 512 * 1024  # one dequantized f32 tile: well inside L2 of the cores measured
+TARGET = "corejax_quant_matmul"
+GROUP = 16  # columns per group (kernels/quant_matmul.cc kG)
+BLOCKS = (16, 32)  # values per scale the layout supports
+_DECODE_ROWS = 8  # up to this many rows: one thread (memory-bound); more: all cores split the columns
+_SLICE_BYTES = 512 * 1024  # the XLA fallback's dequantized f32 slice: well inside L2
 
 
 @struct.dataclass
 class QuantArray:
-    """A quantized [d_in, d_out] matrix. Arrays are pytree leaves; the rest is static (part of the jit key).
-
-    codes:  [T, d_in, tile] int8, or [T, d_in // 2, tile] uint8 with two 4-bit codes per byte (rows 2j in
-            the low nibble, 2j+1 in the high one)
-    scales: [T, d_in // block, tile] float16 (when exact) or float32
-    mins:   like scales, or None for symmetric formats
-    """
+    """A quantized [d_in, d_out] matrix. Arrays are pytree leaves; the rest is static (part of the jit key)."""
 
     codes: jax.Array
     scales: jax.Array
     mins: jax.Array | None
     shape: tuple[int, int] = struct.field(pytree_node=False)
     block: int = struct.field(pytree_node=False)  # values per scale along d_in
-    bits: int = struct.field(pytree_node=False)  # 8 (one code per int8) or 4 (packed)
-    offset: int = struct.field(pytree_node=False, default=0)  # code = stored nibble - offset (4-bit only)
+    bits: int = struct.field(pytree_node=False)  # 8 (a byte per code) or 4 (two per byte)
+    offset: int = struct.field(pytree_node=False, default=0)  # value = scale * (u - offset) - min
     fmt: str = struct.field(pytree_node=False, default="")  # where it came from: "Q4_1", "int8", ...
-
-    @property
-    def tile(self) -> int:
-        return self.codes.shape[-1]
 
     @property
     def nbytes(self) -> int:
         return sum(int(a.size) * a.dtype.itemsize for a in (self.codes, self.scales, self.mins) if a is not None)
 
 
-def choose_tile(d_in: int, d_out: int) -> int:
-    """The divisor of d_out (a multiple of 8 where possible) nearest below the cache-sized target."""
-    target = max(8, _TILE_BYTES // (4 * d_in))
-    best = d_out
-    for t in range(min(target, d_out), 0, -1):
-        if d_out % t == 0 and (t % 8 == 0 or t == d_out):
-            best = t
-            break
-    return best
+def supported(shape: tuple[int, int], block: int) -> bool:
+    """Whether a checkpoint [out, in] matrix with `block` values per scale fits the layout."""
+    d_out, d_in = shape
+    return block in BLOCKS and d_in % 32 == 0 and d_in % block == 0
+
+
+def layout_bytes(shape: tuple[int, int], bits: int, block: int, scale_bytes: int, has_mins: bool) -> int:
+    d_out, d_in = shape
+    padded = -(-d_out // GROUP) * GROUP
+    return padded * d_in * bits // 8 + padded * (d_in // block) * scale_bytes * (2 if has_mins else 1)
 
 
 def _scale_array(x: np.ndarray) -> np.ndarray:
@@ -83,32 +80,47 @@ def _scale_array(x: np.ndarray) -> np.ndarray:
     return half if np.array_equal(half.astype(np.float32), x, equal_nan=True) else x.astype(np.float32)
 
 
-def _tiles(a: np.ndarray, tile: int) -> np.ndarray:
-    """[out, X] (checkpoint order) -> [out // tile, X, tile] contiguous."""
-    out, x = a.shape
-    return np.ascontiguousarray(a.reshape(out // tile, tile, x).transpose(0, 2, 1))
+def _group_params(a: np.ndarray) -> np.ndarray:
+    """[out, in // block] (out a multiple of 16) -> [out / 16, in // block, 16]."""
+    out, nb = a.shape
+    return np.ascontiguousarray(a.reshape(out // GROUP, GROUP, nb).transpose(0, 2, 1))
 
 
-def from_blocks(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, *, fmt: str,
-                tile: int | None = None) -> QuantArray:
-    """Checkpoint-order arrays -> QuantArray. codes [out, in] integers; scales/mins [out, in // block] f32."""
+def _group_codes(u: np.ndarray, bits: int) -> np.ndarray:
+    """u [out, in] uint8 (out a multiple of 16) -> the kernel's byte order (module docstring)."""
+    out, d_in = u.shape
+    g = out // GROUP
+    if bits == 8:
+        return np.ascontiguousarray(u.reshape(g, GROUP, d_in // 4, 4).transpose(0, 2, 1, 3)).reshape(g, d_in // 4, 64)
+    split = u.reshape(g, GROUP, d_in // 8, 2, 4).transpose(0, 2, 3, 1, 4)  # [g, s, half, column, j]
+    return np.ascontiguousarray(split[:, :, 0] | (split[:, :, 1] << 4)).reshape(g, d_in // 8, 64)
+
+
+def from_blocks(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, *, fmt: str) -> QuantArray:
+    """Checkpoint-order arrays -> QuantArray. codes [out, in] integers; scales/mins [out, in // block] f32,
+    value = scales * code - mins."""
     d_out, d_in = codes.shape
     block = d_in // scales.shape[1]
-    tile = tile or choose_tile(d_in, d_out)
-    lo, hi = int(codes.min()), int(codes.max())
-    if hi - lo < 16 and d_in % 2 == 0:
-        offset = -lo  # nibble = code - lo, in [0, 15]
-        nib = (codes.astype(np.int16) + offset).astype(np.uint8)
-        packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
-        stored, bits = _tiles(packed, tile), 4
-    else:
-        if lo < -128 or hi > 127:
-            raise InvalidParameterError(f"{fmt} codes span [{lo}, {hi}], more than int8 holds")
-        stored, bits, offset = _tiles(codes.astype(np.int8), tile), 8, 0
+    if not supported((d_out, d_in), block):
+        raise InvalidParameterError(f"{fmt}: a [{d_out}, {d_in}] matrix with {block} values per scale does not "
+                                    "fit the quantized layout (needs in % 32 == 0 and 16 or 32 per scale)")
+    lo = int(codes.min())
+    offset = 0 if lo >= 0 else 1 << (-lo - 1).bit_length()  # a power of two: scale * offset stays exact
+    u = codes.astype(np.int16) + offset
+    hi = int(u.max())
+    if hi > 255:
+        raise InvalidParameterError(f"{fmt} codes span [{lo}, {hi - offset}], more than a byte holds")
+    bits = 4 if hi < 16 else 8
+    pad = -d_out % GROUP
+    u = np.pad(u.astype(np.uint8), ((0, pad), (0, 0)))
+    sc = np.pad(_scale_array(scales), ((0, pad), (0, 0)))
+    mn = None if mins is None else np.pad(_scale_array(mins), ((0, pad), (0, 0)))
+    if mn is not None and mn.dtype != sc.dtype:
+        sc, mn = sc.astype(np.float32), mn.astype(np.float32)
     return QuantArray(
-        codes=jnp.asarray(stored),
-        scales=jnp.asarray(_tiles(_scale_array(scales), tile)),
-        mins=None if mins is None else jnp.asarray(_tiles(_scale_array(mins), tile)),
+        codes=jnp.asarray(_group_codes(u, bits)),
+        scales=jnp.asarray(_group_params(sc)),
+        mins=None if mn is None else jnp.asarray(_group_params(mn)),
         shape=(d_in, d_out), block=block, bits=bits, offset=offset, fmt=fmt,
     )
 
@@ -137,53 +149,88 @@ def quantize(w: np.ndarray, bits: int, *, block: int = 32) -> QuantArray:
     return from_blocks(codes.reshape(d_out, d_in), scale, -low, fmt="int4")
 
 
-def _codes_f32(codes: jax.Array, w: QuantArray) -> jax.Array:
-    """[..., rows, tile] stored codes -> [..., d_in, tile] float32 codes."""
+def _unpack(codes: jax.Array, w: QuantArray) -> jax.Array:
+    """[..., S, C, 4] stored bytes (C columns of a group) -> [..., d_in, C] codes as float32, u - offset."""
+    lead, cols = codes.shape[:-3], codes.shape[-2]
     if w.bits == 8:
-        return codes.astype(jnp.float32)
-    low = (codes & 0x0F).astype(jnp.float32)
-    high = (codes >> 4).astype(jnp.float32)
-    both = jnp.stack([low, high], axis=-2)  # [..., d_in/2, 2, tile]
-    out = both.reshape(*codes.shape[:-2], codes.shape[-2] * 2, codes.shape[-1])
-    return out - w.offset if w.offset else out
+        u = jnp.swapaxes(codes, -1, -2)  # [..., S, 4, 16]: k = 4 s + j
+    else:
+        halves = jnp.stack([codes & 0x0F, codes >> 4], axis=-3)  # [..., S, 2, 16, 4]: k = 8 s + 4 h + j
+        u = jnp.swapaxes(halves, -1, -2)
+    u = u.reshape(*lead, w.shape[0], cols).astype(jnp.float32)
+    return u - w.offset if w.offset else u
 
 
-def _dequant(codes: jax.Array, scales: jax.Array, mins: jax.Array | None, w: QuantArray) -> jax.Array:
-    """One tile (or a stack of them): [..., rows, tile] -> [..., d_in, tile] float32, in ggml's order."""
-    c = _codes_f32(codes, w)
-    lead, tile = c.shape[:-2], c.shape[-1]
-    nb = w.shape[0] // w.block
-    c = c.reshape(*lead, nb, w.block, tile)
+def _dequant_groups(codes: jax.Array, scales: jax.Array, mins: jax.Array | None, w: QuantArray) -> jax.Array:
+    """Groups [..., S, 64] -> [..., d_in, 16] float32, in ggml's order: scale * code - min."""
+    c = _unpack(codes.reshape(*codes.shape[:-1], GROUP, 4), w)
+    lead = c.shape[:-2]
+    c = c.reshape(*lead, w.shape[0] // w.block, w.block, GROUP)
     v = c * scales.astype(jnp.float32)[..., :, None, :]
     if mins is not None:
         v = v - mins.astype(jnp.float32)[..., :, None, :]
-    return v.reshape(*lead, w.shape[0], tile)
+    return v.reshape(*lead, w.shape[0], GROUP)
+
+
+def _threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def matmul(x: jax.Array, w: QuantArray) -> jax.Array:
-    """x [..., d_in] @ w -> [..., d_out] float32, one cache-sized dequantized tile at a time."""
+    """x [..., d_in] @ w -> [..., d_out] float32."""
     d_in, d_out = w.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"quant.matmul: {x.shape=} does not match the weight's [in, out] = {w.shape}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, d_in).astype(jnp.float32)
+    rows = math.prod(lead)
+    x2 = x.reshape(rows, d_in).astype(jnp.float32)
+    padded = w.codes.shape[0] * GROUP
+    if ffi.available():
+        y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, padded), jnp.float32))(
+            x2, w.codes, w.scales, w.scales if w.mins is None else w.mins,
+            bits=np.int32(w.bits), block=np.int32(w.block), offset=np.int32(w.offset),
+            has_mins=np.int32(w.mins is not None),
+            threads=np.int32(1 if rows <= _DECODE_ROWS else _threads()))
+    else:
+        y = _xla_matmul(x2, w)
+    return y[:, :d_out].reshape(*lead, d_out)
 
-    def one_tile(parts):
+
+def _xla_matmul(x2: jax.Array, w: QuantArray) -> jax.Array:
+    """The fallback: lax.map over slices of column groups, each dequantized (cache-sized) then multiplied."""
+    groups = w.codes.shape[0]
+    per = max(1, min(groups, _SLICE_BYTES // (4 * w.shape[0] * GROUP)))
+    while groups % per:
+        per -= 1
+    split = lambda a: None if a is None else a.reshape(groups // per, per, *a.shape[1:])
+
+    def one_slice(parts):
         codes, scales, mins = parts
-        return jnp.dot(x2, _dequant(codes, scales, mins, w), preferred_element_type=jnp.float32)
+        dense = _dequant_groups(codes, scales, mins, w)  # [per, d_in, 16]
+        return jnp.einsum("mk,gkc->mgc", x2, dense, preferred_element_type=jnp.float32)
 
-    out = lax.map(one_tile, (w.codes, w.scales, w.mins))  # [T, M, tile]
-    return jnp.moveaxis(out, 0, 1).reshape(*lead, d_out)
+    out = lax.map(one_slice, (split(w.codes), split(w.scales), split(w.mins)))  # [T, M, per, 16]
+    return jnp.moveaxis(out, 0, 1).reshape(x2.shape[0], groups * GROUP)
 
 
 def take_columns(w: QuantArray, ids: jax.Array) -> jax.Array:
     """Columns `ids` [...] of w, dequantized -> [..., d_in] float32 (a tied embedding's lookup)."""
-    t, c = ids // w.tile, ids % w.tile
-    codes = w.codes[t, :, c][..., None]  # [..., rows, 1]
-    scales = w.scales[t, :, c][..., None]
-    mins = None if w.mins is None else w.mins[t, :, c][..., None]
-    return _dequant(codes, scales, mins, w)[..., 0]
+    g, c = ids // GROUP, ids % GROUP
+    grp = w.codes[g].reshape(*ids.shape, -1, GROUP, 4)  # [..., S, 16, 4]
+    own = jnp.take_along_axis(grp, c[..., None, None, None], axis=-2)  # [..., S, 1, 4]
+    u = _unpack(own, w)[..., 0]  # [..., d_in]
+    sc = jnp.take_along_axis(w.scales[g], c[..., None, None], axis=-1)[..., 0]  # [..., d_in / block]
+    v = u.reshape(*ids.shape, -1, w.block) * sc.astype(jnp.float32)[..., None]
+    if w.mins is not None:
+        mn = jnp.take_along_axis(w.mins[g], c[..., None, None], axis=-1)[..., 0]
+        v = v - mn.astype(jnp.float32)[..., None]
+    return v.reshape(*ids.shape, w.shape[0])
 
 
 def dequantize(w: QuantArray) -> jax.Array:
     """The whole matrix as float32 [d_in, d_out] (tests and debugging; never on the hot path)."""
-    full = _dequant(w.codes, w.scales, w.mins, w)  # [T, d_in, tile]
-    return jnp.moveaxis(full, 0, 1).reshape(w.shape)
+    full = _dequant_groups(w.codes, w.scales, w.mins, w)  # [G, d_in, 16]
+    return jnp.moveaxis(full, 0, 1).reshape(w.shape[0], -1)[:, :w.shape[1]]

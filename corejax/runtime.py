@@ -19,7 +19,7 @@ from corejax.engine import Engine
 from corejax.kernels import ffi, small_matmul
 from corejax.errors import InvalidParameterError, UnsupportedModelError
 from corejax.hub import ModelSource, cache_dir
-from corejax.loading.loader import LoadedModel, load_model, plan_weights
+from corejax.loading.loader import LoadedModel, default_weights, load_model, plan_weights
 from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
 from corejax.sampling import SamplingParams
 from corejax.scheduler import Scheduler, StepTimes
@@ -49,6 +49,8 @@ class Runtime:
         # Weights, KV pool and workspace are reserved from the file's headers before any is allocated, so a
         # model that cannot fit memory_limit fails here with MemoryBudgetError, having allocated nothing.
         self.budget = memory.MemoryBudget(memory_limit)
+        native = ffi.ensure()  # the native CPU kernels (kernels/*.cc), when they can be built and loaded
+        weights = weights or default_weights(source, native)
         engine = memory.admit(self.budget, plan_weights(source, weights), engine or EngineConfig(), source.name)
         self.model: LoadedModel = load_model(source, weights=weights, progress=progress)
         memory.loaded(self.budget, self.model.info["weight_bytes"])
@@ -61,7 +63,7 @@ class Runtime:
 
             self.encoder = Encoder(self.model.cfg, self.model.params, self.tokenizer, self.model.sentence)
         else:
-            if ffi.ensure():  # decode-sized matmuls on the native kernel (kernels/small_matmul.cc)
+            if native:  # decode-sized float matmuls on the native kernel (kernels/small_matmul.cc)
                 self.model.params = small_matmul.block_decoder_params(self.model.params)
             self.engine = Engine(self.model.cfg, self.model.params, engine)
 

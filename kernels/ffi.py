@@ -13,7 +13,8 @@ from pathlib import Path
 import jax
 
 # FFI target name -> the handler symbol in the library (kernels/*.cc XLA_FFI_DEFINE_HANDLER_SYMBOL).
-TARGETS = {"corejax_small_matmul": "CorejaxSmallMatmul", "corejax_paged_decode": "CorejaxPagedDecode"}
+TARGETS = {"corejax_small_matmul": "CorejaxSmallMatmul", "corejax_paged_decode": "CorejaxPagedDecode",
+           "corejax_quant_matmul": "CorejaxQuantMatmul"}
 _LOCK = threading.Lock()
 _loaded: list[str] = []
 _build_allowed = [True]

@@ -254,7 +254,7 @@ def test_smollm2_requantized_to_q8_0(smollm2_gguf, tmp_path):
     assert all(r[-1].argmax() == g[-1].argmax() for r, g in zip(ref, got))
     greedy = {}
     for path in (smollm2_gguf, out):
-        with corejax.Session(str(path), sandbox=False, progress=False) as s:
+        with corejax.Session(str(path), sandbox=False, weights="f32", progress=False) as s:  # the weights' error only
             greedy[path] = [s.generate(p, max_tokens=32, temperature=0, ignore_eos=True).tokens for p in PROMPTS]
     same = sum(a == b for a, b in zip(greedy[smollm2_gguf], greedy[out]))
     assert same >= 2, same

@@ -51,8 +51,9 @@ def add_parser(sub: Any) -> None:
                    help="generation prompt lengths in tokens (default 32 128 512)")
     p.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded per request (default 64)")
     p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp and torch (default: usable cores)")
-    p.add_argument("--weights", choices=["f32", "native", "int8", "int4"], default="f32",
-                   help="corejax weight mode in the generation suite")
+    p.add_argument("--weights", choices=["f32", "native", "int8", "int4"], default=None,
+                   help="corejax weight mode in the generation suite (default: the Session's own choice — a "
+                        "quantized GGUF stays quantized where the native kernel is loaded)")
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
                    help="generation: run corejax in-process instead of the sandboxed worker")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the record here")
@@ -90,7 +91,7 @@ class Context:
 
     def runtimes(self, suite: str) -> list[str]:
         labels = list(RUNTIMES[suite])
-        if suite == "generation" and (self.weights != "f32" or not self.sandbox):
+        if suite == "generation" and (self.weights is not None or not self.sandbox):
             labels[0] = f"corejax ({self.weights}{'' if self.sandbox else ', in-process'})"
         wanted = self.args.runtimes
         return [r for r in labels if wanted is None or r in wanted or r.split(" (")[0] in wanted]

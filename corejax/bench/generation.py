@@ -74,7 +74,7 @@ def run_corejax(spec: dict[str, Any], step: Step) -> dict[str, Any]:
     finally:
         session.close()
     return {"load_s": load_s, "ttft_cold_s": cold, "peak_rss_bytes": peak, "bytes_per_token": info["weight_bytes"],
-            "cases": cases, "details": {"weights": spec["weights"], "sandbox": spec["sandbox"],
+            "cases": cases, "details": {"weights": info.get("weights", spec["weights"]), "sandbox": spec["sandbox"],
                                         "kv_dtype": info.get("kv_dtype"), "threads": "XLA default (all cores)",
                                         "prefix_cache": False, "weight_bytes": info["weight_bytes"]}}
 

@@ -86,6 +86,15 @@ class Blocks:
     def shape(self) -> tuple[int, ...]:
         return self.codes.shape
 
+    def dense(self) -> np.ndarray:
+        """value = scales * code - mins, float32 [out, in], in ggml's order."""
+        out, d_in = self.codes.shape
+        nb = self.scales.shape[1]
+        v = self.codes.reshape(out, nb, d_in // nb).astype(np.float32) * self.scales[..., None]
+        if self.mins is not None:
+            v = v - self.mins[..., None]
+        return v.reshape(out, d_in)
+
     def rows(self, fn: Callable[[np.ndarray], np.ndarray]) -> Blocks:
         """Applies a row permutation (`fn` on [out, X] arrays) to codes, scales and mins alike."""
         return Blocks(fn(self.codes), fn(self.scales), None if self.mins is None else fn(self.mins), self.fmt)
@@ -94,7 +103,9 @@ class Blocks:
 def _matrix(w: np.ndarray | Blocks, weights: str) -> Any:
     """A checkpoint-order [out, in] weight -> what models/ gets: f32 [in, out] or a QuantArray."""
     if isinstance(w, Blocks):
-        return quant.from_blocks(w.codes, w.scales, w.mins, fmt=w.fmt)
+        if quant.supported(w.shape, w.shape[1] // w.scales.shape[1]):
+            return quant.from_blocks(w.codes, w.scales, w.mins, fmt=w.fmt)
+        w = w.dense()  # a shape the quantized layout cannot hold: float32 like weights="f32"
     if weights in ("int8", "int4"):
         return quant.quantize(w, 8 if weights == "int8" else 4)
     return jnp.asarray(np.ascontiguousarray(w.T))
@@ -120,14 +131,13 @@ def matrix_bytes(shape: tuple[int, ...], fmt: str | None, weights: str) -> int:
     for d in shape:
         n *= d
     if weights == "native" and fmt is not None and GGMLType[fmt] in UNPACKERS and len(shape) == 2:
-        codes = n // 2 if fmt in _PACKED_4BIT else n
-        scales = n // _sub_block(fmt) * (2 if fmt in _F16_SCALES else 4)
-        has_mins = UNPACKERS[GGMLType[fmt]](np.zeros((1, BLOCK_SIZES[GGMLType[fmt]][1]), np.uint8)).mins is not None
-        return codes + scales * (2 if has_mins else 1)
-    if weights == "int8":
-        return n + n // 32 * 2  # quant.quantize: int8 codes, one f16 scale per 32
-    if weights == "int4":
-        return n // 2 + n // 32 * 4  # packed codes, f16 scale and f16 min per 32
+        block = _sub_block(fmt)
+        if quant.supported(shape, block):
+            has_mins = UNPACKERS[GGMLType[fmt]](np.zeros((1, BLOCK_SIZES[GGMLType[fmt]][1]), np.uint8)).mins is not None
+            return quant.layout_bytes(shape, 4 if fmt in _PACKED_4BIT else 8, block,
+                                      2 if fmt in _F16_SCALES else 4, has_mins)
+    if weights in ("int8", "int4") and len(shape) == 2:  # quant.quantize: f16 scales per 32 (and mins for int4)
+        return quant.layout_bytes(shape, 8 if weights == "int8" else 4, 32, 2, weights == "int4")
     return n * 4
 
 

@@ -71,11 +71,23 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def default_weights(source: ModelSource, quant_kernel: bool) -> str:
+    """The weights mode when none is asked for: a GGUF file whose matrices are quantized stays quantized
+    ("native") where the quantized matmul kernel is loaded (kernels/quant_matmul.cc: faster than float32 and
+    ~file-size memory); everything else, and every model without the kernel, loads as float32 (XLA:CPU's
+    own float dot beats its dequantize-then-dot; corejax/quant.py)."""
+    if not quant_kernel or source.format != "gguf":
+        return "f32"
+    with read_gguf(source.path) as f:
+        quantized = any(t.ggml_type in UNPACKERS and len(t.shape) == 2 for t in f.tensors.values())
+    return "native" if quantized else "f32"
+
+
 def load_model(source: ModelSource, *, weights: str | None = None, progress: bool = True) -> LoadedModel:
     """Reads a model completely: the only place corejax touches model files (inside the worker).
 
-    weights: "f32" (the default: everything dequantized at load — the fastest on XLA:CPU today, see
-    corejax/quant.py), "native" (GGUF only: quantized tensors stay quantized, ~file-size memory),
+    weights: "f32" (everything dequantized at load; the default here — Runtime picks default_weights),
+    "native" (GGUF only: quantized tensors stay quantized, ~file-size memory, the quantized kernel's speed),
     "int8" / "int4" (quantize float matrices at load)."""
     weights = weights or "f32"
     if weights not in WEIGHT_MODES or (source.format == "hf" and weights == "native"):

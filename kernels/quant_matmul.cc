@@ -1,0 +1,290 @@
+// Quantized matmul: y[M, N] = x[M, K] @ W, with W kept in its quantized blocks (corejax/quant.py QuantArray):
+// value[k, n] = scale[k / B, n] * (u[k, n] - offset) - min[k / B, n], u an unsigned 4- or 8-bit code.
+//
+// What llama.cpp does, and XLA:CPU cannot: the activations are quantized to int8 per 32 values (scale
+// max|x| / 127, as ggml's Q8_0), and each block's dot product is an integer one — AVX-512 VNNI's vpdpbusd
+// multiplies 64 unsigned weight codes by 64 signed activation bytes and adds them into 16 int32 lanes in
+// one instruction. Per block and column the integer sum is scaled once:
+//     y[m, n] += scale * dx * sum_k u q  +  (-(scale * offset) - min) * dx * sum_k q
+// (dx the activation block's scale), so a decode step reads each weight byte once: SmolLM2's Q4_1 layers are
+// 0.6 bytes per value instead of float32's 4.
+//
+// Layout (built once at load by quant.py): columns in groups of 16, so one 64-byte vector holds 4
+// consecutive k of 16 columns, which is vpdpbusd's operand shape and keeps all 16 outputs in the lanes of
+// one accumulator (no horizontal sums):
+//   8-bit codes [N / 16, K / 4, 16, 4]        byte (c * 4 + j) of step s = u[4 s + j, 16 g + c]
+//   4-bit codes [N / 16, K / 8, 64]           byte (c * 4 + j) of step s: low nibble u[8 s + j, 16 g + c],
+//                                                                         high nibble u[8 s + 4 + j, ...]
+//   scales, mins [N / 16, K / B, 16]          float16 or float32; B (values per scale) 16 or 32
+//
+// Rows: up to 8 share one pass over a column group (8 int32 + 8 float accumulators stay in registers);
+// more rows loop over the group while it is in L1/L2 (prefill). Threads: one for decode-sized calls (one
+// core streams the weights about as fast as two here, and never spins on a loaded machine); `threads`
+// (from Python) split the column groups for prefill-sized ones.
+//
+// Without AVX-512 VNNI the same loops run in plain C++ (correct everywhere, slower).
+// Built by corejax/native.py with the other kernels; registered as "corejax_quant_matmul".
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define COREJAX_VNNI 1
+#else
+#define COREJAX_VNNI 0
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kG = 16;      // columns per group
+constexpr int64_t kQBlock = 32;  // activation values per int8 scale
+constexpr int64_t kPrefetch = 8192;  // bytes ahead: one core's DRAM stream 15 -> 20-25 GB/s here (4-32 KiB tried)
+
+struct Weights {
+  const uint8_t* codes;
+  const void* scales;
+  const void* mins;  // nullptr: no min
+  bool f16;
+  int bits;
+  int offset;
+  int64_t K, N;
+  int64_t group_bytes() const { return K * kG * bits / 8; }
+};
+
+struct Acts {
+  const int8_t* q;   // [M, K]
+  const float* d;    // [M, K / 32]
+  const float* ds;   // [M, K / B]: d times the sum of q over the weight block
+  int64_t K;
+};
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal
+      int e = -1;
+      do { ++e; man <<= 1; } while (!(man & 0x400));
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3FF) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | man << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// x [M, K] float -> int8 codes per 32 (round to nearest, |q| <= 127), their scales, and per weight block B
+// the scale times the codes' sum (the min/offset term's factor).
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, int8_t* q, float* d, float* ds) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    for (int64_t b = 0; b < K / kQBlock; ++b) {
+      float amax = 0.f;
+      for (int64_t i = 0; i < kQBlock; ++i) amax = std::max(amax, std::fabs(xr[b * kQBlock + i]));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      d[m * (K / kQBlock) + b] = scale;
+      for (int64_t i = 0; i < kQBlock; ++i)
+        q[m * K + b * kQBlock + i] = int8_t(std::nearbyint(xr[b * kQBlock + i] * inv));
+    }
+    for (int64_t b = 0; b < K / B; ++b) {
+      int32_t s = 0;
+      for (int64_t i = 0; i < B; ++i) s += q[m * K + b * B + i];
+      ds[m * (K / B) + b] = d[m * (K / kQBlock) + b * B / kQBlock] * float(s);
+    }
+  }
+}
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+#if COREJAX_VNNI
+
+inline __m512 load_params(const void* base, int64_t index, bool f16) {
+  if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                   static_cast<const uint16_t*>(base) + index)));
+  return _mm512_loadu_ps(static_cast<const float*>(base) + index);
+}
+
+// Rows [m0, m0 + M) x the 16 columns of group g.
+template <int M, int BITS, int B>
+void group(const Weights& w, const Acts& a, int64_t g, int64_t m0, float* y) {
+  const int64_t K = w.K, nb = K / B;
+  const uint8_t* cp = w.codes + g * w.group_bytes();
+  const __m512 offset = _mm512_set1_ps(float(w.offset));
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 accf[M];
+  for (int m = 0; m < M; ++m) accf[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k0 = b * B;
+    __m512i acc[M], acc2[M];  // two chains per row: vpdpbusd's latency, not its throughput, would bound one
+    for (int m = 0; m < M; ++m) acc[m] = acc2[m] = _mm512_setzero_si512();
+    if constexpr (BITS == 8) {
+      for (int s = 0; s < B / 4; s += 2, cp += 128) {
+        _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetch, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetch + 64, _MM_HINT_T0);
+        const __m512i w0 = _mm512_loadu_si512(cp), w1 = _mm512_loadu_si512(cp + 64);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* qp = a.q + (m0 + m) * K + k0 + 4 * s;
+          acc[m] = _mm512_dpbusd_epi32(acc[m], w0, _mm512_set1_epi32(load4(qp)));
+          acc2[m] = _mm512_dpbusd_epi32(acc2[m], w1, _mm512_set1_epi32(load4(qp + 4)));
+        }
+      }
+    } else {
+      for (int s = 0; s < B / 8; ++s, cp += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetch, _MM_HINT_T0);
+        const __m512i raw = _mm512_loadu_si512(cp);
+        const __m512i lo = _mm512_and_si512(raw, low4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* qp = a.q + (m0 + m) * K + k0 + 8 * s;
+          acc[m] = _mm512_dpbusd_epi32(acc[m], lo, _mm512_set1_epi32(load4(qp)));
+          acc2[m] = _mm512_dpbusd_epi32(acc2[m], hi, _mm512_set1_epi32(load4(qp + 4)));
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_add_epi32(acc[m], acc2[m]);
+    const int64_t p = (g * nb + b) * kG;
+    const __m512 sc = load_params(w.scales, p, w.f16);
+    const __m512 mins = w.mins ? load_params(w.mins, p, w.f16) : _mm512_setzero_ps();
+    const __m512 mn = _mm512_fnmsub_ps(sc, offset, mins);  // -(scale * offset) - min
+    for (int m = 0; m < M; ++m) {
+      const __m512 dx = _mm512_set1_ps(a.d[(m0 + m) * (K / kQBlock) + k0 / kQBlock]);
+      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m]), dx);
+      accf[m] = _mm512_fmadd_ps(t, sc, accf[m]);
+      accf[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.ds[(m0 + m) * nb + b]), accf[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + (m0 + m) * w.N + g * kG, accf[m]);
+}
+
+#else
+
+inline float load_param(const void* base, int64_t index, bool f16) {
+  return f16 ? half_to_float(static_cast<const uint16_t*>(base)[index]) : static_cast<const float*>(base)[index];
+}
+
+template <int M, int BITS, int B>
+void group(const Weights& w, const Acts& a, int64_t g, int64_t m0, float* y) {
+  const int64_t K = w.K, nb = K / B;
+  const uint8_t* cp = w.codes + g * w.group_bytes();
+  float accf[M][kG] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k0 = b * B;
+    int32_t acc[M][kG] = {};
+    const int steps = BITS == 8 ? B / 4 : B / 8;
+    for (int s = 0; s < steps; ++s, cp += 64) {
+      for (int c = 0; c < kG; ++c)
+        for (int j = 0; j < 4; ++j) {
+          const uint8_t byte = cp[c * 4 + j];
+          for (int m = 0; m < M; ++m) {
+            const int8_t* qp = a.q + (m0 + m) * K + k0;
+            if (BITS == 8) {
+              acc[m][c] += int32_t(byte) * qp[4 * s + j];
+            } else {
+              acc[m][c] += int32_t(byte & 0x0F) * qp[8 * s + j] + int32_t(byte >> 4) * qp[8 * s + 4 + j];
+            }
+          }
+        }
+    }
+    const int64_t p = (g * nb + b) * kG;
+    for (int c = 0; c < kG; ++c) {
+      const float sc = load_param(w.scales, p + c, w.f16);
+      const float mn = -(sc * float(w.offset)) - (w.mins ? load_param(w.mins, p + c, w.f16) : 0.f);
+      for (int m = 0; m < M; ++m) {
+        const float dx = a.d[(m0 + m) * (K / kQBlock) + k0 / kQBlock];
+        accf[m][c] += float(acc[m][c]) * dx * sc + mn * a.ds[(m0 + m) * nb + b];
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kG; ++c) y[(m0 + m) * w.N + g * kG + c] = accf[m][c];
+}
+
+#endif
+
+template <int BITS, int B>
+void groups(const Weights& w, const Acts& a, int64_t M, int64_t g0, int64_t g1, float* y) {
+  for (int64_t g = g0; g < g1; ++g) {
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) group<8, BITS, B>(w, a, g, m, y);
+    if (M - m >= 4) { group<4, BITS, B>(w, a, g, m, y); m += 4; }
+    if (M - m >= 2) { group<2, BITS, B>(w, a, g, m, y); m += 2; }
+    if (M - m >= 1) { group<1, BITS, B>(w, a, g, m, y); m += 1; }
+  }
+}
+
+void run(const Weights& w, const Acts& a, int64_t M, int64_t B, int threads, float* y) {
+  auto fn = w.bits == 8 ? (B == 16 ? groups<8, 16> : groups<8, 32>) : (B == 16 ? groups<4, 16> : groups<4, 32>);
+  const int64_t G = w.N / kG;
+  threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, G)));
+  if (threads == 1) {
+    fn(w, a, M, 0, G, y);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t per = (G + threads - 1) / threads;
+  for (int t = 1; t < threads; ++t) {
+    const int64_t g0 = t * per, g1 = std::min(G, g0 + per);
+    if (g0 < g1) pool.emplace_back(fn, std::cref(w), std::cref(a), M, g0, g1, y);
+  }
+  fn(w, a, M, 0, std::min(G, per), y);
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+static ffi::Error QuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes, ffi::AnyBuffer scales,
+                                  ffi::AnyBuffer mins, ffi::ResultBuffer<ffi::F32> y, int32_t bits,
+                                  int32_t block, int32_t offset, int32_t has_mins, int32_t threads) {
+  auto xd = x.dimensions(), cd = codes.dimensions(), sd = scales.dimensions();
+  if (xd.size() != 2 || cd.size() != 3 || sd.size() != 3 || cd[2] != 64 || sd[2] != kG)
+    return ffi::Error::InvalidArgument("corejax_quant_matmul: need x [M, K], codes [N/16, S, 64], scales [N/16, K/B, 16]");
+  const int64_t M = xd[0], K = xd[1], N = cd[0] * kG;
+  if ((bits != 4 && bits != 8) || (block != 16 && block != 32) || K % kQBlock || K % block ||
+      cd[1] * 64 * 8 != K * kG * bits || sd[0] != cd[0] || sd[1] != K / block)
+    return ffi::Error::InvalidArgument("corejax_quant_matmul: the codes/scales shapes do not match x and the format");
+  const bool f16 = scales.element_type() == ffi::DataType::F16;
+  if (!f16 && scales.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("corejax_quant_matmul: scales must be float16 or float32");
+  if (has_mins && (mins.element_type() != scales.element_type() || mins.size_bytes() != scales.size_bytes()))
+    return ffi::Error::InvalidArgument("corejax_quant_matmul: mins must match the scales");
+  std::vector<int8_t> q(M * K);
+  std::vector<float> d(M * (K / kQBlock)), ds(M * (K / block));
+  quantize_rows(x.typed_data(), M, K, block, q.data(), d.data(), ds.data());
+  const Weights w{codes.typed_data(), scales.untyped_data(), has_mins ? mins.untyped_data() : nullptr, f16,
+                  bits, offset, K, N};
+  const Acts a{q.data(), d.data(), ds.data(), K};
+  run(w, a, M, block, threads, y->typed_data());
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CorejaxQuantMatmul, QuantMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("block")
+                                  .Attr<int32_t>("offset")
+                                  .Attr<int32_t>("has_mins")
+                                  .Attr<int32_t>("threads"));
