@@ -18,7 +18,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
                    help="run the model in this process instead of the sandboxed worker")
     p.add_argument("--weights", choices=["f32", "native", "int8", "int4"], default=None,
-                   help="f32: dequantize at load (fastest today); native: keep GGUF blocks quantized")
+                   help="default: a quantized GGUF stays quantized (native) where the native kernel builds, "
+                        "else f32; int8/int4: quantize float weights at load")
     p.add_argument("--kv-dtype", choices=["float32", "bf16", "int8", "int4"], default="float32")
 
 
@@ -26,7 +27,7 @@ def _session(args: argparse.Namespace, progress: bool) -> Any:
     from corejax.session import Session
 
     return Session(args.model, sandbox=args.sandbox, weights=args.weights, kv_dtype=args.kv_dtype,
-                   progress=progress)
+                   progress=progress, warmup=progress)
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:

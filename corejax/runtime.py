@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,8 @@ def enable_compilation_cache() -> None:
 
 class Runtime:
     def __init__(self, source: ModelSource, *, weights: str | None = None,
-                 engine: EngineConfig | None = None, progress: bool = True, memory_limit: int | str | None = None):
+                 engine: EngineConfig | None = None, progress: bool | Callable[[str, int, int], None] = True,
+                 memory_limit: int | str | None = None):
         enable_compilation_cache()
         self.source = source
         self._scheduler: Scheduler | None = None
@@ -66,6 +67,19 @@ class Runtime:
             if native:  # decode-sized float matmuls on the native kernel (kernels/small_matmul.cc)
                 self.model.params = small_matmul.block_decoder_params(self.model.params)
             self.engine = Engine(self.model.cfg, self.model.params, engine)
+
+    def warmup(self, report: Callable[[str, int, int], None] | None = None) -> None:
+        """Compiles what a first short request with default sampling runs (the smallest prefill bucket and the
+        one-row decode step), so the first user request finds them ready; a second start of the same model
+        loads them from the persistent compilation cache in a fraction of the time."""
+        if self.engine is None:
+            return
+        if report is not None:
+            report("compiling", 0, 1)
+        for _ in self.stream("Hello", None, SamplingParams(max_tokens=2, ignore_eos=True)):
+            pass
+        if report is not None:
+            report("compiling", 1, 1)
 
     def info(self) -> dict[str, Any]:
         if self.engine is None:

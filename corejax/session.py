@@ -51,6 +51,9 @@ class Session:
     """`Session(model)` serves `model` (a registry name, a .gguf path or an HF folder; None = the default).
 
     sandbox: run the model in a restricted subprocess (True) or on a thread of this process (False).
+    progress: progress bars for fetching the model, loading its weights (reported by the worker) and warming up.
+    warmup: compile the programs a first short request runs while starting (with a "compiling" bar), so the
+    first request does not wait for the compiler; from the persistent cache on later starts.
     memory_limit: bytes (or a size such as "2GiB") the worker may use. The worker reserves its weights, KV
         pool and workspace against it before allocating them (corejax/memory.py), failing with
         MemoryBudgetError if they cannot fit; a worker whose resident memory passes it anyway is stopped and its
@@ -70,7 +73,7 @@ class Session:
     def __init__(self, model: str | None = None, *, sandbox: bool = True, memory_limit: int | str | None = None,
                  timeout: float | None = None, weights: str | None = None, kv_dtype: str = "float32",
                  kv_cache_tokens: int | None = None, prefix_cache: bool = True, progress: bool = True,
-                 speculative: Any = None,
+                 speculative: Any = None, warmup: bool = False,
                  start_timeout: float = 600.0,
                  _pythonpath: Sequence[str] = ()):
         if memory_limit is not None:
@@ -83,7 +86,8 @@ class Session:
             raise InvalidParameterError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {weights!r}")
         # Validated here, in the parent, before a worker starts.
         engine = EngineConfig(kv_dtype=kv_dtype, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
-        self._options = {"weights": weights, "engine": dataclasses.asdict(engine), "memory_limit": memory_limit}
+        self._options = {"weights": weights, "engine": dataclasses.asdict(engine), "memory_limit": memory_limit,
+                         "progress": bool(progress), "warmup": bool(warmup)}
         # Resolving maps a name to a path (pulling it on first use); it never opens the model file itself.
         self.source = hub.resolve(model, progress=progress) if model is not None or not self._testing else None
         self._progress = progress

@@ -179,7 +179,7 @@ def test_generation_suite_end_to_end_on_the_tiny_model(tmp_path, capsys):
                  "--prompt-lengths", "2", "5", "--decode-tokens", "4", "--json", str(out), "--no-progress"]) == 0
     record = json.loads(out.read_text())
     assert validate(record) == [] and record["command"].startswith(("corejax", "python"))
-    label = "corejax (f32, in-process)"
+    label = "corejax (in-process)"
     got = {(e["case"], e["metric"]): e for e in record["results"] if e["runtime"] == label}
     cases = {c for c, _ in got if c.startswith("prompt=")}
     assert cases and len(cases) <= 2

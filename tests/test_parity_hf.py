@@ -34,7 +34,7 @@ LOGIT_TOL = 1e-3
 
 
 def _load(path):
-    rt = Runtime(ModelSource(path.stem, "gguf", path), progress=False)
+    rt = Runtime(ModelSource(path.stem, "gguf", path), weights="f32", progress=False)  # the exact model math
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     return rt, hf

@@ -182,3 +182,23 @@ def test_real_model_sandboxed_equals_in_process(smollm2_gguf):
         b = s.generate("The capital of France is", max_tokens=12, temperature=0)
     assert a.tokens == b.tokens and a.text == b.text
     assert all(layer["engaged"] for layer in report["layers"])
+
+
+def test_startup_progress_crosses_the_sandbox_and_warmup_compiles(tiny, monkeypatch):
+    """The worker reports loading and the warm-up compile as PROGRESS frames; the parent draws them as bars."""
+    from corejax.sandbox.client import WorkerClient
+
+    seen = []
+    original = WorkerClient._show_progress
+    monkeypatch.setattr(WorkerClient, "_show_progress", lambda self, p: (seen.append(p), original(self, p)))
+    with corejax.Session(str(tiny), progress=True, warmup=True) as s:
+        assert s.generate("the sea", max_tokens=3, temperature=0, ignore_eos=True).timings.generated_tokens == 3
+    stages = [p["stage"] for p in seen]
+    assert "loading weights" in stages and stages[-1] == "compiling"
+    loads = [p for p in seen if p["stage"] == "loading weights"]
+    assert [p["done"] for p in loads] == list(range(1, loads[-1]["total"] + 1))
+    assert seen[-1]["done"] == seen[-1]["total"] == 1
+    seen.clear()
+    with corejax.Session(str(tiny), progress=False) as s:
+        s.generate("the sea", max_tokens=1)
+    assert seen == []

@@ -92,7 +92,7 @@ class Context:
     def runtimes(self, suite: str) -> list[str]:
         labels = list(RUNTIMES[suite])
         if suite == "generation" and (self.weights is not None or not self.sandbox):
-            labels[0] = f"corejax ({self.weights}{'' if self.sandbox else ', in-process'})"
+            labels[0] = f"corejax ({', '.join(x for x in (self.weights, None if self.sandbox else 'in-process') if x)})"
         wanted = self.args.runtimes
         return [r for r in labels if wanted is None or r in wanted or r.split(" (")[0] in wanted]
 

@@ -171,14 +171,17 @@ def weight_bytes(cfg: ModelConfig, names: dict[str, str], tensors: dict[str, tup
 
 
 def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source: str, weights: str,
-                 permuted_qk: bool, norm_offset: float, progress: bool) -> dict[str, Any]:
+                 permuted_qk: bool, norm_offset: float, progress: bool | Callable) -> dict[str, Any]:
     """Shared by both formats: fetch every tensor through `get`, check shapes, fix quirks, lay out [in, out].
 
     `get` returns float arrays, or Blocks for tensors to keep quantized; weights "int8"/"int4" quantizes
     float matrices here."""
     shapes = _expected_shapes(cfg)
     total = 2 + (0 if cfg.tie_embeddings else 1) + cfg.num_layers * len(shapes)
-    bar = tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False)
+    report = progress if callable(progress) else None  # a sandboxed worker reports to the parent's bar instead
+    fetched = [0]
+    bar = tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress or report is not None,
+               leave=False)
 
     def fetch(key: str, shape: tuple[int, ...]) -> np.ndarray | Blocks:
         w = get(names[key])
@@ -186,6 +189,9 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
             w = np.asarray(w, dtype=np.float32)
         _check(names[key], w, shape, source)
         bar.update(1)
+        fetched[0] += 1
+        if report is not None:
+            report("loading weights", fetched[0], total)
         return w
 
     def norm(w: np.ndarray | Blocks) -> jnp.ndarray:

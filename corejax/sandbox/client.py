@@ -172,10 +172,30 @@ class WorkerClient:
             if frame.kind == Kind.ERROR:
                 self.kill("it failed to start")
                 raise worker_error(frame.payload, " while loading the model")
+            if frame.kind == Kind.PROGRESS:
+                self._show_progress(frame.payload)
+                continue
+            self._close_bars()
             if frame.kind == Kind.READY and frame.payload.get("stage") == "policy":
                 self.report = list(frame.payload.get("report") or [])
             elif frame.kind == Kind.READY:
                 return
+
+    def _show_progress(self, p: dict) -> None:
+        """The worker's startup stages ("loading weights", "compiling") as progress bars here."""
+        from tqdm.auto import tqdm
+
+        bars = self.__dict__.setdefault("_bars", {})
+        stage, done, total = str(p.get("stage", "")), int(p.get("done", 0)), int(p.get("total", 0))
+        if stage not in bars:
+            unit = "tensor" if stage == "loading weights" else "step"
+            bars[stage] = tqdm(total=total or None, desc=stage, unit=unit, leave=False)
+        bar = bars[stage]
+        bar.update(done - bar.n)
+
+    def _close_bars(self) -> None:
+        for bar in self.__dict__.pop("_bars", {}).values():
+            bar.close()
 
     # --- requests -----------------------------------------------------------------------------------------
 

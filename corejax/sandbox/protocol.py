@@ -59,6 +59,7 @@ class Kind(enum.IntEnum):
     CHUNK = 34  # {text, tokens, logprobs}
     RESULT = 35  # {result} / {value}: the request is complete
     ERROR = 36  # {type, message}: the request (id 0: the worker) failed
+    PROGRESS = 37  # {stage, done, total}: startup progress (id 0): "loading weights", "compiling"
 
 
 class ProtocolError(Exception):

@@ -155,7 +155,8 @@ def _sandbox_error(message: str) -> Exception:
     return SandboxError(message)
 
 
-def load_runtime(name: str, fmt: str, path: str, options: dict | None = None) -> Any:
+def load_runtime(name: str, fmt: str, path: str, options: dict | None = None,
+                 report: Callable[[str, int, int], None] | None = None) -> Any:
     """options (plain data from the parent): weights, the EngineConfig fields under "engine", and
     memory_limit (bytes), which the Runtime reserves against before it allocates (corejax/memory.py)."""
     from corejax.config import EngineConfig
@@ -165,9 +166,19 @@ def load_runtime(name: str, fmt: str, path: str, options: dict | None = None) ->
 
     options = options or {}
     ffi.ensure(options.get("native_kernels"))  # the native kernels the parent built, if any
-    return Runtime(ModelSource(name, fmt, Path(path)), weights=options.get("weights"),
-                   engine=EngineConfig(**options.get("engine", {})), progress=False,
-                   memory_limit=options.get("memory_limit"))
+    report = report if options.get("progress") else None  # -> PROGRESS frames, the parent's bars
+    runtime = Runtime(ModelSource(name, fmt, Path(path)), weights=options.get("weights"),
+                      engine=EngineConfig(**options.get("engine", {})), progress=report or False,
+                      memory_limit=options.get("memory_limit"))
+    if options.get("warmup"):
+        runtime.warmup(report)
+    return runtime
+
+
+def _reporter(conn: Any) -> Callable[[str, int, int], None]:
+    from corejax.sandbox.protocol import Kind
+
+    return lambda stage, done, total: conn.send(Kind.PROGRESS, 0, {"stage": stage, "done": done, "total": total})
 
 
 def serve_in_process(sock, source, on_loaded: Callable[[Any], None] | None = None,
@@ -178,7 +189,7 @@ def serve_in_process(sock, source, on_loaded: Callable[[Any], None] | None = Non
     conn = Connection(sock)
     try:
         conn.send(Kind.READY, 0, {"pid": os.getpid(), "report": [], "stage": "policy"})
-        runtime = (load_runtime(source.name, source.format, str(source.path), options)
+        runtime = (load_runtime(source.name, source.format, str(source.path), options, _reporter(conn))
                    if source is not None else None)
         if on_loaded is not None:
             on_loaded(runtime)
@@ -234,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             "refusing to open the model")})
         os._exit(2)
     try:
-        runtime = load_runtime(*args.model, json.loads(args.options)) if args.model else None
+        runtime = load_runtime(*args.model, json.loads(args.options), _reporter(conn)) if args.model else None
     except Exception as e:  # noqa: BLE001
         conn.send(Kind.ERROR, 0, _error_payload(e))
         conn.close()
