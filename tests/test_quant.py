@@ -40,18 +40,11 @@ def test_gguf_blocks_dequantize_bit_exactly(fmt, d_out, d_in):
     assert (qa.bits == 4) == packed or fmt in ("Q2_K", "Q3_K")  # 2/3-bit codes also fit a nibble
 
 
-def _int8_activations(x: np.ndarray) -> np.ndarray:
-    """x rounded as the kernel quantizes it: int8 per 32 values, scale max|x| / 127 (ggml's Q8_0)."""
-    b = x.reshape(*x.shape[:-1], -1, 32)
-    d = np.abs(b).max(-1, keepdims=True) / 127
-    return (np.rint(b / np.where(d == 0, 1, d)) * d).reshape(x.shape)
-
-
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q2_K", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 13, 40])
 def test_native_quantized_matmul(fmt, rows):
-    """kernels/quant_matmul.cc: exact integer dots on int8 activations (vs the same rounding done in numpy:
-    float32 summation order only), and within the stated activation-rounding error of the float product.
+    """kernels/quant_matmul.cc (activations as two int8 roundings, integer dots) against the float product
+    with the same dequantized weights: measured relative error <= 3.2e-5 over these formats and shapes.
     40 rows take the multi-threaded prefill path; d_out 40 is padded to a group of 16."""
     from corejax.kernels import ffi
 
@@ -62,11 +55,10 @@ def test_native_quantized_matmul(fmt, rows):
         x = np.random.default_rng(rows).standard_normal((rows, d_in)).astype(np.float32)
         got = np.asarray(jax.jit(lambda x, w: quant.matmul(x, w))(jnp.asarray(x), qa))  # a fresh trace
         assert got.shape == (rows, d_out)
-        same_rounding = _int8_activations(x) @ ref.T
-        np.testing.assert_allclose(got, same_rounding, rtol=0, atol=2e-5 * np.abs(same_rounding).max())
         exact = x @ ref.T
+        np.testing.assert_allclose(got, exact, rtol=0, atol=2e-4 * np.abs(exact).max())
         rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
-        assert rel < 0.01, rel  # measured 0.3-0.8% (the int8 activations), as llama.cpp's
+        assert rel < 1e-4, rel
 
 
 @pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0", "Q4_K", "Q6_K"])
@@ -105,16 +97,15 @@ def test_quantize_rejects_bad_arguments():
         quant.quantize(np.zeros((8, 40), np.float32), 8)
 
 
-@pytest.mark.parametrize("weights,tol", [("native", 0.03), ("int8", 0.06), ("int4", 0.5)])
+@pytest.mark.parametrize("weights,tol", [("native", 1e-3), ("int8", 0.05), ("int4", 0.5)])
 def test_model_logits_quantized_vs_f32(tmp_path, weights, tol):
     """Native keeps the file's Q8_0 FFN blocks (the same values as f32); int8/int4 re-quantize every matrix;
-    all three run the native kernel's int8 activations (without it, native is exact). Relative logit error
-    measured on this 2-layer, 32-wide random model: native 1.4% (the activations alone), int8 3-4%, int4 35%
-    (small random models are the worst case: nothing averages out)."""
+    all three run the native kernel (activations as two int8 roundings; without it, float activations).
+    Relative logit error measured on this 2-layer, 32-wide random model: native ~1e-4 (the activations
+    alone), int8 2.8%, int4 35% (small random models are the worst case: nothing averages out)."""
     from corejax.kernels import ffi
 
-    if not ffi.ensure():
-        tol = {"native": 1e-5, "int8": 0.05}.get(weights, tol)  # XLA fallback: float activations
+    ffi.ensure()
     from corejax.engine import full_logits
     from corejax.hub import ModelSource
     from corejax.loading.loader import load_model
