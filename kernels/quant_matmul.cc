@@ -9,8 +9,9 @@
 // (dx the activation block's scale), so a decode step reads each weight byte once: SmolLM2's Q4_1 layers are
 // 0.6 bytes per value instead of float32's 4.
 //
-// Unlike llama.cpp, each activation row is rounded twice — x, then what that rounding left — and both int8
-// rows go through the same weight pass. One rounding (llama.cpp's) left SmolLM2's last-token logits 1.6-19%
+// Unlike llama.cpp, each activation is rounded twice — x, then what that rounding left, in steps 256 times
+// finer — and both int8 codes meet the same weight vector (two vpdpbusd chains per row, combined as
+// 256 q + r in int32 at each block's end, so the float work per block stays one scale per row). One rounding (llama.cpp's) left SmolLM2's last-token logits 1.6-19%
 // (relative RMS) from the exact dequantized model and flipped on float noise, so batched and paged runs
 // parted from single ones and the 135M model stopped answering "Paris"; two leave 0.01-0.04%, greedy text
 // identical to the exact model on 8/8 prompts, for 128 instead of 142 tok/s decode (SmolLM2 Q4_1, in-process).
@@ -67,9 +68,10 @@ struct Weights {
 };
 
 struct Acts {
-  const int8_t* q;   // [M, K]
-  const float* d;    // [M, K / 32]
-  const float* ds;   // [M, K / B]: d times the sum of q over the weight block
+  const int8_t* q;   // [M, K]: round(x / d)
+  const int8_t* r;   // [M, K]: round((x - d q) / (d / 256)), the residual in steps 256 times finer
+  const float* d;    // [M, K / 32]: d / 256, the unit of the combined code 256 q + r
+  const float* ds;   // [M, K / B]: that unit times the combined codes' sum over the weight block
   int64_t K;
 };
 
@@ -94,22 +96,28 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
-// x [M, K] float -> int8 codes per 32 (round to nearest, |q| <= 127), their scales, and per weight block B
-// the scale times the codes' sum (the min/offset term's factor).
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, int8_t* q, float* d, float* ds) {
+// x [M, K] float -> per 32 values d = max|x| / 127, q = round(x / d) (|q| <= 127: ggml's Q8_0), and the
+// residual r = round((x - d q) / (d / 256)) (|r| <= 128, clamped to 127: the rare half-step case loses
+// d / 256). x ~ (d / 256) (256 q + r): ~15 bits where ggml's activations carry 7.
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, int8_t* q, int8_t* r, float* d, float* ds) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     for (int64_t b = 0; b < K / kQBlock; ++b) {
       float amax = 0.f;
       for (int64_t i = 0; i < kQBlock; ++i) amax = std::max(amax, std::fabs(xr[b * kQBlock + i]));
       const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      d[m * (K / kQBlock) + b] = scale;
-      for (int64_t i = 0; i < kQBlock; ++i)
-        q[m * K + b * kQBlock + i] = int8_t(std::nearbyint(xr[b * kQBlock + i] * inv));
+      d[m * (K / kQBlock) + b] = scale / 256.f;
+      for (int64_t i = 0; i < kQBlock; ++i) {
+        const int64_t k = b * kQBlock + i;
+        const float qv = std::nearbyint(xr[k] * inv);
+        const float rv = std::nearbyint((xr[k] - qv * scale) * inv * 256.f);
+        q[m * K + k] = int8_t(qv);
+        r[m * K + k] = int8_t(std::max(-127.f, std::min(127.f, rv)));
+      }
     }
     for (int64_t b = 0; b < K / B; ++b) {
       int32_t s = 0;
-      for (int64_t i = 0; i < B; ++i) s += q[m * K + b * B + i];
+      for (int64_t i = 0; i < B; ++i) s += 256 * q[m * K + b * B + i] + r[m * K + b * B + i];
       ds[m * (K / B) + b] = d[m * (K / kQBlock) + b * B / kQBlock] * float(s);
     }
   }
@@ -140,17 +148,16 @@ void group(const Weights& w, const Acts& a, int64_t g, int64_t m0, float* y) {
   for (int m = 0; m < M; ++m) accf[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t k0 = b * B;
-    __m512i acc[M], acc2[M];  // two chains per row: vpdpbusd's latency, not its throughput, would bound one
+    __m512i acc[M], acc2[M];  // per row: the q chain and the r chain (also hides vpdpbusd's latency)
     for (int m = 0; m < M; ++m) acc[m] = acc2[m] = _mm512_setzero_si512();
     if constexpr (BITS == 8) {
-      for (int s = 0; s < B / 4; s += 2, cp += 128) {
+      for (int s = 0; s < B / 4; ++s, cp += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetch, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetch + 64, _MM_HINT_T0);
-        const __m512i w0 = _mm512_loadu_si512(cp), w1 = _mm512_loadu_si512(cp + 64);
+        const __m512i wv = _mm512_loadu_si512(cp);
         for (int m = 0; m < M; ++m) {
-          const int8_t* qp = a.q + (m0 + m) * K + k0 + 4 * s;
-          acc[m] = _mm512_dpbusd_epi32(acc[m], w0, _mm512_set1_epi32(load4(qp)));
-          acc2[m] = _mm512_dpbusd_epi32(acc2[m], w1, _mm512_set1_epi32(load4(qp + 4)));
+          const int64_t at = (m0 + m) * K + k0 + 4 * s;
+          acc[m] = _mm512_dpbusd_epi32(acc[m], wv, _mm512_set1_epi32(load4(a.q + at)));
+          acc2[m] = _mm512_dpbusd_epi32(acc2[m], wv, _mm512_set1_epi32(load4(a.r + at)));
         }
       }
     } else {
@@ -160,13 +167,16 @@ void group(const Weights& w, const Acts& a, int64_t g, int64_t m0, float* y) {
         const __m512i lo = _mm512_and_si512(raw, low4);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
         for (int m = 0; m < M; ++m) {
-          const int8_t* qp = a.q + (m0 + m) * K + k0 + 8 * s;
-          acc[m] = _mm512_dpbusd_epi32(acc[m], lo, _mm512_set1_epi32(load4(qp)));
-          acc2[m] = _mm512_dpbusd_epi32(acc2[m], hi, _mm512_set1_epi32(load4(qp + 4)));
+          const int64_t at = (m0 + m) * K + k0 + 8 * s;
+          acc[m] = _mm512_dpbusd_epi32(acc[m], lo, _mm512_set1_epi32(load4(a.q + at)));
+          acc2[m] = _mm512_dpbusd_epi32(acc2[m], lo, _mm512_set1_epi32(load4(a.r + at)));
+          acc[m] = _mm512_dpbusd_epi32(acc[m], hi, _mm512_set1_epi32(load4(a.q + at + 4)));
+          acc2[m] = _mm512_dpbusd_epi32(acc2[m], hi, _mm512_set1_epi32(load4(a.r + at + 4)));
         }
       }
     }
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_add_epi32(acc[m], acc2[m]);
+    // 256 sum(u q) + sum(u r): |sum(u q)| <= 255 * 127 * 32 per block, so the int32 holds it.
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_add_epi32(_mm512_slli_epi32(acc[m], 8), acc2[m]);
     const int64_t p = (g * nb + b) * kG;
     const __m512 sc = load_params(w.scales, p, w.f16);
     const __m512 mins = w.mins ? load_params(w.mins, p, w.f16) : _mm512_setzero_ps();
@@ -202,10 +212,12 @@ void group(const Weights& w, const Acts& a, int64_t g, int64_t m0, float* y) {
           const uint8_t byte = cp[c * 4 + j];
           for (int m = 0; m < M; ++m) {
             const int8_t* qp = a.q + (m0 + m) * K + k0;
+            const int8_t* rp = a.r + (m0 + m) * K + k0;
+            auto code = [&](int64_t k) { return 256 * int32_t(qp[k]) + rp[k]; };
             if (BITS == 8) {
-              acc[m][c] += int32_t(byte) * qp[4 * s + j];
+              acc[m][c] += int32_t(byte) * code(4 * s + j);
             } else {
-              acc[m][c] += int32_t(byte & 0x0F) * qp[8 * s + j] + int32_t(byte >> 4) * qp[8 * s + 4 + j];
+              acc[m][c] += int32_t(byte & 0x0F) * code(8 * s + j) + int32_t(byte >> 4) * code(8 * s + 4 + j);
             }
           }
         }
@@ -272,30 +284,13 @@ static ffi::Error QuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> 
     return ffi::Error::InvalidArgument("corejax_quant_matmul: scales must be float16 or float32");
   if (has_mins && (mins.element_type() != scales.element_type() || mins.size_bytes() != scales.size_bytes()))
     return ffi::Error::InvalidArgument("corejax_quant_matmul: mins must match the scales");
-  // Each row as two int8 rows: x's rounding, then the rounding of what it left (x - dq(x)). Their sum carries
-  // ~14 bits instead of 7: one int8 rounding flips on float noise (a batch's other shapes, paged vs dense
-  // attention) and steers greedy text apart; the residual makes such flips ~100x smaller, for ~10% more
-  // time at decode (the weights are still read once; the rows share it).
-  const int64_t R = 2 * M;
-  std::vector<float> xr(R * K);
-  std::vector<int8_t> q(R * K);
-  std::vector<float> d(R * (K / kQBlock)), ds(R * (K / block)), tmp(R * N);
-  const float* xp = x.typed_data();
-  for (int64_t m = 0; m < M; ++m) {
-    std::memcpy(&xr[2 * m * K], xp + m * K, K * sizeof(float));
-    quantize_rows(&xr[2 * m * K], 1, K, block, &q[2 * m * K], &d[2 * m * (K / kQBlock)], &ds[2 * m * (K / block)]);
-    for (int64_t k = 0; k < K; ++k)
-      xr[(2 * m + 1) * K + k] = xp[m * K + k] - float(q[2 * m * K + k]) * d[2 * m * (K / kQBlock) + k / kQBlock];
-    quantize_rows(&xr[(2 * m + 1) * K], 1, K, block, &q[(2 * m + 1) * K], &d[(2 * m + 1) * (K / kQBlock)],
-                  &ds[(2 * m + 1) * (K / block)]);
-  }
+  std::vector<int8_t> q(M * K), r(M * K);
+  std::vector<float> d(M * (K / kQBlock)), ds(M * (K / block));
+  quantize_rows(x.typed_data(), M, K, block, q.data(), r.data(), d.data(), ds.data());
   const Weights w{codes.typed_data(), scales.untyped_data(), has_mins ? mins.untyped_data() : nullptr, f16,
                   bits, offset, K, N};
-  const Acts a{q.data(), d.data(), ds.data(), K};
-  run(w, a, R, block, threads, tmp.data());
-  float* yp = y->typed_data();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) yp[m * N + n] = tmp[2 * m * N + n] + tmp[(2 * m + 1) * N + n];
+  const Acts a{q.data(), r.data(), d.data(), ds.data(), K};
+  run(w, a, M, block, threads, y->typed_data());
   return ffi::Error::Success();
 }
 

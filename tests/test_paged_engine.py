@@ -93,7 +93,7 @@ def test_real_model_greedy_under_quantized_kv(smollm2_gguf):
                "Once upon a time, in a land far away,", "Water boils at"]
     outs = {}
     for kv in ("float32", "bf16", "int8"):
-        rt = Runtime(ModelSource("smollm2", "gguf", smollm2_gguf), progress=False,
+        rt = Runtime(ModelSource("smollm2", "gguf", smollm2_gguf), weights="f32", progress=False,
                      engine=EngineConfig(kv_dtype=kv))
         outs[kv] = [run(rt, p, max_tokens=32, **GREEDY).tokens for p in prompts]
     assert outs["bf16"] == outs["float32"]
