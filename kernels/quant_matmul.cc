@@ -96,10 +96,52 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
+#if COREJAX_VNNI
+// quantize_rows, 16 lanes at a time (the scalar loop cost ~2.7 ns per value: ~5% of a decode step).
+bool quantize_rows_avx512(const float* x, int64_t M, int64_t K, int64_t B, int8_t* q, int8_t* r, float* d,
+                          float* ds) {
+  if (B != kQBlock && B != 16) return false;
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < K / kQBlock; ++b) {
+      const int64_t k = m * K + b * kQBlock;
+      const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      d[m * (K / kQBlock) + b] = scale / 256.f;
+      const __m512 vinv = _mm512_set1_ps(inv), vscale = _mm512_set1_ps(scale), vfine = _mm512_set1_ps(inv * 256.f);
+      int32_t sums[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m512 xv = h ? x1 : x0;
+        const __m512 qv = _mm512_roundscale_ps(_mm512_mul_ps(xv, vinv), kNearest);
+        const __m512 res = _mm512_sub_ps(xv, _mm512_mul_ps(qv, vscale));
+        const __m512 rv = _mm512_max_ps(_mm512_min_ps(_mm512_roundscale_ps(_mm512_mul_ps(res, vfine), kNearest), hi), lo);
+        const __m512i qi = _mm512_cvtps_epi32(qv), ri = _mm512_cvtps_epi32(rv);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k + 16 * h), _mm512_cvtepi32_epi8(qi));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(r + k + 16 * h), _mm512_cvtepi32_epi8(ri));
+        sums[h] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(qi, 8), ri));
+      }
+      const float unit = scale / 256.f;
+      if (B == kQBlock) {
+        ds[m * (K / B) + b] = unit * float(sums[0] + sums[1]);
+      } else {
+        ds[m * (K / B) + 2 * b] = unit * float(sums[0]);
+        ds[m * (K / B) + 2 * b + 1] = unit * float(sums[1]);
+      }
+    }
+  }
+  return true;
+}
+#endif
+
 // x [M, K] float -> per 32 values d = max|x| / 127, q = round(x / d) (|q| <= 127: ggml's Q8_0), and the
 // residual r = round((x - d q) / (d / 256)) (|r| <= 128, clamped to 127: the rare half-step case loses
 // d / 256). x ~ (d / 256) (256 q + r): ~15 bits where ggml's activations carry 7.
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, int8_t* q, int8_t* r, float* d, float* ds) {
+#if COREJAX_VNNI
+  if (quantize_rows_avx512(x, M, K, B, q, r, d, ds)) return;
+#endif
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     for (int64_t b = 0; b < K / kQBlock; ++b) {
