@@ -76,8 +76,12 @@ class Runtime:
             return
         if report is not None:
             report("compiling", 0, 1)
-        for _ in self.stream("Hello", None, SamplingParams(max_tokens=2, ignore_eos=True)):
-            pass
+        # Default sampling, default max_tokens: the same static flags and page-table width as a default request.
+        chunks = self.stream("Hello", None, SamplingParams(ignore_eos=True))
+        for i, _ in enumerate(chunks):
+            if i >= 2:  # the prefill program and the decode step have both run
+                break
+        chunks.close()
         if report is not None:
             report("compiling", 1, 1)
 
