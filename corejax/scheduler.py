@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+import weakref
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -172,7 +173,8 @@ class Scheduler:
             req = Request(self, rid, prompt, sp, stop_ids, min(sp.max_tokens, cfg.max_context - len(prompt)), spec)
             self._inbox.append(req)
             if self.background and self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="corejax-scheduler", daemon=True)
+                self._thread = threading.Thread(target=Scheduler._loop, args=(weakref.ref(self),),
+                                                name="corejax-scheduler", daemon=True)
                 self._thread.start()
             self._cv.notify()
         return req
@@ -188,16 +190,27 @@ class Scheduler:
     def idle(self) -> bool:
         return not (self._inbox or self.waiting or self.prefilling or self.running)
 
-    def _loop(self) -> None:
+    @staticmethod
+    def _loop(ref: weakref.ref) -> None:
+        """The background thread. It holds its scheduler only while stepping, never while it waits, so a
+        Runtime nobody references any more is freed — weights, KV pool and all — and the thread ends."""
         while True:
-            with self._cv:
-                while self.idle:
-                    self._cv.wait()
-            try:
-                self.step()
-            except Exception as e:  # noqa: BLE001 - a failed step fails the requests in it, not the scheduler
-                for req in [*self.prefilling, *self.running]:
-                    self._finish(req, e)
+            sched = ref()
+            if sched is None:
+                return
+            cv = sched._cv
+            with cv:  # submit() appends and notifies under this lock: no wake-up is lost between check and wait
+                idle = sched.idle
+                if idle:
+                    del sched
+                    cv.wait(timeout=0.5)
+            if not idle:
+                try:
+                    sched.step()
+                except Exception as e:  # noqa: BLE001 - a failed step fails the requests in it, not the scheduler
+                    for req in [*sched.prefilling, *sched.running]:
+                        sched._finish(req, e)
+                del sched
 
     def run_until_idle(self) -> None:
         """Steps until every request has finished (background=False: tests and single-threaded use)."""

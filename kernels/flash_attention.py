@@ -106,9 +106,13 @@ def _flash_lax(q, k, v, q_positions, k_positions, *, window, scale, softcap, blo
     g = n // kv_heads
     bq, bk = min(block_q, t), min(block_k, s)
     nq = pl.cdiv(t, bq)
+    # One query tile and one key tile (an encoder's sentence, a short prompt): no loops — XLA:CPU runs a
+    # while loop's body unfused, per iteration, and the band computation would cost as much as the tile.
+    single = nq == 1 and bk == s
     q_starts = jnp.minimum(jnp.arange(nq) * bq, t - bq)
-    lo, hi = _key_tile_band(q_positions, k_positions, q_starts, bq, bk, window, causal)
-    lo, hi = lo.min(0), hi.max(0)  # [nq]: one band for the whole batch keeps the loop shapes static
+    if not single:
+        lo, hi = _key_tile_band(q_positions, k_positions, q_starts, bq, bk, window, causal)
+        lo, hi = lo.min(0), hi.max(0)  # [nq]: one band for the whole batch keeps the loop shapes static
 
     def q_tile(i, out):
         qs = q_starts[i]
@@ -137,11 +141,13 @@ def _flash_lax(q, k, v, q_positions, k_positions, *, window, scale, softcap, blo
             jnp.full((b, kv_heads, g, bq), _MASKED, jnp.float32),
             jnp.zeros((b, kv_heads, g, bq), jnp.float32),
         )
-        acc, _, l = lax.fori_loop(lo[i], hi[i], k_tile, init)
+        acc, _, l = k_tile(0, init) if single else lax.fori_loop(lo[i], hi[i], k_tile, init)
         o = acc / jnp.where(l > 0, l, 1.0)[..., None]  # a row that sees nothing gives 0, not NaN
         o = jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, bq, n, h).astype(out.dtype)
         return lax.dynamic_update_slice_in_dim(out, o, qs, 1)
 
+    if single:
+        return q_tile(0, jnp.zeros(q.shape, q.dtype))
     return lax.fori_loop(0, nq, q_tile, jnp.zeros(q.shape, q.dtype))
 
 
