@@ -31,11 +31,13 @@ _TOKENIZER_PROBES = ("Hello, world! 123", " def f(x):\n\treturn x ** 2", "naïve
 
 
 def enable_compilation_cache() -> None:
-    """XLA programs persist under the corejax cache, so a second start skips the first compile."""
+    """XLA programs persist under the corejax cache, so a second start skips the first compile. One folder per
+    native-kernel build (ffi.library_key): a cached program calls the kernels by name, so a program compiled
+    against one build must never run against another."""
     import jax
 
     if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla" / ffi.library_key()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
@@ -43,6 +45,7 @@ class Runtime:
     def __init__(self, source: ModelSource, *, weights: str | None = None,
                  engine: EngineConfig | None = None, progress: bool | Callable[[str, int, int], None] = True,
                  memory_limit: int | str | None = None):
+        native = ffi.ensure()  # the native CPU kernels (kernels/*.cc), when they can be built and loaded
         enable_compilation_cache()
         self.source = source
         self._scheduler: Scheduler | None = None
@@ -50,7 +53,6 @@ class Runtime:
         # Weights, KV pool and workspace are reserved from the file's headers before any is allocated, so a
         # model that cannot fit memory_limit fails here with MemoryBudgetError, having allocated nothing.
         self.budget = memory.MemoryBudget(memory_limit)
-        native = ffi.ensure()  # the native CPU kernels (kernels/*.cc), when they can be built and loaded
         weights = weights or default_weights(source, native)
         engine = memory.admit(self.budget, plan_weights(source, weights), engine or EngineConfig(), source.name)
         self.model: LoadedModel = load_model(source, weights=weights, progress=progress)

@@ -53,5 +53,10 @@ def ensure(path: str | Path | None = None) -> bool:
     return load(path) if path is not None else False
 
 
+def library_key() -> str:
+    """Names the loaded kernel build (its file name carries a hash of sources, compiler and CPU), or "xla"."""
+    return Path(_loaded[0]).stem if _loaded else "xla"
+
+
 def available() -> bool:
     return bool(_loaded) and jax.default_backend() == "cpu"

@@ -121,7 +121,8 @@ class WorkerClient:
         cwd.mkdir()
         # Compiled programs persist across sandboxed workers, in a folder no unsandboxed Runtime reads: a
         # compromised worker could poison this cache, and only other sandboxed workers would load it.
-        xla = cache_dir() / "xla-sandbox"
+        kernels = self.options.get("native_kernels")  # one folder per kernel build (runtime.enable_compilation_cache)
+        xla = cache_dir() / "xla-sandbox" / (Path(kernels).stem if kernels else "xla")
         xla.mkdir(parents=True, exist_ok=True)
         import corejax
 
