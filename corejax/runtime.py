@@ -16,13 +16,19 @@ import numpy as np
 from corejax import memory
 from corejax.config import EncoderConfig, EngineConfig, ModelConfig
 from corejax.engine import Engine
-from corejax.kernels import ffi, small_matmul
 from corejax.errors import InvalidParameterError, UnsupportedModelError
 from corejax.hub import ModelSource, cache_dir
-from corejax.loading.loader import LoadedModel, default_weights, load_model, plan_weights
+from corejax.kernels import ffi, small_matmul
+from corejax.loading.loader import (
+    LoadedModel,
+    default_weights,
+    load_model,
+    plan_weights,
+)
+from corejax.requests import StepTimes
 from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
 from corejax.sampling import SamplingParams
-from corejax.scheduler import Scheduler, StepTimes
+from corejax.scheduler import Scheduler
 from corejax.speculative import DraftModelProposer, SpeculativeConfig
 from corejax.stopping import StopMatcher
 
