@@ -7,11 +7,6 @@ from pathlib import Path
 
 import pytest
 
-# No persistent XLA cache in the test process: two full-suite runs this session aborted inside JAX's cache
-# serialization of one program (a speculative draft's prefill, compiled late in the run; the same tests pass
-# alone, cold or warm). Tests compile what they run; production keeps the cache (corejax/runtime.py).
-os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
-
 
 def _model(name: str, env: str) -> Path:
     if os.environ.get(env):
