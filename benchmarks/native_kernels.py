@@ -2,7 +2,7 @@
 
 1. a 30-layer SmolLM2-shaped MLP stack ([576, 1536] x 2 and [1536, 576] per layer, 318 MB of float32) for
    1-32 rows: XLA's dot on [K, N] weights vs kernels/small_matmul.cc on column-blocked weights;
-2. one SmolLM2 decode step (engine.decode_step) for batches of 1 and 8 rows at 100 and 500 tokens of
+2. one SmolLM2 decode step (Engine.programs.decode_step) for batches of 1 and 8 rows at 100 and 500 tokens of
    context, with the native kernels and with COREJAX_NATIVE=0 (each in a fresh process).
 
     python benchmarks/native_kernels.py [--reps 9]
@@ -63,7 +63,6 @@ def decode_steps(reps: int) -> dict:
     import numpy as np
 
     from corejax.config import SamplingParams
-    from corejax.engine import decode_step
     from corejax.hub import resolve
     from corejax.runtime import Runtime
     from corejax.sampling import SamplingTensors
@@ -80,8 +79,9 @@ def decode_steps(reps: int) -> dict:
 
         def once(args=(tokens, positions, table, lengths, sampling, keys, steps)):
             tokens, positions, table, lengths, sampling, keys, steps = args
-            result, eng.cache, _ = decode_step(eng.params, tokens, positions, eng.cache.with_rows(table, lengths),
-                                               sampling, None, keys, steps, cfg=eng.cfg)
+            result, eng.cache, _ = eng.programs.decode_step(eng.params, tokens, positions,
+                                                            eng.cache.with_rows(table, lengths), sampling, None,
+                                                            keys, steps, cfg=eng.cfg)
             np.asarray(result.tokens)
         out[f"B={b} context={length}"] = _median_ms(once, reps)
     return out

@@ -1,5 +1,5 @@
 """Encoder requests on the host: texts -> token ids (truncated or refused), length-sorted batches padded to
-power-of-two (batch, length) buckets, the `engine.encode` jit site, and the classification scores.
+power-of-two (batch, length) buckets, the `encode` jit site (its own Programs), and the classification scores.
 
 Runs where the model lives (Runtime); the caller only sees numpy arrays."""
 
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from corejax.config import EncoderConfig
-from corejax.engine import bucket, encode
+from corejax.engine import Programs, bucket
 from corejax.errors import InvalidParameterError, UnsupportedModelError
 
 MAX_BATCH = 32  # rows per program; batches of 1..32 rows are padded to 1, 2, 4, .., 32
@@ -32,6 +32,7 @@ class Encoder:
 
     def __init__(self, cfg: EncoderConfig, params: Any, tokenizer: Any, sentence: Any):
         self.cfg, self.params, self.tokenizer, self.sentence = cfg, params, tokenizer, sentence
+        self.programs = Programs()  # freed with this Encoder (corejax/engine.py)
 
     @property
     def dim(self) -> int:
@@ -68,7 +69,7 @@ class Encoder:
                 tokens[r, :len(ids[i])] = ids[i]
                 lengths[r] = len(ids[i])
             # Dispatch every batch before reading any back, so the host work overlaps the device's.
-            pending.append((rows, encode(self.params, tokens, lengths, cfg=self.cfg, output=output,
+            pending.append((rows, self.programs.encode(self.params, tokens, lengths, cfg=self.cfg, output=output,
                                          normalize=normalize)))
         for rows, out in pending:
             result[rows] = np.asarray(out)[:len(rows)]

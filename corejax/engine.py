@@ -5,6 +5,9 @@ What recompiles: a new ModelConfig, a new prompt-chunk bucket or page-table widt
 first chunk vs the final (sampling) chunk, and a change of the sampler's static flags (greedy vs sampling,
 top-k bound, logprobs count, penalties). Values of temperature, top-p, seeds, positions, tokens, page
 tables and lengths are traced and never recompile.
+
+Each Engine (and Encoder) jits its own copies of the sites (Programs), so its compiled programs are freed with
+it rather than living as long as the process.
 """
 
 from __future__ import annotations
@@ -41,8 +44,7 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def prefill(params: Any, tokens: jax.Array, positions: jax.Array, last: jax.Array, cache: Any, cfg: ModelConfig,
+def _prefill(params: Any, tokens: jax.Array, positions: jax.Array, last: jax.Array, cache: Any, cfg: ModelConfig,
             sampling: SamplingTensors | None = None, penalties: PenaltyState | None = None,
             keys: jax.Array | None = None) -> tuple[SampleOutput | None, Any]:
     """One prompt chunk: tokens, positions [B, T] (right-padded); last [B] index of each row's last real token.
@@ -57,8 +59,7 @@ def prefill(params: Any, tokens: jax.Array, positions: jax.Array, last: jax.Arra
     return sample(logits, sampling, penalties, keys, 0), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache", "penalties"))
-def decode_step(params: Any, tokens: jax.Array, positions: jax.Array, cache: Any, sampling: SamplingTensors,
+def _decode_step(params: Any, tokens: jax.Array, positions: jax.Array, cache: Any, sampling: SamplingTensors,
                 penalties: PenaltyState | None, keys: jax.Array, steps: jax.Array, cfg: ModelConfig
                 ) -> tuple[SampleOutput, Any, PenaltyState | None]:
     """tokens, positions [B, T]: each row's last sampled token, then up to T - 1 drafted tokens (speculative
@@ -84,14 +85,12 @@ def decode_step(params: Any, tokens: jax.Array, positions: jax.Array, cache: Any
     return jax.tree.map(join, first, rest), cache, penalties
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def copy_page(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
+def _copy_page(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
     """Copy-on-write of one KV page in every layer (a page shared with a fork is about to change)."""
     return cache.copy_page(src, dst)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def full_logits(params: Any, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+def _full_logits(params: Any, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     """tokens [B, T] -> logits [B, T, V] from one forward over a fresh cache (tests, scoring)."""
     batch, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
@@ -100,8 +99,7 @@ def full_logits(params: Any, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     return models.lm_head(params, hidden, cfg)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "output", "normalize"))
-def encode(params: Any, tokens: jax.Array, lengths: jax.Array, cfg: EncoderConfig, output: str,
+def _encode(params: Any, tokens: jax.Array, lengths: jax.Array, cfg: EncoderConfig, output: str,
            normalize: bool) -> jax.Array:
     """Encoder batch: tokens [B, T] right-padded, lengths [B] -> pooled vectors [B, D] (output "mean", "cls",
     "max"; L2-normalised if `normalize`) or classifier logits [B, L] (output "logits").
@@ -114,14 +112,43 @@ def encode(params: Any, tokens: jax.Array, lengths: jax.Array, cfg: EncoderConfi
     return bert.l2_normalize(pooled) if normalize else pooled
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def token_logprobs(params: Any, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+def _token_logprobs(params: Any, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     """tokens [B, T] -> [B, T - 1]: log p(tokens[:, t + 1] | tokens[:, :t + 1]) under a decoder (scoring).
 
     Recompiles per (B, T) bucket."""
-    logits = full_logits(params, tokens, cfg)[:, :-1].astype(jnp.float32)  # [B, T-1, V]
+    logits = _full_logits(params, tokens, cfg)[:, :-1].astype(jnp.float32)  # [B, T-1, V]
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def _jit(fn: Any, **options: Any) -> Any:
+    # A fresh callable per jit: JAX keys its trace and executable caches on the function, weakly, so the
+    # programs compiled for this wrapper are freed when it is.
+    return jax.jit(functools.partial(fn), **options)
+
+
+class Programs:
+    """The jit sites, compiled for one owner (an Engine or Encoder) and freed with it.
+
+    Each XLA CPU executable keeps its machine code mapped: about three memory mappings per fused kernel, ~630
+    for a 30-layer prefill program, and Linux allows a process 65,530. Module-level jitted functions would keep
+    every program ever compiled for as long as the process lives, so a notebook loading model after model
+    (or a long test session) would run out of mappings and crash inside XLA's compiler. A second Engine of the
+    same model recompiles, served by the persistent compilation cache."""
+
+    def __init__(self) -> None:
+        self.prefill = _jit(_prefill, static_argnames=("cfg",), donate_argnames=("cache",))
+        self.decode_step = _jit(_decode_step, static_argnames=("cfg",), donate_argnames=("cache", "penalties"))
+        self.copy_page = _jit(_copy_page, donate_argnames=("cache",))
+        self.full_logits = _jit(_full_logits, static_argnames=("cfg",))
+        self.encode = _jit(_encode, static_argnames=("cfg", "output", "normalize"))
+        self.token_logprobs = _jit(_token_logprobs, static_argnames=("cfg",))
+
+
+# Shared programs for one-off calls (tests, benchmarks): never freed, so not for serving.
+_SHARED = Programs()
+full_logits = _SHARED.full_logits
+decode_step = _SHARED.decode_step
 
 
 class Engine:
@@ -138,6 +165,7 @@ class Engine:
         num_pages = ec.num_pages(cfg)
         self.allocator = PageAllocator(num_pages, ec.page_size)
         self.cache = PagedKVCache.create(cfg, num_pages, ec.page_size, ec.kv_dtype)
+        self.programs = Programs()
 
     @property
     def kv_cache_bytes(self) -> int:

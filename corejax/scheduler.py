@@ -36,10 +36,7 @@ from corejax.engine import (
     MIN_PREFILL_BUCKET,
     Engine,
     bucket,
-    copy_page,
-    decode_step,
     penalty_state,
-    prefill,
 )
 from corejax.errors import CacheFullError, CorejaxError
 from corejax.requests import _DONE, Request, StepTimes, TokenEvent  # noqa: F401 - StepTimes re-exported
@@ -234,7 +231,7 @@ class Scheduler:
             extra = dict(sampling=sampling, keys=keys,
                          penalties=(penalty_state([(r.prompt, []) for r in reqs], b, v) if sampling.any_penalty
                                     else None))
-        out, eng.cache = prefill(eng.params, tokens, positions, last, eng.cache.with_rows(table, lengths),
+        out, eng.cache = eng.programs.prefill(eng.params, tokens, positions, last, eng.cache.with_rows(table, lengths),
                                  cfg=eng.cfg, **extra)
         if samplers:
             out = _host(out, with_logprobs=any(r.sp.logprobs is not None for r in samplers))
@@ -260,7 +257,7 @@ class Scheduler:
                 tokens = [req.output[-1], *drafts.get(req.rid, [])]
                 try:
                     for c in alloc.append(req.seq, tokens):
-                        eng.cache = copy_page(eng.cache, np.int32(c.src), np.int32(c.dst))
+                        eng.cache = eng.programs.copy_page(eng.cache, np.int32(c.src), np.int32(c.dst))
                     fed[req.rid] = tokens
                     break
                 except CacheFullError as e:
@@ -293,7 +290,7 @@ class Scheduler:
         steps = np.zeros((b,), np.int32)
         steps[:len(rows)] = [len(r.output) for r in rows]
         started = time.perf_counter()
-        out, eng.cache, self._penalties = decode_step(
+        out, eng.cache, self._penalties = eng.programs.decode_step(
             eng.params, tokens, positions, eng.cache.with_rows(table, lengths), self._sampling, self._penalties,
             self._keys, steps, cfg=eng.cfg)
         out = _host(out, with_logprobs=any(r.sp.logprobs is not None for r in rows))

@@ -1,7 +1,7 @@
 """Speculative decoding: draft proposers (prompt n-gram lookup, a draft model), the acceptance rule, adaptive k.
 
 A proposer drafts k tokens; the target model scores the row's last token plus the k drafts in one forward
-(`engine.decode_step` with T = k + 1, over the paged KV cache) and draws a sample at every position; the
+(`Engine.programs.decode_step` with T = k + 1, over the paged KV cache) and draws a sample at every position; the
 scheduler keeps the drafts up to the first one that differs from its position's sample, plus that sample.
 The KV written for rejected drafts is rolled back (`PageAllocator.truncate`).
 
@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from corejax.engine import MIN_PREFILL_BUCKET, bucket, decode_step, prefill
+from corejax.engine import MIN_PREFILL_BUCKET, bucket
 from corejax.config import SpeculativeConfig
 from corejax.errors import CacheFullError
 from corejax.sampling import SamplingParams, SamplingTensors
@@ -173,8 +173,9 @@ class DraftModelProposer:
                 lengths[i] = len(ctx) + j
             table = np.zeros((b, width), np.int32)
             table[:len(live)] = alloc.page_table([r for r, *_ in live], width)
-            out, eng.cache, _ = decode_step(eng.params, tokens, positions, eng.cache.with_rows(table, lengths),
-                                            greedy, None, keys, np.zeros((b,), np.int32), cfg=eng.cfg)
+            out, eng.cache, _ = eng.programs.decode_step(eng.params, tokens, positions,
+                                                         eng.cache.with_rows(table, lengths), greedy, None, keys,
+                                                         np.zeros((b,), np.int32), cfg=eng.cfg)
             for i, t in enumerate(np.asarray(out.tokens)[:len(live), 0]):
                 drafts[i].append(int(t))
         by_rid = {rid: d[:k] for (rid, _, k, _), d in zip(live, drafts)}
@@ -197,8 +198,8 @@ class DraftModelProposer:
         table = np.zeros((b, width), np.int32)
         table[:len(rids)] = eng.allocator.page_table(rids, width)
         extra = dict(sampling=sampling, keys=np.zeros((b, 2), np.uint32)) if sample else {}
-        out, eng.cache = prefill(eng.params, tokens, positions, last, eng.cache.with_rows(table, lengths),
-                                 cfg=eng.cfg, **extra)
+        out, eng.cache = eng.programs.prefill(eng.params, tokens, positions, last,
+                                              eng.cache.with_rows(table, lengths), cfg=eng.cfg, **extra)
         return np.asarray(out.tokens) if sample else None
 
     def rollback(self, rid: int, length: int) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from corejax.engine import MIN_PREFILL_BUCKET, bucket, token_logprobs
+from corejax.engine import MIN_PREFILL_BUCKET, bucket
 from corejax.errors import ContextLengthError, InvalidParameterError
 
 DEFAULT_TEMPLATE = ("Classify the text into exactly one of these categories: {labels}.\n\n"
@@ -60,6 +60,6 @@ def _label_logliks(engine: Any, tokenizer: Any, text: str, labels: Sequence[str]
     tokens = np.zeros((bucket(len(labels), 1), t), np.int32)
     for r, a in enumerate(answers):
         tokens[r, :len(prompt) + len(a)] = prompt + a
-    logp = np.asarray(token_logprobs(engine.params, tokens, cfg=cfg))  # [B, T-1]
+    logp = np.asarray(engine.programs.token_logprobs(engine.params, tokens, cfg=cfg))  # [B, T-1]
     # The answer's tokens sit at positions len(prompt)..; each is predicted by the position before it.
     return np.array([logp[r, len(prompt) - 1:len(prompt) - 1 + len(a)].sum() for r, a in enumerate(answers)])

@@ -26,3 +26,17 @@ def smollm2_gguf() -> Path:
 def gemma3_gguf() -> Path:
     """Gemma 3 270M Q4_K_M (override with COREJAX_TEST_GEMMA3=/path/file.gguf)."""
     return _model("gemma3-270m", "COREJAX_TEST_GEMMA3")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """After each test module, drop the programs compiled through jit sites shared across tests (the module-
+    level ones and test helpers): each keeps its machine code mapped, and one process may hold 65,530
+    mappings (corejax/engine.py Programs)."""
+    yield
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()

@@ -95,14 +95,13 @@ def test_embed_argument_errors(tiny_encoder):
 
 def test_length_buckets_limit_compiles(tiny_encoder):
     """Lengths 3..40 and batch sizes 1..40 compile only power-of-two (batch, length) buckets."""
-    from corejax import engine
-
     _, session = tiny_encoder
-    before = engine.encode._cache_size()
+    encode = session._runtime.encoder.programs.encode
+    before = encode._cache_size()
     for n in (1, 2, 3, 5, 7):
         session.embed(["the " * (i % 38 + 1) for i in range(n)])
     # lengths: buckets 16, 32, 64; batches: 1, 2, 4, 8 -> far fewer than the 5 x 38 shapes seen
-    assert engine.encode._cache_size() - before <= 8
+    assert encode._cache_size() - before <= 8
 
 
 @pytest.fixture(scope="module")

@@ -218,10 +218,9 @@ def test_session_threads_and_asyncio_stream_concurrently(tiny_path):
 
 def test_batch_sizes_are_bucketed(runtime):
     """Three rows run as a batch of four; the compiled decode programs stay few across batch sizes."""
-    from corejax.engine import decode_step
-
     sch = scheduler(runtime)
     tok = runtime.tokenizer
+    decode_step = sch.engine.programs.decode_step
     before = decode_step._cache_size()
     reqs = [sch.submit(tok.encode(p), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), frozenset())
             for p in PROMPTS[:3]]
