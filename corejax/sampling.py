@@ -45,7 +45,7 @@ bucketed to a power of two so a workload compiles a handful of programs.
 
 Measured cost of one jitted `sample` call on this CPU (2 cores, jax 0.10.2, [1, V] f32 logits, no
 penalties, no logprobs; median of 200 calls after compilation, dispatch included; reproduce with
-`CORJAX_BENCH=1 pytest tests/test_sampling.py -k timing -s`):
+`COREJAX_BENCH=1 pytest tests/test_sampling.py -k timing -s`):
 
     settings                                    V=49152    V=262144
     greedy (temperature=0)                       0.18 ms    0.27 ms

@@ -351,10 +351,10 @@ def test_from_kwargs_rejects_unknown_names():
 
 
 # --------------------------------------------------------------------------------------------------
-# Timing (prints the numbers the module docstring quotes; run with CORJAX_BENCH=1 -s)
+# Timing (prints the numbers the module docstring quotes; run with COREJAX_BENCH=1 -s)
 
 
-@pytest.mark.skipif(not os.environ.get("CORJAX_BENCH"), reason="benchmark; set CORJAX_BENCH=1")
+@pytest.mark.skipif(not os.environ.get("COREJAX_BENCH"), reason="benchmark; set COREJAX_BENCH=1")
 def test_timing():
     settings = {
         "greedy": SamplingParams(temperature=0.0),
