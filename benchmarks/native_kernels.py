@@ -53,7 +53,7 @@ def mlp_stack(reps: int) -> dict:
                 x = x + mm(jax.nn.silu(mm(x, g)) * mm(x, u), d)
             return x
         f = jax.jit(stack)
-        for rows in (1, 2, 4, 8, 16, 32):
+        for rows in (1, 2, 4, 8, 16, 32, 128, 512):
             x = jnp.asarray(rng.standard_normal((rows, 576), np.float32))
             out[f"{name} rows={rows}"] = _median_ms(lambda f=f, x=x, ws=ws: f(x, ws).block_until_ready(), reps)
     return out

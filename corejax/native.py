@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 
 SOURCES = ("small_matmul.cc", "paged_decode.cc", "quant_matmul.cc")
+HEADERS = ("parallel.h",)  # included by the sources; part of the build key
 _LOCK = threading.Lock()
 _BUILT: dict[str, Path | None] = {}
 
@@ -71,7 +72,8 @@ def _build(name: str) -> Path | None:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     include = _include_dir()
     sources = [_kernels_dir() / f for f in SOURCES]
-    if cxx is None or include is None or not all(f.is_file() for f in sources):
+    headers = [_kernels_dir() / f for f in HEADERS]
+    if cxx is None or include is None or not all(f.is_file() for f in sources + headers):
         print(f"corejax: not building the native kernels ({'no C++ compiler' if cxx is None else 'no FFI headers' if include is None else 'no source'}); "
               "XLA's own ops are used instead", file=sys.stderr)
         return None
@@ -80,7 +82,8 @@ def _build(name: str) -> Path | None:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    key = hashlib.sha256("\0".join([*(f.read_text() for f in sources), cxx, version, " ".join(flags), _cpu_flags(),
+    texts = [f.read_text() for f in sources + headers]
+    key = hashlib.sha256("\0".join([*texts, cxx, version, " ".join(flags), _cpu_flags(),
                                     importlib.metadata.version("jaxlib")]).encode()).hexdigest()[:16]
     out_dir = cache_dir() / "native"
     target = out_dir / f"{name}-{key}.so"

@@ -231,8 +231,8 @@ class Scheduler:
             extra = dict(sampling=sampling, keys=keys,
                          penalties=(penalty_state([(r.prompt, []) for r in reqs], b, v) if sampling.any_penalty
                                     else None))
-        out, eng.cache = eng.programs.prefill(eng.params, tokens, positions, last, eng.cache.with_rows(table, lengths),
-                                 cfg=eng.cfg, **extra)
+        out, eng.cache = eng.programs.prefill(eng.params, tokens, positions, last,
+                                              eng.cache.with_rows(table, lengths), cfg=eng.cfg, **extra)
         if samplers:
             out = _host(out, with_logprobs=any(r.sp.logprobs is not None for r in samplers))
         for i, (req, part, final) in enumerate(group):

@@ -25,9 +25,10 @@
 //   scales, mins [N / 16, K / B, 16]          float16 or float32; B (values per scale) 16 or 32
 //
 // Rows: up to 8 share one pass over a column group (8 int32 + 8 float accumulators stay in registers);
-// more rows loop over the group while it is in L1/L2 (prefill). Threads: one for decode-sized calls (one
-// core streams the weights about as fast as two here, and never spins on a loaded machine); `threads`
-// (from Python) split the column groups for prefill-sized ones.
+// more rows loop over the group while it is in L1/L2 (prefill). Chunks of column groups are split over the
+// caller and XLA's own intra-op pool (kernels/parallel.h), at most `threads` (from Python) workers. Threads
+// started per call (~30 us each) and helper threads of our own spinning between calls (fighting XLA's pool
+// for the two cores) were both slower than one thread; the pool's threads are awake while a program runs.
 //
 // Without AVX-512 VNNI the same loops run in plain C++ (correct everywhere, slower).
 // Built by corejax/native.py with the other kernels; registered as "corejax_quant_matmul".
@@ -36,8 +37,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
+
+#include "parallel.h"
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -291,28 +293,21 @@ void groups(const Weights& w, const Acts& a, int64_t M, int64_t g0, int64_t g1, 
   }
 }
 
-void run(const Weights& w, const Acts& a, int64_t M, int64_t B, int threads, float* y) {
+// Column groups in chunks of kChunk (4 KiB-64 KiB of codes each), claimed by the caller and XLA's pool threads.
+constexpr int64_t kChunk = 4;
+
+void run(ffi::ThreadPool& pool, const Weights& w, const Acts& a, int64_t M, int64_t B, int threads, float* y) {
   auto fn = w.bits == 8 ? (B == 16 ? groups<8, 16> : groups<8, 32>) : (B == 16 ? groups<4, 16> : groups<4, 32>);
   const int64_t G = w.N / kG;
-  threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, G)));
-  if (threads == 1) {
-    fn(w, a, M, 0, G, y);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t per = (G + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t g0 = t * per, g1 = std::min(G, g0 + per);
-    if (g0 < g1) pool.emplace_back(fn, std::cref(w), std::cref(a), M, g0, g1, y);
-  }
-  fn(w, a, M, 0, std::min(G, per), y);
-  for (auto& th : pool) th.join();
+  corejax::parallel_for(pool, (G + kChunk - 1) / kChunk, threads, [&](int64_t c) {
+    fn(w, a, M, c * kChunk, std::min(G, (c + 1) * kChunk), y);
+  });
 }
 
 }  // namespace
 
-static ffi::Error QuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes, ffi::AnyBuffer scales,
-                                  ffi::AnyBuffer mins, ffi::ResultBuffer<ffi::F32> y, int32_t bits,
+static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                                  ffi::AnyBuffer scales, ffi::AnyBuffer mins, ffi::ResultBuffer<ffi::F32> y, int32_t bits,
                                   int32_t block, int32_t offset, int32_t has_mins, int32_t threads) {
   auto xd = x.dimensions(), cd = codes.dimensions(), sd = scales.dimensions();
   if (xd.size() != 2 || cd.size() != 3 || sd.size() != 3 || cd[2] != 64 || sd[2] != kG)
@@ -332,12 +327,13 @@ static ffi::Error QuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> 
   const Weights w{codes.typed_data(), scales.untyped_data(), has_mins ? mins.untyped_data() : nullptr, f16,
                   bits, offset, K, N};
   const Acts a{q.data(), r.data(), d.data(), ds.data(), K};
-  run(w, a, M, block, threads, y->typed_data());
+  run(pool, w, a, M, block, threads, y->typed_data());
   return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CorejaxQuantMatmul, QuantMatmulImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::AnyBuffer>()

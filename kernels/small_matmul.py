@@ -1,15 +1,18 @@
-"""Float32 weights in column blocks (`BlockedWeight`) and their matmul: the native weight-streaming kernel
-(kernels/small_matmul.cc, an XLA FFI custom call) for up to MAX_ROWS rows — decode steps, batches of them,
-speculative verifies — and XLA's dot for more (prefill).
+"""Float32 weights in column blocks (`BlockedWeight`) and their matmul: the native kernel
+(kernels/small_matmul.cc, an XLA FFI custom call) for every row count — decode steps, batches of them,
+speculative verifies, prefill chunks, encoder batches — when it is loaded, XLA's dot otherwise.
 
-Measured on this 2-core AMD EPYC (AVX-512), quiet machine, a 30-layer SmolLM2-shaped float32 MLP stack
-(318 MB) per call, median ms (`python benchmarks/native_kernels.py`):
+Measured on this 2-core AMD EPYC (AVX-512), a 30-layer SmolLM2-shaped float32 MLP stack (318 MB) per call,
+median ms (`python benchmarks/native_kernels.py --part mlp`), XLA's dot on the plain [K, N] matrix:
 
-    rows      1     2     4     8    16    32
-    XLA     11.4  17.0  17.5  20.4  27.0  39.6
-    native  12.9  12.6  13.2  15.0  27.8  53.4
+    rows      1     2     4     8    16    32   128   512
+    XLA     15.0  22.0  20.6  26.9  32.1  43.8   120   458
+    native  12.2  11.5  12.7  13.3  17.2  30.3   107   431
 
-so the kernel takes 2-8 rows (one row is a wash; XLA keeps 16 and more).
+The kernel shares one pass over the weights among all rows (8-row register tiles, each column block read from
+memory once and from L2 after) and splits column blocks over the cores through XLA's own thread pool
+(kernels/parallel.h). Before that pool, it ran on one thread and XLA took 16 rows and more — as an einsum over
+the blocked layout, which XLA runs badly: 20.8 ms for ten [32, 576] x [576, 1536] products vs 3.5 native.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ from corejax.kernels import ffi
 
 TARGET = "corejax_small_matmul"
 BLOCK = 32  # columns per block (kernels/small_matmul.cc kBlock)
-MAX_ROWS = 8  # up to this many rows go to the kernel (at 16-32 rows XLA's GEMM was as fast or faster)
-CALL_ROWS = 8
+THREADS = 64  # at most; kernels/parallel.h caps the workers at the cores (the caller + XLA's pool)
 
 
 @struct.dataclass
@@ -59,26 +61,22 @@ def blockable(w) -> bool:
     return isinstance(w, jax.Array) and w.ndim == 2 and w.dtype == jnp.float32 and w.shape[1] % BLOCK == 0
 
 
-def blocked_matmul(x: jax.Array, w: BlockedWeight) -> jax.Array:
-    """x [..., K] @ w -> [..., N] float32: the native kernel for up to MAX_ROWS rows, XLA's dot beyond."""
+def blocked_matmul(x: jax.Array, w: BlockedWeight, valid: jax.Array | None = None) -> jax.Array:
+    """x [..., K] @ w -> [..., N] float32: the native kernel for up to MAX_ROWS rows, XLA's dot beyond.
+
+    valid (bool, x.shape[:-1]), optional: rows that are padding (False) may be skipped, their outputs zero
+    (the kernel skips them; XLA's dot computes them anyway)."""
     k, n = w.shape
     if x.shape[-1] != k:
         raise ValueError(f"blocked_matmul: {x.shape=} does not match the weight's [K, N] = {w.shape}")
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, k).astype(jnp.float32)
-    if rows > MAX_ROWS or not ffi.available():
+    if not ffi.available():
         y = jnp.einsum("mk,bkc->mbc", x2, w.data, preferred_element_type=jnp.float32)
         return y.reshape(*x.shape[:-1], n)
-    parts = []
-    for start in range(0, rows, CALL_ROWS):
-        part = x2[start:start + CALL_ROWS]
-        m = part.shape[0]
-        padded = 1 << (m - 1).bit_length()
-        if padded != m:
-            part = jnp.pad(part, ((0, padded - m), (0, 0)))
-        y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((padded, n), jnp.float32))(part, w.data)
-        parts.append(y[:m])
-    y = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    flags = jnp.ones((rows,), jnp.int32) if valid is None else valid.reshape(rows).astype(jnp.int32)
+    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))(x2, w.data, flags,
+                                                                                threads=np.int32(THREADS))
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -88,12 +86,13 @@ def blocked_matmul_reference(x: jax.Array, w: BlockedWeight) -> jax.Array:
     return jnp.einsum("...d,de->...e", x.astype(jnp.float32), dense, preferred_element_type=jnp.float32)
 
 
-MATMUL_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+DECODER_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+ENCODER_KEYS = ("wqkv", "wo", "w_in", "w_out")  # corejax/models/bert.py
 
 
-def block_decoder_params(params: dict) -> dict:
-    """The decoder's float32 projection matrices (and the LM head) as BlockedWeights, converted one at a
-    time with each original freed at once, so loading never holds two copies of the model."""
+def block_params(params: dict, keys: tuple[str, ...] = DECODER_KEYS) -> dict:
+    """The float32 projection matrices named `keys` in each layer (and a decoder's LM head) as BlockedWeights,
+    converted one at a time with each original freed at once, so loading never holds two copies of the model."""
     def convert(w):
         if not blockable(w):
             return w
@@ -102,7 +101,7 @@ def block_decoder_params(params: dict) -> dict:
         return blocked
 
     out = dict(params)
-    out["layers"] = [{key: convert(v) if key in MATMUL_KEYS else v for key, v in layer.items()}
+    out["layers"] = [{key: convert(v) if key in keys else v for key, v in layer.items()}
                      for layer in params["layers"]]
     if "lm_head" in params:
         out["lm_head"] = convert(params["lm_head"])

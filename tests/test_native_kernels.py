@@ -9,12 +9,12 @@ import pytest
 
 from corejax.kernels import ffi
 from corejax.kernels.paged_decode import paged_decode, paged_decode_reference
-from corejax.kernels.small_matmul import MAX_ROWS, blocked_matmul, blocked_matmul_reference, to_blocked
+from corejax.kernels.small_matmul import blocked_matmul, blocked_matmul_reference, to_blocked
 
 pytestmark = pytest.mark.skipif(not ffi.ensure(), reason="the native kernels could not be built here (no g++?)")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, MAX_ROWS + 1, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 64, 203])
 @pytest.mark.parametrize("k,n", [(64, 32), (576, 192), (576, 1536), (1536, 576), (640, 1024)])
 def test_blocked_matmul_matches_the_dense_product(rows, k, n):
     rng = np.random.default_rng(rows * 7 + n)
@@ -26,6 +26,18 @@ def test_blocked_matmul_matches_the_dense_product(rows, k, n):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.sqrt(k))
     np.testing.assert_allclose(np.asarray(blocked_matmul_reference(jnp.asarray(x), bw)), got, rtol=1e-4,
                                atol=1e-3 * np.sqrt(k))
+
+
+def test_blocked_matmul_skips_padding_rows():
+    """Rows marked invalid (an encoder's padding tokens) come back zero; the others are the full product's."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 13, 384), np.float32)
+    w = rng.standard_normal((384, 1152), np.float32)
+    valid = np.arange(13)[None, :] < np.array([[9], [13]])
+    got = np.asarray(jax.jit(blocked_matmul)(jnp.asarray(x), to_blocked(w), jnp.asarray(valid)))
+    want = np.where(valid[..., None], x.astype(np.float64) @ w.astype(np.float64), 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.sqrt(384))
+    assert np.all(got[0, 9:] == 0.0)
 
 
 def test_blocked_weight_keeps_leading_axes_and_columns():

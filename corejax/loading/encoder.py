@@ -98,8 +98,8 @@ def load_encoder_folder(folder: Path, raw: dict) -> tuple[EncoderConfig, dict[st
 
     d, f = cfg.hidden_size, cfg.ffn_size
 
-    def linear(name: str, n_in: int, n_out: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-        return jnp.asarray(get(f"{name}.weight", (n_out, n_in)).T), jnp.asarray(get(f"{name}.bias", (n_out,)))
+    def linear(name: str, n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+        return get(f"{name}.weight", (n_out, n_in)).T, get(f"{name}.bias", (n_out,))
 
     def norm(name: str) -> dict[str, jnp.ndarray]:
         return {"scale": jnp.asarray(get(f"{name}.weight", (d,))), "bias": jnp.asarray(get(f"{name}.bias", (d,)))}
@@ -112,21 +112,26 @@ def load_encoder_folder(folder: Path, raw: dict) -> tuple[EncoderConfig, dict[st
         "embed_norm": norm(e + "LayerNorm"),
         "layers": [],
     }
-    sizes = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "in": (d, f), "out": (f, d)}
+    sizes = {"o": (d, d), "in": (d, f), "out": (f, d)}
     for i in range(cfg.num_layers):
         base = f"{prefix}encoder.layer.{i}."
         layer: dict[str, Any] = {}
+        # Query, key and value as one [D, 3D] matrix: one matmul reads the three (fewer, larger calls).
+        qkv = [linear(base + _LAYER[name], d, d) for name in "qkv"]
+        layer["wqkv"] = jnp.asarray(np.concatenate([w for w, _ in qkv], axis=1))
+        layer["bqkv"] = jnp.asarray(np.concatenate([b for _, b in qkv]))
         for ours, n_in_out in sizes.items():
             w, b = linear(base + _LAYER[ours], *n_in_out)
-            layer[f"w{ours}" if len(ours) == 1 else f"w_{ours}"] = w
-            layer[f"b{ours}" if len(ours) == 1 else f"b_{ours}"] = b
+            layer[f"w{ours}" if len(ours) == 1 else f"w_{ours}"] = jnp.asarray(w)
+            layer[f"b{ours}" if len(ours) == 1 else f"b_{ours}"] = jnp.asarray(b)
         layer["attn_norm"] = norm(base + _LAYER["attn_norm"])
         layer["ffn_norm"] = norm(base + _LAYER["ffn_norm"])
         params["layers"].append(layer)
     if with_head:
         pw, pb = linear(f"{prefix}pooler.dense", d, d)
         cw, cb = linear("classifier", d, cfg.num_labels)
-        params["head"] = {"pooler_w": pw, "pooler_b": pb, "classifier_w": cw, "classifier_b": cb}
+        params["head"] = {k: jnp.asarray(v) for k, v in
+                          {"pooler_w": pw, "pooler_b": pb, "classifier_w": cw, "classifier_b": cb}.items()}
     return cfg, params
 
 

@@ -2,7 +2,8 @@
 
 Params (laid out by corejax/loading/encoder.py; matrices [in, out]):
   embed [V, D], embed_positions [P, D], embed_types [2, D], embed_norm {scale, bias} [D];
-  layers[i]: wq, wk, wv, wo [D, D] and bq, bk, bv, bo [D]; attn_norm {scale, bias}; w_in [D, F], b_in [F];
+  layers[i]: wqkv [D, 3D] and bqkv [3D] (query, key, value side by side), wo [D, D], bo [D];
+             attn_norm {scale, bias}; w_in [D, F], b_in [F];
              w_out [F, D], b_out [D]; ffn_norm {scale, bias};
   head (classification checkpoints only): pooler_w [D, D], pooler_b [D], classifier_w [D, L], classifier_b [L].
 """
@@ -38,14 +39,14 @@ def _act(x: jax.Array, kind: str) -> jax.Array:
 def _layer(p: Params, x: jax.Array, positions: jax.Array, key_positions: jax.Array, cfg: EncoderConfig) -> jax.Array:
     b, t, d = x.shape
     n, h = cfg.num_heads, cfg.head_dim
-    q = (dense(x, p["wq"]) + p["bq"]).reshape(b, t, n, h)  # [B, T, N, H]
-    k = (dense(x, p["wk"]) + p["bk"]).reshape(b, t, n, h)
-    v = (dense(x, p["wv"]) + p["bv"]).reshape(b, t, n, h)
+    real = key_positions >= 0  # [B, T]: padding tokens' rows may be skipped by the matmuls (garbage, unread)
+    qkv = (dense(x, p["wqkv"], real) + p["bqkv"]).reshape(b, t, 3, n, h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H] each
     # Non-causal: padding keys carry position -1 and are never visible; padding query rows are ignored later.
     a = flash_attention(q, k, v, positions, key_positions, causal=False)
-    x = layer_norm(x + dense(a.reshape(b, t, d), p["wo"]) + p["bo"], p["attn_norm"], cfg.norm_eps)
-    f = _act(dense(x, p["w_in"]) + p["b_in"], cfg.activation)
-    return layer_norm(x + dense(f, p["w_out"]) + p["b_out"], p["ffn_norm"], cfg.norm_eps)
+    x = layer_norm(x + dense(a.reshape(b, t, d), p["wo"], real) + p["bo"], p["attn_norm"], cfg.norm_eps)
+    f = _act(dense(x, p["w_in"], real) + p["b_in"], cfg.activation)
+    return layer_norm(x + dense(f, p["w_out"], real) + p["b_out"], p["ffn_norm"], cfg.norm_eps)
 
 
 def encode(params: Params, tokens: jax.Array, lengths: jax.Array, cfg: EncoderConfig) -> jax.Array:

@@ -16,15 +16,16 @@ from corejax.quant import QuantArray
 Params = dict[str, Any]
 
 
-def dense(x: jax.Array, w: jax.Array | QuantArray) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array | QuantArray, valid: jax.Array | None = None) -> jax.Array:
     """x [..., D_in] @ w [D_in, D_out] -> float32. Float weights are stored [in, out]: XLA's CPU GEMV is ~5x
     faster that way than contracting the trailing axis of an [out, in] matrix (shared/PERF-NOTES.md).
     Quantized weights go through the one quantized matmul; column-blocked ones (when the native kernel is
-    loaded) through the weight-streaming kernel for decode-sized row counts."""
+    loaded) through the weight-streaming kernel for decode-sized row counts. `valid` (bool, x.shape[:-1])
+    marks padding rows the native float kernel may skip (their outputs are then zero)."""
     if isinstance(w, QuantArray):
         return quant.matmul(x, w)
     if isinstance(w, BlockedWeight):
-        return blocked_matmul(x, w)
+        return blocked_matmul(x, w, valid)
     return jnp.einsum("...d,de->...e", x, w, preferred_element_type=jnp.float32)
 
 
