@@ -307,8 +307,8 @@ void run(ffi::ThreadPool& pool, const Weights& w, const Acts& a, int64_t M, int6
 }  // namespace
 
 static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
-                                  ffi::AnyBuffer scales, ffi::AnyBuffer mins, ffi::ResultBuffer<ffi::F32> y, int32_t bits,
-                                  int32_t block, int32_t offset, int32_t has_mins, int32_t threads) {
+                                  ffi::AnyBuffer scales, ffi::AnyBuffer mins, ffi::ResultBuffer<ffi::F32> y,
+                                  int32_t bits, int32_t block, int32_t offset, int32_t has_mins, int32_t threads) {
   auto xd = x.dimensions(), cd = codes.dimensions(), sd = scales.dimensions();
   if (xd.size() != 2 || cd.size() != 3 || sd.size() != 3 || cd[2] != 64 || sd[2] != kG)
     return ffi::Error::InvalidArgument("corejax_quant_matmul: need x [M, K], codes [N/16, S, 64], scales [N/16, K/B, 16]");
