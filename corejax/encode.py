@@ -69,8 +69,9 @@ class Encoder:
                 tokens[r, :len(ids[i])] = ids[i]
                 lengths[r] = len(ids[i])
             # Dispatch every batch before reading any back, so the host work overlaps the device's.
-            pending.append((rows, self.programs.encode(self.params, tokens, lengths, cfg=self.cfg, output=output,
-                                         normalize=normalize)))
+            out = self.programs.encode(self.params, tokens, lengths, cfg=self.cfg, output=output,
+                                       normalize=normalize)
+            pending.append((rows, out))
         for rows, out in pending:
             result[rows] = np.asarray(out)[:len(rows)]
         return result

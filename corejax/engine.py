@@ -148,7 +148,6 @@ class Programs:
 # Shared programs for one-off calls (tests, benchmarks): never freed, so not for serving.
 _SHARED = Programs()
 full_logits = _SHARED.full_logits
-decode_step = _SHARED.decode_step
 
 
 class Engine:

@@ -70,11 +70,11 @@ class Runtime:
         if isinstance(self.model.cfg, EncoderConfig):
             from corejax.encode import Encoder
 
-            if native:  # few-row float matmuls on the native kernel (kernels/small_matmul.cc)
+            if native:  # float matmuls on the native kernel, padding tokens skipped (kernels/small_matmul.cc)
                 self.model.params = small_matmul.block_params(self.model.params, small_matmul.ENCODER_KEYS)
             self.encoder = Encoder(self.model.cfg, self.model.params, self.tokenizer, self.model.sentence)
         else:
-            if native:  # decode-sized float matmuls on the native kernel (kernels/small_matmul.cc)
+            if native:  # float matmuls on the native kernel (kernels/small_matmul.cc)
                 self.model.params = small_matmul.block_params(self.model.params)
             self.engine = Engine(self.model.cfg, self.model.params, engine)
 

@@ -1,8 +1,8 @@
 """Speculative decoding: draft proposers (prompt n-gram lookup, a draft model), the acceptance rule, adaptive k.
 
 A proposer drafts k tokens; the target model scores the row's last token plus the k drafts in one forward
-(`Engine.programs.decode_step` with T = k + 1, over the paged KV cache) and draws a sample at every position; the
-scheduler keeps the drafts up to the first one that differs from its position's sample, plus that sample.
+(`Engine.programs.decode_step` with T = k + 1, over the paged KV cache) and draws a sample at every position;
+the scheduler keeps the drafts up to the first one that differs from its position's sample, plus that sample.
 The KV written for rejected drafts is rolled back (`PageAllocator.truncate`).
 
 Why this is exact rejection sampling. Both proposers are deterministic: the draft distribution at each

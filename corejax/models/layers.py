@@ -20,7 +20,7 @@ def dense(x: jax.Array, w: jax.Array | QuantArray, valid: jax.Array | None = Non
     """x [..., D_in] @ w [D_in, D_out] -> float32. Float weights are stored [in, out]: XLA's CPU GEMV is ~5x
     faster that way than contracting the trailing axis of an [out, in] matrix (shared/PERF-NOTES.md).
     Quantized weights go through the one quantized matmul; column-blocked ones (when the native kernel is
-    loaded) through the weight-streaming kernel for decode-sized row counts. `valid` (bool, x.shape[:-1])
+    loaded) through the native float kernel (kernels/small_matmul.py). `valid` (bool, x.shape[:-1])
     marks padding rows the native float kernel may skip (their outputs are then zero)."""
     if isinstance(w, QuantArray):
         return quant.matmul(x, w)
