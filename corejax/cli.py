@@ -17,9 +17,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help=f"registry name, .gguf file or HF folder (default: {hub.DEFAULT_MODEL})")
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
                    help="run the model in this process instead of the sandboxed worker")
-    p.add_argument("--weights", choices=["f32", "native", "int8", "int4"], default=None,
-                   help="default: a quantized GGUF stays quantized (native) where the native kernel builds, "
-                        "else f32; int8/int4: quantize float weights at load")
+    p.add_argument("--weights", choices=["f32", "f16", "native", "int8", "int4"], default=None,
+                   help="default: a quantized GGUF stays quantized (native) and an encoder loads as f16 where "
+                        "the native kernels build, else f32; int8/int4: quantize float weights at load")
     p.add_argument("--kv-dtype", choices=["float32", "bf16", "int8", "int4"], default="float32")
 
 

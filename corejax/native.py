@@ -22,8 +22,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCES = ("small_matmul.cc", "paged_decode.cc", "quant_matmul.cc")
-HEADERS = ("parallel.h",)  # included by the sources; part of the build key
+SOURCES = ("small_matmul.cc", "paged_decode.cc", "quant_matmul.cc", "encoder_attention.cc")
+HEADERS = ("parallel.h", "vecmath.h")  # included by the sources; part of the build key
 _LOCK = threading.Lock()
 _BUILT: dict[str, Path | None] = {}
 

@@ -14,7 +14,9 @@ import jax
 
 # FFI target name -> the handler symbol in the library (kernels/*.cc XLA_FFI_DEFINE_HANDLER_SYMBOL).
 TARGETS = {"corejax_small_matmul": "CorejaxSmallMatmul", "corejax_paged_decode": "CorejaxPagedDecode",
-           "corejax_quant_matmul": "CorejaxQuantMatmul"}
+           "corejax_quant_matmul": "CorejaxQuantMatmul",
+           "corejax_matmul_bias_act": "CorejaxMatmulBiasAct", "corejax_matmul_add_norm": "CorejaxMatmulAddNorm",
+           "corejax_encoder_attention": "CorejaxEncoderAttention"}
 _LOCK = threading.Lock()
 _loaded: list[str] = []
 _build_allowed = [True]

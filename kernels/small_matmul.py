@@ -1,4 +1,4 @@
-"""Float32 weights in column blocks (`BlockedWeight`) and their matmul: the native kernel
+"""Float32 (or an encoder's float16) weights in column blocks (`BlockedWeight`) and their matmul: the native kernel
 (kernels/small_matmul.cc, an XLA FFI custom call) for every row count — decode steps, batches of them,
 speculative verifies, prefill chunks, encoder batches — when it is loaded, XLA's dot otherwise.
 
@@ -33,7 +33,8 @@ THREADS = 64  # at most; kernels/parallel.h caps the workers at the cores (the c
 
 @struct.dataclass
 class BlockedWeight:
-    """A float32 [K, N] matrix stored as data [N / 32, K, 32] (data[b, k, c] = w[k, 32 b + c])."""
+    """A [K, N] matrix stored as data [N / 32, K, 32] (data[b, k, c] = w[k, 32 b + c]), float32 or float16
+    (an encoder's weights="f16"); products are float32 either way."""
 
     data: jax.Array
 
@@ -52,31 +53,64 @@ class BlockedWeight:
 
 
 def to_blocked(w: jax.Array | np.ndarray) -> BlockedWeight:
+    """float16 stays float16 (the kernel widens it as it reads); anything else becomes float32."""
     k, n = w.shape
+    dtype = np.float16 if w.dtype == np.float16 else np.float32
     return BlockedWeight(jnp.asarray(np.ascontiguousarray(
-        np.asarray(w, np.float32).reshape(k, n // BLOCK, BLOCK).transpose(1, 0, 2))))
+        np.asarray(w, dtype).reshape(k, n // BLOCK, BLOCK).transpose(1, 0, 2))))
 
 
 def blockable(w) -> bool:
-    return isinstance(w, jax.Array) and w.ndim == 2 and w.dtype == jnp.float32 and w.shape[1] % BLOCK == 0
+    return (isinstance(w, jax.Array) and w.ndim == 2 and w.dtype in (jnp.float32, jnp.float16)
+            and w.shape[1] % BLOCK == 0)
 
 
 def blocked_matmul(x: jax.Array, w: BlockedWeight, valid: jax.Array | None = None) -> jax.Array:
-    """x [..., K] @ w -> [..., N] float32: the native kernel for up to MAX_ROWS rows, XLA's dot beyond.
+    """x [..., K] @ w -> [..., N] float32: the native kernel when loaded, XLA's dot otherwise.
 
     valid (bool, x.shape[:-1]), optional: rows that are padding (False) may be skipped, their outputs zero
     (the kernel skips them; XLA's dot computes them anyway)."""
     k, n = w.shape
     if x.shape[-1] != k:
         raise ValueError(f"blocked_matmul: {x.shape=} does not match the weight's [K, N] = {w.shape}")
-    rows = math.prod(x.shape[:-1])
-    x2 = x.reshape(rows, k).astype(jnp.float32)
+    x2, flags = _rows(x, k, valid)
     if not ffi.available():
         y = jnp.einsum("mk,bkc->mbc", x2, w.data, preferred_element_type=jnp.float32)
         return y.reshape(*x.shape[:-1], n)
+    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))(x2, w.data, flags,
+                                                                                       threads=np.int32(THREADS))
+    return y.reshape(*x.shape[:-1], n)
+
+
+ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # kernels/vecmath.h Activation
+
+
+def _rows(x: jax.Array, k: int, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    rows = math.prod(x.shape[:-1])
     flags = jnp.ones((rows,), jnp.int32) if valid is None else valid.reshape(rows).astype(jnp.int32)
-    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))(x2, w.data, flags,
-                                                                                threads=np.int32(THREADS))
+    return x.reshape(rows, k).astype(jnp.float32), flags
+
+
+def fused_matmul_bias_act(x: jax.Array, w: BlockedWeight, bias: jax.Array, act: str,
+                          valid: jax.Array | None = None) -> jax.Array:
+    """act(x @ w + bias) in one native call (the activation runs on each column block while it is in cache).
+    Native only: callers check ffi.available() (corejax/models/layers.py composes XLA ops otherwise)."""
+    k, n = w.shape
+    x2, flags = _rows(x, k, valid)
+    y = jax.ffi.ffi_call("corejax_matmul_bias_act", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))(
+        x2, w.data, bias.astype(jnp.float32), flags, threads=np.int32(THREADS), act=np.int32(ACTIVATIONS[act]))
+    return y.reshape(*x.shape[:-1], n)
+
+
+def fused_matmul_add_norm(x: jax.Array, w: BlockedWeight, bias: jax.Array, residual: jax.Array,
+                          scale: jax.Array, shift: jax.Array, eps: float, valid: jax.Array | None = None) -> jax.Array:
+    """LayerNorm(residual + x @ w + bias) * scale + shift in one native call. Native only, as above."""
+    k, n = w.shape
+    x2, flags = _rows(x, k, valid)
+    f32 = jnp.float32
+    y = jax.ffi.ffi_call("corejax_matmul_add_norm", jax.ShapeDtypeStruct((x2.shape[0], n), f32))(
+        x2, w.data, bias.astype(f32), residual.reshape(-1, n).astype(f32), scale.astype(f32), shift.astype(f32),
+        flags, threads=np.int32(THREADS), eps=np.float32(eps))
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from tiny_bert import write_tiny_bert
+from tiny_model import write_tiny_llama
 
 import corejax
+from corejax.kernels import ffi
 
 VARIED = [
     "Hello world",
@@ -102,6 +104,35 @@ def test_length_buckets_limit_compiles(tiny_encoder):
         session.embed(["the " * (i % 38 + 1) for i in range(n)])
     # lengths: buckets 16, 32, 64; batches: 1, 2, 4, 8 -> far fewer than the 5 x 38 shapes seen
     assert encode._cache_size() - before <= 8
+
+
+def test_encoder_weights_f16_by_default_f32_on_request(tiny_encoder):
+    """With the native kernel, an encoder's matrices load as float16 (half the bytes streamed per token);
+    weights="f32" keeps them float32 and matches transformers to float32 rounding; the two agree closely."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    folder, session = tiny_encoder
+    texts = ["the movie was great", "not good and very boring film " * 3]
+    with corejax.Session(str(folder), sandbox=False, progress=False, weights="f32") as exact:
+        assert exact.info()["weights"] == "f32"
+        ours32 = exact.embed(texts)
+        f32_bytes = exact.info()["weight_bytes"]
+    if ffi.available():
+        assert session.info()["weights"] == "f16" and session.info()["weight_bytes"] < f32_bytes
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = BertModel.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        want = np.stack([model(**tok(t, return_tensors="pt")).last_hidden_state[0, 0].numpy() for t in texts])
+    np.testing.assert_allclose(ours32, want, atol=1e-5)
+    np.testing.assert_allclose(session.embed(texts), want, atol=1e-3)
+
+
+def test_f16_weights_are_for_encoders_only(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_tiny_llama(path)
+    with pytest.raises(corejax.InvalidParameterError, match="encoder"):
+        corejax.Session(str(path), sandbox=False, progress=False, weights="f16")
 
 
 @pytest.fixture(scope="module")

@@ -97,3 +97,84 @@ def test_runtime_blocks_decoder_weights(tmp_path):
     assert isinstance(layer["wq"], BlockedWeight) and isinstance(layer["w_down"], BlockedWeight)
     assert not isinstance(layer["wk"], BlockedWeight)  # 16 columns: not a whole block, stays on XLA's dot
     assert not isinstance(rt.model.params["lm_head"], BlockedWeight)  # its vocabulary is not a multiple of 32
+
+
+def _gelu64(x: np.ndarray) -> np.ndarray:
+    import math
+
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+_ACTS = {"none": lambda x: x, "relu": lambda x: np.maximum(x, 0.0), "gelu": _gelu64,
+         "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))}
+
+
+@pytest.mark.parametrize("act", list(_ACTS))
+def test_fused_activation_is_accurate_over_its_range(act):
+    """kernels/vecmath.h's exp/erf/tanh: the bias + activation epilogue on values spread over [-10, 10]
+    (x @ identity + bias) against float64 math."""
+    from corejax.kernels.small_matmul import fused_matmul_bias_act
+
+    v = np.linspace(-10.0, 10.0, 64 * 32, dtype=np.float32).reshape(64, 32)
+    got = np.asarray(jax.jit(fused_matmul_bias_act, static_argnums=3)(
+        jnp.asarray(v), to_blocked(np.eye(32, dtype=np.float32)), jnp.zeros(32), act))
+    want = _ACTS[act](v.astype(np.float64))
+    # erf's absolute error (1.5e-7, Abramowitz & Stegun 7.1.26) scaled by GELU's 0.5 |x|: ~1e-7 |x| absolute
+    err = np.abs(got - want) - (2e-6 * np.abs(want) + 1e-7 * np.maximum(1.0, np.abs(v)))
+    assert err.max() <= 0, (v.flat[err.argmax()], got.flat[err.argmax()], want.flat[err.argmax()])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("rows", [1, 8, 13])
+def test_fused_epilogues_match_numpy(dtype, rows):
+    """act(x @ w + b) and LayerNorm(residual + x @ w + b), float32 or float16 weights, padding rows zero."""
+    from corejax.kernels.small_matmul import fused_matmul_add_norm, fused_matmul_bias_act
+
+    rng = np.random.default_rng(rows)
+    k, n = 96, 128
+    x = rng.standard_normal((rows, k), np.float32)
+    w = (rng.standard_normal((k, n)) * 0.2).astype(dtype)
+    bias, scale, shift = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    residual = rng.standard_normal((rows, n), np.float32)
+    valid = np.arange(rows) != rows // 2  # one padding row
+    y = x.astype(np.float64) @ w.astype(np.float64) + bias
+    got = np.asarray(fused_matmul_bias_act(jnp.asarray(x), to_blocked(w), jnp.asarray(bias), "gelu",
+                                           jnp.asarray(valid)))
+    np.testing.assert_allclose(got, np.where(valid[:, None], _gelu64(y), 0.0), rtol=1e-4, atol=1e-4)
+    h = residual + y
+    normed = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-12) * scale + shift
+    got = np.asarray(fused_matmul_add_norm(jnp.asarray(x), to_blocked(w), jnp.asarray(bias),
+                                           jnp.asarray(residual), jnp.asarray(scale), jnp.asarray(shift), 1e-12,
+                                           jnp.asarray(valid)))
+    np.testing.assert_allclose(got, np.where(valid[:, None], normed, 0.0), rtol=1e-4, atol=1e-4)
+
+
+def test_float16_blocked_weights_are_widened_exactly():
+    """A float16 BlockedWeight gives x @ float32(w16): the kernel's widening loses nothing more."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 384), np.float32)
+    w16 = rng.standard_normal((384, 1152)).astype(np.float16)
+    bw = to_blocked(w16)
+    assert bw.dtype == jnp.float16
+    got = np.asarray(jax.jit(blocked_matmul)(jnp.asarray(x), bw))
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w16.astype(np.float64), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("b,t,n,h", [(1, 16, 12, 32), (3, 37, 4, 64), (2, 8, 4, 8), (2, 130, 2, 20)])
+def test_encoder_attention_matches_flash_attention(b, t, n, h):
+    """kernels/encoder_attention.cc over the fused [q | k | v] rows vs the tiled flash kernel (non-causal,
+    padding keys at position -1): real query rows agree, padding rows are zero, an empty sequence too."""
+    from corejax.kernels import flash_attention
+    from corejax.kernels.encoder_attention import encoder_attention
+
+    rng = np.random.default_rng(t)
+    qkv = rng.standard_normal((b, t, 3 * n * h), np.float32)
+    lengths = np.array([t, max(1, t // 3), 0][:b], np.int32)
+    got = np.asarray(jax.jit(encoder_attention, static_argnums=2)(jnp.asarray(qkv), jnp.asarray(lengths), n))
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    key_pos = np.where(pos < lengths[:, None], pos, -1)
+    q, k, v = (jnp.asarray(qkv.reshape(b, t, 3, n, h)[:, :, i]) for i in range(3))
+    want = np.asarray(flash_attention(q, k, v, jnp.asarray(pos), jnp.asarray(key_pos), causal=False)).reshape(b, t, -1)
+    real = pos < lengths[:, None]
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
+    assert np.all(got[~real] == 0.0)

@@ -71,8 +71,12 @@ def read_sentence_config(folder: Path, cfg: EncoderConfig, tokenizer_max: int | 
     return SentenceConfig(pooling, normalize, max_length)
 
 
-def load_encoder_folder(folder: Path, raw: dict) -> tuple[EncoderConfig, dict[str, Any]]:
-    """A BERT checkpoint (BertModel, or *ForSequenceClassification with its head) -> (config, params)."""
+def load_encoder_folder(folder: Path, raw: dict, weights: str = "f32") -> tuple[EncoderConfig, dict[str, Any]]:
+    """A BERT checkpoint (BertModel, or *ForSequenceClassification with its head) -> (config, params).
+
+    weights "f16": the layers' four projection matrices are held as float16 (half the memory and the bytes
+    each token streams; the native kernel widens them to float32 as it reads, and every sum, norm and
+    activation stays float32). Embeddings, biases, norms and the classification head stay float32."""
     from safetensors import safe_open
 
     where = dict(_iter_safetensors(_safetensors_files(folder)))
@@ -113,16 +117,17 @@ def load_encoder_folder(folder: Path, raw: dict) -> tuple[EncoderConfig, dict[st
         "layers": [],
     }
     sizes = {"o": (d, d), "in": (d, f), "out": (f, d)}
+    matrix = jnp.float16 if weights == "f16" else jnp.float32
     for i in range(cfg.num_layers):
         base = f"{prefix}encoder.layer.{i}."
         layer: dict[str, Any] = {}
         # Query, key and value as one [D, 3D] matrix: one matmul reads the three (fewer, larger calls).
         qkv = [linear(base + _LAYER[name], d, d) for name in "qkv"]
-        layer["wqkv"] = jnp.asarray(np.concatenate([w for w, _ in qkv], axis=1))
+        layer["wqkv"] = jnp.asarray(np.concatenate([w for w, _ in qkv], axis=1), matrix)
         layer["bqkv"] = jnp.asarray(np.concatenate([b for _, b in qkv]))
         for ours, n_in_out in sizes.items():
             w, b = linear(base + _LAYER[ours], *n_in_out)
-            layer[f"w{ours}" if len(ours) == 1 else f"w_{ours}"] = jnp.asarray(w)
+            layer[f"w{ours}" if len(ours) == 1 else f"w_{ours}"] = jnp.asarray(w, matrix)
             layer[f"b{ours}" if len(ours) == 1 else f"b_{ours}"] = jnp.asarray(b)
         layer["attn_norm"] = norm(base + _LAYER["attn_norm"])
         layer["ffn_norm"] = norm(base + _LAYER["ffn_norm"])

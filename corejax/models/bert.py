@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from corejax.config import EncoderConfig
-from corejax.kernels import flash_attention
+from corejax.kernels import ffi, flash_attention
+from corejax.kernels.encoder_attention import encoder_attention
+from corejax.kernels.small_matmul import BlockedWeight, fused_matmul_add_norm, fused_matmul_bias_act
 from corejax.models.layers import dense
 
 Params = dict[str, Any]
@@ -31,22 +33,54 @@ def layer_norm(x: jax.Array, p: dict[str, jax.Array], eps: float) -> jax.Array:
 
 
 def _act(x: jax.Array, kind: str) -> jax.Array:
+    if kind == "none":
+        return x
     if kind == "relu":
         return jax.nn.relu(x)
     return jax.nn.gelu(x, approximate=kind == "gelu_tanh")
 
 
-def _layer(p: Params, x: jax.Array, positions: jax.Array, key_positions: jax.Array, cfg: EncoderConfig) -> jax.Array:
-    b, t, d = x.shape
-    n, h = cfg.num_heads, cfg.head_dim
+def _fused(w) -> bool:
+    return isinstance(w, BlockedWeight) and ffi.available()
+
+
+def dense_act(x: jax.Array, w, b: jax.Array, act: str, valid: jax.Array | None = None) -> jax.Array:
+    """act(x @ w + b): one native call when w is column-blocked (kernels/small_matmul.cc epilogues), XLA ops
+    otherwise. Padding rows (valid False) may come back as zeros."""
+    if _fused(w):
+        return fused_matmul_bias_act(x, w, b, act, valid)
+    return _act(dense(x, w, valid) + b, act)
+
+
+def dense_add_norm(x: jax.Array, w, b: jax.Array, residual: jax.Array, norm: dict[str, jax.Array], eps: float,
+                   valid: jax.Array | None = None) -> jax.Array:
+    """LayerNorm(residual + x @ w + b), BERT's output blocks; fused as dense_act is."""
+    if _fused(w):
+        return fused_matmul_add_norm(x, w, b, residual, norm["scale"], norm["bias"], eps, valid)
+    return layer_norm(residual + dense(x, w, valid) + b, norm, eps)
+
+
+def attention(qkv: jax.Array, lengths: jax.Array, positions: jax.Array, key_positions: jax.Array,
+              cfg: EncoderConfig) -> jax.Array:
+    """qkv [B, T, 3D] (the fused projection) -> [B, T, D]: bidirectional over each sequence's real tokens.
+    The native kernel reads q, k, v in place (kernels/encoder_attention.cc); otherwise the tiled flash kernel,
+    non-causal, where padding keys carry position -1 and are never visible. Padding query rows are unread."""
+    b, t, _ = qkv.shape
+    if ffi.available():
+        return encoder_attention(qkv, lengths, cfg.num_heads)
+    qkv = qkv.reshape(b, t, 3, cfg.num_heads, cfg.head_dim)
+    a = flash_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], positions, key_positions, causal=False)
+    return a.reshape(b, t, cfg.hidden_size)
+
+
+def _layer(p: Params, x: jax.Array, lengths: jax.Array, positions: jax.Array, key_positions: jax.Array,
+           cfg: EncoderConfig) -> jax.Array:
     real = key_positions >= 0  # [B, T]: padding tokens' rows may be skipped by the matmuls (garbage, unread)
-    qkv = (dense(x, p["wqkv"], real) + p["bqkv"]).reshape(b, t, 3, n, h)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H] each
-    # Non-causal: padding keys carry position -1 and are never visible; padding query rows are ignored later.
-    a = flash_attention(q, k, v, positions, key_positions, causal=False)
-    x = layer_norm(x + dense(a.reshape(b, t, d), p["wo"], real) + p["bo"], p["attn_norm"], cfg.norm_eps)
-    f = _act(dense(x, p["w_in"], real) + p["b_in"], cfg.activation)
-    return layer_norm(x + dense(f, p["w_out"], real) + p["b_out"], p["ffn_norm"], cfg.norm_eps)
+    qkv = dense_act(x, p["wqkv"], p["bqkv"], "none", real)
+    a = attention(qkv, lengths, positions, key_positions, cfg)
+    x = dense_add_norm(a, p["wo"], p["bo"], x, p["attn_norm"], cfg.norm_eps, real)
+    f = dense_act(x, p["w_in"], p["b_in"], cfg.activation, real)
+    return dense_add_norm(f, p["w_out"], p["b_out"], x, p["ffn_norm"], cfg.norm_eps, real)
 
 
 def encode(params: Params, tokens: jax.Array, lengths: jax.Array, cfg: EncoderConfig) -> jax.Array:
@@ -59,7 +93,7 @@ def encode(params: Params, tokens: jax.Array, lengths: jax.Array, cfg: EncoderCo
     x = params["embed"][tokens] + params["embed_positions"][:t] + params["embed_types"][0]
     x = layer_norm(x, params["embed_norm"], cfg.norm_eps)
     for p in params["layers"]:
-        x = _layer(p, x, positions, key_positions, cfg)
+        x = _layer(p, x, lengths, positions, key_positions, cfg)
     return x
 
 
