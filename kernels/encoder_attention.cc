@@ -80,7 +80,14 @@ static ffi::Error EncoderAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F3
   const float* x = qkv.typed_data();
   const int32_t* lens = lengths.typed_data();
   float* y = out->typed_data();
-  corejax::parallel_for(pool, B * N, threads, [&](int64_t i) {
+  // A sentence's attention (12 heads x 16 tokens: ~0.2 M multiply-adds, ~30 us) is cheaper on this thread
+  // than with a pool thread woken for it (36 vs 44 us measured); longer inputs are split over the pool.
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = std::clamp<int64_t>(lens[b], 0, T);
+    work += 2 * N * H * len * len;
+  }
+  corejax::parallel_for(pool, B * N, work < (1 << 20) ? 1 : threads, [&](int64_t i) {
     const int64_t b = i / N, n = i % N, len = std::clamp<int64_t>(lens[b], 0, T);
     const float* base = x + b * T * 3 * D + n * H;
     attend(base, base + D, base + 2 * D, y + b * T * D + n * H, T, len, H, 3 * D, D, scale);
