@@ -40,11 +40,12 @@ class WorkerLoop:
     ends; generations keep streaming meanwhile.
 
     poll_s: after answering a request, watch the socket this long (busy: select with a zero timeout) before
-    blocking in recv. A process blocked in recv sleeps, and on this KVM guest waking it cost ~50 us of each
-    request's round trip (sandboxed empty request: 100 -> 53 us); callers that send requests back to back (an
-    embedding loop, a server) find it awake. Bounded, and only after non-generation requests. The sandboxed
-    worker polls for 1 ms; the in-process loop does not (its caller is a thread of the same process: nothing
-    to gain, and the poll would hold the GIL between its syscalls)."""
+    blocking in recv. A process blocked in recv sleeps, and on this KVM guest waking it is a large part of a
+    small request's round trip: sandboxed empty requests back to back took 118 vs 216 us without the poll (one
+    run, side by side); on sentence embeddings (~4 ms of compute) the two were within noise. Bounded, and only
+    after non-generation requests (tokenize, detokenize, info, embed, classify). The sandboxed worker polls for
+    1 ms; the in-process loop does not (its caller is a thread of the same process: nothing to gain, and the
+    poll would hold the GIL between its syscalls)."""
 
     def __init__(self, conn, runtime: Any | None, *, testing: bool = False, poll_s: float = 0.0):
         self.conn = conn
