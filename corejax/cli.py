@@ -163,7 +163,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from corejax.session import Session
 
     texts = list(args.texts) if args.texts else [line.rstrip("\n") for line in sys.stdin]
-    with Session(args.model or DEFAULT_EMBEDDING_MODEL, sandbox=args.sandbox, progress=not args.quiet) as s:
+    with Session(args.model or DEFAULT_EMBEDDING_MODEL, sandbox=args.sandbox, progress=not args.quiet,
+                 weights=args.weights) as s:
         vectors = s.embed(texts, truncate=not args.no_truncate)
     for v in vectors:
         print(json.dumps([round(float(x), 7) for x in v]))
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
                    help="run the model in this process instead of the sandboxed worker")
     p.add_argument("--no-truncate", action="store_true", help="fail on texts longer than the model's maximum")
+    p.add_argument("--weights", choices=["f32", "f16"], default=None,
+                   help="the encoder's matrices: f16 (the default where the native kernels build) or exact f32")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_embed)
     from corejax.quantize import add_parser as add_quantize_parser  # `corejax quantize`; gguf imports lazily

@@ -182,3 +182,6 @@ def test_embed_cli(minilm, capsys):
     rows = [np.array(__import__("json").loads(line)) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 2 and rows[0].shape == (384,)
     np.testing.assert_allclose(rows[0], corejax.embed("hello"), atol=1e-6)
+    assert main(["embed", "hello", "-q", "--no-sandbox", "--weights", "f32"]) == 0
+    exact = np.array(__import__("json").loads(capsys.readouterr().out))
+    assert float(exact @ rows[0]) > 0.99999  # f16 weights (the default here) vs exact float32
