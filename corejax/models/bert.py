@@ -6,6 +6,9 @@ Params (laid out by corejax/loading/encoder.py; matrices [in, out]):
              attn_norm {scale, bias}; w_in [D, F], b_in [F];
              w_out [F, D], b_out [D]; ffn_norm {scale, bias};
   head (classification checkpoints only): pooler_w [D, D], pooler_b [D], classifier_w [D, L], classifier_b [L].
+The four layer matrices are float32 or (weights="f16") float16, column-blocked when the native kernels are
+loaded (Runtime); a layer is then five native calls: the fused projection, encoder attention, and three
+matmuls with their bias/GELU or residual/LayerNorm epilogues (dense_act, attention, dense_add_norm).
 """
 
 from __future__ import annotations
