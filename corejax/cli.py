@@ -17,9 +17,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help=f"registry name, .gguf file or HF folder (default: {hub.DEFAULT_MODEL})")
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
                    help="run the model in this process instead of the sandboxed worker")
-    p.add_argument("--weights", choices=["f32", "f16", "native", "int8", "int4"], default=None,
-                   help="default: a quantized GGUF stays quantized (native) and an encoder loads as f16 where "
-                        "the native kernels build, else f32; int8/int4: quantize float weights at load")
+    p.add_argument("--weights", choices=["f32", "f16", "bf16", "native", "int8", "int4"], default=None,
+                   help="default: a quantized GGUF stays quantized (native) and an encoder loads as bf16 or f16 "
+                        "where the native kernels build, else f32; int8/int4: quantize float weights at load")
     p.add_argument("--kv-dtype", choices=["float32", "bf16", "int8", "int4"], default="float32")
 
 
@@ -192,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
                    help="run the model in this process instead of the sandboxed worker")
     p.add_argument("--no-truncate", action="store_true", help="fail on texts longer than the model's maximum")
-    p.add_argument("--weights", choices=["f32", "f16"], default=None,
-                   help="the encoder's matrices: f16 (the default where the native kernels build) or exact f32")
+    p.add_argument("--weights", choices=["f32", "f16", "bf16"], default=None,
+                   help="the encoder's matrices: bf16 (the default where the CPU has AVX512_BF16), f16 (the "
+                        "default elsewhere the native kernels build) or exact f32")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_embed)
     from corejax.quantize import add_parser as add_quantize_parser  # `corejax quantize`; gguf imports lazily

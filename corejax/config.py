@@ -23,7 +23,7 @@ from corejax.options import (  # noqa: F401 - re-exported: the request options l
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 # How weights are held: f32 (dequantized at load), native (GGUF blocks kept quantized), int8/int4 (quantized).
-WEIGHT_MODES = ("f32", "f16", "native", "int8", "int4")  # f16: encoders only (loading/encoder.py)
+WEIGHT_MODES = ("f32", "f16", "bf16", "native", "int8", "int4")  # f16, bf16: encoders only (loading/encoder.py)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,7 +59,7 @@ class Runtime:
         # Weights, KV pool and workspace are reserved from the file's headers before any is allocated, so a
         # model that cannot fit memory_limit fails here with MemoryBudgetError, having allocated nothing.
         self.budget = memory.MemoryBudget(memory_limit)
-        weights = weights or default_weights(source, native)
+        weights = weights or default_weights(source, native, ffi.bf16_dot())
         engine = memory.admit(self.budget, plan_weights(source, weights), engine or EngineConfig(), source.name)
         self.model: LoadedModel = load_model(source, weights=weights, progress=progress)
         memory.loaded(self.budget, self.model.info["weight_bytes"])

@@ -65,8 +65,9 @@ class Session:
         speculative=... overrides it (None turns it off). A draft model used by any request must be named here
         when sandboxed: the worker may read only the files it was started with.
     weights: "f32", "native" (a quantized GGUF kept quantized: the default for one where the native kernels
-        build), "int8" / "int4" (quantized at load), or "f16" for encoders (their matrices as float16, computed
-        in float32: the default for encoders where the native kernels build; "f32" is exact float32).
+        build), "int8" / "int4" (quantized at load), or for encoders "bf16" (matrices and their inputs rounded
+        to bfloat16, products summed in float32: the default where the CPU has AVX512_BF16) or "f16"
+        (float16 matrices, computed in float32: the default elsewhere the native kernels build); "f32" is exact.
     Thread-safe and concurrent: requests from several threads or asyncio tasks run batched together in the
     worker (continuous batching), each streaming its own tokens.
     """

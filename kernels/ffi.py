@@ -19,6 +19,7 @@ TARGETS = {"corejax_small_matmul": "CorejaxSmallMatmul", "corejax_paged_decode":
            "corejax_encoder_attention": "CorejaxEncoderAttention"}
 _LOCK = threading.Lock()
 _loaded: list[str] = []
+_bf16_dot: list[bool] = []
 _build_allowed = [True]
 
 
@@ -35,10 +36,12 @@ def load(path: str | Path) -> bool:
             lib = ctypes.CDLL(str(path))
             for target, symbol in TARGETS.items():
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+            bf16 = bool(lib.corejax_bf16_dot())
         except (OSError, AttributeError) as e:
             print(f"corejax: cannot load the native kernels from {path}: {e}; using XLA's own ops", file=sys.stderr)
             return False
         _loaded.append(str(path))
+        _bf16_dot.append(bf16)
         return True
 
 
@@ -62,3 +65,8 @@ def library_key() -> str:
 
 def available() -> bool:
     return bool(_loaded) and jax.default_backend() == "cpu"
+
+
+def bf16_dot() -> bool:
+    """The loaded kernels multiply bfloat16 weights (weights="bf16": built where the CPU has AVX512_BF16)."""
+    return available() and _bf16_dot[0]

@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "parallel.h"
@@ -82,6 +84,87 @@ static void strip_rows(int64_t m, const float* x, const W* wb, float* y, int64_t
   }
 }
 
+
+// bfloat16 weights (weights="bf16"), multiplied by vdpbf16ps: each 32-bit lane takes a pair of products,
+// x[k] w[k, c] + x[k + 1] w[k + 1, c], so one instruction does the work of two float32 FMAs, and the weights
+// need no widening. The block is stored as pairs: wb[k / 2, c, k % 2] (K even), 128 bytes per pair of rows.
+// The rows of x are rounded to bfloat16 once per call (round to nearest even, kernels' xb[m, k / 2] = the
+// pair's 32 bits) and broadcast from memory. Sums stay float32. Where the CPU lacks AVX512_BF16 the type is
+// refused and the loader keeps float16 (corejax_bf16_dot() says which).
+constexpr int64_t kBf16Rows = 14;  // rows per strip: 28 accumulators and two weight vectors of 32 registers
+
+// The strips of M rows, balanced: strip i is rows [M i / n, M (i + 1) / n) of n = ceil(M / max_rows).
+static inline int64_t strip_count(int64_t M, int64_t max_rows) { return (M + max_rows - 1) / max_rows; }
+
+#if defined(__AVX512BF16__)
+// x here is one strip's rows, pair-major: x[p * M + m] = row m's bfloat16 pair p (so every broadcast is at a
+// fixed offset from one pointer: no address register per row).
+template <int M>
+static void strip_bf16(const uint32_t* x, const uint16_t* wb, float* y, int64_t K2, int64_t N) {
+  __m512 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < K2; ++p, wb += 2 * kBlock, x += M) {
+    __builtin_prefetch(wb + kPrefetch, 0, 3);  // 8 KiB ahead, as for float16
+    __builtin_prefetch(wb + kPrefetch + 32, 0, 3);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wb), w1 = (__m512bh)_mm512_loadu_si512(wb + 32);
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(int32_t(x[m]));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    _mm512_storeu_ps(y + m * N, acc[m][0]);
+    _mm512_storeu_ps(y + m * N + 16, acc[m][1]);
+  }
+}
+
+template <int... Ms>
+static void strip_bf16_rows(int64_t m, const uint32_t* x, const uint16_t* w, float* y, int64_t K2, int64_t N,
+                            std::integer_sequence<int, Ms...>) {
+  ((m == Ms + 1 ? strip_bf16<Ms + 1>(x, w, y, K2, N) : void()), ...);
+}
+
+// Rows [0, M) of column block b; xs holds the strips one after another, each pair-major (to_bf16_strips).
+static void block_rows_bf16(const uint32_t* xs, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N,
+                            int64_t b) {
+  const uint16_t* wb = w + b * K * kBlock;
+  const int64_t K2 = K / 2, n = strip_count(M, kBf16Rows);
+  for (int64_t i = 0, m0 = 0; i < n; ++i) {
+    const int64_t m1 = M * (i + 1) / n;
+    strip_bf16_rows(m1 - m0, xs + m0 * K2, wb, y + b * kBlock + m0 * N, K2, N,
+                    std::make_integer_sequence<int, kBf16Rows>{});
+    m0 = m1;
+  }
+}
+
+// The R rows of x rounded to bfloat16 (nearest even) and laid out as block_rows_bf16 reads them.
+static void to_bf16_strips(const float* x, int64_t R, int64_t K, uint32_t* out) {
+  std::vector<uint16_t> row(K);
+  const int64_t K2 = K / 2, n = strip_count(R, kBf16Rows);
+  for (int64_t i = 0, m0 = 0; i < n; ++i) {
+    const int64_t m1 = R * (i + 1) / n, ms = m1 - m0;
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xm = x + m * K;
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&row[k]), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xm + k)));
+      for (; k < K; ++k) row[k] = uint16_t(_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set_ss(xm[k]))));
+      uint32_t* dst = out + m0 * K2 + (m - m0);
+      for (int64_t p = 0; p < K2; ++p) dst[p * ms] = uint32_t(row[2 * p]) | uint32_t(row[2 * p + 1]) << 16;
+    }
+    m0 = m1;
+  }
+}
+constexpr bool kBf16Dot = true;
+#else
+static void block_rows_bf16(const uint32_t*, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t) {}
+static void to_bf16_strips(const float*, int64_t, int64_t, uint32_t*) {}
+constexpr bool kBf16Dot = false;
+#endif
+
+extern "C" int corejax_bf16_dot() { return kBf16Dot; }  // weights="bf16" runs here (kernels/small_matmul.py)
+
 // Rows [0, M) of column block b, in as few strips as the register budget allows (at most 12 rows: 24
 // accumulators, two weight vectors and a broadcast in 32 vector registers), of balanced sizes: 15 rows run as
 // 8 + 7, not 8 + 4 + 2 + 1. Every strip re-reads the block's weights ([K, 32], e.g. 24 KiB of float16 at
@@ -91,7 +174,7 @@ template <typename W>
 static void block_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t b) {
   const W* wb = w + b * K * kBlock;
   float* yb = y + b * kBlock;
-  const int64_t strips = (M + 11) / 12;
+  const int64_t strips = strip_count(M, 12);
   for (int64_t i = 0, m0 = 0; i < strips; ++i) {
     const int64_t m1 = M * (i + 1) / strips;
     strip_rows(m1 - m0, x + m0 * K, wb, yb + m0 * N, K, N);
@@ -121,8 +204,16 @@ static void matmul_rows(ffi::ThreadPool& pool, const float* x, const W* w, const
     xr = xbuf.data();
     yr = ybuf.data();
   }
+  std::vector<uint32_t> xh;  // bfloat16 weights: the rows rounded to bfloat16 once, shared by every block
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    xh.resize(R * K / 2);
+    to_bf16_strips(xr, R, K, xh.data());
+  }
   corejax::parallel_for(pool, N / kBlock, threads, [&](int64_t b) {
-    block_rows(xr, w, yr, R, K, N, b);
+    if constexpr (std::is_same_v<W, uint16_t>)  // bfloat16 pairs
+      block_rows_bf16(xh.data(), w, yr, R, K, N, b);
+    else
+      block_rows(xr, w, yr, R, K, N, b);
     epi.block(yr, R, N, b * kBlock, rows.data());
   });
   // Row pass (layer norm, ~3 N flops a row): a sentence's 16 rows of 384 take ~2 us on this thread, less than
@@ -199,8 +290,12 @@ static ffi::Error run(ffi::ThreadPool& pool, const char* name, ffi::Buffer<ffi::
   else if (w.element_type() == ffi::DataType::F16)
     matmul_rows(pool, xp, static_cast<const _Float16*>(w.untyped_data()), vp, y->typed_data(), M, K, N, threads,
                 epi);
+  else if (w.element_type() == ffi::DataType::BF16 && kBf16Dot && K % 2 == 0)
+    matmul_rows(pool, xp, static_cast<const uint16_t*>(w.untyped_data()), vp, y->typed_data(), M, K, N, threads,
+                epi);
   else
-    return ffi::Error::InvalidArgument(std::string(name) + ": weights must be float32 or float16");
+    return ffi::Error::InvalidArgument(std::string(name) + ": weights must be float32, float16 or (with " +
+                                       "AVX512_BF16, K even) bfloat16 pairs");
   return ffi::Error::Success();
 }
 

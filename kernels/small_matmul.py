@@ -34,7 +34,9 @@ THREADS = 64  # at most; kernels/parallel.h caps the workers at the cores (the c
 @struct.dataclass
 class BlockedWeight:
     """A [K, N] matrix stored as data [N / 32, K, 32] (data[b, k, c] = w[k, 32 b + c]), float32 or float16
-    (an encoder's weights="f16"); products are float32 either way."""
+    (an encoder's weights="f16"); or bfloat16 (weights="bf16") with rows in pairs, the order the kernel's
+    vdpbf16ps reads: data.reshape(N / 32, K / 2, 32, 2)[b, i, c, t] = w[2 i + t, 32 b + c]. Products are
+    float32 in every case."""
 
     data: jax.Array
 
@@ -49,20 +51,37 @@ class BlockedWeight:
 
     def columns(self, ids: jax.Array) -> jax.Array:
         """w[:, ids] as [*ids.shape, K] (a tied embedding's rows)."""
-        return self.data[ids // BLOCK, :, ids % BLOCK]
+        return self.unpaired()[ids // BLOCK, :, ids % BLOCK]
+
+    def unpaired(self) -> jax.Array:
+        """data as [N / 32, K, 32] in plain row order (bfloat16 pairs undone), for XLA's ops."""
+        if self.data.dtype != jnp.bfloat16:
+            return self.data
+        nb, k, c = self.data.shape
+        return self.data.reshape(nb, k // 2, c, 2).transpose(0, 1, 3, 2).reshape(nb, k, c)
 
 
 def to_blocked(w: jax.Array | np.ndarray) -> BlockedWeight:
-    """float16 stays float16 (the kernel widens it as it reads); anything else becomes float32."""
+    """float16 stays float16 (the kernel widens it as it reads) and bfloat16 stays bfloat16, in row pairs (K
+    must be even); anything else becomes float32."""
     k, n = w.shape
+    if w.dtype == jnp.bfloat16:
+        if k % 2:
+            raise ValueError(f"bfloat16 blocks pair rows: K = {k} must be even")
+        pairs = np.asarray(w).reshape(k // 2, 2, n // BLOCK, BLOCK).transpose(2, 0, 3, 1)  # [b, i, c, t]
+        return BlockedWeight(jnp.asarray(np.ascontiguousarray(pairs).reshape(n // BLOCK, k, BLOCK)))
     dtype = np.float16 if w.dtype == np.float16 else np.float32
     return BlockedWeight(jnp.asarray(np.ascontiguousarray(
         np.asarray(w, dtype).reshape(k, n // BLOCK, BLOCK).transpose(1, 0, 2))))
 
 
 def blockable(w) -> bool:
-    return (isinstance(w, jax.Array) and w.ndim == 2 and w.dtype in (jnp.float32, jnp.float16)
-            and w.shape[1] % BLOCK == 0)
+    """bfloat16 only where the kernel multiplies it (ffi.bf16_dot()); elsewhere it stays for XLA's dot."""
+    if not (isinstance(w, jax.Array) and w.ndim == 2 and w.shape[1] % BLOCK == 0):
+        return False
+    if w.dtype == jnp.bfloat16:
+        return ffi.bf16_dot() and w.shape[0] % 2 == 0
+    return w.dtype in (jnp.float32, jnp.float16)
 
 
 def blocked_matmul(x: jax.Array, w: BlockedWeight, valid: jax.Array | None = None) -> jax.Array:
@@ -75,7 +94,7 @@ def blocked_matmul(x: jax.Array, w: BlockedWeight, valid: jax.Array | None = Non
         raise ValueError(f"blocked_matmul: {x.shape=} does not match the weight's [K, N] = {w.shape}")
     x2, flags = _rows(x, k, valid)
     if not ffi.available():
-        y = jnp.einsum("mk,bkc->mbc", x2, w.data, preferred_element_type=jnp.float32)
+        y = jnp.einsum("mk,bkc->mbc", x2, w.unpaired(), preferred_element_type=jnp.float32)
         return y.reshape(*x.shape[:-1], n)
     y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))(x2, w.data, flags,
                                                                                        threads=np.int32(THREADS))
@@ -116,7 +135,7 @@ def fused_matmul_add_norm(x: jax.Array, w: BlockedWeight, bias: jax.Array, resid
 
 def blocked_matmul_reference(x: jax.Array, w: BlockedWeight) -> jax.Array:
     k, n = w.shape
-    dense = jnp.transpose(w.data, (1, 0, 2)).reshape(k, n)
+    dense = jnp.transpose(w.unpaired(), (1, 0, 2)).reshape(k, n).astype(jnp.float32)
     return jnp.einsum("...d,de->...e", x.astype(jnp.float32), dense, preferred_element_type=jnp.float32)
 
 

@@ -10,6 +10,7 @@ from tiny_model import write_tiny_llama
 
 import corejax
 from corejax.kernels import ffi
+from corejax.kernels.small_matmul import BlockedWeight
 
 VARIED = [
     "Hello world",
@@ -78,7 +79,8 @@ def test_tiny_bert_matches_transformers(tiny_encoder):
             ids = tok(text, return_tensors="pt")
             assert session.tokenize(text) == ids["input_ids"][0].tolist()
             want = model(**ids).last_hidden_state[0, 0].numpy()
-            np.testing.assert_allclose(row, want, atol=1e-4)
+            # the default weights round the matrices (and, for bf16, each matmul's inputs) to 16 bits
+            np.testing.assert_allclose(row, want, atol={"f16": 1e-4, "bf16": 1e-3}.get(session.info()["weights"], 1e-5))
 
 
 def test_embed_argument_errors(tiny_encoder):
@@ -106,9 +108,10 @@ def test_length_buckets_limit_compiles(tiny_encoder):
     assert encode._cache_size() - before <= 8
 
 
-def test_encoder_weights_f16_by_default_f32_on_request(tiny_encoder):
-    """With the native kernel, an encoder's matrices load as float16 (half the bytes streamed per token);
-    weights="f32" keeps them float32 and matches transformers to float32 rounding; the two agree closely."""
+def test_encoder_weights_16_bit_by_default_f32_on_request(tiny_encoder, monkeypatch):
+    """With the native kernel, an encoder's matrices load as bfloat16 (where the kernel has AVX512_BF16) or
+    float16: half the bytes streamed per token; weights="f32" keeps them float32 and matches transformers to
+    float32 rounding; "f16" and "bf16" on request; all agree closely."""
     import torch
     from transformers import AutoTokenizer, BertModel
 
@@ -119,13 +122,22 @@ def test_encoder_weights_f16_by_default_f32_on_request(tiny_encoder):
         ours32 = exact.embed(texts)
         f32_bytes = exact.info()["weight_bytes"]
     if ffi.available():
-        assert session.info()["weights"] == "f16" and session.info()["weight_bytes"] < f32_bytes
+        assert session.info()["weights"] == ("bf16" if ffi.bf16_dot() else "f16")
+        assert session.info()["weight_bytes"] < f32_bytes
     tok = AutoTokenizer.from_pretrained(str(folder))
     model = BertModel.from_pretrained(str(folder)).eval()
     with torch.no_grad():
         want = np.stack([model(**tok(t, return_tensors="pt")).last_hidden_state[0, 0].numpy() for t in texts])
     np.testing.assert_allclose(ours32, want, atol=1e-5)
     np.testing.assert_allclose(session.embed(texts), want, atol=1e-3)
+    for mode, atol in (("f16", 1e-4), ("bf16", 1e-3)):
+        with corejax.Session(str(folder), sandbox=False, progress=False, weights=mode) as s:
+            assert s.info()["weights"] == mode and s.info()["weight_bytes"] < f32_bytes
+            np.testing.assert_allclose(s.embed(texts), want, atol=atol)
+    monkeypatch.setattr(ffi, "bf16_dot", lambda: False)  # a CPU without AVX512_BF16: bf16 goes to XLA's dot
+    with corejax.Session(str(folder), sandbox=False, progress=False, weights="bf16") as s:
+        assert not any(isinstance(w, BlockedWeight) for w in s._runtime.encoder.params["layers"][0].values())
+        np.testing.assert_allclose(s.embed(texts), want, atol=1e-3)
 
 
 def test_f16_weights_are_for_encoders_only(tmp_path):
@@ -184,12 +196,13 @@ def test_embed_cli(minilm, capsys):
     np.testing.assert_allclose(rows[0], corejax.embed("hello"), atol=1e-6)
     assert main(["embed", "hello", "-q", "--no-sandbox", "--weights", "f32"]) == 0
     exact = np.array(__import__("json").loads(capsys.readouterr().out))
-    assert float(exact @ rows[0]) > 0.99999  # f16 weights (the default here) vs exact float32
+    assert float(exact @ rows[0]) > 0.9999  # bf16 or f16 weights (the default here) vs exact float32
 
 
 def test_encoder_without_native_kernels_matches_native(tiny_encoder, monkeypatch):
     """The XLA path (dense + layer norm + GELU ops, the tiled flash kernel) and the native path (fused
-    epilogues, encoder_attention.cc) give the same hidden states on the same weights, padding included."""
+    epilogues, encoder_attention.cc) give the same hidden states on the same weights, padding included.
+    float16 weights: both paths widen them exactly (bf16 would also round the kernel's inputs, by design)."""
     import functools
 
     import jax
@@ -198,15 +211,16 @@ def test_encoder_without_native_kernels_matches_native(tiny_encoder, monkeypatch
 
     if not ffi.available():
         pytest.skip("the native kernels could not be built here: there is only the XLA path")
-    _, session = tiny_encoder
-    enc = session._runtime.encoder
-    tokens = np.array([[2, 5, 9, 7, 3, 0, 0, 0], [2, 11, 3, 0, 0, 0, 0, 0]], np.int32)
-    lengths = np.array([5, 3], np.int32)
-    def run() -> np.ndarray:  # a fresh jit each time: ffi.available() is read while tracing
-        return np.asarray(jax.jit(functools.partial(bert.encode, cfg=enc.cfg))(enc.params, tokens, lengths))
+    folder, _ = tiny_encoder
+    with corejax.Session(str(folder), sandbox=False, progress=False, weights="f16") as session:
+        enc = session._runtime.encoder
+        tokens = np.array([[2, 5, 9, 7, 3, 0, 0, 0], [2, 11, 3, 0, 0, 0, 0, 0]], np.int32)
+        lengths = np.array([5, 3], np.int32)
+        def run() -> np.ndarray:  # a fresh jit each time: ffi.available() is read while tracing
+            return np.asarray(jax.jit(functools.partial(bert.encode, cfg=enc.cfg))(enc.params, tokens, lengths))
 
-    native = run()
-    monkeypatch.setattr(ffi, "available", lambda: False)
-    xla = run()
-    real = np.arange(8)[None, :] < lengths[:, None]
-    np.testing.assert_allclose(native[real], xla[real], atol=2e-5)
+        native = run()
+        monkeypatch.setattr(ffi, "available", lambda: False)
+        xla = run()
+        real = np.arange(8)[None, :] < lengths[:, None]
+        np.testing.assert_allclose(native[real], xla[real], atol=2e-5)

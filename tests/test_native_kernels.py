@@ -160,6 +160,30 @@ def test_float16_blocked_weights_are_widened_exactly():
     np.testing.assert_allclose(got, x.astype(np.float64) @ w16.astype(np.float64), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.skipif(not ffi.bf16_dot(), reason="this CPU has no AVX512_BF16: bfloat16 weights go to XLA's dot")
+@pytest.mark.parametrize("rows", [1, 5, 14, 15, 29])
+def test_bfloat16_blocked_weights_multiply_bfloat16_rows(rows):
+    """A bfloat16 BlockedWeight (rows in pairs, for vdpbf16ps) gives bf16(x) @ w16 summed in float32, over
+    strip sizes 1..14 and several strips; padding rows are zero; the XLA path reads the same layout."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 384), np.float32)
+    w = rng.standard_normal((384, 96)).astype(ml_dtypes.bfloat16)
+    bw = to_blocked(w)
+    assert bw.dtype == jnp.bfloat16 and bw.shape == (384, 96)
+    np.testing.assert_array_equal(np.asarray(bw.unpaired()), np.asarray(to_blocked(w.astype(np.float32)).data))
+    valid = np.arange(rows) % 3 != 1
+    got = np.asarray(jax.jit(blocked_matmul)(jnp.asarray(x), bw, jnp.asarray(valid)))
+    want = x.astype(ml_dtypes.bfloat16).astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-4)
+    assert np.all(got[~valid] == 0.0)
+    np.testing.assert_allclose(np.asarray(blocked_matmul_reference(jnp.asarray(x), bw)),
+                               x.astype(np.float64) @ w.astype(np.float64), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="even"):
+        to_blocked(w[:383])
+
+
 @pytest.mark.parametrize("b,t,n,h", [(1, 16, 12, 32), (3, 37, 4, 64), (2, 8, 4, 8), (2, 130, 2, 20)])
 def test_encoder_attention_matches_flash_attention(b, t, n, h):
     """kernels/encoder_attention.cc over the fused [q | k | v] rows vs the tiled flash kernel (non-causal,

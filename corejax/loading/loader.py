@@ -71,15 +71,15 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def default_weights(source: ModelSource, quant_kernel: bool) -> str:
+def default_weights(source: ModelSource, quant_kernel: bool, bf16_dot: bool = False) -> str:
     """The weights mode when none is asked for: a GGUF file whose matrices are quantized stays quantized
     ("native") where the quantized matmul kernel is loaded (kernels/quant_matmul.cc: faster than float32 and
     ~file-size memory); everything else, and every model without the kernel, loads as float32 (XLA:CPU's
-    own float dot beats its dequantize-then-dot; corejax/quant.py). An encoder's matrices load as float16
-    where the native kernel is loaded: its latency is the time to stream them (loading/encoder.py), and
-    float16 weights keep sentence embeddings within cosine 0.9999998 of float32's."""
+    own float dot beats its dequantize-then-dot; corejax/quant.py). An encoder's matrices load as bfloat16
+    where the kernel multiplies them natively (bf16_dot: AVX512_BF16), else as float16 where the native
+    kernel is loaded (loading/encoder.py has the figures for both)."""
     if quant_kernel and source.format == "hf" and _is_encoder_folder(source.path):
-        return "f16"
+        return "bf16" if bf16_dot else "f16"
     if not quant_kernel or source.format != "gguf":
         return "f32"
     with read_gguf(source.path) as f:
@@ -98,8 +98,8 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
         raise InvalidParameterError(
             f"weights must be one of {', '.join(WEIGHT_MODES)} (native only for GGUF); got {weights!r}")
     encoder = source.format == "hf" and _is_encoder_folder(source.path)
-    if weights == "f16" and not encoder:
-        raise InvalidParameterError("weights='f16' is for encoder (BERT-family) models; generative models take "
+    if weights in ("f16", "bf16") and not encoder:
+        raise InvalidParameterError(f"weights={weights!r} is for encoder (BERT-family) models; generative models take "
                                     "f32, int8, int4 or, for a quantized GGUF, native")
     start = time.perf_counter()
     sentence = None
@@ -118,8 +118,8 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
         from corejax.loading.encoder import load_encoder_folder, read_hf_config, read_sentence_config
         from corejax.tokenizer import tokenizer_from_files
 
-        if weights not in ("f32", "f16"):
-            raise InvalidParameterError(f"encoder models load as f32 or f16; got weights={weights!r}")
+        if weights not in ("f32", "f16", "bf16"):
+            raise InvalidParameterError(f"encoder models load as f32, f16 or bf16; got weights={weights!r}")
         raw = read_hf_config(source.path)
         cfg, params = load_encoder_folder(source.path, raw, weights)
         tokenizer = tokenizer_from_files(source.path)
@@ -185,8 +185,8 @@ def plan_weights(source: ModelSource, weights: str | None = None) -> WeightPlan:
             cfg = EncoderConfig.from_hf(read_hf_config(source.path), with_head=False)
             numel = [int(np.prod(shape)) for shape, _ in table.values()]
             largest = max(numel, default=0)
-            # weights="f16": the layers' matrices at 2 bytes (loading/encoder.py), everything else float32.
-            total = sum((2 if weights == "f16" and len(shape) == 2 and ".layer." in name else 4) * int(np.prod(shape))
+            # weights="f16"/"bf16": the layers' matrices at 2 bytes (loading/encoder.py), the rest float32.
+            total = sum((2 if weights in ("f16", "bf16") and len(shape) == 2 and ".layer." in name else 4) * int(np.prod(shape))
                         for name, (shape, _) in table.items())
             return WeightPlan(cfg, weights, total, file_bytes + 8 * largest, file_bytes, len(table))
         from corejax.loading.encoder import read_hf_config
