@@ -152,7 +152,7 @@ class Session:
             done = False
             try:
                 while True:
-                    event = req.events.get()
+                    event = client.wait(req)
                     if isinstance(event, tuple):
                         what, message = event
                         if what == "retry" and attempt < _RETRIES:

@@ -144,6 +144,35 @@ def test_threads_share_a_session(sandboxed, in_process):
     assert not errors and got == expected
 
 
+def test_callers_read_for_each_other(sandboxed, in_process):
+    """Leader/follower reading (WorkerClient.wait): a stream whose consumer pauses holds nobody up, and eight
+    threads mixing generations, tokenize and ping calls each get their own replies."""
+    expected = in_process.generate("the sea", max_tokens=12, ignore_eos=True, temperature=0).tokens
+    paused = sandboxed.stream_chunks("the sea", max_tokens=12, ignore_eos=True, temperature=0)
+    next(paused)  # its other chunks arrive while this consumer waits for nothing
+    got, errors = {}, []
+
+    def run(i):
+        try:
+            for _ in range(5):
+                if i % 2:
+                    assert sandboxed.tokenize(f"text {i}") == in_process.tokenize(f"text {i}")
+                    sandboxed.ping()
+                else:
+                    got[i] = sandboxed.generate("the sea", max_tokens=4, temperature=0).tokens
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and not errors
+    assert all(tokens == expected[:4] for tokens in got.values()) and len(got) == 4
+    assert list(paused)[-1].result.tokens == expected
+
+
 def test_asyncio_api(sandboxed, in_process):
     expected = in_process.generate("the sea", max_tokens=6, temperature=0).text
 

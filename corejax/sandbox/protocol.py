@@ -164,7 +164,8 @@ def decode(frame: bytes, max_frame: int = MAX_FRAME) -> Frame:
 
 
 class Connection:
-    """Frames over a connected stream socket: send is thread-safe; recv is for one reader thread."""
+    """Frames over a connected stream socket: send is thread-safe; recv is for one reading thread at a time
+    (the parent's callers pass the reading on among themselves: WorkerClient.wait)."""
 
     def __init__(self, sock: socket.socket, max_frame: int = MAX_FRAME):
         self.sock = sock
