@@ -197,7 +197,9 @@ static void matmul_rows(ffi::ThreadPool& pool, const float* x, const W* w, const
   std::vector<float> xbuf, ybuf;
   const float* xr = x;
   float* yr = y;
-  if (R < M) {
+  // A single sentence padded to its length bucket: the real rows come first and need no gathering.
+  const bool prefix = R == 0 || rows[R - 1] == R - 1;
+  if (R < M && !prefix) {
     xbuf.resize(R * K);
     ybuf.resize(R * N);
     for (int64_t r = 0; r < R; ++r) std::memcpy(&xbuf[r * K], x + rows[r] * K, K * sizeof(float));
@@ -222,7 +224,9 @@ static void matmul_rows(ffi::ThreadPool& pool, const float* x, const W* w, const
     corejax::parallel_for(pool, (R + 63) / 64, R * N >= (1 << 16) ? threads : 1, [&](int64_t c) {
       for (int64_t r = 64 * c; r < R && r < 64 * c + 64; ++r) epi.row(yr + r * N, N);
     });
-  if (R < M) {
+  if (R < M && prefix) {
+    std::memset(y + R * N, 0, (M - R) * N * sizeof(float));
+  } else if (R < M) {
     std::memset(y, 0, M * N * sizeof(float));
     for (int64_t r = 0; r < R; ++r) std::memcpy(y + rows[r] * N, &ybuf[r * N], N * sizeof(float));
   }

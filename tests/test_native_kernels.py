@@ -124,20 +124,29 @@ def test_fused_activation_is_accurate_over_its_range(act):
     assert err.max() <= 0, (v.flat[err.argmax()], got.flat[err.argmax()], want.flat[err.argmax()])
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 8, 13])
-def test_fused_epilogues_match_numpy(dtype, rows):
-    """act(x @ w + b) and LayerNorm(residual + x @ w + b), float32 or float16 weights, padding rows zero."""
+@pytest.mark.parametrize("padding", ["middle", "tail"])
+def test_fused_epilogues_match_numpy(dtype, rows, padding):
+    """act(x @ w + b) and LayerNorm(residual + x @ w + b), float32, float16 or bfloat16 weights (bfloat16
+    rounding the rows too), padding rows zero: one in the middle (gathered) or the last ones (a sentence
+    padded to its bucket: no gathering)."""
+    import ml_dtypes
+
     from corejax.kernels.small_matmul import fused_matmul_add_norm, fused_matmul_bias_act
 
+    if dtype == "bfloat16" and not ffi.bf16_dot():
+        pytest.skip("this CPU has no AVX512_BF16")
+    dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
     rng = np.random.default_rng(rows)
     k, n = 96, 128
     x = rng.standard_normal((rows, k), np.float32)
     w = (rng.standard_normal((k, n)) * 0.2).astype(dtype)
     bias, scale, shift = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
     residual = rng.standard_normal((rows, n), np.float32)
-    valid = np.arange(rows) != rows // 2  # one padding row
-    y = x.astype(np.float64) @ w.astype(np.float64) + bias
+    valid = np.arange(rows) != rows // 2 if padding == "middle" else np.arange(rows) < rows - rows // 3
+    rows_in = x.astype(ml_dtypes.bfloat16) if dtype == ml_dtypes.bfloat16 else x
+    y = rows_in.astype(np.float64) @ w.astype(np.float64) + bias
     got = np.asarray(fused_matmul_bias_act(jnp.asarray(x), to_blocked(w), jnp.asarray(bias), "gelu",
                                            jnp.asarray(valid)))
     np.testing.assert_allclose(got, np.where(valid[:, None], _gelu64(y), 0.0), rtol=1e-4, atol=1e-4)
