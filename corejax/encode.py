@@ -18,15 +18,6 @@ MAX_BATCH = 32  # rows per program; batches of 1..32 rows are padded to 1, 2, 4,
 MIN_LENGTH_BUCKET = 16
 
 
-def scores_from_logits(logits: np.ndarray, multi_label: bool) -> np.ndarray:
-    """logits [n, L] -> softmax over labels, or an independent sigmoid per label (multi-label)."""
-    logits = np.asarray(logits, np.float64)
-    if multi_label:
-        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
-    z = np.exp(logits - logits.max(-1, keepdims=True))
-    return (z / z.sum(-1, keepdims=True)).astype(np.float32)
-
-
 class Encoder:
     """One loaded encoder: its params, tokenizer and sentence config (pooling, normalization, max length)."""
 
@@ -54,9 +45,11 @@ class Encoder:
             out.append(ids)
         return out
 
-    def run(self, ids: list[list[int]], output: str, normalize: bool = False) -> np.ndarray:
-        """ids of n texts -> [n, D] pooled vectors (or [n, L] logits), rows in input order."""
-        width = self.cfg.num_labels if output == "logits" else self.dim
+    def run(self, ids: list[list[int]], output: str, normalize: bool = False, head: Any = None,
+            scores: str | None = None) -> np.ndarray:
+        """ids of n texts -> [n, D] pooled vectors (or [n, L] logits; with head=(W, b), pooled @ W + b; with
+        scores "softmax" / "sigmoid", those logits as label scores), rows in input order."""
+        width = head[0].shape[1] if head is not None else self.cfg.num_labels if output == "logits" else self.dim
         result = np.zeros((len(ids), width), np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         pending = []
@@ -70,7 +63,7 @@ class Encoder:
                 lengths[r] = len(ids[i])
             # Dispatch every batch before reading any back, so the host work overlaps the device's.
             out = self.programs.encode(self.params, tokens, lengths, cfg=self.cfg, output=output,
-                                       normalize=normalize)
+                                       normalize=normalize, head=head, scores=scores)
             pending.append((rows, out))
         for rows, out in pending:
             result[rows] = np.asarray(out)[:len(rows)]
@@ -92,16 +85,17 @@ class Encoder:
                 raise InvalidParameterError(
                     f"this model's head has its own labels {list(self.cfg.labels)}; omit labels= (zero-shot "
                     "labels need a generative model)")
-            logits = self.run(self.token_ids(texts, truncate), "logits")
             multi = self.cfg.multi_label if multi_label is None else multi_label
-            return list(self.cfg.labels), scores_from_logits(logits, multi)
+            return list(self.cfg.labels), self.run(self.token_ids(texts, truncate), "logits",
+                                                   scores="sigmoid" if multi else "softmax")
         w, b = check_head(head, self.dim)
         if labels is None or len(labels) != w.shape[1]:
             raise InvalidParameterError(
                 f"head=(W, b) scores {w.shape[1]} labels; pass labels= with {w.shape[1]} names"
                 f"{'' if labels is None else f' (got {len(labels)})'}")
-        emb = self.embed(texts, truncate)
-        return list(labels), scores_from_logits(emb @ w + b, bool(multi_label))
+        ids = self.token_ids(texts, truncate)
+        return list(labels), self.run(ids, self.sentence.pooling, self.sentence.normalize, head=(w, b),
+                                      scores="sigmoid" if multi_label else "softmax")
 
 
 def check_head(head: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -100,16 +100,24 @@ def _full_logits(params: Any, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def _encode(params: Any, tokens: jax.Array, lengths: jax.Array, cfg: EncoderConfig, output: str,
-           normalize: bool) -> jax.Array:
+           normalize: bool, head: tuple[jax.Array, jax.Array] | None = None, scores: str | None = None) -> jax.Array:
     """Encoder batch: tokens [B, T] right-padded, lengths [B] -> pooled vectors [B, D] (output "mean", "cls",
-    "max"; L2-normalised if `normalize`) or classifier logits [B, L] (output "logits").
+    "max"; L2-normalised if `normalize`) or classifier logits [B, L] (output "logits"). head=(W [D, L], b [L])
+    turns the pooled vectors into logits; scores "softmax" or "sigmoid" turns logits into label scores here,
+    in the program, rather than in numpy afterwards (host work right after a step runs on cold caches).
 
     Recompiles per (B, T) bucket (corejax/encode.py pads both to powers of two) and per static argument."""
     hidden = bert.encode(params, tokens, lengths, cfg)
     if output == "logits":
-        return bert.classifier_logits(params, hidden)
-    pooled = bert.pool(hidden, lengths, output)
-    return bert.l2_normalize(pooled) if normalize else pooled
+        out = bert.classifier_logits(params, hidden)
+    else:
+        pooled = bert.pool(hidden, lengths, output)
+        out = bert.l2_normalize(pooled) if normalize else pooled
+        if head is not None:
+            out = out @ head[0] + head[1]
+    if scores == "sigmoid":
+        return jax.nn.sigmoid(out)
+    return jax.nn.softmax(out, axis=-1) if scores == "softmax" else out
 
 
 def _token_logprobs(params: Any, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -141,7 +149,7 @@ class Programs:
         self.decode_step = _jit(_decode_step, static_argnames=("cfg",), donate_argnames=("cache", "penalties"))
         self.copy_page = _jit(_copy_page, donate_argnames=("cache",))
         self.full_logits = _jit(_full_logits, static_argnames=("cfg",))
-        self.encode = _jit(_encode, static_argnames=("cfg", "output", "normalize"))
+        self.encode = _jit(_encode, static_argnames=("cfg", "output", "normalize", "scores"))
         self.token_logprobs = _jit(_token_logprobs, static_argnames=("cfg",))
 
 

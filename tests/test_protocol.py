@@ -156,6 +156,27 @@ def test_connection_interleaves_requests_and_detects_truncation():
     b.close()
 
 
+def test_a_read_interrupted_mid_frame_resumes_where_it_stopped():
+    """A caller reading the socket may be interrupted (KeyboardInterrupt; here a timeout) inside a frame: the
+    bytes it took stay buffered, and the next recv returns the whole frame, then the next one."""
+    a, b = socket.socketpair()
+    cb = Connection(b)
+    frame = p.encode(Kind.CHUNK, 7, {"text": "x" * 5000})
+    a.sendall(frame[:11])  # part of the header
+    b.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        cb.recv()
+    a.sendall(frame[11:3000])  # the rest of the header and part of the body
+    with pytest.raises(TimeoutError):
+        cb.recv()
+    a.sendall(frame[3000:] + p.encode(Kind.RESULT, 7, {"n": 1}))
+    got = cb.recv()
+    assert (got.kind, got.rid, got.payload) == (Kind.CHUNK, 7, {"text": "x" * 5000})
+    assert cb.recv().payload == {"n": 1}
+    a.close()
+    b.close()
+
+
 def test_clean_close_between_frames_is_end_of_stream():
     a, b = socket.socketpair()
     Connection(a).send(Kind.PING, 3)

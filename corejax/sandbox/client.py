@@ -250,7 +250,11 @@ class WorkerClient:
                 else:
                     self._waiting.add(req)
             if not lead:
-                event = req.events.get()
+                try:
+                    event = req.events.get()
+                except BaseException:  # interrupted (KeyboardInterrupt): pass on a LEAD it may hold
+                    self._abandon(req)
+                    raise
                 with self._lead_mu:
                     self._waiting.discard(req)
                 if event is not _LEAD:
@@ -262,11 +266,27 @@ class WorkerClient:
             finally:
                 with self._lead_mu:
                     self._leading = False
-                    # Pass the reading on to a caller still blocked (one whose mailbox is empty).
-                    follower = next((r for r in self._waiting if r.events.empty()), None)
-                    if follower is not None:
-                        self._waiting.discard(follower)
-                        follower.events.put(_LEAD)
+                    self._pass_lead()
+
+    def _pass_lead(self) -> None:
+        """Under _lead_mu, no caller reading: wake one still blocked on an empty mailbox to read next."""
+        follower = next((r for r in self._waiting if r.events.empty()), None)
+        if follower is not None:
+            self._waiting.discard(follower)
+            follower.events.put(_LEAD)
+
+    def _abandon(self, req: Request) -> None:
+        """A waiting caller stopped waiting: out of the waiting set; a LEAD handed to it goes to another."""
+        with self._lead_mu:
+            self._waiting.discard(req)
+            events = []
+            while not req.events.empty():
+                events.append(req.events.get_nowait())
+            for event in events:
+                if event is not _LEAD:
+                    req.events.put(event)
+            if _LEAD in events and not self._leading:
+                self._pass_lead()
 
     def _read_one(self) -> bool:
         """Reads and routes one frame; False once the connection has ended (every request then has its

@@ -171,34 +171,38 @@ class Connection:
         self.sock = sock
         self.max_frame = max_frame
         self._send_lock = threading.Lock()
+        self._received = bytearray()  # bytes read but not yet returned as a frame
 
     def send(self, kind: Kind, rid: int = 0, payload: Mapping[str, Any] | None = None, flags: int = 0) -> None:
         data = encode(kind, rid, payload, flags)
         with self._send_lock:
             self.sock.sendall(data)
 
-    def _read_exact(self, n: int) -> bytes | None:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(view[got:], n - got)
-            if k == 0:
-                if got == 0:
-                    return None
-                raise ProtocolError(f"the connection closed inside a frame ({got} of {n} bytes)")
-            got += k
-        return bytes(buf)
+    def _fill(self, want: int) -> bool:
+        """Reads what has arrived (at least one byte, blocking) into the buffer; False at end of stream."""
+        data = self.sock.recv(max(want - len(self._received), 1 << 16))
+        self._received += data
+        return bool(data)
 
     def recv(self) -> Frame | None:
-        """The next frame, or None when the other side closed the connection cleanly between frames."""
-        header = self._read_exact(HEADER.size)
-        if header is None:
-            return None
-        kind, rid, flags, length = decode_header(header, self.max_frame)
-        body = self._read_exact(length) if length else b""
-        if body is None:
-            raise ProtocolError("the connection closed between a header and its payload")
+        """The next frame, or None when the other side closed the connection cleanly between frames.
+
+        Bytes are kept in a buffer until their frame is complete, so a reader interrupted mid-frame (a
+        KeyboardInterrupt in the caller that was reading: client.WorkerClient.wait) leaves the stream intact
+        for the next reader; one read often brings a whole small frame."""
+        buf = self._received
+        while len(buf) < HEADER.size:
+            if not self._fill(HEADER.size):
+                if not buf:
+                    return None
+                raise ProtocolError(f"the connection closed inside a frame ({len(buf)} of {HEADER.size} bytes)")
+        kind, rid, flags, length = decode_header(bytes(buf[:HEADER.size]), self.max_frame)
+        end = HEADER.size + length
+        while len(buf) < end:
+            if not self._fill(end):
+                raise ProtocolError(f"the connection closed inside a frame ({len(buf)} of {end} bytes)")
+        body = bytes(buf[HEADER.size:end])
+        del buf[:end]
         return Frame(kind, rid, decode_payload(body), flags)
 
     def close(self) -> None:
