@@ -261,7 +261,7 @@ class WorkerClient:
                     return event
                 continue
             try:
-                while req.events.empty() and self._read_one():
+                while req.events.empty() and self._read_one() is not None:
                     pass
             finally:
                 with self._lead_mu:
@@ -288,21 +288,21 @@ class WorkerClient:
             if _LEAD in events and not self._leading:
                 self._pass_lead()
 
-    def _read_one(self) -> bool:
-        """Reads and routes one frame; False once the connection has ended (every request then has its
-        terminal event)."""
+    def _read_one(self) -> Any:
+        """Reads and routes one frame, and returns it; None once the connection has ended (every request then
+        has its terminal event)."""
         try:
             frame = self.conn.recv()
             if frame is not None:
                 self._route(frame)
-                return True
+                return frame
             reason = "it closed the connection"
         except ProtocolError as e:
             reason = f"it broke the protocol ({e})"
         except OSError as e:
             reason = f"the connection failed ({e})"
         self._die(reason)
-        return False
+        return None
 
     def _route(self, frame: Any) -> None:
         if frame.rid == 0:
@@ -325,18 +325,10 @@ class WorkerClient:
 
     def _read_startup(self) -> None:
         """The worker's frames until it is ready (or gone); then the callers read (wait)."""
-        try:
-            while (frame := self.conn.recv()) is not None:
-                self._route(frame)
-                if frame.kind in (Kind.READY, Kind.ERROR) and frame.rid == 0 and (
-                        frame.kind == Kind.ERROR or frame.payload.get("stage") != "policy"):
-                    return
-            reason = "it closed the connection"
-        except ProtocolError as e:
-            reason = f"it broke the protocol ({e})"
-        except OSError as e:
-            reason = f"the connection failed ({e})"
-        self._die(reason)
+        while (frame := self._read_one()) is not None:
+            if frame.rid == 0 and (frame.kind == Kind.ERROR or (
+                    frame.kind == Kind.READY and frame.payload.get("stage") != "policy")):
+                return
 
     def _monitor(self) -> None:
         while not self.dead:
