@@ -16,7 +16,8 @@ from corejax.config import WEIGHT_MODES, EngineConfig, SamplingParams, Speculati
 from corejax.errors import CorejaxError, InvalidParameterError, RequestTimeout, WorkerCrashed
 from corejax.results import Chunk, Classification, GenerationResult
 from corejax.sandbox import protocol
-from corejax.sandbox.client import WorkerClient, thread_status, worker_error
+from corejax.sandbox.client import WorkerClient, worker_error
+from corejax.sandbox.processes import thread_status
 from corejax.sandbox.protocol import Kind
 
 _DEFAULT = object()  # speculative= not given: the Session's default applies

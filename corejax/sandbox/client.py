@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from corejax import errors
+from corejax.sandbox.processes import rss_bytes, spawn
 from corejax.sandbox.protocol import Connection, Kind, ProtocolError
 
 # Names the worker may put in an ERROR frame; anything else becomes a SandboxError (never a lookup by name).
@@ -166,7 +167,7 @@ class WorkerClient:
         if not network_namespace:
             cmd.append("--no-netns")
         self._log = open(self._private / "worker.log", "wb")  # noqa: SIM115 - the worker's stderr, closed in close()
-        self.proc = _spawn(cmd, pass_fds=[child.fileno()], close_fds=True, env=env, cwd=cwd,
+        self.proc = spawn(cmd, pass_fds=[child.fileno()], close_fds=True, env=env, cwd=cwd,
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log)
         self.pid = self.proc.pid
 
@@ -342,7 +343,7 @@ class WorkerClient:
                     self._timed_out = late[0].rid
                     self.kill(f"request {late[0].rid} ran past the {self.timeout:g} s timeout")
             if self.memory_limit is not None and self.pid is not None:
-                rss = _rss_bytes(self.pid)
+                rss = rss_bytes(self.pid)
                 if rss is not None and rss > self.memory_limit:
                     self.kill(f"it used {rss / 2**20:.0f} MiB, over the session's memory_limit of "
                               f"{self.memory_limit / 2**20:.0f} MiB")
@@ -444,60 +445,3 @@ class WorkerClient:
             self._log.close()
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
-
-
-_spawn_requests: queue.Queue = queue.Queue()
-_spawner_lock = threading.Lock()
-_spawner: threading.Thread | None = None
-
-
-def _spawner_loop() -> None:
-    while True:
-        args, kwargs, reply = _spawn_requests.get()
-        try:
-            reply.put(subprocess.Popen(*args, **kwargs))
-        except BaseException as e:  # noqa: BLE001 - handed back to the caller
-            reply.put(e)
-
-
-def _spawn(*args: Any, **kwargs: Any) -> subprocess.Popen:
-    """Popen from one long-lived thread: the worker's parent-death signal fires when the *thread* that
-    started it exits, so a worker started from a short-lived caller thread would die with that thread."""
-    global _spawner
-    with _spawner_lock:
-        if _spawner is None or not _spawner.is_alive():
-            _spawner = threading.Thread(target=_spawner_loop, name="corejax-spawner", daemon=True)
-            _spawner.start()
-    reply: queue.Queue = queue.Queue()
-    _spawn_requests.put((args, kwargs, reply))
-    result = reply.get()
-    if isinstance(result, BaseException):
-        raise result
-    return result
-
-
-def _rss_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def thread_status(pid: int) -> dict[str, int]:
-    """Read from outside the worker, so a compromised worker cannot fake it: per-thread NoNewPrivs, Seccomp."""
-    nnp = filt = total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return {"threads": 0, "no_new_privs": 0, "seccomp_filter": 0}
-    for tid in tids:
-        try:
-            text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        total += 1
-        nnp += fields.get("NoNewPrivs", "").strip() == "1"
-        filt += fields.get("Seccomp", "").strip() == "2"
-    return {"threads": total, "no_new_privs": nnp, "seccomp_filter": filt}
