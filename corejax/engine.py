@@ -106,7 +106,8 @@ def _encode(params: Any, tokens: jax.Array, lengths: jax.Array, cfg: EncoderConf
     turns the pooled vectors into logits; scores "softmax" or "sigmoid" turns logits into label scores here,
     in the program, rather than in numpy afterwards (host work right after a step runs on cold caches).
 
-    Recompiles per (B, T) bucket (corejax/encode.py pads both to powers of two) and per static argument."""
+    Recompiles per (B, T) bucket (corejax/encode.py pads both to powers of two), per static argument and per
+    head shape."""
     hidden = bert.encode(params, tokens, lengths, cfg)
     if output == "logits":
         out = bert.classifier_logits(params, hidden)
