@@ -7,6 +7,10 @@ Public API (everything else is internal):
     pull(name), list_models(), SamplingParams, SpeculativeConfig, and the exceptions below.
 """
 
+from corejax import native as _native
+
+_native.cap_xla_isa()  # COREJAX_ISA=avx2 on a wider CPU: XLA generates AVX2 code too (before any backend starts)
+
 from corejax.api import DEFAULT_EMBEDDING_MODEL, classify, embed, generate, stream
 from corejax.errors import (
     CacheFullError,

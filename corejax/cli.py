@@ -128,6 +128,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kernel_path() -> str:
+    """Which native kernel path (ISA) this machine runs, and why not when none."""
+    from corejax import native
+    from corejax.kernels import ffi
+
+    if not ffi.ensure():
+        return "none: XLA's own ops (no C++ compiler, COREJAX_NATIVE=0 or not a CPU backend)"
+    return f"{ffi.isa()} (COREJAX_ISA={native.requested_isa()}; {ffi.library_key()})"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from corejax.loading.loader import describe_gguf
 
@@ -139,6 +149,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps({"path": str(source.path), "format": "hf", "config": cfg.__dict__}, indent=2, default=str))
         return 0
     info = describe_gguf(source.path)
+    info["kernel_path"] = _kernel_path()
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -154,6 +165,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if f"{arch}.{key}" in info["metadata"]:
             print(f"  {key:<26} {info['metadata'][f'{arch}.{key}']}")
     print(f"chat template: {'yes' if info['has_chat_template'] else 'no'}")
+    print(f"kernel path:  {_kernel_path()}")
     return 0
 
 

@@ -4,7 +4,8 @@ XLA's FFI lets a jitted program call a C++ function: kernels/small_matmul.cc (de
 kernels/paged_decode.cc (decode attention over the paged cache); each file's header says why. They are
 compiled into one library with the system's C++ compiler against the FFI headers jaxlib ships,
 for this CPU (-march=native), and cached under a key of the source, compiler, jaxlib version and CPU
-flags. A sandboxed worker cannot run a compiler (its seccomp policy forbids exec), so the Session builds
+flags. COREJAX_ISA picks a narrower target than the machine's own (ISAS below), so the AVX2 path can be
+built, measured and tested on an AVX-512 machine. A sandboxed worker cannot run a compiler (its seccomp policy forbids exec), so the Session builds
 the library before starting the worker and lets the worker read it; in-process runtimes build it
 themselves. Without a compiler — or with COREJAX_NATIVE=0 — everything runs on XLA's own ops.
 """
@@ -15,6 +16,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -23,7 +25,23 @@ import threading
 from pathlib import Path
 
 SOURCES = ("small_matmul.cc", "paged_decode.cc", "quant_matmul.cc", "encoder_attention.cc")
-HEADERS = ("parallel.h", "vecmath.h")  # included by the sources; part of the build key
+HEADERS = ("parallel.h", "vecmath.h", "isa.h")  # included by the sources; part of the build key
+
+# COREJAX_ISA -> (the compiler's target flags, the /proc/cpuinfo flags the CPU must have, XLA's own cap).
+# "native" (the default) builds for exactly this CPU; the others build the named path of kernels/isa.h, and
+# also cap XLA's code generation (--xla_cpu_max_isa) so the whole program runs as on such a machine. A path
+# the CPU cannot run is refused. x86-64-v3 is AVX2 + FMA + F16C + BMI1/2 (Haswell, Zen 1 and later).
+X86_ISAS = {
+    "avx512": (["-march=native"], ("avx512f", "avx512bw"), None),
+    "avx_vnni": (["-march=x86-64-v3", "-mavxvnni", "-mtune=native"], ("avx2", "fma", "f16c", "avx_vnni"), "AVX2"),
+    "avx2": (["-march=x86-64-v3", "-mtune=native"], ("avx2", "fma", "f16c", "bmi2"), "AVX2"),
+    "scalar": (["-march=x86-64", "-mtune=native", "-DCOREJAX_SCALAR"], (), "SSE4_2"),
+}
+ARM_ISAS = {
+    "neon_dotprod": (["-march=armv8.2-a+dotprod"], ("asimddp",), None),
+    "neon": (["-march=armv8-a"], (), None),
+    "scalar": (["-march=armv8-a", "-DCOREJAX_SCALAR"], (), None),
+}
 _LOCK = threading.Lock()
 _BUILT: dict[str, Path | None] = {}
 
@@ -46,6 +64,44 @@ def _include_dir() -> Path | None:
     return path if (path / "xla" / "ffi" / "api" / "ffi.h").is_file() else None
 
 
+def requested_isa() -> str:
+    return os.environ.get("COREJAX_ISA", "native").strip().lower() or "native"
+
+
+def isa_target(isa: str | None = None) -> tuple[list[str], str | None]:
+    """(compiler flags, XLA's --xla_cpu_max_isa or None) for COREJAX_ISA (or `isa`); raises
+    InvalidParameterError for a name this architecture lacks or a path this CPU cannot run."""
+    from corejax.errors import InvalidParameterError
+
+    isa = isa or requested_isa()
+    if isa == "native":
+        return ["-march=native"], None
+    arm = platform.machine().lower() in ("aarch64", "arm64")
+    table = ARM_ISAS if arm else X86_ISAS
+    if isa not in table:
+        raise InvalidParameterError(f"COREJAX_ISA={isa!r} is not a kernel path on this {platform.machine()} "
+                                    f"machine; use native or one of {', '.join(table)}")
+    flags, needs, xla = table[isa]
+    have = set(_cpu_flags().split(":", 1)[-1].split())
+    missing = [f for f in needs if f not in have]
+    if missing:
+        raise InvalidParameterError(f"COREJAX_ISA={isa} needs CPU features this machine lacks "
+                                    f"({', '.join(missing)}); pick a narrower path (e.g. avx2) or unset it")
+    return list(flags), xla
+
+
+def cap_xla_isa() -> None:
+    """With a narrower COREJAX_ISA, XLA generates code for that ISA too (before any backend starts). A bad
+    COREJAX_ISA is left for build() to refuse, with its sentence, when kernels are first needed."""
+    try:
+        _, xla = isa_target()
+    except Exception:
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if xla and "xla_cpu_max_isa" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_max_isa={xla}".strip()
+
+
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -56,17 +112,20 @@ def _cpu_flags() -> str:
     return ""
 
 
-def build() -> Path | None:
-    """The kernels' shared library for this machine, compiled on first use; None when it cannot be built
-    (no compiler, no FFI headers, disabled), with the reason on stderr once."""
-    name = "corejax_native"
+def build(isa: str | None = None) -> Path | None:
+    """The kernels' shared library for this machine (for COREJAX_ISA's path, or `isa`'s), compiled on first
+    use; None when it cannot be built (no compiler, no FFI headers, disabled), with the reason on stderr once.
+    A path this CPU cannot run raises InvalidParameterError."""
+    isa = isa or requested_isa()
+    target, _ = isa_target(isa)
+    name = "corejax_native" if isa == "native" else f"corejax_{isa}"
     with _LOCK:
         if name not in _BUILT:
-            _BUILT[name] = _build(name) if enabled() else None
+            _BUILT[name] = _build(name, target) if enabled() else None
         return _BUILT[name]
 
 
-def _build(name: str) -> Path | None:
+def _build(name: str, target: list[str]) -> Path | None:
     from corejax.hub import cache_dir
 
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
@@ -77,7 +136,7 @@ def _build(name: str) -> Path | None:
         print(f"corejax: not building the native kernels ({'no C++ compiler' if cxx is None else 'no FFI headers' if include is None else 'no source'}); "
               "XLA's own ops are used instead", file=sys.stderr)
         return None
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
+    flags = ["-O3", *target, "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):

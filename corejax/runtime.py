@@ -59,7 +59,7 @@ class Runtime:
         # Weights, KV pool and workspace are reserved from the file's headers before any is allocated, so a
         # model that cannot fit memory_limit fails here with MemoryBudgetError, having allocated nothing.
         self.budget = memory.MemoryBudget(memory_limit)
-        weights = weights or default_weights(source, native, ffi.bf16_dot())
+        weights = weights or default_weights(source, ffi.fast_quant(), ffi.bf16_dot(), native)
         engine = memory.admit(self.budget, plan_weights(source, weights), engine or EngineConfig(), source.name)
         self.model: LoadedModel = load_model(source, weights=weights, progress=progress)
         memory.loaded(self.budget, self.model.info["weight_bytes"])
@@ -97,10 +97,11 @@ class Runtime:
 
     def info(self) -> dict[str, Any]:
         if self.engine is None:
-            return dict(self.model.info, load_seconds=self.model.load_seconds, memory=self.budget.report())
+            return dict(self.model.info, load_seconds=self.model.load_seconds, memory=self.budget.report(),
+                        native_kernels=ffi.available(), kernel_isa=ffi.isa())
         ec = self.engine.engine_cfg
         return dict(self.model.info, load_seconds=self.model.load_seconds, memory=self.budget.report(),
-                    native_kernels=ffi.available(), kv_dtype=ec.kv_dtype,
+                    native_kernels=ffi.available(), kernel_isa=ffi.isa(), kv_dtype=ec.kv_dtype,
                     kv_page_size=ec.page_size, kv_cache_bytes=self.engine.kv_cache_bytes,
                     kv_cache_tokens=(self.engine.allocator.num_pages - 1) * ec.page_size)
 

@@ -20,6 +20,7 @@ TARGETS = {"corejax_small_matmul": "CorejaxSmallMatmul", "corejax_paged_decode":
 _LOCK = threading.Lock()
 _loaded: list[str] = []
 _bf16_dot: list[bool] = []
+_isa: list[str] = []
 _build_allowed = [True]
 
 
@@ -37,11 +38,14 @@ def load(path: str | Path) -> bool:
             for target, symbol in TARGETS.items():
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
             bf16 = bool(lib.corejax_bf16_dot())
+            lib.corejax_isa.restype = ctypes.c_char_p
+            isa = lib.corejax_isa().decode()
         except (OSError, AttributeError) as e:
             print(f"corejax: cannot load the native kernels from {path}: {e}; using XLA's own ops", file=sys.stderr)
             return False
         _loaded.append(str(path))
         _bf16_dot.append(bf16)
+        _isa.append(isa)
         return True
 
 
@@ -65,6 +69,18 @@ def library_key() -> str:
 
 def available() -> bool:
     return bool(_loaded) and jax.default_backend() == "cpu"
+
+
+def isa() -> str:
+    """The kernel path the loaded library runs (kernels/isa.h: "avx512_vnni", "avx2", "neon_dotprod", ...),
+    or "xla" when none is loaded (XLA's own ops)."""
+    return _isa[0] if available() else "xla"
+
+
+def fast_quant() -> bool:
+    """The loaded quantized matmul has a SIMD integer-dot path (not the scalar reference): only then do
+    quantized weights beat float32 on XLA (default_weights)."""
+    return available() and _isa[0] != "scalar"
 
 
 def bf16_dot() -> bool:

@@ -24,13 +24,18 @@
 //                                                                         high nibble u[8 s + 4 + j, ...]
 //   scales, mins [N / 16, K / B, 16]          float16 or float32; B (values per scale) 16 or 32
 //
-// Rows: up to 8 share one pass over a column group (8 int32 + 8 float accumulators stay in registers);
-// more rows loop over the group while it is in L1/L2 (prefill). Chunks of column groups are split over the
+// The ISA-specific part is confined to kernels/isa.h's primitives (load and split codes, broadcast 4
+// activation bytes, the 4-byte dot into int32 lanes, float lanes): vpdpbusd on AVX-512 VNNI (a group in one
+// pass of 16 lanes) and AVX-VNNI, vpmaddubsw + vpmaddwd on AVX2 (two passes of 8 columns; 8-bit codes as
+// signed bytes so the int16 pair sums cannot saturate), sdot on NEON (four passes of 4), plain C++ as the
+// reference. Every path computes the same integer sums; only float summation order differs.
+//
+// Rows: up to kRows (8; 4 on AVX2's 16 registers) share one pass over a column group (their int32 and float
+// accumulators stay in registers); more rows loop over the group while it is in L1/L2 (prefill). Chunks of column groups are split over the
 // caller and XLA's own intra-op pool (kernels/parallel.h), at most `threads` (from Python) workers. Threads
 // started per call (~30 us each) and helper threads of our own spinning between calls (fighting XLA's pool
 // for the two cores) were both slower than one thread; the pool's threads are awake while a program runs.
 //
-// Without AVX-512 VNNI the same loops run in plain C++ (correct everywhere, slower).
 // Built by corejax/native.py with the other kernels; registered as "corejax_quant_matmul".
 
 #include <algorithm>
@@ -41,12 +46,7 @@
 
 #include "parallel.h"
 
-#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define COREJAX_VNNI 1
-#else
-#define COREJAX_VNNI 0
-#endif
+#include "isa.h"
 
 #include "xla/ffi/api/ffi.h"
 
@@ -77,28 +77,7 @@ struct Acts {
   int64_t K;
 };
 
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal
-      int e = -1;
-      do { ++e; man <<= 1; } while (!(man & 0x400));
-      bits = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3FF) << 13;
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7F800000u | man << 13;
-  } else {
-    bits = sign | (exp + 127 - 15) << 23 | man << 13;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-#if COREJAX_VNNI
+#if defined(__AVX512F__)
 // quantize_rows, 16 lanes at a time (the scalar loop cost ~2.7 ns per value: ~5% of a decode step).
 bool quantize_rows_avx512(const float* x, int64_t M, int64_t K, int64_t B, int8_t* q, int8_t* r, float* d,
                           float* ds) {
@@ -141,7 +120,7 @@ bool quantize_rows_avx512(const float* x, int64_t M, int64_t K, int64_t B, int8_
 // residual r = round((x - d q) / (d / 256)) (|r| <= 128, clamped to 127: the rare half-step case loses
 // d / 256). x ~ (d / 256) (256 q + r): ~15 bits where ggml's activations carry 7.
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, int8_t* q, int8_t* r, float* d, float* ds) {
-#if COREJAX_VNNI
+#if defined(__AVX512F__)
   if (quantize_rows_avx512(x, M, K, B, q, r, d, ds)) return;
 #endif
   for (int64_t m = 0; m < M; ++m) {
@@ -167,127 +146,64 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, int8_t* q, i
   }
 }
 
-inline int32_t load4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
-#if COREJAX_VNNI
-
-inline __m512 load_params(const void* base, int64_t index, bool f16) {
-  if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                   static_cast<const uint16_t*>(base) + index)));
-  return _mm512_loadu_ps(static_cast<const float*>(base) + index);
-}
-
-// Rows [m0, m0 + M) x the 16 columns of group g.
+// Rows [m0, m0 + M) x the 16 columns of group g, in 16 / kLanes passes of kLanes columns (kernels/isa.h).
 template <int M, int BITS, int B>
 void group(const Weights& w, const Acts& a, int64_t g, int64_t m0, float* y) {
+  using namespace corejax::isa;
   const int64_t K = w.K, nb = K / B;
-  const uint8_t* cp = w.codes + g * w.group_bytes();
-  const __m512 offset = _mm512_set1_ps(float(w.offset));
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512 accf[M];
-  for (int m = 0; m < M; ++m) accf[m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t k0 = b * B;
-    __m512i acc[M], acc2[M];  // per row: the q chain and the r chain (also hides vpdpbusd's latency)
-    for (int m = 0; m < M; ++m) acc[m] = acc2[m] = _mm512_setzero_si512();
-    if constexpr (BITS == 8) {
-      for (int s = 0; s < B / 4; ++s, cp += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetch, _MM_HINT_T0);
-        const __m512i wv = _mm512_loadu_si512(cp);
-        for (int m = 0; m < M; ++m) {
-          const int64_t at = (m0 + m) * K + k0 + 4 * s;
-          acc[m] = _mm512_dpbusd_epi32(acc[m], wv, _mm512_set1_epi32(load4(a.q + at)));
-          acc2[m] = _mm512_dpbusd_epi32(acc2[m], wv, _mm512_set1_epi32(load4(a.r + at)));
-        }
-      }
-    } else {
-      for (int s = 0; s < B / 8; ++s, cp += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetch, _MM_HINT_T0);
-        const __m512i raw = _mm512_loadu_si512(cp);
-        const __m512i lo = _mm512_and_si512(raw, low4);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-        for (int m = 0; m < M; ++m) {
-          const int64_t at = (m0 + m) * K + k0 + 8 * s;
-          acc[m] = _mm512_dpbusd_epi32(acc[m], lo, _mm512_set1_epi32(load4(a.q + at)));
-          acc2[m] = _mm512_dpbusd_epi32(acc2[m], lo, _mm512_set1_epi32(load4(a.r + at)));
-          acc[m] = _mm512_dpbusd_epi32(acc[m], hi, _mm512_set1_epi32(load4(a.q + at + 4)));
-          acc2[m] = _mm512_dpbusd_epi32(acc2[m], hi, _mm512_set1_epi32(load4(a.r + at + 4)));
-        }
-      }
-    }
-    // 256 sum(u q) + sum(u r): |sum(u q)| <= 255 * 127 * 32 per block, so the int32 holds it.
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_add_epi32(_mm512_slli_epi32(acc[m], 8), acc2[m]);
-    const int64_t p = (g * nb + b) * kG;
-    const __m512 sc = load_params(w.scales, p, w.f16);
-    const __m512 mins = w.mins ? load_params(w.mins, p, w.f16) : _mm512_setzero_ps();
-    const __m512 mn = _mm512_fnmsub_ps(sc, offset, mins);  // -(scale * offset) - min
-    for (int m = 0; m < M; ++m) {
-      const __m512 dx = _mm512_set1_ps(a.d[(m0 + m) * (K / kQBlock) + k0 / kQBlock]);
-      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m]), dx);
-      accf[m] = _mm512_fmadd_ps(t, sc, accf[m]);
-      accf[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.ds[(m0 + m) * nb + b]), accf[m]);
-    }
-  }
-  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + (m0 + m) * w.N + g * kG, accf[m]);
-}
-
-#else
-
-inline float load_param(const void* base, int64_t index, bool f16) {
-  return f16 ? half_to_float(static_cast<const uint16_t*>(base)[index]) : static_cast<const float*>(base)[index];
-}
-
-template <int M, int BITS, int B>
-void group(const Weights& w, const Acts& a, int64_t g, int64_t m0, float* y) {
-  const int64_t K = w.K, nb = K / B;
-  const uint8_t* cp = w.codes + g * w.group_bytes();
-  float accf[M][kG] = {};
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t k0 = b * B;
-    int32_t acc[M][kG] = {};
-    const int steps = BITS == 8 ? B / 4 : B / 8;
-    for (int s = 0; s < steps; ++s, cp += 64) {
-      for (int c = 0; c < kG; ++c)
-        for (int j = 0; j < 4; ++j) {
-          const uint8_t byte = cp[c * 4 + j];
+  // 8-bit codes multiplied as signed bytes are u - 128: the 128 joins the offset.
+  const float offset = float(w.offset - (BITS == 8 && kSigned8 ? 128 : 0));
+  for (int pass = 0; pass < kG / kLanes; ++pass) {
+    const uint8_t* cp = w.codes + g * w.group_bytes() + pass * 4 * kLanes;
+    F accf[M];
+    for (int m = 0; m < M; ++m) accf[m] = fzero();
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * B;
+      I acc[M], acc2[M];  // per row: the q chain and the r chain (also hides the dot's latency)
+      for (int m = 0; m < M; ++m) acc[m] = acc2[m] = zero();
+      if constexpr (BITS == 8) {
+        for (int s = 0; s < B / 4; ++s, cp += 64) {
+          __builtin_prefetch(cp + kPrefetch, 0, 3);
+          const W8 wv = prep8(cp);
           for (int m = 0; m < M; ++m) {
-            const int8_t* qp = a.q + (m0 + m) * K + k0;
-            const int8_t* rp = a.r + (m0 + m) * K + k0;
-            auto code = [&](int64_t k) { return 256 * int32_t(qp[k]) + rp[k]; };
-            if (BITS == 8) {
-              acc[m][c] += int32_t(byte) * code(4 * s + j);
-            } else {
-              acc[m][c] += int32_t(byte & 0x0F) * code(8 * s + j) + int32_t(byte >> 4) * code(8 * s + 4 + j);
-            }
+            const int64_t at = (m0 + m) * K + k0 + 4 * s;
+            acc[m] = dot8(acc[m], wv, bcast(a.q + at));
+            acc2[m] = dot8(acc2[m], wv, bcast(a.r + at));
           }
         }
-    }
-    const int64_t p = (g * nb + b) * kG;
-    for (int c = 0; c < kG; ++c) {
-      const float sc = load_param(w.scales, p + c, w.f16);
-      const float mn = -(sc * float(w.offset)) - (w.mins ? load_param(w.mins, p + c, w.f16) : 0.f);
+      } else {
+        for (int s = 0; s < B / 8; ++s, cp += 64) {
+          __builtin_prefetch(cp + kPrefetch, 0, 3);
+          const W4 wv = prep4(cp);
+          for (int m = 0; m < M; ++m) {
+            const int64_t at = (m0 + m) * K + k0 + 8 * s;
+            acc[m] = dot4(acc[m], wv, bcast(a.q + at), bcast(a.q + at + 4));
+            acc2[m] = dot4(acc2[m], wv, bcast(a.r + at), bcast(a.r + at + 4));
+          }
+        }
+      }
+      // 256 sum(u q) + sum(u r): |sum(u q)| <= 255 * 127 * 32 per block, so the int32 holds it.
+      const int64_t p = (g * nb + b) * kG + pass * kLanes;
+      const F sc = params(w.scales, p, w.f16);
+      const F mins = w.mins ? params(w.mins, p, w.f16) : fzero();
+      const F mn = fma(sc, fset(-offset), mul(mins, fset(-1.f)));  // -(scale * offset) - min
       for (int m = 0; m < M; ++m) {
-        const float dx = a.d[(m0 + m) * (K / kQBlock) + k0 / kQBlock];
-        accf[m][c] += float(acc[m][c]) * dx * sc + mn * a.ds[(m0 + m) * nb + b];
+        const F t = mul(to_float(combine(acc[m], acc2[m])), fset(a.d[(m0 + m) * (K / kQBlock) + k0 / kQBlock]));
+        accf[m] = fma(t, sc, accf[m]);
+        accf[m] = fma(mn, fset(a.ds[(m0 + m) * nb + b]), accf[m]);
       }
     }
+    for (int m = 0; m < M; ++m) store(y + (m0 + m) * w.N + g * kG + pass * kLanes, accf[m]);
   }
-  for (int m = 0; m < M; ++m)
-    for (int c = 0; c < kG; ++c) y[(m0 + m) * w.N + g * kG + c] = accf[m][c];
 }
-
-#endif
 
 template <int BITS, int B>
 void groups(const Weights& w, const Acts& a, int64_t M, int64_t g0, int64_t g1, float* y) {
   for (int64_t g = g0; g < g1; ++g) {
     int64_t m = 0;
-    for (; m + 8 <= M; m += 8) group<8, BITS, B>(w, a, g, m, y);
-    if (M - m >= 4) { group<4, BITS, B>(w, a, g, m, y); m += 4; }
+    constexpr int R = corejax::isa::kRows;
+    for (; m + R <= M; m += R) group<R, BITS, B>(w, a, g, m, y);
+    if (R > 4 && M - m >= 4) { group<4, BITS, B>(w, a, g, m, y); m += 4; }
     if (M - m >= 2) { group<2, BITS, B>(w, a, g, m, y); m += 2; }
     if (M - m >= 1) { group<1, BITS, B>(w, a, g, m, y); m += 1; }
   }
@@ -305,6 +221,25 @@ void run(ffi::ThreadPool& pool, const Weights& w, const Acts& a, int64_t M, int6
 }
 
 }  // namespace
+
+// The same product without XLA (one thread): lets a test load each ISA's build with ctypes and compare it with
+// the scalar reference build. Returns 0, or 1 on a shape or format the kernel does not take.
+extern "C" int corejax_quant_matmul_plain(const float* x, int64_t M, int64_t K, const uint8_t* codes,
+                                          const void* scales, const void* mins, int64_t N, int32_t bits,
+                                          int32_t block, int32_t offset, int32_t f16, float* y) {
+  if ((bits != 4 && bits != 8) || (block != 16 && block != 32) || K % kQBlock || K % block || N % kG) return 1;
+  std::vector<int8_t> q(M * K), r(M * K);
+  std::vector<float> d(M * (K / kQBlock)), ds(M * (K / block));
+  quantize_rows(x, M, K, block, q.data(), r.data(), d.data(), ds.data());
+  const Weights w{codes, scales, mins, f16 != 0, bits, offset, K, N};
+  const Acts a{q.data(), r.data(), d.data(), ds.data(), K};
+  auto fn = bits == 8 ? (block == 16 ? groups<8, 16> : groups<8, 32>) : (block == 16 ? groups<4, 16> : groups<4, 32>);
+  fn(w, a, M, 0, N / kG, y);
+  return 0;
+}
+
+// The instruction set this library was built for (kernels/isa.h), e.g. "avx2"; corejax reports it.
+extern "C" const char* corejax_isa() { return COREJAX_ISA_NAME; }
 
 static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                                   ffi::AnyBuffer scales, ffi::AnyBuffer mins, ffi::ResultBuffer<ffi::F32> y,

@@ -65,25 +65,22 @@ static void strip(const float* x, const W* wb, float* y, int64_t K, int64_t N, i
     for (int j = 0; j < NV; ++j) store16(y + m * N + c0 + 16 * j, acc[m][j]);
 }
 
-// One strip of m rows (1 <= m <= 12; a runtime count, dispatched to its register-tile instance).
-template <typename W>
-static void strip_rows(int64_t m, const float* x, const W* wb, float* y, int64_t K, int64_t N) {
-  switch (m) {
-    case 1: return strip<1, 2>(x, wb, y, K, N, 0);
-    case 2: return strip<2, 2>(x, wb, y, K, N, 0);
-    case 3: return strip<3, 2>(x, wb, y, K, N, 0);
-    case 4: return strip<4, 2>(x, wb, y, K, N, 0);
-    case 5: return strip<5, 2>(x, wb, y, K, N, 0);
-    case 6: return strip<6, 2>(x, wb, y, K, N, 0);
-    case 7: return strip<7, 2>(x, wb, y, K, N, 0);
-    case 8: return strip<8, 2>(x, wb, y, K, N, 0);
-    case 9: return strip<9, 2>(x, wb, y, K, N, 0);
-    case 10: return strip<10, 2>(x, wb, y, K, N, 0);
-    case 11: return strip<11, 2>(x, wb, y, K, N, 0);
-    default: return strip<12, 2>(x, wb, y, K, N, 0);
-  }
-}
+// A strip's register tile: with 32 vector registers of 16 floats (AVX-512), up to 12 rows x 32 columns (24
+// accumulators, two weight vectors and a broadcast); with 16 registers of 8 floats (AVX2), where a v16 is two
+// of them, up to 6 rows x 16 columns (12 registers of accumulators), each column block run as two halves.
+#if defined(__AVX512F__) && !defined(COREJAX_SCALAR)
+constexpr int kStripRows = 12, kStripVecs = 2;
+#else
+constexpr int kStripRows = 6, kStripVecs = 1;
+#endif
 
+// One strip of m rows (1 <= m <= kStripRows; a runtime count, dispatched to its register-tile instance) over
+// the 16 kStripVecs columns from c0.
+template <typename W, int... Ms>
+static void strip_rows(int64_t m, const float* x, const W* wb, float* y, int64_t K, int64_t N, int c0,
+                       std::integer_sequence<int, Ms...>) {
+  ((m == Ms + 1 ? strip<Ms + 1, kStripVecs>(x, wb, y, K, N, c0) : void()), ...);
+}
 
 // bfloat16 weights (weights="bf16"), multiplied by vdpbf16ps: each 32-bit lane takes a pair of products,
 // x[k] w[k, c] + x[k + 1] w[k + 1, c], so one instruction does the work of two float32 FMAs, and the weights
@@ -165,19 +162,20 @@ constexpr bool kBf16Dot = false;
 
 extern "C" int corejax_bf16_dot() { return kBf16Dot; }  // weights="bf16" runs here (kernels/small_matmul.py)
 
-// Rows [0, M) of column block b, in as few strips as the register budget allows (at most 12 rows: 24
-// accumulators, two weight vectors and a broadcast in 32 vector registers), of balanced sizes: 15 rows run as
-// 8 + 7, not 8 + 4 + 2 + 1. Every strip re-reads the block's weights ([K, 32], e.g. 24 KiB of float16 at
-// K = 384; from memory for the first strip, from L2 after) and widens them again, so fewer strips are
-// cheaper: a sentence of 15 tokens cost more than one of 16 with power-of-two strips (4.31 vs 3.93 ms).
+// Rows [0, M) of column block b, in as few strips as the register budget allows (kStripRows), of balanced
+// sizes: 15 rows run as 8 + 7, not 8 + 4 + 2 + 1. Every strip re-reads the block's weights ([K, 32], e.g.
+// 24 KiB of float16 at K = 384; from memory for the first strip, from L2 after) and widens them again, so
+// fewer strips are cheaper: a sentence of 15 tokens cost more than one of 16 with power-of-two strips
+// (4.31 vs 3.93 ms).
 template <typename W>
 static void block_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t b) {
   const W* wb = w + b * K * kBlock;
   float* yb = y + b * kBlock;
-  const int64_t strips = strip_count(M, 12);
+  const int64_t strips = strip_count(M, kStripRows);
   for (int64_t i = 0, m0 = 0; i < strips; ++i) {
     const int64_t m1 = M * (i + 1) / strips;
-    strip_rows(m1 - m0, x + m0 * K, wb, yb + m0 * N, K, N);
+    for (int c0 = 0; c0 < kBlock; c0 += 16 * kStripVecs)
+      strip_rows(m1 - m0, x + m0 * K, wb, yb + m0 * N, K, N, c0, std::make_integer_sequence<int, kStripRows>{});
     m0 = m1;
   }
 }

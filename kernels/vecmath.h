@@ -12,7 +12,9 @@
 
 #pragma once
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -32,9 +34,9 @@ static inline v16 load16(const float* p) {
 // half the bytes. GCC's generic __builtin_convertvector from _Float16 lowers to per-lane code; the intrinsics
 // do not.
 static inline v16 load16(const _Float16* p) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && !defined(COREJAX_SCALAR)
   const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif defined(__F16C__)
+#elif defined(__F16C__) && !defined(COREJAX_SCALAR)
   const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
   float f[16];

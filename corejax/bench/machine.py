@@ -69,14 +69,18 @@ def fingerprint() -> dict[str, Any]:
         import jax
 
         backend, devices = jax.default_backend(), [str(d) for d in jax.devices()]
+        from corejax.kernels import ffi
+
+        ffi.ensure()
+        isa = ffi.isa()
     except Exception as e:  # noqa: BLE001 - a broken JAX install is recorded, not fatal to the peers' numbers
-        backend, devices = f"unavailable ({type(e).__name__})", []
+        backend, devices, isa = f"unavailable ({type(e).__name__})", [], "xla"
     return {
         "cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count() or 1, "usable_cores": usable_cores(),
         "memory_bytes": _memory_bytes(), "machine": platform.machine(),
         "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
         "numpy": np.__version__, "jax": _version("jax"), "jaxlib": _version("jaxlib"), "backend": backend,
-        "devices": devices, "corejax": corejax.__version__,
+        "devices": devices, "corejax": corejax.__version__, "kernel_isa": isa,
         "packages": {name: _version(name) for name in PEER_PACKAGES},
         "load_average": load_average(),
     }

@@ -78,6 +78,8 @@ SCHEMA: dict[str, Any] = {
                 "backend": _OPT_STRING,
                 "devices": {"type": "array", "items": _STRING},
                 "corejax": _STRING,
+                "kernel_isa": {"type": "string", "description": "the native kernels' path (kernels/isa.h: "
+                               "avx512_vnni, avx_vnni, avx2, neon_dotprod, scalar) or xla; COREJAX_ISA picks it"},
                 "packages": {"type": "object", "additionalProperties": _OPT_STRING,
                              "description": "installed versions of the peers (null: not installed)"},
                 "load_average": {"type": "array", "items": _NUMBER,

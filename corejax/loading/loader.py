@@ -71,14 +71,18 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def default_weights(source: ModelSource, quant_kernel: bool, bf16_dot: bool = False) -> str:
-    """The weights mode when none is asked for: a GGUF file whose matrices are quantized stays quantized
-    ("native") where the quantized matmul kernel is loaded (kernels/quant_matmul.cc: faster than float32 and
-    ~file-size memory); everything else, and every model without the kernel, loads as float32 (XLA:CPU's
-    own float dot beats its dequantize-then-dot; corejax/quant.py). An encoder's matrices load as bfloat16
-    where the kernel multiplies them natively (bf16_dot: AVX512_BF16), else as float16 where the native
-    kernel is loaded (loading/encoder.py has the figures for both)."""
-    if quant_kernel and source.format == "hf" and _is_encoder_folder(source.path):
+def default_weights(source: ModelSource, quant_kernel: bool, bf16_dot: bool = False,
+                    float_kernel: bool | None = None) -> str:
+    """The weights mode when none is asked for, from what the loaded kernels do fast on this CPU: a GGUF file
+    whose matrices are quantized stays quantized ("native") where the quantized matmul has a SIMD path
+    (quant_kernel: kernels/quant_matmul.cc on AVX-512 VNNI, AVX-VNNI, AVX2 or NEON, faster than float32 and
+    ~file-size memory; its scalar reference path is slower than XLA's float dot, so not there); everything
+    else loads as float32 (XLA:CPU's own float dot beats its dequantize-then-dot; corejax/quant.py). An
+    encoder's matrices load as bfloat16 where the kernel multiplies them natively (bf16_dot: AVX512_BF16),
+    else as float16 where the native float kernel is loaded (float_kernel, default quant_kernel;
+    loading/encoder.py has the figures for both)."""
+    float_kernel = quant_kernel if float_kernel is None else float_kernel
+    if float_kernel and source.format == "hf" and _is_encoder_folder(source.path):
         return "bf16" if bf16_dot else "f16"
     if not quant_kernel or source.format != "gguf":
         return "f32"
