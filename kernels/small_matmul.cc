@@ -290,7 +290,7 @@ static ffi::Error run(ffi::ThreadPool& pool, const char* name, ffi::Buffer<ffi::
   if (w.element_type() == ffi::DataType::F32)
     matmul_rows(pool, xp, static_cast<const float*>(w.untyped_data()), vp, y->typed_data(), M, K, N, threads, epi);
   else if (w.element_type() == ffi::DataType::F16)
-    matmul_rows(pool, xp, static_cast<const _Float16*>(w.untyped_data()), vp, y->typed_data(), M, K, N, threads,
+    matmul_rows(pool, xp, static_cast<const corejax::half_t*>(w.untyped_data()), vp, y->typed_data(), M, K, N, threads,
                 epi);
   else if (w.element_type() == ffi::DataType::BF16 && kBf16Dot && K % 2 == 0)
     matmul_rows(pool, xp, static_cast<const uint16_t*>(w.untyped_data()), vp, y->typed_data(), M, K, N, threads,

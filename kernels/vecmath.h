@@ -22,6 +22,13 @@
 namespace corejax {
 
 typedef float v16 __attribute__((vector_size(64)));
+
+// IEEE half precision as a storage type: GCC's C++ has _Float16 on x86 and __fp16 on Arm.
+#if defined(__aarch64__) || defined(__arm__)
+typedef __fp16 half_t;
+#else
+typedef _Float16 half_t;
+#endif
 typedef int32_t v16i __attribute__((vector_size(64)));
 
 static inline v16 load16(const float* p) {
@@ -31,9 +38,9 @@ static inline v16 load16(const float* p) {
 }
 
 // Sixteen float16 values widened to float32 (one vcvtph2ps with AVX-512, two with F16C): weights stored at
-// half the bytes. GCC's generic __builtin_convertvector from _Float16 lowers to per-lane code; the intrinsics
+// half the bytes. GCC's generic __builtin_convertvector from half_t lowers to per-lane code; the intrinsics
 // do not.
-static inline v16 load16(const _Float16* p) {
+static inline v16 load16(const half_t* p) {
 #if defined(__AVX512F__) && !defined(COREJAX_SCALAR)
   const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif defined(__F16C__) && !defined(COREJAX_SCALAR)
