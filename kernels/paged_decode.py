@@ -1,5 +1,5 @@
 """Decode-sized paged attention (a few query positions per row) through the native kernel
-kernels/paged_decode.cc, reading float32 KV pages in place from the whole cache; kernels/paged_attention.py
+kernels/paged_decode.cc, reading float32 or bfloat16 KV pages in place from the whole cache; kernels/paged_attention.py
 is the reference and the path for everything else (prefill chunks, quantized pages, GPUs)."""
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ MAX_QUERIES = 8  # query positions per row (a decode step, a speculative verify 
 
 
 def supported(q: jax.Array, k_pages: jax.Array) -> bool:
-    """Whether paged_decode serves this call: the library is loaded, float32 pages, few query positions."""
-    return ffi.available() and k_pages.dtype == jnp.float32 and q.shape[1] <= MAX_QUERIES
+    """Whether paged_decode serves this call: the library is loaded, float32 or bfloat16 pages, few query
+    positions."""
+    return ffi.available() and k_pages.dtype in (jnp.float32, jnp.bfloat16, jnp.uint16) and q.shape[1] <= MAX_QUERIES
 
 
 def paged_decode(
     q: jax.Array,  # [B, T, N, H]
-    k_pages: jax.Array,  # [L, K, P, page_size, H] float32: the whole cache
+    k_pages: jax.Array,  # [L, K, P, page_size, H] float32, or bfloat16 (or its bits as uint16): the whole cache
     v_pages: jax.Array,  # [L, K, P, page_size, H]
     layer: int,
     page_table: jax.Array,  # [B, pages_per_seq] int32

@@ -23,8 +23,15 @@
 
 namespace corejax {
 
-template <typename F>
-void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, int64_t max_workers, const F& f) {
+// No helper threads: the kernels' plain entry points (tests load each ISA's build with ctypes, no XLA) run serially.
+struct SerialPool {
+  int64_t num_threads() const { return 0; }
+  template <typename T>
+  void Schedule(T&&) {}
+};
+
+template <typename Pool, typename F>
+void parallel_for(Pool& pool, int64_t n, int64_t max_workers, const F& f) {
   if (n <= 0) return;
   // The caller plus pool threads, never more than the cores: XLA's pool has one thread per core and the
   // calling thread is a further one, so n + 1 workers would time-share a core.

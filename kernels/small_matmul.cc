@@ -185,8 +185,8 @@ static void block_rows(const float* x, const W* w, float* y, int64_t M, int64_t 
 // into a dense [R, K] block first when there are padding rows. The epilogue runs on each column block of the
 // R x N result right after the block is computed, by the same thread, while it is in cache
 // (epi.block(y, R, N, c0, rows): columns [c0, c0 + 32)), then once per finished row (epi.row(y_r, m)).
-template <typename W, typename Epilogue>
-static void matmul_rows(ffi::ThreadPool& pool, const float* x, const W* w, const int32_t* valid, float* y,
+template <typename Pool, typename W, typename Epilogue>
+static void matmul_rows(Pool& pool, const float* x, const W* w, const int32_t* valid, float* y,
                         int64_t M, int64_t K, int64_t N, int32_t threads, const Epilogue& epi) {
   std::vector<int64_t> rows;
   for (int64_t m = 0; m < M; ++m)
@@ -299,6 +299,24 @@ static ffi::Error run(ffi::ThreadPool& pool, const char* name, ffi::Buffer<ffi::
     return ffi::Error::InvalidArgument(std::string(name) + ": weights must be float32, float16 or (with " +
                                        "AVX512_BF16, K even) bfloat16 pairs");
   return ffi::Error::Success();
+}
+
+// The plain product without XLA (one thread), for tests that compare each ISA's build with the scalar one:
+// dtype 0 float32, 1 float16, 2 bfloat16 pairs (only where corejax_bf16_dot()). Returns 0, or 1 when refused.
+extern "C" int corejax_small_matmul_plain(const float* x, int64_t M, int64_t K, const void* w, int32_t dtype,
+                                          int64_t N, float* y) {
+  if (N % kBlock) return 1;
+  std::vector<int32_t> valid(M, 1);
+  corejax::SerialPool pool;
+  if (dtype == 0)
+    matmul_rows(pool, x, static_cast<const float*>(w), valid.data(), y, M, K, N, 1, NoEpilogue{});
+  else if (dtype == 1)
+    matmul_rows(pool, x, static_cast<const corejax::half_t*>(w), valid.data(), y, M, K, N, 1, NoEpilogue{});
+  else if (dtype == 2 && kBf16Dot && K % 2 == 0)
+    matmul_rows(pool, x, static_cast<const uint16_t*>(w), valid.data(), y, M, K, N, 1, NoEpilogue{});
+  else
+    return 1;
+  return 0;
 }
 
 static ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,

@@ -14,6 +14,8 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 #include <cstdint>
@@ -49,6 +51,9 @@ static inline v16 load16(const half_t* p) {
   float f[16];
   _mm256_storeu_ps(f, lo);
   _mm256_storeu_ps(f + 8, hi);
+#elif defined(__aarch64__) && !defined(COREJAX_SCALAR)
+  float f[16];
+  for (int i = 0; i < 16; i += 4) vst1q_f32(f + i, vcvt_f32_f16(vld1_f16(p + i)));
 #else
   float f[16];
   for (int i = 0; i < 16; ++i) f[i] = float(p[i]);

@@ -21,26 +21,30 @@ def _runnable_isas() -> list[str]:
     return [isa for isa, (_, needs, _) in table.items() if all(f in flags for f in needs)] + ["native"]
 
 
-def _plain(isa: str):
+def _library(isa: str) -> ctypes.CDLL:
     path = native.build(isa)
     if path is None:
         pytest.skip("native kernels not built here (no C++ compiler)")
     lib = ctypes.CDLL(str(path))
     lib.corejax_isa.restype = ctypes.c_char_p
-    fn = lib.corejax_quant_matmul_plain
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-                   ctypes.c_int32, ctypes.c_void_p]
-    return lib.corejax_isa().decode(), fn
+    q = lib.corejax_quant_matmul_plain
+    q.restype = ctypes.c_int
+    q.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                  ctypes.c_int32, ctypes.c_void_p]
+    f = lib.corejax_small_matmul_plain
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+                  ctypes.c_int64, ctypes.c_void_p]
+    return lib
 
 
-def _run(fn, x: np.ndarray, qa) -> np.ndarray:
+def _run(lib, x: np.ndarray, qa) -> np.ndarray:
     codes, scales = np.ascontiguousarray(qa.codes), np.ascontiguousarray(qa.scales)
     mins = None if qa.mins is None else np.ascontiguousarray(qa.mins)
     n = codes.shape[0] * 16
     y = np.full((x.shape[0], n), np.nan, np.float32)
-    rc = fn(x.ctypes.data, x.shape[0], x.shape[1], codes.ctypes.data, scales.ctypes.data,
+    rc = lib.corejax_quant_matmul_plain(x.ctypes.data, x.shape[0], x.shape[1], codes.ctypes.data, scales.ctypes.data,
             None if mins is None else mins.ctypes.data, n, qa.bits, qa.block, qa.offset,
             int(scales.dtype == np.float16), y.ctypes.data)
     assert rc == 0
@@ -49,8 +53,9 @@ def _run(fn, x: np.ndarray, qa) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def paths():
-    """{isa name: plain quantized matmul} for the scalar reference and every path this CPU executes."""
-    return dict(_plain(isa) for isa in _runnable_isas())
+    """{isa name: its library} for the scalar reference and every path this CPU executes."""
+    libs = [_library(isa) for isa in _runnable_isas()]
+    return {lib.corejax_isa().decode(): lib for lib in libs}
 
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "Q2_K"])
@@ -70,10 +75,45 @@ def test_every_isa_path_matches_the_scalar_reference(paths, fmt):
             exact = x @ ref.T
             reference = _run(paths["scalar"], x, qa)
             assert np.linalg.norm(reference - exact) / np.linalg.norm(exact) < 1e-4
-            for name, fn in paths.items():
-                got = _run(fn, x, qa)
+            for name, lib in paths.items():
+                got = _run(lib, x, qa)
                 np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5 * np.abs(exact).max(),
                                            err_msg=f"{name} {fmt} {d_out}x{d_in} rows={rows}")
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_every_isa_path_of_the_float_matmul_matches_the_scalar_reference(paths, dtype):
+    """kernels/small_matmul.cc over column-blocked float32, float16 (F16C / NEON widening) and, where the
+    build multiplies them natively (AVX512_BF16), bfloat16 pairs: every register tile (AVX-512's 12 x 32,
+    AVX2's 6 x 16) and remainder for rows 1-64, an odd K."""
+    import ml_dtypes
+
+    from corejax.kernels.small_matmul import to_blocked
+
+    rng = np.random.default_rng(7)
+    for k, n in ((77, 64), (384, 96)):
+        if dtype == "bf16" and k % 2:
+            continue
+        w = rng.standard_normal((k, n)).astype({"f32": np.float32, "f16": np.float16,
+                                                 "bf16": ml_dtypes.bfloat16}[dtype])
+        blocked = np.ascontiguousarray(np.asarray(to_blocked(w).data))
+        code = {"f32": 0, "f16": 1, "bf16": 2}[dtype]
+        for rows in (1, 2, 5, 6, 7, 12, 13, 25, 64):
+            x = rng.standard_normal((rows, k)).astype(np.float32)
+            ran = {}
+            for name, lib in paths.items():
+                y = np.full((rows, n), np.nan, np.float32)
+                if lib.corejax_small_matmul_plain(x.ctypes.data, rows, k, blocked.ctypes.data, code, n,
+                                                  y.ctypes.data) == 0:
+                    ran[name] = y
+            if dtype == "bf16":
+                want = x.astype(ml_dtypes.bfloat16).astype(np.float64) @ w.astype(np.float64)
+                assert "scalar" not in ran  # bfloat16 pairs need AVX512_BF16
+            else:
+                want = x.astype(np.float64) @ w.astype(np.float64)
+                assert set(ran) == set(paths)
+            for name, got in ran.items():
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=f"{name} {k}x{n} rows={rows}")
 
 
 def test_a_path_the_cpu_lacks_is_refused(monkeypatch):

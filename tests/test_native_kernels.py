@@ -62,13 +62,16 @@ CASES = [  # B, T, N, K, H, page_size, pages_per_seq, layers, window, softcap
 ]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", CASES)
-def test_paged_decode_matches_paged_attention(case):
+def test_paged_decode_matches_paged_attention(case, dtype):
+    """float32 pages, and bfloat16 pages widened as they are read (against the reference on the same values
+    in float32)."""
     b, t, n, k, h, ps, w, layers, window, softcap = case
     rng = np.random.default_rng(sum(case[:8]))
     pages = b * w + 2
-    kp = jnp.asarray(rng.standard_normal((layers, k, pages, ps, h), np.float32))
-    vp = jnp.asarray(rng.standard_normal((layers, k, pages, ps, h), np.float32))
+    kp = jnp.asarray(rng.standard_normal((layers, k, pages, ps, h), np.float32)).astype(dtype)
+    vp = jnp.asarray(rng.standard_normal((layers, k, pages, ps, h), np.float32)).astype(dtype)
     table = jnp.asarray(rng.permutation(np.arange(1, pages))[:b * w].reshape(b, w).astype(np.int32))
     lengths = rng.integers(t, w * ps + 1, b).astype(np.int32)
     if b > 2:
@@ -78,8 +81,8 @@ def test_paged_decode_matches_paged_attention(case):
     layer = layers - 1
     fn = jax.jit(paged_decode, static_argnames=("layer", "window", "softcap"))
     got = fn(q, kp, vp, layer, table, jnp.asarray(lengths), jnp.asarray(q_positions), window=window, softcap=softcap)
-    want = paged_decode_reference(q, kp, vp, layer, table, jnp.asarray(lengths), jnp.asarray(q_positions),
-                                  window=window, softcap=softcap)
+    want = paged_decode_reference(q, kp.astype(jnp.float32), vp.astype(jnp.float32), layer, table,
+                                  jnp.asarray(lengths), jnp.asarray(q_positions), window=window, softcap=softcap)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-6)
     if b > 2:
         assert not np.asarray(got[0]).any()

@@ -9,6 +9,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
+import functools  # noqa: E402
+
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from corejax import models  # noqa: E402
@@ -40,21 +43,34 @@ def _load(path):
     return rt, hf
 
 
-def _our_logits(rt, ids, keep):
-    cfg = rt.model.cfg
-    tokens = jnp.asarray([ids], jnp.int32)
-    positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
-    hidden, _ = models.forward(rt.model.params, tokens, positions, DenseKVCache.create(cfg, 1, len(ids)), cfg)
-    return np.asarray(models.lm_head(rt.model.params, hidden[:, keep], cfg))[0]
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _logits_at(params, tokens, keep, cfg):
+    """tokens [B, T] (right-padded), keep [B, P] positions -> logits [B, P, V]: one program for every prompt,
+    the LM head only where compared (Gemma's 262k vocabulary over every position would be GBs)."""
+    batch, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+    hidden, _ = models.forward(params, tokens, positions, DenseKVCache.create(cfg, batch, t), cfg)
+    return models.lm_head(params, jnp.take_along_axis(hidden, keep[..., None], axis=1), cfg)
+
+
+def _our_logits(rt, id_lists, keeps):
+    """Each prompt's logits at its `keep` positions, from one forward over the prompts right-padded to one
+    length (causal attention keeps the padding out of every real position)."""
+    tokens = np.zeros((len(id_lists), max(map(len, id_lists))), np.int32)
+    keep = np.zeros((len(id_lists), max(map(len, keeps))), np.int32)
+    for r, (ids, k) in enumerate(zip(id_lists, keeps)):
+        tokens[r, :len(ids)] = ids
+        keep[r, :len(k)] = k
+    out = np.asarray(_logits_at(rt.model.params, jnp.asarray(tokens), jnp.asarray(keep), cfg=rt.model.cfg))
+    return [out[r, :len(k)] for r, k in enumerate(keeps)]
 
 
 def _check_model(path):
     rt, hf = _load(path)
     worst, lengths = [], []
-    for prompt in PROMPTS:
-        ids = rt.tokenizer.encode(prompt, add_special=True)
-        keep = np.unique(np.linspace(0, len(ids) - 1, num=min(len(ids), 12)).astype(int))
-        ours = _our_logits(rt, ids, keep)
+    id_lists = [rt.tokenizer.encode(prompt, add_special=True) for prompt in PROMPTS]
+    keeps = [np.unique(np.linspace(0, len(ids) - 1, num=min(len(ids), 12)).astype(int)) for ids in id_lists]
+    for prompt, ids, keep, ours in zip(PROMPTS, id_lists, keeps, _our_logits(rt, id_lists, keeps)):
         with torch.no_grad():
             ref = hf(torch.tensor([ids]), logits_to_keep=torch.tensor(keep)).logits[0].float().numpy()
         diff = float(np.abs(ours - ref).max())
