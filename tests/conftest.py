@@ -28,6 +28,34 @@ def gemma3_gguf() -> Path:
     return _model("gemma3-270m", "COREJAX_TEST_GEMMA3")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _parse_each_real_gguf_once():
+    """gguf-py (the independent reference) parses a file's whole metadata in Python: Gemma 3's 262k-token
+    vocabulary takes ~17 s a parse on 2 cores, and transformers parses the file twice per from_pretrained.
+    The readers of the real model files (read-only memory maps) are shared across the session; small files,
+    which tests write and rewrite, are parsed each time."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    original = gguf.GGUFReader
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        st = os.stat(path)
+        if mode != "r" or st.st_size < 64 << 20:
+            return original(path, mode)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    yield
+    gguf.GGUFReader = original
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _free_compiled_programs():
     """After each test module, drop the programs compiled through jit sites shared across tests (the module-
