@@ -3,6 +3,7 @@ as the answer to a prompt (chat template when the model has one), and the scores
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,8 @@ import numpy as np
 
 from corejax.engine import MIN_PREFILL_BUCKET, bucket
 from corejax.errors import ContextLengthError, InvalidParameterError
+
+_PRIORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {(labels, template): prior [L]}
 
 DEFAULT_TEMPLATE = ("Classify the text into exactly one of these categories: {labels}.\n\n"
                     "Text: {text}\n\nAnswer with the category name only.")
@@ -36,8 +39,15 @@ def zero_shot_scores(engine: Any, tokenizer: Any, texts: Sequence[str], labels: 
     if "{text}" not in template:
         raise InvalidParameterError("template must contain {text} (and may contain {labels})")
     # Contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): a small model prefers some labels
-    # whatever the text; their log-likelihood after a content-free text is subtracted.
-    prior = _label_logliks(engine, tokenizer, "N/A", labels, template, -1)
+    # whatever the text; their log-likelihood after a content-free text is subtracted. It depends only on the
+    # labels and the template, so an engine keeps the last few (a text at a time costs one forward, not two).
+    priors = _PRIORS.setdefault(engine, {})
+    key = (tuple(labels), template)
+    if key not in priors:
+        if len(priors) >= 16:
+            priors.pop(next(iter(priors)))
+        priors[key] = _label_logliks(engine, tokenizer, "N/A", labels, template, -1)
+    prior = priors[key]
     scores = np.zeros((len(texts), len(labels)), np.float32)
     for i, text in enumerate(texts):
         total = _label_logliks(engine, tokenizer, text, labels, template, i) - prior

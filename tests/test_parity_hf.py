@@ -11,6 +11,8 @@ pytest.importorskip("gguf")
 
 import functools  # noqa: E402
 
+from batched import right_padded  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -56,12 +58,8 @@ def _logits_at(params, tokens, keep, cfg):
 def _our_logits(rt, id_lists, keeps):
     """Each prompt's logits at its `keep` positions, from one forward over the prompts right-padded to one
     length (causal attention keeps the padding out of every real position)."""
-    tokens = np.zeros((len(id_lists), max(map(len, id_lists))), np.int32)
-    keep = np.zeros((len(id_lists), max(map(len, keeps))), np.int32)
-    for r, (ids, k) in enumerate(zip(id_lists, keeps)):
-        tokens[r, :len(ids)] = ids
-        keep[r, :len(k)] = k
-    out = np.asarray(_logits_at(rt.model.params, jnp.asarray(tokens), jnp.asarray(keep), cfg=rt.model.cfg))
+    out = np.asarray(_logits_at(rt.model.params, jnp.asarray(right_padded(id_lists)), jnp.asarray(right_padded(keeps)),
+                                cfg=rt.model.cfg))
     return [out[r, :len(k)] for r, k in enumerate(keeps)]
 
 

@@ -11,14 +11,11 @@ Measured on eight prompts:
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import corejax
-from corejax.engine import full_logits
+from batched import concurrently, prompt_logits
 from corejax.hub import ModelSource
 from corejax.kernels import ffi
 from corejax.runtime import Runtime
@@ -28,16 +25,6 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "Write a short poem about the sea.", "def fibonacci(n):",
            "List three colors:", "Once upon a time, in a small village,", "The quick brown fox",
            "Explain photosynthesis in one sentence.", "1, 2, 3, 4, 5,"]
-
-
-def last_token_logits(rt: Runtime, ids: list[list[int]]) -> list[np.ndarray]:
-    """Each prompt's last-token logits from one forward over the prompts right-padded to one length: causal
-    attention keeps the padding out of every real position, and one program serves all the prompts."""
-    tokens = np.zeros((len(ids), max(map(len, ids))), np.int32)
-    for r, i in enumerate(ids):
-        tokens[r, :len(i)] = i
-    out = np.asarray(full_logits(rt.model.params, jnp.asarray(tokens), cfg=rt.model.cfg))
-    return [out[r, len(i) - 1] for r, i in enumerate(ids)]
 
 
 @pytest.mark.parametrize("model,max_rel,argmax,greedy", [("smollm2_gguf", 2e-3, 8, 7), ("gemma3_gguf", 2e-3, 8, 7)])
@@ -51,10 +38,10 @@ def test_native_weights_vs_the_exact_model(model, max_rel, argmax, greedy, reque
     for weights in ("f32", "native"):
         rt = Runtime(source, weights=weights, progress=False)
         assert rt.model.info["weights"] == weights
-        logits[weights] = last_token_logits(rt, [rt.prompt_ids(p, None) for p in PROMPTS])
-        # The prompts decode as one batch (batched greedy == alone: test_batching_real.py): 32 steps, not 256.
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            tokens[weights] = list(pool.map(lambda p: list(rt.stream(p, None, sp))[-1].result.tokens, PROMPTS))
+        ids = [rt.prompt_ids(p, None) for p in PROMPTS]
+        logits[weights] = [x[-1] for x in prompt_logits(rt.model.params, rt.model.cfg, ids)]
+        # The prompts decode as one batch (tests/batched.py): 32 steps, not 256.
+        tokens[weights] = concurrently(lambda p: list(rt.stream(p, None, sp))[-1].result.tokens, PROMPTS)
         if weights == "native":
             assert rt.model.info["weight_bytes"] < 1.15 * path.stat().st_size  # the file's blocks, not floats
     rel = [np.linalg.norm(a - b) / np.linalg.norm(a) for a, b in zip(logits["f32"], logits["native"])]

@@ -8,6 +8,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from batched import concurrently, prompt_logits
 from tiny_model import write_tiny_llama
 
 import corejax
@@ -75,15 +76,10 @@ def tiny_f32(tmp_path_factory) -> Path:
 
 
 def _logits(path: Path, prompts: list[str]) -> list[np.ndarray]:
-    from corejax.engine import full_logits
     from corejax.loading.loader import load_model
 
     m = load_model(ModelSource(path.stem, "gguf", path), weights="f32", progress=False)
-    out = []
-    for p in prompts:
-        ids = m.tokenizer.encode(p, add_special=True)
-        out.append(np.asarray(full_logits(m.params, np.array([ids], np.int32), m.cfg))[0])
-    return out
+    return prompt_logits(m.params, m.cfg, [m.tokenizer.encode(p, add_special=True) for p in prompts])
 
 
 # Measured on this random tiny model (logits within +-3.1, std 0.8): max |diff| 0.25 / 2.5 / 2.4 and mean
@@ -255,6 +251,7 @@ def test_smollm2_requantized_to_q8_0(smollm2_gguf, tmp_path):
     greedy = {}
     for path in (smollm2_gguf, out):
         with corejax.Session(str(path), sandbox=False, weights="f32", progress=False) as s:  # the weights' error only
-            greedy[path] = [s.generate(p, max_tokens=32, temperature=0, ignore_eos=True).tokens for p in PROMPTS]
+            greedy[path] = concurrently(lambda p: s.generate(p, max_tokens=32, temperature=0, ignore_eos=True).tokens,
+                                        PROMPTS)
     same = sum(a == b for a, b in zip(greedy[smollm2_gguf], greedy[out]))
     assert same >= 2, same
