@@ -139,7 +139,7 @@ def test_fused_epilogues_match_numpy(dtype, rows, padding):
     from corejax.kernels.small_matmul import fused_matmul_add_norm, fused_matmul_bias_act
 
     if dtype == "bfloat16" and not ffi.bf16_dot():
-        pytest.skip("this CPU has no AVX512_BF16")
+        pytest.skip("the kernel path (this CPU or COREJAX_ISA) has no AVX512_BF16")
     dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
     rng = np.random.default_rng(rows)
     k, n = 96, 128
@@ -172,7 +172,7 @@ def test_float16_blocked_weights_are_widened_exactly():
     np.testing.assert_allclose(got, x.astype(np.float64) @ w16.astype(np.float64), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.skipif(not ffi.bf16_dot(), reason="this CPU has no AVX512_BF16: bfloat16 weights go to XLA's dot")
+@pytest.mark.skipif(not ffi.bf16_dot(), reason="the kernel path (this CPU or COREJAX_ISA) has no AVX512_BF16: bfloat16 weights go to XLA's dot")
 @pytest.mark.parametrize("rows", [1, 5, 14, 15, 29])
 def test_bfloat16_blocked_weights_multiply_bfloat16_rows(rows):
     """A bfloat16 BlockedWeight (rows in pairs, for vdpbf16ps) gives bf16(x) @ w16 summed in float32, over
