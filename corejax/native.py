@@ -117,10 +117,10 @@ def build(isa: str | None = None) -> Path | None:
     use; None when it cannot be built (no compiler, no FFI headers, disabled), with the reason on stderr once.
     A path this CPU cannot run raises InvalidParameterError."""
     isa = isa or requested_isa()
-    target, _ = isa_target(isa)
     name = "corejax_native" if isa == "native" else f"corejax_{isa}"
     with _LOCK:
         if name not in _BUILT:
+            target, _ = isa_target(isa)  # checked once: a refused path raises here, before anything is cached
             _BUILT[name] = _build(name, target) if enabled() else None
         return _BUILT[name]
 

@@ -77,6 +77,17 @@ struct Acts {
   int64_t K;
 };
 
+// ds for activation block b (32 values) of one row: the unit times the combined codes' sum over each weight
+// block (B = 32: one; B = 16: the halves' sums, sums[0] and sums[1]).
+inline void store_block_sums(float* ds_row, int64_t b, int64_t B, float unit, const int32_t* sums) {
+  if (B == kQBlock) {
+    ds_row[b] = unit * float(sums[0] + sums[1]);
+  } else {
+    ds_row[2 * b] = unit * float(sums[0]);
+    ds_row[2 * b + 1] = unit * float(sums[1]);
+  }
+}
+
 #if defined(__AVX512F__) && !defined(COREJAX_SCALAR)
 // quantize_rows, 16 lanes at a time (the scalar loop cost ~2.7 ns per value: ~5% of a decode step).
 bool quantize_rows_avx512(const float* x, int64_t M, int64_t K, int64_t B, int8_t* q, int8_t* r, float* d,
@@ -103,13 +114,7 @@ bool quantize_rows_avx512(const float* x, int64_t M, int64_t K, int64_t B, int8_
         _mm_storeu_si128(reinterpret_cast<__m128i*>(r + k + 16 * h), _mm512_cvtepi32_epi8(ri));
         sums[h] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(qi, 8), ri));
       }
-      const float unit = scale / 256.f;
-      if (B == kQBlock) {
-        ds[m * (K / B) + b] = unit * float(sums[0] + sums[1]);
-      } else {
-        ds[m * (K / B) + 2 * b] = unit * float(sums[0]);
-        ds[m * (K / B) + 2 * b + 1] = unit * float(sums[1]);
-      }
+      store_block_sums(ds + m * (K / B), b, B, scale / 256.f, sums);
     }
   }
   return true;
@@ -163,13 +168,7 @@ bool quantize_rows_avx2(const float* x, int64_t M, int64_t K, int64_t B, int8_t*
       }
       store_bytes(q + k, qi[0], qi[1], qi[2], qi[3]);
       store_bytes(r + k, ri[0], ri[1], ri[2], ri[3]);
-      const float unit = scale / 256.f;
-      if (B == kQBlock) {
-        ds[m * (K / B) + b] = unit * float(sums[0] + sums[1]);
-      } else {
-        ds[m * (K / B) + 2 * b] = unit * float(sums[0]);
-        ds[m * (K / B) + 2 * b + 1] = unit * float(sums[1]);
-      }
+      store_block_sums(ds + m * (K / B), b, B, scale / 256.f, sums);
     }
   }
   return true;
