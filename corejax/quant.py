@@ -59,6 +59,9 @@ class QuantArray:
     bits: int = struct.field(pytree_node=False)  # 8 (a byte per code) or 4 (two per byte)
     offset: int = struct.field(pytree_node=False, default=0)  # value = scale * (u - offset) - min
     fmt: str = struct.field(pytree_node=False, default="")  # where it came from: "Q4_1", "int8", ...
+    # The largest code u (8-bit layouts): codes <= 127 let the AVX2 kernel skip its sign trick and add pair
+    # sums in int16 (kernels/isa.h); 255 is always safe.
+    code_max: int = struct.field(pytree_node=False, default=255)
 
     @property
     def nbytes(self) -> int:
@@ -124,7 +127,7 @@ def from_blocks(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, 
         codes=jnp.asarray(_group_codes(u, bits)),
         scales=jnp.asarray(_group_params(sc)),
         mins=None if mn is None else jnp.asarray(_group_params(mn)),
-        shape=(d_in, d_out), block=block, bits=bits, offset=offset, fmt=fmt,
+        shape=(d_in, d_out), block=block, bits=bits, offset=offset, fmt=fmt, code_max=hi,
     )
 
 
@@ -195,7 +198,7 @@ def matmul(x: jax.Array, w: QuantArray) -> jax.Array:
         y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, padded), jnp.float32))(
             x2, w.codes, w.scales, w.scales if w.mins is None else w.mins,
             bits=np.int32(w.bits), block=np.int32(w.block), offset=np.int32(w.offset),
-            has_mins=np.int32(w.mins is not None),
+            has_mins=np.int32(w.mins is not None), code_max=np.int32(w.code_max),
             threads=np.int32(_threads()))
     else:
         y = _xla_matmul(x2, w)

@@ -102,6 +102,12 @@ inline float half_to_float(uint16_t h) {
 //   I zero(); I combine(q, r) = 256 q + r; F fzero(); F to_float(I); F fset(f);
 //   F params(base, i, f16)  kLanes scales or mins from index i, float16 or float32
 //   F fma(a, b, c) = a * b + c; F mul(a, b); void store(float*, F)
+// and the partial sums of a chunk of steps (AVX2 keeps vpmaddubsw's int16 pair sums over several steps and
+// widens them once; elsewhere P is I and a chunk is the whole block):
+//   P pzero(); P pdot4(acc, w, xl, xh); P pdot8s(acc, w, x) (W8s prep8s(p): 8-bit codes <= 127)
+//   I widen2(P q, P r) = 256 sum(q) + sum(r), per int32 lane; I add(I, I)
+//   kSigned8Small (prep8s's codes are u - 128), chunk_steps(pair_max): steps whose int16 pair sums, each at
+//   most pair_max, add without overflow
 
 #if defined(COREJAX_ISA_AVX512VNNI)
 
@@ -134,6 +140,7 @@ inline F params(const void* base, int64_t i, bool f16) {
 inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
 inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
 inline void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+inline I add(I a, I b) { return _mm512_add_epi32(a, b); }
 
 #elif defined(COREJAX_ISA_AVX2)
 
@@ -155,6 +162,7 @@ inline I dot8(I acc, const W8& w, I x) { return _mm256_dpbusd_avx_epi32(acc, w, 
 inline I dot4(I acc, const W4& w, I xl, I xh) {
   return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, w.lo, xl), w.hi, xh);
 }
+#define COREJAX_ISA_P_IS_I 1
 #else
 constexpr bool kSigned8 = true;
 struct W8 { __m256i mag, sgn; };  // |v| as unsigned bytes, and v (its sign moves onto the activation)
@@ -171,6 +179,22 @@ inline I dot4(I acc, const W4& w, I xl, I xh) {  // nibble pair sums <= 7620: bo
   const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w.lo, xl), _mm256_maddubs_epi16(w.hi, xh));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
+// Pair sums stay in int16 over a chunk of steps (4-bit: 7620 a step, 4 steps; 8-bit codes <= 31: 7874, 4;
+// <= 63: 16002, 2; <= 127: 32258, 1), widened by one vpmaddwd a chunk: per step and row 2 instructions a
+// chain instead of 4 (8-bit: no vpsignb, no widening), 4 instead of 5 (4-bit).
+constexpr bool kSigned8Small = false;
+using P = __m256i;
+using W8s = __m256i;
+inline W8s prep8s(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline P pzero() { return _mm256_setzero_si256(); }
+inline P pdot8s(P acc, W8s w, I x) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x)); }
+inline P pdot4(P acc, const W4& w, I xl, I xh) {
+  return _mm256_add_epi16(acc, _mm256_add_epi16(_mm256_maddubs_epi16(w.lo, xl), _mm256_maddubs_epi16(w.hi, xh)));
+}
+inline I widen2(P q, P r) {
+  return _mm256_add_epi32(_mm256_madd_epi16(q, _mm256_set1_epi16(256)), _mm256_madd_epi16(r, _mm256_set1_epi16(1)));
+}
+constexpr int chunk_steps(int pair_max) { return 32767 / pair_max; }
 #endif
 inline I zero() { return _mm256_setzero_si256(); }
 inline I combine(I q, I r) { return _mm256_add_epi32(_mm256_slli_epi32(q, 8), r); }
@@ -185,6 +209,7 @@ inline F params(const void* base, int64_t i, bool f16) {
 inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
 inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
 inline void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+inline I add(I a, I b) { return _mm256_add_epi32(a, b); }
 
 #elif defined(COREJAX_ISA_NEON)
 
@@ -223,6 +248,7 @@ inline F params(const void* base, int64_t i, bool f16) {
 inline F fma(F a, F b, F c) { return vfmaq_f32(c, a, b); }
 inline F mul(F a, F b) { return vmulq_f32(a, b); }
 inline void store(float* p, F v) { vst1q_f32(p, v); }
+inline I add(I a, I b) { return vaddq_s32(a, b); }
 
 #else  // scalar: plain loops over 16 lanes (compilers may vectorize them; correctness is the point)
 
@@ -287,7 +313,25 @@ inline F mul(F a, const F& b) {
   return a;
 }
 inline void store(float* p, const F& v) { std::memcpy(p, v.v, sizeof v.v); }
+inline I add(I a, const I& b) {
+  for (int i = 0; i < 16; ++i) a.v[i] += b.v[i];
+  return a;
+}
 
+#endif
+
+#if defined(COREJAX_ISA_AVX512VNNI) || defined(COREJAX_ISA_NEON) || defined(COREJAX_ISA_SCALAR) || \
+    defined(COREJAX_ISA_P_IS_I)
+// Dots that cannot saturate accumulate straight into int32: a chunk is the whole block.
+constexpr bool kSigned8Small = kSigned8;
+using P = I;
+using W8s = W8;
+inline W8s prep8s(const uint8_t* p) { return prep8(p); }
+inline P pzero() { return zero(); }
+inline P pdot8s(P acc, const W8s& w, const I& x) { return dot8(acc, w, x); }
+inline P pdot4(P acc, const W4& w, const I& xl, const I& xh) { return dot4(acc, w, xl, xh); }
+inline I widen2(const P& q, const P& r) { return combine(q, r); }
+constexpr int chunk_steps(int) { return 1 << 20; }
 #endif
 
 }  // namespace corejax::isa

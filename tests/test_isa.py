@@ -31,7 +31,7 @@ def _library(isa: str) -> ctypes.CDLL:
     q.restype = ctypes.c_int
     q.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-                  ctypes.c_int32, ctypes.c_void_p]
+                  ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
     f = lib.corejax_small_matmul_plain
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
@@ -46,7 +46,7 @@ def _run(lib, x: np.ndarray, qa) -> np.ndarray:
     y = np.full((x.shape[0], n), np.nan, np.float32)
     rc = lib.corejax_quant_matmul_plain(x.ctypes.data, x.shape[0], x.shape[1], codes.ctypes.data, scales.ctypes.data,
             None if mins is None else mins.ctypes.data, n, qa.bits, qa.block, qa.offset,
-            int(scales.dtype == np.float16), y.ctypes.data)
+            int(scales.dtype == np.float16), qa.code_max, y.ctypes.data)
     assert rc == 0
     return y[:, :qa.shape[1]]
 
@@ -79,6 +79,28 @@ def test_every_isa_path_matches_the_scalar_reference(paths, fmt):
                 got = _run(lib, x, qa)
                 np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5 * np.abs(exact).max(),
                                            err_msg=f"{name} {fmt} {d_out}x{d_in} rows={rows}")
+
+
+@pytest.mark.parametrize("code", [15, 31, 63, 127, 255])
+def test_every_isa_path_is_exact_at_the_int16_bounds(paths, code):
+    """The worst case for AVX2's int16 pair sums (kernels/isa.h): every code at its class's maximum and every
+    activation rounded to +-127 (a constant row), so each chunk of steps sums to exactly its bound. A
+    saturated or wrapped sum would be off by thousands of units, not float noise."""
+    from corejax import quant
+
+    d_out, d_in = 32, 256
+    codes = np.full((d_out, d_in), code, np.int16)
+    codes[1::2, ::3] = 0  # some columns not constant, so a wrong lane would show
+    scales = np.full((d_out, d_in // 32), 0.01, np.float32)
+    qa = quant.from_blocks(codes, scales, None, fmt=f"test{code}")
+    assert qa.code_max == code and qa.bits == (4 if code < 16 else 8)
+    ref = codes.astype(np.float64) * 0.01
+    for sign in (1.0, -1.0):
+        x = np.full((5, d_in), sign, np.float32)
+        x[1] *= np.linspace(0.5, 1.0, d_in, dtype=np.float32)  # residuals not zero
+        exact = x.astype(np.float64) @ ref.T
+        for name, lib in paths.items():
+            np.testing.assert_allclose(_run(lib, x, qa), exact, rtol=2e-6, atol=1e-4, err_msg=f"{name} {code}")
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
@@ -179,7 +201,7 @@ def test_the_kernel_library_cross_compiles_for_aarch64(tmp_path):
 
 
 def test_neon_paths_match_the_scalar_reference_under_qemu(tmp_path):
-    """tests/native/quant_selftest.cc (seven formats, rows 1-64, Q8_0's full byte range) built for NEON with
+    """tests/native/quant_selftest.cc (eight formats, rows 1-64, Q8_0's full byte range) built for NEON with
     dotprod (sdot), plain NEON (smull + pairwise adds) and the scalar reference, run under qemu-user: the
     outputs agree to float summation order."""
     import subprocess

@@ -29,6 +29,7 @@ int main() {
       {4, 32, 0, 15, true, false, 256, 32},    // Q4_K (float32 products as scales)
       {8, 16, 32, 63, false, false, 256, 48},  // Q6_K
       {4, 16, 2, 3, true, false, 256, 16},     // Q2_K
+      {8, 32, 0, 127, true, true, 256, 32},    // 7-bit codes: AVX2's largest sign-free case, one step a chunk
   };
   const int64_t rows[] = {1, 2, 3, 4, 5, 8, 9, 13, 16, 33, 64};
   for (const Case& c : cases) {
@@ -53,7 +54,7 @@ int main() {
       for (auto& v : x) v = uniform(-2.f, 2.f);
       for (int64_t k = 0; k < 32 && k < c.K; ++k) x[k] *= 1e-3f;  // a block of tiny values
       if (corejax_quant_matmul_plain(x.data(), M, c.K, codes.data(), scales, mins, c.N, c.bits, c.block,
-                                     c.offset, c.f16, y.data()))
+                                     c.offset, c.f16, c.max_code, y.data()))
         return 2;
       std::fwrite(y.data(), sizeof(float), y.size(), stdout);
     }
