@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -61,13 +62,23 @@ def _timings_line(result: Any) -> str:
             f"prefill {t.prefill_tokens_per_s:.1f} tok/s, decode {t.decode_tokens_per_s:.1f} tok/s]")
 
 
+# C0 controls but newline and tab, DEL, C1 controls: what a model (or a hostile worker) could use to move the
+# cursor, retitle the window or rewrite the screen of the terminal the text is shown on.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _show(text: str) -> None:
+    """Generated text to stdout: stripped of control characters on a terminal, byte-exact into a pipe."""
+    sys.stdout.write(_CONTROLS.sub("", text) if sys.stdout.isatty() else text)
+    sys.stdout.flush()
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     result = None
     with _session(args, progress=not args.quiet) as session:
         for chunk in session.stream_chunks(args.prompt, **_sampling(args)):
             if chunk.text:
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
+                _show(chunk.text)
             result = chunk.result or result
     sys.stdout.write("\n")
     if not args.quiet:
@@ -97,8 +108,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         for chunk in session.stream_chunks(messages=messages, **_sampling(args)):
             if chunk.text:
                 reply.append(chunk.text)
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
+                _show(chunk.text)
             result = chunk.result or result
         sys.stdout.write("\n")
         if args.verbose:

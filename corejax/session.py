@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 from corejax import hub, native
@@ -48,6 +48,23 @@ def _text_batches(texts: list[str]) -> Iterator[list[str]]:
     yield texts[start:]
 
 
+SANDBOX_LAYERS = ("network_namespace", "rlimits", "capabilities", "no_new_privs", "landlock", "landlock_network",
+                  "seccomp")
+
+
+def _sandbox_require(require: Any) -> dict[str, bool]:
+    if require is None:
+        return {}
+    if not isinstance(require, Mapping) or not all(isinstance(v, bool) for v in require.values()):
+        raise InvalidParameterError("sandbox_require must map layer names to True (insist) or False (waive), e.g. "
+                                    f"{{'landlock': False}}; got {require!r}")
+    unknown = sorted(set(require) - set(SANDBOX_LAYERS))
+    if unknown:
+        raise InvalidParameterError(f"sandbox_require names unknown layers {unknown}; the layers are "
+                                    f"{', '.join(SANDBOX_LAYERS)}")
+    return dict(require)
+
+
 class Session:
     """`Session(model)` serves `model` (a registry name, a .gguf path or an HF folder; None = the default).
 
@@ -61,6 +78,10 @@ class Session:
         request fails with WorkerCrashed. timeout: seconds a request may run once the worker starts it; past it the
         worker is stopped and the request fails with RequestTimeout. Either way the next call starts a new
         worker, and requests that had not started yet are sent to it rather than lost.
+    sandbox_require: the sandbox fails closed: a layer of the worker's policy that this kernel offers but that
+        did not engage (Landlock, seccomp, the network namespace, ...) stops the Session before the model is
+        opened, with a SandboxError naming it. {name: False} waives a layer; {name: True} insists on one even
+        where the kernel lacks it (then nothing runs there). The names: corejax.session.SANDBOX_LAYERS.
     speculative: the default speculative decoding of every request, e.g. {"method": "ngram"} or
         {"method": "draft", "draft_model": "...", "k": 4} (see corejax.SpeculativeConfig); a request's own
         speculative=... overrides it (None turns it off). A draft model used by any request must be named here
@@ -79,7 +100,7 @@ class Session:
                  timeout: float | None = None, weights: str | None = None, kv_dtype: str = "float32",
                  kv_cache_tokens: int | None = None, prefix_cache: bool = True, progress: bool = True,
                  speculative: Any = None, warmup: bool = False,
-                 start_timeout: float = 600.0,
+                 start_timeout: float = 600.0, sandbox_require: Mapping[str, bool] | None = None,
                  _pythonpath: Sequence[str] = ()):
         if memory_limit is not None:
             from corejax.memory import parse_size
@@ -89,6 +110,7 @@ class Session:
             raise InvalidParameterError(f"timeout must be a positive number of seconds; got {timeout!r}")
         if weights is not None and weights not in WEIGHT_MODES:
             raise InvalidParameterError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {weights!r}")
+        self._require = _sandbox_require(sandbox_require)
         # Validated here, in the parent, before a worker starts.
         engine = EngineConfig(kv_dtype=kv_dtype, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
         self._options = {"weights": weights, "engine": dataclasses.asdict(engine), "memory_limit": memory_limit,
@@ -117,7 +139,7 @@ class Session:
     def _new_client(self) -> WorkerClient:
         return WorkerClient(self.source, sandbox=self.sandbox, memory_limit=self.memory_limit, timeout=self.timeout,
                             testing=self._testing, pythonpath=self._pythonpath, start_timeout=self._start_timeout,
-                            options=self._options)
+                            options=self._options, require=self._require)
 
     def _current_client(self) -> WorkerClient:
         with self._client_lock:

@@ -103,6 +103,7 @@ def _ext_frame(data: bytes, code: int = 1) -> bytes:
     (_array_head(["int32", [1] * 9]) + b"\0" * 4, 1, "bad array header"),
     (_array_head(["int32", [4]]) + b"\0" * 15, 1, "does not match"),
     (b"abc", 9, "extension type 9"),
+    (_array_head(["int8", [2**32, 2**32]]), 1, "does not match"),  # an int64 product would wrap to 0
 ])
 def test_malformed_arrays_raise_protocol_error(data, code, match):
     with pytest.raises(ProtocolError, match=match):
@@ -122,7 +123,7 @@ def test_oversize_frames_are_refused_before_reading_the_payload():
             p.encode(Kind.RESULT, 1, {"blob": b"\0" * (p.MAX_FRAME + 1)})
         small = Connection(b, max_frame=64)
         a.sendall(p.encode(Kind.RESULT, 1, {"blob": b"\0" * 100}))
-        with pytest.raises(ProtocolError, match="exceeds the 64-byte"):
+        with pytest.raises(ProtocolError, match="exceeds its 64-byte"):
             small.recv()
     finally:
         a.close()
@@ -195,3 +196,18 @@ def test_random_bytes_never_escape_as_other_errors(data):
             p.decode(frame)
         except ProtocolError:
             pass
+
+
+def test_only_plain_types_and_bounded_lengths_are_decoded():
+    """Finding 11 (issue 17): a msgpack Timestamp comes out as integer nanoseconds, never an object; counts
+    past the caps are refused before the unpacker allocates for them; each kind a worker sends has its cap."""
+    body = msgpack.packb({"t": msgpack.Timestamp(5, 7)})
+    assert p.decode(_header(length=len(body)) + body).payload == {"t": 5_000_000_007}
+    for payload in ({"m": {str(i): 0 for i in range(p.MAX_MAP_LEN + 1)}}, {"a": [0] * (p.MAX_ARRAY_LEN + 1)}):
+        body = msgpack.packb(payload)
+        with pytest.raises(ProtocolError, match="undecodable"):
+            p.decode(_header(length=len(body)) + body)
+    for kind, limit in p.KIND_LIMITS.items():
+        with pytest.raises(ProtocolError, match=f"{kind.name} frame .* exceeds its {limit}-byte"):
+            p.decode_header(HEADER.pack(MAGIC, VERSION, kind, 0, 1, limit + 1))
+        p.decode_header(HEADER.pack(MAGIC, VERSION, kind, 0, 1, limit))

@@ -62,7 +62,10 @@ def probe_exec():
 
 
 def probe_fork_exec():
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as e:
+        return e.errno  # no child processes at all (policy.seccomp)
     if pid == 0:
         try:
             os.execv("/bin/sh", ["/bin/sh", "-c", "exit 0"])
@@ -107,6 +110,69 @@ def probe_unshare(flags):
 
 def probe_kill_parent():
     return _attempt(lambda: os.kill(os.getppid(), 0))
+
+
+def probe_fork_and_linger(seconds):
+    """Finding 2: a child that keeps the socket and outlives the worker."""
+    try:
+        pid = os.fork()
+    except OSError as e:
+        return e.errno
+    if pid == 0:
+        import time
+        time.sleep(seconds)
+        os._exit(0)
+    return "ALLOWED"
+
+
+def probe_memfd(mib):
+    """Finding 3: memory held outside the worker's RSS."""
+    try:
+        fd = os.memfd_create("hold")
+    except OSError as e:
+        return e.errno
+    os.ftruncate(fd, mib << 20)
+    with open(fd, "r+b", buffering=0, closefd=False) as f:
+        for _ in range(mib):
+            f.write(b"x" * (1 << 20))
+    globals()["_held"] = fd
+    return "ALLOWED"
+
+
+def probe_other_process(pid):
+    """Finding 5: scheduling, priority and affinity of another process of the same user."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = {}
+    out["setpriority"] = _attempt(lambda: os.setpriority(os.PRIO_PROCESS, pid, 19))
+    out["sched_setaffinity"] = _attempt(lambda: os.sched_setaffinity(pid, {0}))
+    out["sched_setscheduler"] = _attempt(lambda: os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0)))
+    nr = {"x86_64": 251, "aarch64": 30}.get(os.uname().machine)  # ioprio_set(IOPRIO_WHO_PROCESS, pid, idle)
+    out["ioprio_set"] = ("ALLOWED" if libc.syscall(nr, 1, pid, 3 << 13) == 0 else ctypes.get_errno()) if nr else 1
+    out["kill(-1, 0)"] = _attempt(lambda: os.kill(-1, 0))
+    out["own priority"] = _attempt(lambda: os.setpriority(os.PRIO_PROCESS, 0, 1))  # itself: still allowed
+    return out
+
+
+def probe_unneeded_syscalls():
+    """Finding 7: calls the worker never needs (x86_64 numbers)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    calls = {"personality": (135, 0xFFFFFFFF), "setsid": (112,), "modify_ldt": (154, 0, 0, 0),
+             "memfd_secret": (447, 0), "statmount": (457, 0, 0, 0, 0), "listmount": (458, 0, 0, 0, 0)}
+    out = {}
+    for name, (nr, *args) in calls.items():
+        rc = libc.syscall(nr, *[ctypes.c_long(a) for a in args])
+        out[name] = "ALLOWED" if rc >= 0 else ctypes.get_errno()
+    return out
+
+
+def probe_proc(parent):
+    """Finding 8: other processes in /proc."""
+    out = {f"/proc/{pid}/{name}": probe_read(f"/proc/{pid}/{name}")
+           for pid in (1, parent) for name in ("cmdline", "status", "environ")}
+    out["listdir /proc"] = _attempt(lambda: os.listdir("/proc"))
+    out["listdir parent fds"] = _attempt(lambda: os.listdir(f"/proc/{parent}/fd"))
+    out["own status"] = "ALLOWED" if "Seccomp" in Path("/proc/self/status").read_text() else "?"
+    return out
 
 
 def probe_environment():
@@ -211,3 +277,132 @@ def test_every_thread_has_no_new_privs_and_a_seccomp_filter(sandbox):
     for tid in os.listdir(f"/proc/{report['pid']}/task"):
         status = Path(f"/proc/{report['pid']}/task/{tid}/status").read_text()
         assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
+
+
+# --- the compromised-worker findings (issue 17) -----------------------------------------------------------
+
+def test_no_child_process_can_outlive_the_worker(sandbox):
+    assert run(sandbox, "probe_fork_and_linger", 30) in DENIED
+    pid = sandbox.worker_pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert children == []
+
+
+def test_memory_outside_the_rss_cannot_be_pinned(sandbox):
+    assert run(sandbox, "probe_memfd", 64) in DENIED
+
+
+def test_other_processes_cannot_be_reprioritised_or_signalled(sandbox):
+    import subprocess
+
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        before = (os.getpriority(os.PRIO_PROCESS, victim.pid), os.sched_getaffinity(victim.pid),
+                  os.sched_getscheduler(victim.pid))
+        got = run(sandbox, "probe_other_process", victim.pid)
+        assert got.pop("own priority") == "ALLOWED"
+        assert all(v in DENIED for v in got.values()), got
+        assert (os.getpriority(os.PRIO_PROCESS, victim.pid), os.sched_getaffinity(victim.pid),
+                os.sched_getscheduler(victim.pid)) == before
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86_64 syscall numbers")
+def test_unneeded_syscalls_are_denied(sandbox):
+    got = run(sandbox, "probe_unneeded_syscalls")
+    assert all(v in DENIED for v in got.values()), got
+
+
+def test_the_sandbox_fails_closed():
+    """Finding 6: a layer the kernel offers that did not engage stops the worker before a model is opened;
+    sandbox_require insists on or waives layers by name."""
+    from corejax.errors import InvalidParameterError, SandboxError
+    from corejax.sandbox.client import WorkerClient, missing_layers
+
+    report = [{"name": "landlock", "engaged": False, "detail": "x", "available": True},
+              {"name": "landlock_network", "engaged": False, "detail": "ABI 3", "available": False},
+              {"name": "seccomp", "engaged": True, "detail": "", "available": True}]
+    assert [m["name"] for m in missing_layers(report, None)] == ["landlock"]
+    assert missing_layers(report, {"landlock": False}) == []
+    assert [m["name"] for m in missing_layers(report, {"landlock": False, "landlock_network": True})] == [
+        "landlock_network"]
+    # For real: a worker without its network namespace, which this caller insists on, never opens the model.
+    with pytest.raises(SandboxError, match=r"could not engage network_namespace .*sandbox_require="):
+        WorkerClient(None, network_namespace=False, require={"network_namespace": True}, start_timeout=60)
+    client = WorkerClient(None, network_namespace=False, start_timeout=60)  # waived by the caller: it runs
+    try:
+        assert {layer["name"]: layer["engaged"] for layer in client.report}["network_namespace"] is False
+    finally:
+        client.close()
+    import corejax
+
+    for bad in ({"landlok": False}, {"landlock": "yes"}, ["landlock"]):
+        with pytest.raises(InvalidParameterError, match="sandbox_require"):
+            corejax.Session(None, sandbox_require=bad)
+
+
+def probe_poison_program_cache():
+    """Finding 1: overwrite every compiled program this worker can see, and plant a new one."""
+    folder = Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    names = sorted(p.name for p in folder.iterdir())
+    for name in names:
+        (folder / name).write_bytes(b"poison")
+    (folder / "jit_planted-0-cache").write_bytes(b"poison")
+    return {"folder": str(folder), "names": names}
+
+
+def test_a_worker_cannot_poison_another_models_programs(tmp_path):
+    from corejax.sandbox.client import program_cache_dir
+    from corejax.sandbox.testing import TestingSession
+    from tiny_model import write_tiny_llama
+
+    a = write_tiny_llama(tmp_path / "a.gguf", context=64)
+    b = write_tiny_llama(tmp_path / "b.gguf", context=64, seed=1)
+    here = [str(Path(__file__).parent)]
+    with TestingSession(str(a), pythonpath=here) as sa:
+        sa.generate("hi", max_tokens=2)  # compiles, so a-programs exist after a clean exit
+        shared_a = program_cache_dir(sa.source, sa._options.get("native_kernels"))
+    with TestingSession(str(b), pythonpath=here) as sb:
+        shared_b = program_cache_dir(sb.source, sb._options.get("native_kernels"))
+    assert shared_a != shared_b
+    before = {p.name: p.read_bytes() for p in shared_a.iterdir()}
+    assert before, "the first worker's programs were merged after its clean exit"
+    with TestingSession(str(b), pythonpath=here) as sb:
+        got = sb.run(f"{__name__}:probe_poison_program_cache")
+        assert Path(got["folder"]).parent.name.startswith("corejax-worker-")  # its private copy, not the shared one
+        assert not set(got["names"]) & set(before)  # model b's worker never saw model a's programs
+    with TestingSession(str(a), pythonpath=here) as sa:
+        got = sa.run(f"{__name__}:probe_poison_program_cache")  # a worker of model a poisons its own copy...
+        assert set(before) <= set(got["names"])
+    after = {p.name: p.read_bytes() for p in shared_a.iterdir()}
+    assert {k: after[k] for k in before} == before  # ...but never replaces a program
+    with TestingSession(str(a), pythonpath=here) as sa:
+        assert len(sa.generate("hi", max_tokens=2, temperature=0).tokens) == 2  # still loads and runs
+
+
+def test_other_processes_are_invisible_in_proc(sandbox):
+    got = run(sandbox, "probe_proc", os.getpid())
+    assert got.pop("own status") == "ALLOWED"
+    assert all(v in DENIED | {errno.ENOENT} for v in got.values()), got
+
+
+def test_the_read_grant_is_the_files_the_worker_needs(tmp_path, monkeypatch):
+    """Finding 10: LD_LIBRARY_PATH grants its shared libraries, not its folders; a source checkout (editable
+    install) grants corejax's packages, not the whole repository."""
+    import corejax
+    from corejax.sandbox.testing import TestingSession
+
+    libs = tmp_path / "libs"
+    libs.mkdir()
+    (libs / "libdemo.so.1").write_bytes(b"\x7fELF not really")
+    (libs / "secret.txt").write_text("hunter2")
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(libs))
+    repo = Path(corejax.__file__).resolve().parent.parent
+    with TestingSession(pythonpath=[str(Path(__file__).parent)], timeout=60) as s:
+        assert run(s, "probe_read", str(libs / "secret.txt")) in DENIED
+        assert run(s, "probe_read", str(libs / "libdemo.so.1")) == "ALLOWED"
+        if (repo / "pyproject.toml").exists() and (repo / "corejax").is_dir():  # a source checkout
+            assert run(s, "probe_read", str(repo / "pyproject.toml")) in DENIED
+            assert run(s, "probe_read", str(repo / "corejax" / "__init__.py")) == "ALLOWED"

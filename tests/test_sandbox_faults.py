@@ -47,6 +47,35 @@ def probe_send_oversize():
     time.sleep(30)
 
 
+def probe_fill_private_temp(nbytes, seconds):
+    """Memory outside the RSS: a file in the worker's TMPDIR (a tmpfs /tmp is RAM)."""
+    with open(Path(os.environ["TMPDIR"]) / "hold.bin", "wb") as f:
+        chunk = b"\x01" * (1 << 20)
+        for _ in range(nbytes >> 20):
+            f.write(chunk)
+    time.sleep(seconds)
+    return nbytes
+
+
+def probe_huge_sparse_log_then_exit():
+    """A 1 GiB (sparse) stderr log: the parent must read only its tail."""
+    os.lseek(2, 1 << 30, os.SEEK_SET)
+    os.write(2, b"the last words")
+    os._exit(7)
+
+
+def probe_stray_frames(n):
+    """Frames for request 0 after start-up (nobody waits for them) and for requests that never existed."""
+    from corejax.sandbox.protocol import Kind, encode
+
+    fd = _worker_socket()
+    data = encode(Kind.PROGRESS, 0, {"stage": "x" * 1000, "done": 1, "total": 2})
+    data += encode(Kind.CHUNK, 987654, {"text": "y" * 1000, "tokens": [], "logprobs": []})
+    for _ in range(n):
+        os.write(fd, data)
+    return n
+
+
 # --- tests ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -141,6 +170,48 @@ def test_memory_limit_stops_the_worker(tiny):
         with pytest.raises(WorkerCrashed, match="memory_limit"):
             run(s, "probe_hold_memory", 1536 << 20, 20)
         _alive(s)
+
+
+def test_memory_limit_counts_files_in_the_private_temp(tiny):
+    from corejax.sandbox.testing import TestingSession
+
+    with TestingSession(str(tiny), pythonpath=[TESTS], memory_limit="700MiB", timeout=30) as s:
+        start = time.monotonic()
+        with pytest.raises(WorkerCrashed, match="memory_limit"):
+            run(s, "probe_fill_private_temp", 800 << 20, 20)
+        assert time.monotonic() - start < 15
+        _alive(s)
+
+
+def _peak_python_mib(fn) -> float:
+    """The peak of what Python allocated (every thread of this process) while fn ran, in MiB."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_huge_log_does_not_grow_the_parent(session):
+    def crash():
+        with pytest.raises(WorkerCrashed, match="the last words"):
+            run(session, "probe_huge_sparse_log_then_exit")
+
+    assert _peak_python_mib(crash) < 32  # the log's last 600 bytes were read, not its 1 GiB
+    _alive(session)
+
+
+def test_stray_frames_are_dropped_not_queued(session):
+    def flood():
+        assert run(session, "probe_stray_frames", 20_000) == 20_000
+        _alive(session)  # the worker is still trusted with requests after the stray frames
+        client = session._client
+        assert client._startup.qsize() == 0 and not client._pending
+
+    assert _peak_python_mib(flood) < 32  # 20,000 x 2 frames of ~1 KB, none kept
 
 
 @pytest.mark.parametrize("probe, match", [("probe_send_garbage", "bad magic"), ("probe_send_oversize", "exceeds")])

@@ -54,6 +54,18 @@ def worker_error(payload: dict, during: str = "") -> errors.CorejaxError:
     return cls(message)
 
 
+# Frames one mailbox may hold unread (a caller normally takes each as it comes; a hostile worker could
+# otherwise make the parent hold a flood of them).
+_MAX_QUEUED = 10_000
+
+def missing_layers(report: list[dict], require: dict[str, bool] | None) -> list[dict]:
+    """The policy layers that did not engage although they must: every layer this kernel offers (fail closed),
+    plus those `require` insists on ({name: True}), minus those it waives ({name: False})."""
+    require = require or {}
+    return [layer for layer in report if not layer.get("engaged") and require.get(layer.get("name"), bool(
+        layer.get("available", True))) is True]
+
+
 _LEAD = object()  # put in a waiting caller's mailbox: the socket is free, read it (WorkerClient.wait)
 
 
@@ -67,16 +79,117 @@ class Request:
         self.delivered = False  # a CHUNK reached the caller: the request can no longer be re-sent silently
 
 
+_PROGRAM_FILE_CAP = 256 << 20  # one compiled program; JAX's entries here are 0.1-5 MB
+_PROGRAM_DIR_CAP = 2 << 30  # a model's whole folder
+
+
+def program_cache_dir(source: Any, native_kernels: str | None) -> Path:
+    """The persistent XLA cache of sandboxed workers for one model file (its path and identity: a file replaced
+    or rewritten gets a new folder) and one native-kernel build."""
+    import hashlib
+
+    from corejax.hub import cache_dir
+
+    h = hashlib.sha256()
+    if source is not None:
+        path = Path(source.path).resolve()
+        h.update(str(path).encode())
+        for f in [path] if path.is_file() else sorted(path.iterdir()) if path.is_dir() else []:
+            try:
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                pass
+    key = f"{source.name if source is not None else 'no-model'}-{h.hexdigest()[:16]}"
+    key = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+    return cache_dir() / "xla-sandbox" / (Path(native_kernels).stem if native_kernels else "xla") / key
+
+
+def _program_files(folder: Path) -> list[tuple[Path, int]]:
+    """Regular files directly in folder (no links, no subfolders), with their sizes."""
+    out = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return out
+    for e in entries:
+        try:
+            if e.is_file(follow_symlinks=False):
+                out.append((Path(e.path), e.stat(follow_symlinks=False).st_size))
+        except OSError:
+            pass
+    return out
+
+
+def _folder_bytes(folder: Path, max_entries: int = 20_000) -> int:
+    """Bytes allocated to the files under folder (st_blocks; links not followed), over at most max_entries."""
+    total, seen, stack = 0, 0, [str(folder)]
+    while stack and seen < max_entries:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for e in entries:
+            seen += 1
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                else:
+                    total += e.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def copy_programs(src: Path, dst: Path) -> None:
+    """The worker's private copy of the model's compiled programs (a copy, not links: the worker may write it)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f, _ in _program_files(src):
+        try:
+            shutil.copyfile(f, dst / f.name, follow_symlinks=False)
+        except OSError:
+            pass
+
+
+def merge_programs(src: Path, dst: Path) -> int:
+    """Programs a cleanly exited worker added, into the model's folder: new names only, regular files only,
+    size-capped, each written to a temporary name and renamed. Returns how many were added."""
+    files = _program_files(src)
+    if not files:
+        return 0
+    dst.mkdir(parents=True, exist_ok=True)
+    have = {f.name: size for f, size in _program_files(dst)}
+    total, added = sum(have.values()), 0
+    for f, size in files:
+        if f.name in have:
+            continue  # a program (or its access time) already here is never replaced
+        if size > _PROGRAM_FILE_CAP or total + size > _PROGRAM_DIR_CAP:
+            continue
+        tmp = dst / f".{f.name}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+            os.replace(tmp, dst / f.name)
+            total += size
+            added += 1
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return added
+
+
 class WorkerClient:
     def __init__(self, source: Any, *, sandbox: bool = True, memory_limit: int | None = None,
                  timeout: float | None = None, testing: bool = False, pythonpath: tuple[str, ...] = (),
-                 start_timeout: float = 600.0, network_namespace: bool = True, options: dict | None = None):
+                 start_timeout: float = 600.0, network_namespace: bool = True, options: dict | None = None,
+                 require: dict[str, bool] | None = None):
         self.source = source
         self.options = dict(options or {})  # how the worker loads the model (weights, engine config): plain data
         self.sandbox = sandbox
         self.memory_limit = memory_limit
         self.timeout = timeout
         self.testing = testing
+        self.require = dict(require or {})
         self.pid: int | None = None
         self.report: list[dict] = []
         self.proc: subprocess.Popen | None = None
@@ -91,6 +204,7 @@ class WorkerClient:
         self._waiting: set[Request] = set()  # callers blocked on their mailbox while another reads
         self._next_rid = 1
         self._startup: queue.Queue = queue.Queue()
+        self._started = False  # the worker said it is ready: frames for id 0 are dropped from then on
         self._private: Path | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.conn = Connection(parent)
@@ -124,17 +238,17 @@ class WorkerClient:
     # --- starting -----------------------------------------------------------------------------------------
 
     def _spawn(self, child: socket.socket, pythonpath: tuple[str, ...], network_namespace: bool) -> None:
-        from corejax.hub import cache_dir
-
         self._private = Path(tempfile.mkdtemp(prefix="corejax-worker-"))
         tmp, cwd = self._private / "tmp", self._private / "cwd"
         tmp.mkdir()
         cwd.mkdir()
-        # Compiled programs persist across sandboxed workers, in a folder no unsandboxed Runtime reads: a
-        # compromised worker could poison this cache, and only other sandboxed workers would load it.
-        kernels = self.options.get("native_kernels")  # one folder per kernel build (runtime.enable_compilation_cache)
-        xla = cache_dir() / "xla-sandbox" / (Path(kernels).stem if kernels else "xla")
-        xla.mkdir(parents=True, exist_ok=True)
+        # Compiled programs persist across sandboxed workers, one folder per kernel build and per model file
+        # (program_cache_dir), which only this process writes: the worker gets a private copy, and what it adds
+        # is merged back after it exits cleanly (merge_programs), never over an existing program. So a worker
+        # can never write what a worker of another model executes, nor what any unsandboxed Runtime loads.
+        self._programs = program_cache_dir(self.source, self.options.get("native_kernels"))
+        xla = self._private / "xla"
+        copy_programs(self._programs, xla)
         import corejax
 
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(corejax.__file__)))
@@ -157,9 +271,10 @@ class WorkerClient:
         for key in ("draft_read", "native_kernels"):  # the speculative draft model, the native kernels
             if self.options.get(key):
                 cmd += ["--read", str(self.options[key])]
-        for d in env.get("LD_LIBRARY_PATH", "").split(os.pathsep):
-            if d and os.path.isabs(d):
-                cmd += ["--read", d]
+        for d in env.get("LD_LIBRARY_PATH", "").split(os.pathsep):  # its shared libraries, not whole folders
+            if d and os.path.isabs(d) and os.path.isdir(d):
+                cmd += [a for f in sorted(os.listdir(d)) if ".so" in f and os.path.isfile(os.path.join(d, f))
+                        for a in ("--read", os.path.join(d, f))]
         if self.testing:
             cmd.append("--testing")
             for p in pythonpath:
@@ -189,7 +304,16 @@ class WorkerClient:
                 continue
             self._close_bars()
             if frame.kind == Kind.READY and frame.payload.get("stage") == "policy":
-                self.report = list(frame.payload.get("report") or [])
+                self.report = [dict(layer) for layer in frame.payload.get("report") or [] if isinstance(layer, dict)]
+                missing = missing_layers(self.report, self.require) if self.sandbox else []
+                if missing:
+                    self.kill("a layer of its sandbox did not engage")
+                    names = ", ".join(_clean(layer.get("name"), 40) for layer in missing)
+                    raise errors.SandboxError(
+                        f"the sandbox could not engage {names} ("
+                        + "; ".join(_clean(layer.get("detail"), 300) for layer in missing)
+                        + "), so the model was not opened. Fix the system, or accept the risk with Session(..., "
+                        f"sandbox_require={{{', '.join(repr(str(layer.get('name'))) + ': False' for layer in missing)}}})")
             elif frame.kind == Kind.READY:
                 return
 
@@ -198,7 +322,10 @@ class WorkerClient:
         from tqdm.auto import tqdm
 
         bars = self.__dict__.setdefault("_bars", {})
-        stage, done, total = str(p.get("stage", "")), int(p.get("done", 0)), int(p.get("total", 0))
+        try:
+            stage, done, total = _clean(p.get("stage", ""), 60), int(p.get("done", 0)), int(p.get("total", 0))
+        except (TypeError, ValueError):
+            return  # a malformed PROGRESS frame shows nothing
         if stage not in bars:
             unit = "tensor" if stage == "loading weights" else "step"
             bars[stage] = tqdm(total=total or None, desc=stage, unit=unit, leave=False)
@@ -307,6 +434,10 @@ class WorkerClient:
 
     def _route(self, frame: Any) -> None:
         if frame.rid == 0:
+            if self._started:
+                return  # start-up is over: nobody reads these any more, so nothing may pile up
+            if self._startup.qsize() >= _MAX_QUEUED:
+                raise ProtocolError(f"it sent more than {_MAX_QUEUED} start-up frames unread")
             self._startup.put(frame)
             return
         with self._lock:
@@ -322,6 +453,8 @@ class WorkerClient:
                 raise ProtocolError(f"a worker may not send {frame.kind.name} for a request")
             else:
                 req.delivered = True
+            if req.events.qsize() >= _MAX_QUEUED:
+                raise ProtocolError(f"it queued more than {_MAX_QUEUED} unread frames for request {frame.rid}")
         req.events.put(frame)
 
     def _read_startup(self) -> None:
@@ -329,6 +462,7 @@ class WorkerClient:
         while (frame := self._read_one()) is not None:
             if frame.rid == 0 and (frame.kind == Kind.ERROR or (
                     frame.kind == Kind.READY and frame.payload.get("stage") != "policy")):
+                self._started = True
                 return
 
     def _monitor(self) -> None:
@@ -344,8 +478,12 @@ class WorkerClient:
                     self.kill(f"request {late[0].rid} ran past the {self.timeout:g} s timeout")
             if self.memory_limit is not None and self.pid is not None:
                 rss = rss_bytes(self.pid)
-                if rss is not None and rss > self.memory_limit:
-                    self.kill(f"it used {rss / 2**20:.0f} MiB, over the session's memory_limit of "
+                # What it may pin outside its RSS: files in its private folder (a tmpfs /tmp is memory). It
+                # cannot fork, and memfd_create is denied (policy.seccomp), so nothing else escapes the count.
+                files = _folder_bytes(self._private) if self._private is not None else 0
+                if rss is not None and rss + files > self.memory_limit:
+                    self.kill(f"it used {(rss + files) / 2**20:.0f} MiB ({files / 2**20:.0f} MiB of it in files of "
+                              f"its private folder), over the session's memory_limit of "
                               f"{self.memory_limit / 2**20:.0f} MiB")
 
     def kill(self, reason: str) -> None:
@@ -355,6 +493,12 @@ class WorkerClient:
         if self.proc is not None:
             try:
                 self.proc.kill()
+            except OSError:
+                pass
+            # Our end shut too: a reader blocked in recv wakes now, even if something else held the worker's
+            # end open (the worker cannot fork, but the reader never waits on an end-of-file that may not come).
+            try:
+                self.conn.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         else:
@@ -391,8 +535,11 @@ class WorkerClient:
     def log_tail(self, n: int = 600) -> str:
         if self._private is None:
             return ""
-        try:
-            data = (self._private / "worker.log").read_bytes()[-n:]
+        try:  # from the end, at most n bytes: the worker decides how long its log is
+            with open(self._private / "worker.log", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(f.tell() - n, 0))
+                data = f.read(n)
         except OSError:
             return ""
         return _clean(data.decode("utf-8", "replace").strip(), n)
@@ -444,4 +591,6 @@ class WorkerClient:
         if self.proc is not None:
             self._log.close()
         if self._private is not None:
+            if self.proc is not None and self.proc.returncode == 0 and self._kill_reason == "the session closed":
+                merge_programs(self._private / "xla", self._programs)  # a clean exit after SHUTDOWN only
             shutil.rmtree(self._private, ignore_errors=True)

@@ -39,9 +39,13 @@ _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}.get(os.uname().machine)
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
+    """One layer of the policy. available: whether this kernel and system offer it at all; a layer that is
+    available but did not engage makes the Session refuse to run (client.required_layers_missing)."""
+
     name: str
     engaged: bool
     detail: str
+    available: bool = True
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,7 +78,8 @@ def new_network_namespace() -> Layer:
     if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
         return Layer("network_namespace", False,
                      f"{first}; {_err('unshare(CLONE_NEWUSER|CLONE_NEWNET)')} (needs root or unprivileged user "
-                     "namespaces: sysctl kernel.unprivileged_userns_clone / user.max_user_namespaces)")
+                     "namespaces: sysctl kernel.unprivileged_userns_clone / user.max_user_namespaces)",
+                     available=False)
     try:
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", f"{uid} {uid} 1")
@@ -188,12 +193,14 @@ def landlock_abi() -> int:
 
 
 def landlock(read: Iterable[str | os.PathLike], write: Iterable[str | os.PathLike],
-             devices: Iterable[str | os.PathLike] = ()) -> list[Layer]:
-    """Read-only `read`, read-write `write`, read-write + ioctl `devices`; nothing else, and no TCP."""
+             devices: Iterable[str | os.PathLike] = (), list_only: Iterable[str | os.PathLike] = ()) -> list[Layer]:
+    """Read-only `read`, read-write `write`, read-write + ioctl `devices`, `list_only` folders listed but their
+    files unread; nothing else, and no TCP."""
     abi = landlock_abi()
     if abi == 0:
-        return [Layer("landlock", False, "the kernel has no Landlock (needs Linux 5.13+ with lsm=landlock)"),
-                Layer("landlock_network", False, "no Landlock")]
+        return [Layer("landlock", False, "the kernel has no Landlock (needs Linux 5.13+ with lsm=landlock)",
+                      available=False),
+                Layer("landlock_network", False, "no Landlock", available=False)]
     fs = _FS_ALL_V1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0) | (
         _FS_IOCTL_DEV if abi >= 5 else 0)
     net = _NET_BIND_TCP | _NET_CONNECT_TCP if abi >= 4 else 0
@@ -208,7 +215,7 @@ def landlock(read: Iterable[str | os.PathLike], write: Iterable[str | os.PathLik
     granted, skipped = [], []
     try:
         for paths, access in ((read, read_dir), (write, write_dir), (devices, _FS_READ_FILE | _FS_WRITE_FILE | (
-                _FS_IOCTL_DEV if abi >= 5 else 0))):
+                _FS_IOCTL_DEV if abi >= 5 else 0)), (list_only, _FS_READ_DIR)):
             for p in dict.fromkeys(str(p) for p in paths):
                 try:
                     fd = os.open(p, os.O_PATH | os.O_CLOEXEC)
@@ -232,7 +239,7 @@ def landlock(read: Iterable[str | os.PathLike], write: Iterable[str | os.PathLik
     fs_detail = f"ABI {abi}: {len(granted)} paths granted" + (", scoped signals/abstract sockets" if scoped else "")
     return [Layer("landlock", True, fs_detail),
             Layer("landlock_network", bool(net), "TCP bind and connect denied" if net else
-                  f"Landlock ABI {abi} has no network rules (needs 4)")]
+                  f"Landlock ABI {abi} has no network rules (needs 4)", available=bool(net))]
 
 
 # --- seccomp -------------------------------------------------------------------------------------------
@@ -263,7 +270,27 @@ DENIED = (
     "reboot", "swapon", "swapoff", "acct", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
     "open_by_handle_at", "name_to_handle_at", "iopl", "ioperm", "quotactl", "quotactl_fd", "lookup_dcookie",
     "fanotify_init", "syslog", "vhangup", "uselib",
+    # No child processes (the worker needs none: JAX's threads are clone(CLONE_THREAD)): nothing can outlive
+    # the worker or hold memory outside its own. No memory the budget cannot see (memfd is not in RSS).
+    "fork", "vfork", "memfd_create", "memfd_secret",
+    # Unneeded, and each a way to probe or reshape the system: mount listings, LDT segments, personas,
+    # sessions, signals by pidfd or by bare thread id (any thread of the user), other processes' pages.
+    "listmount", "statmount", "modify_ldt", "personality", "setsid", "pidfd_open", "pidfd_send_signal", "tkill",
+    "migrate_pages", "move_pages", "process_mrelease",
 )
+# Calls numbered after the architectures' tables were unified (Linux 5.1+: 424 and up, the same everywhere),
+# which an older libseccomp cannot name.
+_UNIFIED = {"pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+            "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+            "pidfd_open": 434, "clone3": 435, "pidfd_getfd": 438, "process_madvise": 440, "mount_setattr": 442,
+            "quotactl_fd": 443, "memfd_secret": 447, "process_mrelease": 448, "statmount": 457, "listmount": 458}
+# Scheduling and priority calls take a pid (0: the caller): only the worker's own threads may be changed, by 0.
+_SELF_ONLY = (("setpriority", 1), ("ioprio_set", 1), ("sched_setaffinity", 0), ("sched_setscheduler", 0),
+              ("sched_setparam", 0), ("sched_setattr", 0))
+# Signals only to the worker's own process (before Linux 6.12 Landlock cannot scope them: kill(-1) would reach
+# every process of the user).
+_OWN_PID = (("kill", 0), ("tgkill", 0), ("rt_sigqueueinfo", 0), ("rt_tgsigqueueinfo", 0))
+CLONE_THREAD = 0x00010000
 
 
 def _libseccomp() -> ctypes.CDLL | None:
@@ -280,7 +307,7 @@ def seccomp() -> Layer:
     """A deny-list filter on every thread (TSYNC): the listed syscalls, raising rlimits, namespace clones."""
     lib = _libseccomp()
     if lib is None:
-        return Layer("seccomp", False, "libseccomp.so.2 not found (apt-get install libseccomp2)")
+        return Layer("seccomp", False, "libseccomp.so.2 not found (apt-get install libseccomp2)", available=False)
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
@@ -298,6 +325,8 @@ def seccomp() -> Layer:
     def rule(action: int, name: str, *cmps: tuple[int, int, int, int]) -> None:
         nr = lib.seccomp_syscall_resolve_name(name.encode())
         if nr < 0:
+            nr = _UNIFIED.get(name, -1)  # newer than this libseccomp: the number every architecture shares
+        if nr < 0:
             unknown.append(name)
             return
         arr = (_ArgCmp * max(len(cmps), 1))(*[_ArgCmp(*c) for c in cmps])
@@ -311,6 +340,12 @@ def seccomp() -> Layer:
         rule(eperm, "prlimit64", (2, _SCMP_CMP_NE, 0, 0))  # a new limit; reading limits stays allowed
         for flag in NAMESPACE_FLAGS:
             rule(eperm, "clone", (0, _SCMP_CMP_MASKED_EQ, flag, flag))
+        rule(eperm, "clone", (0, _SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0))  # a process, not a thread: a fork
+        for name, arg in _SELF_ONLY:
+            rule(eperm, name, (arg, _SCMP_CMP_NE, 0, 0))
+        me = os.getpid()
+        for name, arg in _OWN_PID:
+            rule(eperm, name, (arg, _SCMP_CMP_NE, me, 0))
         # clone3 passes its flags in memory seccomp cannot read: ENOSYS makes glibc fall back to clone.
         rule(_scmp_errno(errno.ENOSYS), "clone3")
         if lib.seccomp_attr_set(ctx, _SCMP_FLTATR_CTL_TSYNC, 1) != 0:
@@ -323,25 +358,44 @@ def seccomp() -> Layer:
     finally:
         lib.seccomp_release(ctx)
     note = f"; not in this libseccomp: {', '.join(unknown)}" if unknown else ""
-    return Layer("seccomp", True, f"deny-list filter, {len(DENIED) + 2 + len(NAMESPACE_FLAGS)} rules, EPERM{note}")
+    rules = len(DENIED) + 3 + len(NAMESPACE_FLAGS) + len(_SELF_ONLY) + len(_OWN_PID)
+    return Layer("seccomp", True, f"deny-list filter, {rules} rules, EPERM: no exec, no fork, no memfd, "
+                 f"scheduling and signals only on itself{note}")
 
 
 # --- the whole policy ----------------------------------------------------------------------------------
 
-def python_paths() -> list[str]:
-    """What the interpreter and its packages are read from: prefixes, sys.path, the corejax package."""
+def python_paths() -> tuple[list[str], list[str]]:
+    """What the interpreter and its packages are read from: (folders and files to read, folders only to list).
+
+    The interpreter's prefixes (stdlib, site-packages) are read whole. Other sys.path entries — a source
+    checkout in an editable install, PYTHONPATH folders — may only be listed (imports look there), and of
+    them only corejax's own packages (corejax/, kernels/) are readable: not the rest of the repository."""
     import corejax
+    import kernels
 
-    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
-             os.path.dirname(os.path.dirname(os.path.abspath(corejax.__file__)))]
-    paths += [p for p in sys.path if p and os.path.isabs(p)]
-    return paths
+    prefixes = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
+    real = [os.path.realpath(p) for p in prefixes]
+    read = [*prefixes, os.path.dirname(os.path.abspath(corejax.__file__)),
+            os.path.dirname(os.path.abspath(kernels.__file__))]
+    list_only = []
+    for p in sys.path:
+        if p and os.path.isabs(p):
+            inside = any(os.path.realpath(p) == r or os.path.realpath(p).startswith(r + os.sep) for r in real)
+            (read if inside or os.path.isfile(p) else list_only).append(p)
+    return read, list_only
 
 
-# Shared libraries, the loader cache, CPU topology (XLA sizes its thread pools from /proc and /sys).
+# Shared libraries, the loader cache, CPU topology (XLA sizes its thread pools from /proc and /sys). Of /proc
+# only the worker's own folder (its threads, maps, status: /proc/self and /proc/thread-self lead there) and
+# the machine-wide files the runtime reads: not other processes' command lines, status or descriptors.
 SYSTEM_READ = ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/ld.so.cache", "/etc/localtime",
-               "/usr/share/zoneinfo", "/proc", "/sys/devices/system/cpu", "/sys/fs/cgroup",
-               "/sys/devices/system/node", "/dev/urandom", "/dev/random")
+               "/usr/share/zoneinfo", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/proc/sys/vm/overcommit_memory",
+               "/sys/devices/system/cpu", "/sys/fs/cgroup", "/sys/devices/system/node", "/dev/urandom", "/dev/random")
+
+
+def own_proc() -> list[str]:
+    return [f"/proc/{os.getpid()}"]
 DEVICES = ("/dev/null", "/dev/zero")
 
 
@@ -357,12 +411,14 @@ def apply(*, model_paths: Iterable[str], private_dirs: Iterable[str], extra_read
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         layers.append(Layer("single_thread", False, f"{threads} threads existed before the policy"))
-    layers.append(new_network_namespace() if network_namespace else Layer("network_namespace", False, "off"))
+    layers.append(new_network_namespace() if network_namespace else
+                  Layer("network_namespace", False, "off (network_namespace=False)", available=False))
     layers.append(set_rlimits(max_file_bytes=max_file_bytes, max_open_files=max_open_files, extra_tasks=extra_tasks))
     layers.append(drop_capabilities())
     layers.append(set_no_new_privs())
-    read = [*python_paths(), *SYSTEM_READ, *model_paths, *extra_read]
-    layers += landlock(read, private_dirs, [*DEVICES, *gpu_devices()])
+    python_read, python_list = python_paths()
+    read = [*python_read, *SYSTEM_READ, *own_proc(), *model_paths, *extra_read]
+    layers += landlock(read, private_dirs, [*DEVICES, *gpu_devices()], list_only=python_list)
     layers.append(seccomp())
     return layers
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import socket
 import struct
 import threading
@@ -31,6 +32,10 @@ MAGIC = b"CJX\x00"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHQI")  # magic, version, kind, flags, request id, payload length
 MAX_FRAME = 16 << 20  # a chunk is a few hundred bytes; info a few KiB; 16 MiB leaves room for arrays
+# msgpack lengths a frame may announce (strings and bytes are bounded by the frame itself): lists of tokens
+# and logprobs, small maps. A count is checked before the unpacker allocates for it.
+MAX_ARRAY_LEN = 1 << 20
+MAX_MAP_LEN = 1 << 10
 
 _ARRAY_EXT = 1
 # Plain numeric dtypes only: an object dtype in a frame would be a way back to arbitrary Python objects.
@@ -62,6 +67,12 @@ class Kind(enum.IntEnum):
     RESULT = 35  # {result} / {value}: the request is complete
     ERROR = 36  # {type, message}: the request (id 0: the worker) failed
     PROGRESS = 37  # {stage, done, total}: startup progress (id 0): "loading weights", "compiling"
+
+
+# Per-kind payload caps for what a worker sends (the parent bounds what a hostile worker can make it hold);
+# the other kinds get the connection's max_frame.
+KIND_LIMITS = {Kind.STARTED: 256, Kind.PROGRESS: 4 << 10, Kind.ERROR: 64 << 10, Kind.READY: 1 << 20,
+               Kind.CHUNK: 1 << 20}
 
 
 class ProtocolError(Exception):
@@ -132,7 +143,7 @@ def _read_head(head: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ProtocolError(f"bad array header: dtype {name!r}, shape {shape!r}")
     dtype = _LITTLE[name]
-    return dtype, tuple(shape), int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return dtype, tuple(shape), math.prod(shape) * dtype.itemsize  # Python integers: no int64 wrap-around
 
 
 def encode(kind: Kind, rid: int, payload: Mapping[str, Any] | None = None, flags: int = 0) -> bytes:
@@ -154,14 +165,17 @@ def decode_header(header: bytes, max_frame: int = MAX_FRAME) -> tuple[Kind, int,
         kind = Kind(kind)
     except ValueError:
         raise ProtocolError(f"unknown message kind {kind}") from None
-    if length > max_frame:
-        raise ProtocolError(f"a frame of {length} bytes exceeds the {max_frame}-byte limit")
+    limit = min(max_frame, KIND_LIMITS.get(kind, max_frame))
+    if length > limit:
+        raise ProtocolError(f"a {kind.name} frame of {length} bytes exceeds its {limit}-byte limit")
     return kind, rid, flags, length
 
 
 def decode_payload(body: bytes) -> dict:
     try:
-        payload = msgpack.unpackb(body, raw=False, ext_hook=_ext_hook, strict_map_key=True, use_list=True)
+        # Only plain types come out: arrays through _ext_hook, msgpack timestamps as integer nanoseconds.
+        payload = msgpack.unpackb(body, raw=False, ext_hook=_ext_hook, strict_map_key=True, use_list=True,
+                                  timestamp=2, max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN)
     except ProtocolError:
         raise
     except Exception as e:  # noqa: BLE001 - msgpack raises many types; all mean a bad frame
