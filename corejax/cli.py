@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from corejax import hub
-from corejax.errors import CorejaxError
+from corejax.errors import CorejaxError, SandboxError
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -149,8 +149,6 @@ def _kernel_path() -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from corejax.loading.loader import describe_gguf
-
     source = hub.resolve(args.model)
     if source.format != "gguf":
         from corejax.config import ModelConfig
@@ -158,25 +156,41 @@ def cmd_info(args: argparse.Namespace) -> int:
         cfg = ModelConfig.from_hf(json.loads((source.path / "config.json").read_text()))
         print(json.dumps({"path": str(source.path), "format": "hf", "config": cfg.__dict__}, indent=2, default=str))
         return 0
-    info = describe_gguf(source.path)
+    if args.sandbox:  # the header is parsed by a sandboxed worker, like the model itself (its answer is untrusted)
+        from corejax.sandbox.client import describe
+
+        info = describe(source)
+    else:
+        from corejax.loading.loader import describe_gguf
+
+        info = describe_gguf(source.path)
     info["kernel_path"] = _kernel_path()
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(info, indent=2, default=str))  # JSON escapes control characters
         return 0
-    print(f"model:        {info['name']}  ({info['path']})")
-    print(f"architecture: {info['architecture']}   GGUF v{info['gguf_version']}")
-    print(f"parameters:   {info['parameters'] / 1e6:.1f} M in {info['tensor_count']} tensors, "
-          f"{info['file_bytes'] / 1e6:.1f} MB on disk")
-    print("tensor types: " + ", ".join(
-        f"{k} x{v} ({info['tensor_type_bytes'][k] / 1e6:.1f} MB)" for k, v in sorted(info["tensor_types"].items())))
-    arch = info["architecture"]
+    try:
+        lines = _info_lines(info)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SandboxError(f"the file's description is malformed ({type(e).__name__}: {e})") from None
+    print("\n".join(_CONTROLS.sub("", line) for line in lines))
+    return 0
+
+
+def _info_lines(info: dict) -> list[str]:
+    arch, meta = info["architecture"], info["metadata"]
+    lines = [f"model:        {info['name']}  ({info['path']})",
+             f"architecture: {arch}   GGUF v{info['gguf_version']}",
+             f"parameters:   {info['parameters'] / 1e6:.1f} M in {info['tensor_count']} tensors, "
+             f"{info['file_bytes'] / 1e6:.1f} MB on disk",
+             "tensor types: " + ", ".join(f"{k} x{v} ({info['tensor_type_bytes'][k] / 1e6:.1f} MB)"
+                                          for k, v in sorted(info["tensor_types"].items()))]
     for key in ("context_length", "embedding_length", "block_count", "feed_forward_length",
                 "attention.head_count", "attention.head_count_kv", "rope.freq_base", "attention.sliding_window"):
-        if f"{arch}.{key}" in info["metadata"]:
-            print(f"  {key:<26} {info['metadata'][f'{arch}.{key}']}")
-    print(f"chat template: {'yes' if info['has_chat_template'] else 'no'}")
-    print(f"kernel path:  {_kernel_path()}")
-    return 0
+        if f"{arch}.{key}" in meta:
+            lines.append(f"  {key:<26} {meta[f'{arch}.{key}']}")
+    lines += [f"chat template: {'yes' if info['has_chat_template'] else 'no'}",
+              f"kernel path:  {info['kernel_path']}"]
+    return lines
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -232,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="architecture, tensor types and sizes of a model")
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
+                   help="parse the file's header in this process instead of a sandboxed worker")
     p.set_defaults(func=cmd_info)
     from corejax.bench.command import add_parser as add_bench_parser  # its suites import lazily
 

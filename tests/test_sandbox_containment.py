@@ -175,6 +175,15 @@ def probe_proc(parent):
     return out
 
 
+def probe_change_metadata(path):
+    """Outside the allow-list: Landlock does not cover chmod, chown, utime or xattrs of the user's files."""
+    return {"chmod": _attempt(lambda: os.chmod(path, 0o777)),
+            "chown": _attempt(lambda: os.chown(path, os.getuid(), os.getgid())),
+            "utime": _attempt(lambda: os.utime(path, (0, 0))),
+            "setxattr": _attempt(lambda: os.setxattr(path, "user.corejax", b"x")),
+            "mlock": "ALLOWED" if ctypes.CDLL(None, use_errno=True).mlockall(1) == 0 else ctypes.get_errno()}
+
+
 def probe_environment():
     return {"env": sorted(os.environ), "cwd": os.getcwd(), "cwd_entries": os.listdir(".")}
 
@@ -266,7 +275,7 @@ def test_environment_is_scrubbed_and_cwd_empty(sandbox, monkeypatch):
     got = run(sandbox, "probe_environment")
     assert set(got["env"]) <= {"HOME", "TMPDIR", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "OPENBLAS_NUM_THREADS",
                                "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "LANG",
-                               "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH"} | {
+                               "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH", "COREJAX_SECCOMP_LOG"} | {
         k for k in got["env"] if k.startswith(("JAX_", "XLA_", "TF_CPP_", "CUDA_", "NVIDIA_", "TPU_"))}
     assert got["cwd_entries"] == []
 
@@ -406,3 +415,57 @@ def test_the_read_grant_is_the_files_the_worker_needs(tmp_path, monkeypatch):
         if (repo / "pyproject.toml").exists() and (repo / "corejax").is_dir():  # a source checkout
             assert run(s, "probe_read", str(repo / "pyproject.toml")) in DENIED
             assert run(s, "probe_read", str(repo / "corejax" / "__init__.py")) == "ALLOWED"
+
+
+def test_nothing_from_a_model_or_worker_reaches_the_terminal_raw(tmp_path, monkeypatch, capsys):
+    """Findings 9 and 10: `corejax info` parses the header in a sandboxed worker, and its answer, generated
+    text and progress stages reach a terminal without control sequences."""
+    import io
+
+    from corejax import cli
+    from corejax.loading import loader
+    from corejax.sandbox.client import WorkerClient
+    from tiny_model import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "evil.gguf", name="\x1b]0;pwned\x07\x1b[2Jevil\rname")
+
+    def refuse(*a, **k):
+        raise AssertionError("the parent parsed the model file")
+
+    monkeypatch.setattr(loader, "describe_gguf", refuse)
+    assert cli.main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "evil" in out and "pwned" in out and not any(c in out for c in "\x1b\x07\r")
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, want in ((Tty(), "a]0;x[31mb\n"), (io.StringIO(), "a\x1b]0;x\x07\x1b[31mb\n")):
+        monkeypatch.setattr(cli.sys, "stdout", stream)
+        cli._show("a\x1b]0;x\x07\x1b[31mb\n")
+        assert stream.getvalue() == want  # stripped on a terminal, byte-exact into a pipe
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    WorkerClient._show_progress(holder, {"stage": "\x1b[2Jloading\x07", "done": 1, "total": 2})
+    (bar,) = holder._bars.values()
+    assert "\x1b" not in bar.desc and "\x07" not in bar.desc
+    bar.close()
+
+
+def test_only_the_allow_list_runs(sandbox, tmp_path):
+    """Finding 7: seccomp allows what the worker uses (policy.ALLOWED), nothing else: here calls that change
+    the metadata of a file of the user's that Landlock does not guard, and pinning memory."""
+    target = tmp_path / "mine.txt"
+    target.write_text("x")
+    target.chmod(0o600)
+    before = target.stat()
+    got = run(sandbox, "probe_change_metadata", str(target))
+    assert all(v in DENIED for v in got.values()), got
+    after = target.stat()
+    assert (after.st_mode, after.st_mtime_ns, after.st_uid) == (before.st_mode, before.st_mtime_ns, before.st_uid)
+    report = {layer["name"]: layer for layer in sandbox.sandbox_report()["layers"]}
+    assert report["seccomp"]["engaged"] and "allow-list" in report["seccomp"]["detail"]

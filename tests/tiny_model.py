@@ -39,12 +39,14 @@ def vocab() -> tuple[list[str], list[int]]:
 def write_tiny_llama(path: Path, *, arch: str = "llama", context: int = 64, layers: int = 2, hidden: int = 32,
                      heads: int = 4, kv_heads: int = 2, ffn: int = 64, quantize: str | None = "Q8_0",
                      seed: int = 0, chat_template: str | None = CHATML, unsupported_type: bool = False,
-                     tie_embeddings: bool = True) -> Path:
+                     tie_embeddings: bool = True, name: str | None = None) -> Path:
     """A llama-architecture GGUF whose FFN matrices are stored quantized (Q8_0 by default)."""
     rng = np.random.default_rng(seed)
     tokens, types = vocab()
     v = len(tokens)
     w = gguf.GGUFWriter(str(path), arch)
+    if name is not None:
+        w.add_name(name)
     w.add_block_count(layers)
     w.add_context_length(context)
     w.add_embedding_length(hidden)

@@ -37,7 +37,7 @@ _ERRORS = {cls.__name__: cls for cls in (
 
 # Environment names passed to the worker; everything else (tokens, credentials, proxies) stays behind.
 _ENV_PREFIXES = ("JAX_", "XLA_", "TF_CPP_", "CUDA_", "NVIDIA_", "TPU_")
-_ENV_NAMES = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH")
+_ENV_NAMES = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH", "COREJAX_SECCOMP_LOG")
 
 
 def _clean(text: str, limit: int = 2000) -> str:
@@ -176,6 +176,27 @@ def merge_programs(src: Path, dst: Path) -> int:
         except OSError:
             tmp.unlink(missing_ok=True)
     return added
+
+
+def describe(source: Any, timeout: float = 120.0) -> dict:
+    """A GGUF file's header (`corejax info`) as read by a sandboxed worker that loads nothing else: the parent
+    never parses a model file. The answer is the worker's, so callers treat it as untrusted text."""
+    client = WorkerClient(source, options={"describe": True}, timeout=timeout, start_timeout=timeout)
+    try:
+        req = client.submit(Kind.DESCRIBE)
+        while True:
+            event = client.wait(req)
+            if isinstance(event, tuple):
+                raise errors.WorkerCrashed(f"reading the file's header failed: {event[1]}")
+            if event.kind == Kind.ERROR:
+                raise worker_error(event.payload, " while reading the file's header")
+            if event.kind == Kind.RESULT:
+                info = event.payload.get("info")
+                if not isinstance(info, dict):
+                    raise errors.SandboxError("the worker answered DESCRIBE without an info map")
+                return info
+    finally:
+        client.close()
 
 
 class WorkerClient:

@@ -303,8 +303,52 @@ def _libseccomp() -> ctypes.CDLL | None:
     return None
 
 
-def seccomp() -> Layer:
-    """A deny-list filter on every thread (TSYNC): the listed syscalls, raising rlimits, namespace clones."""
+# The allow-list: what the worker (Python, JAX/XLA, the native kernels, the protocol on its inherited socket)
+# calls once its policy is applied, measured by running the test suite's sandboxed workloads under a logging
+# filter (COREJAX_SECCOMP_LOG=1: every call outside this list is allowed and logged to the kernel log, see
+# docs/SANDBOX.md), widened by the variants other libc and kernel versions use for the same operations (the
+# stat, open, poll and sleep families). Anything else fails with ENOSYS, which libraries treat as "not on this
+# kernel". Names one architecture lacks (open, stat, poll on aarch64) are skipped there.
+ALLOWED = (
+    # files (Landlock decides which)
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
+    "open", "openat", "openat2", "creat", "close", "close_range", "lseek", "dup", "dup2", "dup3", "fcntl",
+    "flock", "fsync", "fdatasync", "ftruncate", "fallocate", "fadvise64", "readahead", "sendfile",
+    "copy_file_range", "stat", "lstat", "fstat", "newfstatat", "statx", "statfs", "fstatfs", "access",
+    "faccessat", "faccessat2", "readlink", "readlinkat", "getdents", "getdents64", "getcwd", "chdir", "fchdir",
+    "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2", "link", "linkat",
+    "symlink", "symlinkat", "umask",
+    # memory
+    "mmap", "munmap", "mprotect", "mremap", "madvise", "brk", "msync", "mincore", "mbind", "get_mempolicy",
+    "set_mempolicy", "membarrier",
+    # threads, time, identity
+    "futex", "futex_waitv", "set_robust_list", "get_robust_list", "rseq", "set_tid_address", "sched_yield",
+    "sched_getaffinity", "sched_getparam", "sched_getscheduler", "sched_getattr", "sched_get_priority_max",
+    "sched_get_priority_min", "getpriority", "getcpu", "gettid", "getpid", "getppid", "getuid", "geteuid",
+    "getgid", "getegid", "getgroups", "getresuid", "getresgid", "getpgrp", "getpgid", "getsid", "getrlimit",
+    "getrusage", "times", "time", "gettimeofday", "clock_gettime", "clock_getres", "clock_nanosleep",
+    "nanosleep", "sysinfo", "uname", "getrandom", "arch_prctl", "prctl", "exit", "exit_group", "wait4", "waitid",
+    # signals and timers (kill/tgkill: see _OWN_PID)
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigpending", "rt_sigtimedwait", "rt_sigsuspend",
+    "sigaltstack", "restart_syscall", "alarm", "pause", "setitimer", "getitimer", "timer_create", "timer_settime",
+    "timer_gettime", "timer_getoverrun", "timer_delete", "timerfd_create", "timerfd_settime", "timerfd_gettime",
+    # waiting on descriptors; the inherited socket
+    "poll", "ppoll", "select", "pselect6", "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait",
+    "epoll_pwait", "epoll_pwait2", "eventfd", "eventfd2", "pipe", "pipe2", "recvfrom", "recvmsg", "recvmmsg",
+    "sendto", "sendmsg", "sendmmsg", "shutdown", "getsockname", "getpeername", "getsockopt", "setsockopt",
+)
+# ioctl requests a CPU worker makes (terminal queries, non-blocking and close-on-exec flags); with a GPU the
+# driver's device ioctls are needed too, and Landlock limits them to the granted devices.
+_IOCTLS = (0x5401, 0x540F, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451)  # TCGETS TIOCGPGRP TIOCGWINSZ FIONREAD
+#                                                                      FIONBIO FIONCLEX FIOCLEX
+_SCMP_ACT_LOG = 0x7FFC0000
+_SCMP_CMP_EQ = 4
+
+
+def seccomp(*, any_ioctl: bool = False) -> Layer:
+    """An allow-list filter on every thread (TSYNC): ALLOWED, clone for threads only, scheduling, limits and
+    signals on the worker itself, the ioctl requests above; EPERM for DENIED, ENOSYS for everything else.
+    COREJAX_SECCOMP_LOG=1 (measurement only) allows and logs what the list lacks instead of refusing it."""
     lib = _libseccomp()
     if lib is None:
         return Layer("seccomp", False, "libseccomp.so.2 not found (apt-get install libseccomp2)", available=False)
@@ -316,13 +360,16 @@ def seccomp() -> Layer:
     lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
     lib.seccomp_load.argtypes = [ctypes.c_void_p]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
-    ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
+    logging = os.environ.get("COREJAX_SECCOMP_LOG") == "1"
+    default = _SCMP_ACT_LOG if logging else _scmp_errno(errno.ENOSYS)
+    ctx = lib.seccomp_init(default)
     if not ctx:
         return Layer("seccomp", False, "seccomp_init failed")
     eperm = _scmp_errno(errno.EPERM)
-    unknown = []
+    unknown, count = [], 0
 
     def rule(action: int, name: str, *cmps: tuple[int, int, int, int]) -> None:
+        nonlocal count
         nr = lib.seccomp_syscall_resolve_name(name.encode())
         if nr < 0:
             nr = _UNIFIED.get(name, -1)  # newer than this libseccomp: the number every architecture shares
@@ -333,21 +380,35 @@ def seccomp() -> Layer:
         rc = lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), arr)
         if rc != 0:
             raise OSError(-rc, f"seccomp_rule_add({name}) failed: {os.strerror(-rc)}")
+        count += 1
 
     try:
+        for name in ALLOWED:
+            rule(_SCMP_ACT_ALLOW, name)
         for name in DENIED:
             rule(eperm, name)
-        rule(eperm, "prlimit64", (2, _SCMP_CMP_NE, 0, 0))  # a new limit; reading limits stays allowed
+        rule(_SCMP_ACT_ALLOW, "prlimit64", (2, _SCMP_CMP_EQ, 0, 0))  # reading limits
+        rule(eperm, "prlimit64", (2, _SCMP_CMP_NE, 0, 0))  # a new limit
+        ns = 0
+        for flag in NAMESPACE_FLAGS:
+            ns |= flag
+        rule(_SCMP_ACT_ALLOW, "clone", (0, _SCMP_CMP_MASKED_EQ, CLONE_THREAD | ns, CLONE_THREAD))  # threads only
         for flag in NAMESPACE_FLAGS:
             rule(eperm, "clone", (0, _SCMP_CMP_MASKED_EQ, flag, flag))
-        rule(eperm, "clone", (0, _SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0))  # a process, not a thread: a fork
+        rule(eperm, "clone", (0, _SCMP_CMP_MASKED_EQ, CLONE_THREAD | ns, 0))  # a process, not a thread: a fork
         for name, arg in _SELF_ONLY:
+            rule(_SCMP_ACT_ALLOW, name, (arg, _SCMP_CMP_EQ, 0, 0))
             rule(eperm, name, (arg, _SCMP_CMP_NE, 0, 0))
         me = os.getpid()
         for name, arg in _OWN_PID:
+            rule(_SCMP_ACT_ALLOW, name, (arg, _SCMP_CMP_EQ, me, 0))
             rule(eperm, name, (arg, _SCMP_CMP_NE, me, 0))
-        # clone3 passes its flags in memory seccomp cannot read: ENOSYS makes glibc fall back to clone.
-        rule(_scmp_errno(errno.ENOSYS), "clone3")
+        if any_ioctl:
+            rule(_SCMP_ACT_ALLOW, "ioctl")
+        else:
+            for request in _IOCTLS:
+                rule(_SCMP_ACT_ALLOW, "ioctl", (1, _SCMP_CMP_EQ, request, 0))
+        # clone3 passes its flags in memory seccomp cannot read: ENOSYS (the default) makes glibc use clone.
         if lib.seccomp_attr_set(ctx, _SCMP_FLTATR_CTL_TSYNC, 1) != 0:
             return Layer("seccomp", False, "libseccomp cannot synchronise threads (SCMP_FLTATR_CTL_TSYNC)")
         rc = lib.seccomp_load(ctx)
@@ -357,10 +418,14 @@ def seccomp() -> Layer:
         return Layer("seccomp", False, str(e))
     finally:
         lib.seccomp_release(ctx)
-    note = f"; not in this libseccomp: {', '.join(unknown)}" if unknown else ""
-    rules = len(DENIED) + 3 + len(NAMESPACE_FLAGS) + len(_SELF_ONLY) + len(_OWN_PID)
-    return Layer("seccomp", True, f"deny-list filter, {rules} rules, EPERM: no exec, no fork, no memfd, "
-                 f"scheduling and signals only on itself{note}")
+    skipped = [n for n in unknown if n not in ALLOWED]  # an allowed name this architecture lacks is no gap
+    note = f"; not in this libseccomp: {', '.join(skipped)}" if skipped else ""
+    if logging:
+        return Layer("seccomp", False, f"LOGGING ONLY (COREJAX_SECCOMP_LOG=1): {count} rules, calls outside the "
+                     "allow-list are allowed and logged, not refused", available=False)
+    return Layer("seccomp", True, f"allow-list filter, {count} rules (ENOSYS otherwise; EPERM for exec, fork, "
+                 f"memfd, namespaces; scheduling and signals only on itself; {len(_IOCTLS)} ioctl requests"
+                 f"{' + device ioctls' if any_ioctl else ''}){note}")
 
 
 # --- the whole policy ----------------------------------------------------------------------------------
@@ -418,7 +483,8 @@ def apply(*, model_paths: Iterable[str], private_dirs: Iterable[str], extra_read
     layers.append(set_no_new_privs())
     python_read, python_list = python_paths()
     read = [*python_read, *SYSTEM_READ, *own_proc(), *model_paths, *extra_read]
-    layers += landlock(read, private_dirs, [*DEVICES, *gpu_devices()], list_only=python_list)
-    layers.append(seccomp())
+    gpus = gpu_devices()  # listed before Landlock hides /dev
+    layers += landlock(read, private_dirs, [*DEVICES, *gpus], list_only=python_list)
+    layers.append(seccomp(any_ioctl=bool(gpus)))
     return layers
 

@@ -60,6 +60,7 @@ class Kind(enum.IntEnum):
     RUN_TEST = 8  # {target, args}: honoured only by a worker started through corejax.sandbox.testing
     EMBED = 9  # {texts, truncate} -> {embeddings: array [n, D]}
     CLASSIFY = 10  # {texts, labels, head: [W, b] | None, multi_label, template, truncate} -> {labels, scores}
+    DESCRIBE = 11  # {} -> {info}: the model file's header (`corejax info`), from a worker that loads nothing
     # worker -> parent
     READY = 32  # {pid, report, info}: policy applied and model loaded
     STARTED = 33  # {}: the worker began this request (requests not started survive a crash)

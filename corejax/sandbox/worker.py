@@ -47,9 +47,11 @@ class WorkerLoop:
     1 ms; the in-process loop does not (its caller is a thread of the same process: nothing to gain, and the
     poll would hold the GIL between its syscalls)."""
 
-    def __init__(self, conn, runtime: Any | None, *, testing: bool = False, poll_s: float = 0.0):
+    def __init__(self, conn, runtime: Any | None, *, testing: bool = False, poll_s: float = 0.0,
+                 describe: str | None = None):
         self.conn = conn
         self.runtime = runtime
+        self.describe = describe  # a GGUF file whose header DESCRIBE reads (a worker started to describe it)
         self.testing = testing
         self.poll_s = poll_s
         self.cancelled: set[int] = set()
@@ -113,6 +115,11 @@ class WorkerLoop:
             return
         if kind == Kind.RUN_TEST:
             self.conn.send(Kind.RESULT, rid, {"value": self._run_test(d)})
+            return
+        if kind == Kind.DESCRIBE and self.describe is not None:
+            from corejax.loading.loader import describe_gguf
+
+            self.conn.send(Kind.RESULT, rid, {"info": describe_gguf(Path(self.describe))})
             return
         if self.runtime is None:
             raise _sandbox_error(f"this worker has no model loaded; it cannot serve {kind.name}")
@@ -257,14 +264,16 @@ def main(argv: list[str] | None = None) -> None:
             "the worker had several threads before its policy was applied, so Landlock would bind only one; "
             "refusing to open the model")})
         os._exit(2)
+    options = json.loads(args.options)
+    describe = args.model[2] if args.model and options.get("describe") else None
     try:
-        runtime = load_runtime(*args.model, json.loads(args.options), _reporter(conn)) if args.model else None
+        runtime = load_runtime(*args.model, options, _reporter(conn)) if args.model and not describe else None
     except Exception as e:  # noqa: BLE001
         conn.send(Kind.ERROR, 0, _error_payload(e))
         conn.close()
         os._exit(3)
     conn.send(Kind.READY, 0, {"pid": os.getpid(), "stage": "loaded"})
-    WorkerLoop(conn, runtime, testing=args.testing, poll_s=0.001).serve()
+    WorkerLoop(conn, runtime, testing=args.testing, poll_s=0.001, describe=describe).serve()
     conn.close()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown: JAX's threads can make a normal exit slow
