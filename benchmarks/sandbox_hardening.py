@@ -1,6 +1,7 @@
 """What the sandbox hardening of issue 17 costs, side by side with the code before it, in one run: a sandboxed
 Session's second cold start (constructor to the first token, with the model's compiled programs already
-cached) and its decode tokens/s, each measured in a fresh process, the two code trees alternating.
+cached) and its steady decode tokens/s (after a short warm-up request), each measured in a fresh process, the
+two code trees alternating.
 
     python benchmarks/sandbox_hardening.py [--before e4eca01] [--model smollm2-135m-instruct] [--reps 5]
 
@@ -28,6 +29,7 @@ import corejax
 s = corejax.Session(sys.argv[1], progress=False)
 first = s.generate("Once upon a time", max_tokens=1, temperature=0)
 cold = time.perf_counter() - t0
+s.generate("Once upon a time", max_tokens=8, temperature=0, ignore_eos=True)  # decode programs loaded
 r = s.generate("Once upon a time", max_tokens=int(sys.argv[2]), temperature=0, ignore_eos=True)
 layers = [l["name"] for l in s.sandbox_report()["layers"] if l["engaged"]]
 s.close()
@@ -54,6 +56,9 @@ def main() -> None:
         before = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before],
                        check=True, capture_output=True)
+        # corejax.kernels is the top-level kernels/ folder (pyproject's package-dir), which an editable install
+        # maps to *this* checkout: a link makes the old tree import its own.
+        (before / "corejax" / "kernels").symlink_to("../kernels")
         try:
             trees = {"before": before, "after": ROOT}
             runs: dict[str, list[dict]] = {name: [] for name in trees}

@@ -376,7 +376,7 @@ def test_a_worker_cannot_poison_another_models_programs(tmp_path):
     with TestingSession(str(b), pythonpath=here) as sb:
         shared_b = program_cache_dir(sb.source, sb._options.get("native_kernels"))
     assert shared_a != shared_b
-    before = {p.name: p.read_bytes() for p in shared_a.iterdir()}
+    before = {p.name: p.read_bytes() for p in shared_a.iterdir() if not p.name.startswith(".")}
     assert before, "the first worker's programs were merged after its clean exit"
     with TestingSession(str(b), pythonpath=here) as sb:
         got = sb.run(f"{__name__}:probe_poison_program_cache")
@@ -385,7 +385,7 @@ def test_a_worker_cannot_poison_another_models_programs(tmp_path):
     with TestingSession(str(a), pythonpath=here) as sa:
         got = sa.run(f"{__name__}:probe_poison_program_cache")  # a worker of model a poisons its own copy...
         assert set(before) <= set(got["names"])
-    after = {p.name: p.read_bytes() for p in shared_a.iterdir()}
+    after = {p.name: p.read_bytes() for p in shared_a.iterdir() if not p.name.startswith(".")}
     assert {k: after[k] for k in before} == before  # ...but never replaces a program
     with TestingSession(str(a), pythonpath=here) as sa:
         assert len(sa.generate("hi", max_tokens=2, temperature=0).tokens) == 2  # still loads and runs

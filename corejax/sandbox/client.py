@@ -102,7 +102,30 @@ def program_cache_dir(source: Any, native_kernels: str | None) -> Path:
                 pass
     key = f"{source.name if source is not None else 'no-model'}-{h.hexdigest()[:16]}"
     key = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-    return cache_dir() / "xla-sandbox" / (Path(native_kernels).stem if native_kernels else "xla") / key
+    root = cache_dir() / "xla-sandbox" / (Path(native_kernels).stem if native_kernels else "xla")
+    folder = root / key
+    if not folder.is_dir():
+        _prune_programs(root)
+        folder.mkdir(parents=True, exist_ok=True)
+        if source is not None:
+            (folder / ".source").write_text(str(Path(source.path).resolve()))
+    return folder
+
+
+def _prune_programs(root: Path) -> None:
+    """Drops the program folders of model files that no longer exist (a test's temporary model, a deleted
+    download), so the cache does not grow with every file ever opened."""
+    try:
+        folders = list(os.scandir(root))
+    except OSError:
+        return
+    for e in folders:
+        try:
+            path = Path(e.path, ".source").read_text()
+        except OSError:
+            continue
+        if not os.path.exists(path):
+            shutil.rmtree(e.path, ignore_errors=True)
 
 
 def _program_files(folder: Path) -> list[tuple[Path, int]]:
@@ -114,7 +137,7 @@ def _program_files(folder: Path) -> list[tuple[Path, int]]:
         return out
     for e in entries:
         try:
-            if e.is_file(follow_symlinks=False):
+            if e.is_file(follow_symlinks=False) and not e.name.startswith("."):
                 out.append((Path(e.path), e.stat(follow_symlinks=False).st_size))
         except OSError:
             pass
@@ -282,6 +305,9 @@ class WorkerClient:
             HOME=str(tmp), TMPDIR=str(tmp), PYTHONPATH=os.pathsep.join(paths), PYTHONDONTWRITEBYTECODE="1",
             OPENBLAS_NUM_THREADS="1",  # numpy's BLAS would start threads before the policy binds them
             JAX_COMPILATION_CACHE_DIR=str(xla), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+            # XLA's own caches would live under (and put into every program's key) the private copy's path,
+            # which is new for each worker: every program would miss. None of them, then.
+            JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES="none",
         )
         env.setdefault("LANG", "C.UTF-8")
         cmd = [sys.executable, "-m", "corejax.sandbox.worker", "--fd", str(child.fileno()), "--parent",

@@ -245,7 +245,7 @@ def landlock(read: Iterable[str | os.PathLike], write: Iterable[str | os.PathLik
 # --- seccomp -------------------------------------------------------------------------------------------
 
 _SCMP_ACT_ALLOW = 0x7FFF0000
-_SCMP_FLTATR_CTL_TSYNC = 4
+_SCMP_FLTATR_CTL_TSYNC, _SCMP_FLTATR_CTL_OPTIMIZE = 4, 8
 _SCMP_CMP_NE, _SCMP_CMP_MASKED_EQ = 1, 7
 
 
@@ -409,6 +409,9 @@ def seccomp(*, any_ioctl: bool = False) -> Layer:
             for request in _IOCTLS:
                 rule(_SCMP_ACT_ALLOW, "ioctl", (1, _SCMP_CMP_EQ, request, 0))
         # clone3 passes its flags in memory seccomp cannot read: ENOSYS (the default) makes glibc use clone.
+        # A binary search over the syscall numbers (libseccomp 2.5+), not ~270 comparisons in a row: the
+        # filter runs on every call, and a decode step makes hundreds (futex, the socket, the poll).
+        lib.seccomp_attr_set(ctx, _SCMP_FLTATR_CTL_OPTIMIZE, 2)
         if lib.seccomp_attr_set(ctx, _SCMP_FLTATR_CTL_TSYNC, 1) != 0:
             return Layer("seccomp", False, "libseccomp cannot synchronise threads (SCMP_FLTATR_CTL_TSYNC)")
         rc = lib.seccomp_load(ctx)
@@ -436,13 +439,18 @@ def python_paths() -> tuple[list[str], list[str]]:
     The interpreter's prefixes (stdlib, site-packages) are read whole. Other sys.path entries — a source
     checkout in an editable install, PYTHONPATH folders — may only be listed (imports look there), and of
     them only corejax's own packages (corejax/, kernels/) are readable: not the rest of the repository."""
-    import corejax
-    import kernels
+    import importlib.util
 
+    import corejax
+
+    # corejax.kernels is the repository's top-level kernels/ folder (pyproject's package-dir): found, not
+    # imported (importing it imports JAX, whose threads would then escape Landlock).
+    kernels = importlib.util.find_spec("corejax.kernels")
     prefixes = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
     real = [os.path.realpath(p) for p in prefixes]
-    read = [*prefixes, os.path.dirname(os.path.abspath(corejax.__file__)),
-            os.path.dirname(os.path.abspath(kernels.__file__))]
+    read = [*prefixes, os.path.dirname(os.path.abspath(corejax.__file__))]
+    if kernels is not None and kernels.origin:
+        read.append(os.path.dirname(os.path.abspath(kernels.origin)))
     list_only = []
     for p in sys.path:
         if p and os.path.isabs(p):
@@ -484,6 +492,9 @@ def apply(*, model_paths: Iterable[str], private_dirs: Iterable[str], extra_read
     python_read, python_list = python_paths()
     read = [*python_read, *SYSTEM_READ, *own_proc(), *model_paths, *extra_read]
     gpus = gpu_devices()  # listed before Landlock hides /dev
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1 and not any(layer.name == "single_thread" for layer in layers):
+        layers.append(Layer("single_thread", False, f"{threads} threads started while the policy was prepared"))
     layers += landlock(read, private_dirs, [*DEVICES, *gpus], list_only=python_list)
     layers.append(seccomp(any_ioctl=bool(gpus)))
     return layers
