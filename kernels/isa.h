@@ -195,6 +195,10 @@ inline I widen2(P q, P r) {
   return _mm256_add_epi32(_mm256_madd_epi16(q, _mm256_set1_epi16(256)), _mm256_madd_epi16(r, _mm256_set1_epi16(1)));
 }
 constexpr int chunk_steps(int pair_max) { return 32767 / pair_max; }
+// Pins v in a register here: stops the compiler from hoisting every step's products ahead of their sums
+// (which spills 16 registers' worth on AVX2).
+inline void order(P& v) { asm volatile("" : "+x"(v)); }
+#define COREJAX_ISA_HAS_ORDER 1
 #endif
 inline I zero() { return _mm256_setzero_si256(); }
 inline I combine(I q, I r) { return _mm256_add_epi32(_mm256_slli_epi32(q, 8), r); }
@@ -332,6 +336,7 @@ inline P pdot8s(P acc, const W8s& w, const I& x) { return dot8(acc, w, x); }
 inline P pdot4(P acc, const W4& w, const I& xl, const I& xh) { return dot4(acc, w, xl, xh); }
 inline I widen2(const P& q, const P& r) { return combine(q, r); }
 constexpr int chunk_steps(int) { return 1 << 20; }
+inline void order(P&) {}
 #endif
 
 }  // namespace corejax::isa

@@ -31,7 +31,9 @@
 // widens them, bounded so they cannot saturate; full-range bytes such as Q8_0's are multiplied as signed
 // bytes, one step at a time), sdot on NEON (four passes of 4), plain C++ as the reference. Every path computes
 // the same integer sums; only float summation order differs. On AVX2 the chunks took Gemma-3-270M's 128-token
-// prefill from 423 to 511 tok/s (its FFN is Q5_0) and SmolLM2's decode from 77 to 88 tok/s.
+// prefill from 423 to 511 tok/s (its FFN is Q5_0) and SmolLM2's decode from 77 to 88 tok/s; keeping each
+// step's sums in order (isa::order: GCC hoisted all products of a chunk ahead of their sums and spilled)
+// then to 610 and 97 tok/s (in-process, COREJAX_ISA=avx2).
 //
 // Rows: up to kRows (8; 4 on AVX2's 16 registers) share one pass over a column group (their int32 and float
 // accumulators stay in registers); more rows loop over the group while it is in L1/L2 (prefill). Chunks of column groups are split over the
@@ -241,6 +243,8 @@ void group(const Weights& w, const Acts& a, int64_t g, int64_t m0, float* y) {
             const int64_t at = (m0 + m) * K + k0 + 4 * s;
             acc[m] = dot8(acc[m], wv, bcast(a.q + at));
             acc2[m] = dot8(acc2[m], wv, bcast(a.r + at));
+            order(acc[m]);
+            order(acc2[m]);
           }
         }
         for (int m = 0; m < M; ++m) acc[m] = combine(acc[m], acc2[m]);
@@ -256,6 +260,8 @@ void group(const Weights& w, const Acts& a, int64_t g, int64_t m0, float* y) {
                 const int64_t at = (m0 + m) * K + k0 + 4 * s;
                 pq[m] = pdot8s(pq[m], wv, bcast(a.q + at));
                 pr[m] = pdot8s(pr[m], wv, bcast(a.r + at));
+                order(pq[m]);
+                order(pr[m]);
               }
             } else {
               const W4 wv = prep4(cp);
@@ -263,6 +269,8 @@ void group(const Weights& w, const Acts& a, int64_t g, int64_t m0, float* y) {
                 const int64_t at = (m0 + m) * K + k0 + 8 * s;
                 pq[m] = pdot4(pq[m], wv, bcast(a.q + at), bcast(a.q + at + 4));
                 pr[m] = pdot4(pr[m], wv, bcast(a.r + at), bcast(a.r + at + 4));
+                order(pq[m]);
+                order(pr[m]);
               }
             }
           }
