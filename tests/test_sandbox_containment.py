@@ -65,7 +65,7 @@ def probe_fork_exec():
     try:
         pid = os.fork()
     except OSError as e:
-        return e.errno  # no child processes at all (policy.seccomp)
+        return e.errno  # no child processes at all (sandbox/seccomp.py)
     if pid == 0:
         try:
             os.execv("/bin/sh", ["/bin/sh", "-c", "exit 0"])
@@ -363,7 +363,7 @@ def probe_poison_program_cache():
 
 
 def test_a_worker_cannot_poison_another_models_programs(tmp_path):
-    from corejax.sandbox.client import program_cache_dir
+    from corejax.sandbox.programs import program_cache_dir
     from corejax.sandbox.testing import TestingSession
     from tiny_model import write_tiny_llama
 
@@ -457,7 +457,7 @@ def test_nothing_from_a_model_or_worker_reaches_the_terminal_raw(tmp_path, monke
 
 
 def test_only_the_allow_list_runs(sandbox, tmp_path):
-    """Finding 7: seccomp allows what the worker uses (policy.ALLOWED), nothing else: here calls that change
+    """Finding 7: seccomp allows what the worker uses (sandbox/seccomp.py ALLOWED), nothing else: here calls that change
     the metadata of a file of the user's that Landlock does not guard, and pinning memory."""
     target = tmp_path / "mine.txt"
     target.write_text("x")
