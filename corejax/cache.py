@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from corejax.config import ModelConfig
-from corejax.kernels import paged_attention, paged_decode, quantize_kv
+from corejax.kernels import ffi, paged_attention, paged_decode, quantize_kv
+from corejax.kernels.flash_attention import in_window
 
 _MASKED = -1e30  # large but finite: a fully masked padding row must stay NaN-free
 
@@ -39,13 +40,13 @@ class DenseKVCache:
 
     def attend(
         self,
-        layer: int,
+        layer: jax.Array | int,
         q: jax.Array,  # [B, T, N, H], already rotated
         k: jax.Array,  # [B, T, K, H], already rotated
         v: jax.Array,  # [B, T, K, H]
         positions: jax.Array,  # [B, T] absolute positions of these tokens
         *,
-        window: int,
+        window: jax.Array | int,
         scale: float,
         softcap: float,
     ) -> tuple[jax.Array, DenseKVCache]:
@@ -67,7 +68,7 @@ def dense_attention(
     q_positions: jax.Array,  # [B, T]
     k_positions: jax.Array,  # [B, S]; a key is visible if 0 <= position <= the query's (and inside the window)
     *,
-    window: int,
+    window: jax.Array | int,
     scale: float,
     softcap: float,
 ) -> jax.Array:
@@ -84,9 +85,7 @@ def dense_attention(
         scores = jnp.tanh(scores / softcap) * softcap
     qp = q_positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
     kp = k_positions[:, None, None, None, :]  # [B, 1, 1, 1, S]
-    visible = (kp <= qp) & (kp >= 0)
-    if window:
-        visible &= qp - kp < window
+    visible = in_window((kp <= qp) & (kp >= 0), qp, kp, window)
     scores = jnp.where(visible, scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
@@ -94,6 +93,14 @@ def dense_attention(
 
 
 KV_DTYPES = ("float32", "bf16", "int8", "int4")
+
+
+def _zeros(shape: tuple[int, ...], dtype) -> jax.Array:
+    """A zero array for the page pool: with the native kernels, one whose memory is committed only as pages are
+    written (kernels/lazy_zeros.cc), so a pool sized for the whole context costs what the sequences use."""
+    if not ffi.available():
+        return jnp.zeros(shape, dtype)
+    return jax.jit(jax.ffi.ffi_call("corejax_lazy_zeros", jax.ShapeDtypeStruct(shape, dtype)))()
 
 
 @struct.dataclass
@@ -125,10 +132,10 @@ class PagedKVCache:
         shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, h)
         # bf16 pages are stored as their 16-bit patterns (uint16): XLA:CPU widens a bfloat16 cache to float32
         # around every write (convert, update, convert back: the whole cache, twice per layer per step, so
-        # SmolLM2 decoded at 1.4 tok/s); an integer array updates in place. Readers see bfloat16 (pages()).
+        # SmolLM2 decoded at 1.4 tok/s); an integer array updates in place. The kernels read the bits as bfloat16.
         dtype = {"float32": jnp.float32, "bf16": jnp.uint16, "int8": jnp.int8, "int4": jnp.uint8}[kv_dtype]
         quantized = kv_dtype in ("int8", "int4")
-        return cls(k_pages=jnp.zeros(shape, dtype), v_pages=jnp.zeros(shape, dtype),
+        return cls(k_pages=_zeros(shape, dtype), v_pages=_zeros(shape, dtype),
                    k_scales=jnp.ones(shape[:-1], jnp.float32) if quantized else None,
                    v_scales=jnp.ones(shape[:-1], jnp.float32) if quantized else None,
                    page_table=jnp.zeros((1, 1), jnp.int32), lengths=jnp.zeros((1,), jnp.int32))
@@ -142,12 +149,6 @@ class PagedKVCache:
         return {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.uint8): "int4",
                 jnp.dtype(jnp.uint16): "bf16"}.get(jnp.dtype(self.k_pages.dtype), "float32")
 
-    def pages(self, name: str, layer: int | None = None) -> jax.Array:
-        """k or v pages (of one layer, or all) in their value type: bf16 bit patterns viewed as bfloat16."""
-        a = getattr(self, f"{name}_pages")
-        a = a if layer is None else a[layer]
-        return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
-
     def with_rows(self, page_table: jax.Array, lengths: jax.Array) -> PagedKVCache:
         """The same pages, viewed through this step's page table [B, pages_per_seq] and lengths [B]."""
         return dataclasses.replace(self, page_table=page_table, lengths=lengths)
@@ -159,9 +160,12 @@ class PagedKVCache:
         return dataclasses.replace(self, k_pages=cp(self.k_pages), v_pages=cp(self.v_pages),
                                    k_scales=cp(self.k_scales), v_scales=cp(self.v_scales))
 
-    def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, *,
-               window: int, scale: float, softcap: float) -> tuple[jax.Array, PagedKVCache]:
-        """Writes k/v [B, T, K, H] at `positions` [B, T] through the page table, then paged attention."""
+    def attend(self, layer: jax.Array | int, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, *,
+               window: jax.Array | int, scale: float, softcap: float) -> tuple[jax.Array, PagedKVCache]:
+        """Writes k/v [B, T, K, H] at `positions` [B, T] through the page table, then paged attention.
+
+        layer and window may be traced (a layer loop): the writes are scatters into the whole cache and the
+        kernels read layer `layer` of it in place, so no layer's pages are ever copied out."""
         ps = self.page_size
         real = positions < self.lengths[:, None]  # padding tokens go to page 0
         index = jnp.clip(positions // ps, 0, self.page_table.shape[1] - 1)
@@ -185,10 +189,7 @@ class PagedKVCache:
             out = paged_decode.paged_decode(q, cache.k_pages, cache.v_pages, layer, self.page_table, self.lengths,
                                             positions, window=window, scale=scale, softcap=softcap)
             return out, cache
-        out = paged_attention(
-            q, cache.pages("k", layer), cache.pages("v", layer), self.page_table, self.lengths, positions,
-            None if cache.k_scales is None else cache.k_scales[layer],
-            None if cache.v_scales is None else cache.v_scales[layer],
-            window=window, scale=scale, softcap=softcap,
-        )
+        out = paged_attention(q, cache.k_pages, cache.v_pages, self.page_table, self.lengths, positions,
+                              cache.k_scales, cache.v_scales, window=window, layer=layer, scale=scale,
+                              softcap=softcap)
         return out, cache

@@ -1,10 +1,14 @@
 """The jit sites (prefill chunk, decode step, full-sequence logits, page copy, encoder batch, token scoring)
 and the host loop that drives them for one request over the paged KV cache.
 
-What recompiles: a new ModelConfig, a new prompt-chunk bucket or page-table width (powers of two), the
-first chunk vs the final (sampling) chunk, and a change of the sampler's static flags (greedy vs sampling,
-top-k bound, logprobs count, penalties). Values of temperature, top-p, seeds, positions, tokens, page
-tables and lengths are traced and never recompile.
+Each program holds one compiled layer run in a loop over the stacked layers (models/stack.py), so its size
+and compile time do not grow with the layer count. What makes a new program: a new ModelConfig, a batch or
+prompt-chunk bucket or page-table width (powers of two; the width covers prompt + max_tokens, at least 16
+pages), a non-final vs final (sampling) prompt chunk, and the sampler's few variants (corejax/sampling.py):
+greedy and default sampling share one; top_k = 0 with top_p < 1, top_k > 64, penalties and logprobs each
+select another. Values of temperature, top-k/top-p/min-p, seeds, positions, tokens, page tables and lengths are
+traced and never recompile. A default `corejax generate` builds 2 programs (one prefill chunk, one decode
+step); 16 concurrent streams of mixed prompts, greedy and sampled, 4 more (`programs_built()` counts them).
 
 Each Engine (and Encoder) jits its own copies of the sites (Programs), so its compiled programs are freed with
 it rather than living as long as the process.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import Any
 
 import jax
@@ -22,6 +27,7 @@ import numpy as np
 
 from corejax import models
 from corejax.models import bert
+from corejax.models.stack import stack_layers
 from corejax.cache import DenseKVCache, PagedKVCache
 from corejax.config import EncoderConfig, EngineConfig, ModelConfig
 from corejax.errors import ContextLengthError
@@ -37,6 +43,26 @@ from corejax.sampling import (
 )
 
 MIN_PREFILL_BUCKET = 16
+_SITES = ("_prefill", "_decode_step", "_copy_page", "_full_logits", "_encode", "_token_logprobs")
+_programs: dict[str, int] = dict.fromkeys(_SITES, 0)
+_programs_lock = threading.Lock()
+
+
+def _count_program(event: str, duration: float, **kwargs) -> None:
+    name = str(kwargs.get("fun_name", "")).removeprefix("jit(").removesuffix(")")
+    if event == "/jax/core/compile/backend_compile_duration" and name in _programs:
+        with _programs_lock:
+            _programs[name] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_program)
+
+
+def programs_built() -> dict[str, int]:
+    """Executables this process has built for each jit site so far (compiled, or loaded from the persistent
+    cache: either way a program with its own machine code in memory), from JAX's own monitoring events."""
+    with _programs_lock:
+        return dict(_programs)
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -167,7 +193,9 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, params: Any, engine_cfg: EngineConfig | None = None):
         self.cfg = cfg
-        self.params = params
+        # Layers stacked (models/stack.py) so each program holds one compiled layer run in a loop; a caller's
+        # list of per-layer dicts is copied, not consumed (Runtime stacks its own params in place first).
+        self.params = stack_layers(params)
         self.engine_cfg = engine_cfg or EngineConfig()
         ec = self.engine_cfg
         num_pages = ec.num_pages(cfg)

@@ -34,18 +34,17 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 # jaxlib's shared library). Rounded up for the sandbox's own modules.
 RUNTIME_BASELINE = 240 << 20
 
-# XLA:CPU keeps every compiled program resident, and the models' layer loop is unrolled (ARCHITECTURE.md), so
-# a program's code grows with the layer count. Measured RSS growth (same machine) over a session's first
-# requests, each of a new prompt length, so each building new programs (a prefill bucket, a page-table width):
-#   tiny 2-layer llama   first request (2 programs) +91 MiB, then +5-25 MiB per request
-#   Gemma 3 270M (18)    first request +201 MiB, then +15-95 MiB per request
-#   SmolLM2-135M (30)    first request +218-287 MiB, then +20-170 MiB per request (loaded from the persistent
-#                        cache costs as much as compiling: the executables themselves are the cost); in the
-#                        sandboxed worker, prompts of 4/20/60/120/250/500 tokens: +230/310/384/469/620/909 MiB
-# So: the compiler's first use (COMPILER_BASELINE) plus PROGRAM_BYTES_PER_LAYER per layer per program, and the
-# workspace reserves PROGRAMS_RESERVED programs — a session's first several distinct prompt lengths. A workload
-# with many more grows past that, and the parent's RSS check is what stops it.
-COMPILER_BASELINE = 96 << 20
+# XLA:CPU keeps every compiled program resident. A decoder's programs run one compiled layer in a loop
+# (models/stack.py), so a program's code no longer grows with the layer count. Measured RSS growth in-process
+# (AVX-512 machine, jax 0.10.2, native kernels), over requests of 4, 40 and 200 words, each building programs:
+#   SmolLM2-135M (30 layers)  first request (the compiler's first use, 2 programs) +164 MiB, then +10/+36 MiB
+#   Gemma 3 270M (18 layers)  first request +178 MiB, then +28/+24 MiB
+# (the unrolled programs before: +218-287 MiB, then +20-170 MiB per request for SmolLM2). So: COMPILER_BASELINE
+# plus PROGRAM_BYTES per program, PROGRAMS_RESERVED of them. Encoders (models/bert.py) are still unrolled:
+# PROGRAM_BYTES_PER_LAYER per layer per program. A workload with many more programs grows past the
+# reservation, and the parent's RSS check is what stops it.
+COMPILER_BASELINE = 144 << 20
+PROGRAM_BYTES = 24 << 20
 PROGRAM_BYTES_PER_LAYER = 4 << 20
 PROGRAM_BYTES_MIN = 16 << 20
 PROGRAMS_RESERVED = 8
@@ -170,6 +169,7 @@ class MemoryBudget:
 
 
 def program_bytes(num_layers: int) -> int:
+    """One unrolled (encoder) program."""
     return max(PROGRAM_BYTES_MIN, num_layers * PROGRAM_BYTES_PER_LAYER)
 
 
@@ -195,7 +195,7 @@ def workspace_bytes(cfg: Any, prefill_chunk: int, weights: str = "f32") -> tuple
     from corejax.kernels import ffi  # with the quantized kernel loaded, a matmul is one custom call either way
 
     factor = 1 if weights == "f32" or ffi.available() else QUANT_PROGRAM_FACTOR
-    programs = int(PROGRAMS_RESERVED * program_bytes(cfg.num_layers) * factor)
+    programs = int(PROGRAMS_RESERVED * PROGRAM_BYTES * factor)
     return act + COMPILER_BASELINE + programs, (
         f"activations of a {chunk}-token prefill chunk {format_size(act)}, the compiler "
         f"{format_size(COMPILER_BASELINE)}, {PROGRAMS_RESERVED} compiled programs {format_size(programs)}")

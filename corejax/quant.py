@@ -39,12 +39,14 @@ from flax import struct
 from jax import lax
 
 from corejax.errors import InvalidParameterError
+from corejax.hostmem import aligned_empty, to_device
 from corejax.kernels import ffi
 
 TARGET = "corejax_quant_matmul"
 GROUP = 16  # columns per group (kernels/quant_matmul.cc kG)
 BLOCKS = (16, 32)  # values per scale the layout supports
-_SLICE_BYTES = 512 * 1024  # the XLA fallback's dequantized f32 slice: well inside L2
+_SLICE_BYTES = 512 * 1024
+_CHUNK_ROWS = 8192  # rows repacked at a time by from_blocks (a multiple of GROUP)  # the XLA fallback's dequantized f32 slice: well inside L2
 
 
 @struct.dataclass
@@ -89,17 +91,26 @@ def _scale_array(x: np.ndarray) -> np.ndarray:
 def _group_params(a: np.ndarray) -> np.ndarray:
     """[out, in // block] (out a multiple of 16) -> [out / 16, in // block, 16]."""
     out, nb = a.shape
-    return np.ascontiguousarray(a.reshape(out // GROUP, GROUP, nb).transpose(0, 2, 1))
+    grouped = aligned_empty((out // GROUP, nb, GROUP), a.dtype)
+    grouped[...] = a.reshape(out // GROUP, GROUP, nb).transpose(0, 2, 1)
+    return grouped
 
 
-def _group_codes(u: np.ndarray, bits: int) -> np.ndarray:
-    """u [out, in] uint8 (out a multiple of 16) -> the kernel's byte order (module docstring)."""
-    out, d_in = u.shape
-    g = out // GROUP
+def _group_codes(u: np.ndarray, bits: int, out: np.ndarray | None = None) -> np.ndarray:
+    """u [rows, in] uint8 (rows a multiple of 16) -> the kernel's byte order (module docstring), written to `out`
+    ([rows / 16, in * bits / 32, 64]) when given."""
+    rows, d_in = u.shape
+    g = rows // GROUP
+    per = d_in * bits // 32
+    if out is None:
+        out = aligned_empty((g, per, 64), np.uint8)
+    view = out.reshape(g, per, GROUP, 4)
     if bits == 8:
-        return np.ascontiguousarray(u.reshape(g, GROUP, d_in // 4, 4).transpose(0, 2, 1, 3)).reshape(g, d_in // 4, 64)
-    split = u.reshape(g, GROUP, d_in // 8, 2, 4).transpose(0, 2, 3, 1, 4)  # [g, s, half, column, j]
-    return np.ascontiguousarray(split[:, :, 0] | (split[:, :, 1] << 4)).reshape(g, d_in // 8, 64)
+        view[...] = u.reshape(g, GROUP, d_in // 4, 4).transpose(0, 2, 1, 3)
+    else:
+        split = u.reshape(g, GROUP, d_in // 8, 2, 4).transpose(0, 2, 3, 1, 4)  # [g, s, half, column, j]
+        np.bitwise_or(split[:, :, 0], split[:, :, 1] << 4, out=view)
+    return out
 
 
 def from_blocks(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, *, fmt: str) -> QuantArray:
@@ -110,24 +121,27 @@ def from_blocks(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, 
     if not supported((d_out, d_in), block):
         raise InvalidParameterError(f"{fmt}: a [{d_out}, {d_in}] matrix with {block} values per scale does not "
                                     "fit the quantized layout (needs in % 32 == 0 and 16 or 32 per scale)")
-    lo = int(codes.min())
+    lo, hi = int(codes.min()), int(codes.max())
     offset = 0 if lo >= 0 else 1 << (-lo - 1).bit_length()  # a power of two: scale * offset stays exact
-    u = codes.astype(np.int16) + offset
-    hi = int(u.max())
-    if hi > 255:
-        raise InvalidParameterError(f"{fmt} codes span [{lo}, {hi - offset}], more than a byte holds")
-    bits = 4 if hi < 16 else 8
+    if hi + offset > 255:
+        raise InvalidParameterError(f"{fmt} codes span [{lo}, {hi}], more than a byte holds")
+    bits = 4 if hi + offset < 16 else 8
     pad = -d_out % GROUP
-    u = np.pad(u.astype(np.uint8), ((0, pad), (0, 0)))
+    grouped = aligned_empty(((d_out + pad) // GROUP, d_in * bits // 32, 64), np.uint8)
+    for r in range(0, d_out, _CHUNK_ROWS):  # a chunk at a time: no full-size temporary (a 262k-row embedding)
+        rows = codes[r:r + _CHUNK_ROWS]
+        u = np.zeros((-(-len(rows) // GROUP) * GROUP, d_in), np.uint8)
+        np.add(rows, offset, out=u[:len(rows)], dtype=np.int16, casting="unsafe")
+        _group_codes(u, bits, grouped[r // GROUP:(r + len(u)) // GROUP])
     sc = np.pad(_scale_array(scales), ((0, pad), (0, 0)))
     mn = None if mins is None else np.pad(_scale_array(mins), ((0, pad), (0, 0)))
     if mn is not None and mn.dtype != sc.dtype:
         sc, mn = sc.astype(np.float32), mn.astype(np.float32)
     return QuantArray(
-        codes=jnp.asarray(_group_codes(u, bits)),
-        scales=jnp.asarray(_group_params(sc)),
-        mins=None if mn is None else jnp.asarray(_group_params(mn)),
-        shape=(d_in, d_out), block=block, bits=bits, offset=offset, fmt=fmt, code_max=hi,
+        codes=to_device(grouped),
+        scales=to_device(_group_params(sc)),
+        mins=None if mn is None else to_device(_group_params(mn)),
+        shape=(d_in, d_out), block=block, bits=bits, offset=offset, fmt=fmt, code_max=hi + offset,
     )
 
 
@@ -185,23 +199,29 @@ def _threads() -> int:
         return os.cpu_count() or 1
 
 
-def matmul(x: jax.Array, w: QuantArray) -> jax.Array:
-    """x [..., d_in] @ w -> [..., d_out] float32."""
+def matmul(x: jax.Array, w: QuantArray, layer: jax.Array | int | None = None) -> jax.Array:
+    """x [..., d_in] @ w -> [..., d_out] float32. A stacked w (arrays with a leading layer axis, a model's layers
+    of one layout; corejax/models/stack.py) takes `layer`, an int32 index the kernel reads in place."""
     d_in, d_out = w.shape
+    stacked = w.codes.ndim == 4
+    if stacked != (layer is not None):
+        raise ValueError(f"quant.matmul: a stacked weight needs a layer index and only it takes one: "
+                         f"{w.codes.shape=} {layer=}")
     if x.shape[-1] != d_in:
         raise ValueError(f"quant.matmul: {x.shape=} does not match the weight's [in, out] = {w.shape}")
     lead = x.shape[:-1]
     rows = math.prod(lead)
     x2 = x.reshape(rows, d_in).astype(jnp.float32)
-    padded = w.codes.shape[0] * GROUP
+    padded = w.codes.shape[-3] * GROUP
     if ffi.available():
         y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, padded), jnp.float32))(
             x2, w.codes, w.scales, w.scales if w.mins is None else w.mins,
+            jnp.asarray(0 if layer is None else layer, jnp.int32),
             bits=np.int32(w.bits), block=np.int32(w.block), offset=np.int32(w.offset),
             has_mins=np.int32(w.mins is not None), code_max=np.int32(w.code_max),
             threads=np.int32(_threads()))
     else:
-        y = _xla_matmul(x2, w)
+        y = _xla_matmul(x2, w if layer is None else jax.tree.map(lambda a: a[layer], w))
     return y[:, :d_out].reshape(*lead, d_out)
 
 

@@ -17,6 +17,7 @@ from corejax import memory
 from corejax.config import EncoderConfig, EngineConfig, ModelConfig
 from corejax.engine import Engine
 from corejax.errors import InvalidParameterError, UnsupportedModelError
+from corejax.hostmem import trim_heap
 from corejax.hub import ModelSource, cache_dir
 from corejax.kernels import ffi, small_matmul
 from corejax.loading.loader import (
@@ -25,6 +26,7 @@ from corejax.loading.loader import (
     load_model,
     plan_weights,
 )
+from corejax.models.stack import stack_layers
 from corejax.requests import StepTimes
 from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
 from corejax.sampling import SamplingParams
@@ -45,6 +47,16 @@ def enable_compilation_cache() -> None:
     if jax.config.jax_compilation_cache_dir is None:
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla" / ffi.library_key()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _prepare_decoder(params: dict, native: bool) -> dict:
+    """Float matmuls in the native kernel's column blocks (kernels/small_matmul.cc) when it is loaded, then the
+    layers stacked for the layer loop (models/stack.py); each step frees what it converted, never two copies."""
+    if native:
+        params = small_matmul.block_params(params)
+    params = stack_layers(params, free=True)
+    trim_heap()  # the per-layer arrays just freed, back to the system
+    return params
 
 
 class Runtime:
@@ -74,8 +86,7 @@ class Runtime:
                 self.model.params = small_matmul.block_params(self.model.params, small_matmul.ENCODER_KEYS)
             self.encoder = Encoder(self.model.cfg, self.model.params, self.tokenizer, self.model.sentence)
         else:
-            if native:  # float matmuls on the native kernel (kernels/small_matmul.cc)
-                self.model.params = small_matmul.block_params(self.model.params)
+            self.model.params = _prepare_decoder(self.model.params, native)
             self.engine = Engine(self.model.cfg, self.model.params, engine)
 
     def warmup(self, report: Callable[[str, int, int], None] | None = None) -> None:
@@ -145,6 +156,7 @@ class Runtime:
             raise InvalidParameterError(
                 f"the draft model {source.name} does not share {self.model.info.get('name')}'s tokenizer; "
                 "speculative decoding needs a draft with the same vocabulary")
+        draft.params = _prepare_decoder(draft.params, ffi.available())
         return DraftModelProposer(Engine(draft.cfg, draft.params, self.engine.engine_cfg))
 
     def cancel(self, tag: Any) -> None:

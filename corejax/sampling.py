@@ -38,10 +38,12 @@ batch's static flags differ (another row forces the full-vocabulary path) that s
 and a token whose cumulative mass lies within float rounding of top_p could be cut differently.
 
 Static vs traced (see SamplingTensors): the per-row values (temperature, top_k, top_p, min_p, penalties) are
-traced [B] arrays -- changing them never recompiles. The flags (any_sampling, any_penalty, top_k_bound,
-all_top_k, needs_full_top_p, any_top_p, any_min_p, max_logprobs) are static: they pick which code is traced,
-so an all-greedy batch costs one argmax (plus a log-softmax only if logprobs were asked for). top_k_bound is
-bucketed to a power of two so a workload compiles a handful of programs.
+traced [B] arrays -- changing them never recompiles. from_params sets the static flags to a few fixed variants,
+so a new command-line flag does not compile a new program: greedy and the default settings (top_k <= 64) share
+the top-k candidate program, in which an all-greedy batch takes the argmax branch of a lax.cond at run time;
+top_p and min_p are applied there as values (1 and 0 are no-ops). What selects another program: top_k = 0
+with top_p < 1 (the full-vocabulary path), top_k > 64 (a power-of-two bound), penalties (their [B, V] state),
+and logprobs (none, the chosen token's only, or the top MAX_LOGPROBS, of which each row keeps its own count).
 
 Measured cost of one jitted `sample` call on this CPU (2 cores, jax 0.10.2, [1, V] f32 logits, no
 penalties, no logprobs; median of 200 calls after compilation, dispatch included; reproduce with
@@ -67,7 +69,7 @@ from flax import struct
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-from corejax.config import GREEDY_EPS, MAX_LOGPROBS, SamplingParams  # noqa: F401 - re-exported
+from corejax.config import GREEDY_EPS, MAX_LOGPROBS, SamplingParams  # noqa: F401 - SamplingParams re-exported
 from corejax.errors import InvalidParameterError
 
 def request_key(seed: int | None) -> np.ndarray:
@@ -89,8 +91,11 @@ def request_keys(params: Sequence[SamplingParams]) -> np.ndarray:
 # Device-side tensors
 
 
+MIN_TOP_K_BOUND = 64  # candidates of the top-k program: the default top_k = 40, and greedy rows, fit
+
+
 def _bucket(k: int, vocab_size: int) -> int:
-    return min(vocab_size, max(8, 1 << (k - 1).bit_length()))
+    return min(vocab_size, max(MIN_TOP_K_BOUND, 1 << max(0, k - 1).bit_length()))
 
 
 @struct.dataclass
@@ -123,6 +128,9 @@ class SamplingTensors:
             raise InvalidParameterError(f"batch_size must be >= len(params) = {len(params)}; got {b}")
         rows = list(params) + [SamplingParams(temperature=0.0)] * (b - len(params))
         sampling = [p for p in rows if not p.greedy]
+        # Static flags in a few fixed variants (module docstring): greedy rows and the default settings share
+        # the top-k candidate program; only top_k = 0 with top_p < 1, top_k > 64, penalties and logprobs differ.
+        all_top_k = all(p.top_k > 0 for p in sampling)
         max_k = max((min(p.top_k, vocab_size) for p in sampling), default=0)
         lp = [p.logprobs for p in rows if p.logprobs is not None]
         f32 = lambda name: np.array([getattr(p, name) for p in rows], np.float32)  # noqa: E731
@@ -134,15 +142,15 @@ class SamplingTensors:
             repetition_penalty=f32("repetition_penalty"),
             presence_penalty=f32("presence_penalty"),
             frequency_penalty=f32("frequency_penalty"),
-            any_sampling=bool(sampling),
+            any_sampling=True,  # whether a row samples is decided at run time (lax.cond in sample())
             any_penalty=any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                             or p.frequency_penalty != 0.0 for p in rows),
-            top_k_bound=_bucket(max_k, vocab_size) if max_k > 0 else 0,
-            all_top_k=bool(sampling) and all(p.top_k > 0 for p in sampling),
+            top_k_bound=_bucket(max_k, vocab_size) if all_top_k or max_k > 0 else 0,
+            all_top_k=all_top_k,
             needs_full_top_p=any(p.top_k == 0 and p.top_p < 1.0 for p in sampling),
-            any_top_p=any(p.top_p < 1.0 for p in sampling),
-            any_min_p=any(p.min_p > 0.0 for p in sampling),
-            max_logprobs=max(lp) if lp else None,
+            any_top_p=all_top_k or any(p.top_p < 1.0 for p in sampling),  # over candidates: runtime no-op at 1
+            any_min_p=True,  # one compare; min_p = 0 keeps everything
+            max_logprobs=None if not lp else MAX_LOGPROBS if max(lp) else 0,  # rows keep their own count
         )
 
 
@@ -330,10 +338,16 @@ def sample(logits: jax.Array, tensors: SamplingTensors, penalty_state: PenaltySt
         if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
             keys = jax.random.key_data(keys)
         steps = jnp.broadcast_to(jnp.asarray(step, jnp.uint32), (b,))
-        row_keys = jax.vmap(jax.random.fold_in)(keys, steps)
-        drawn, greedy = _sample_rows(x, tensors, row_keys)
-        greedy = _argmax(x) if greedy is None else greedy
-        tokens = jnp.where(tensors.temperature < GREEDY_EPS, greedy, drawn).astype(jnp.int32)
+
+        def sampled(x):
+            row_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+            drawn, greedy = _sample_rows(x, tensors, row_keys)
+            greedy = _argmax(x) if greedy is None else greedy
+            return jnp.where(tensors.temperature < GREEDY_EPS, greedy, drawn).astype(jnp.int32)
+
+        # Decided at run time, so greedy and sampled requests share one program: an all-greedy batch runs
+        # only the argmax branch.
+        tokens = lax.cond(jnp.any(tensors.temperature >= GREEDY_EPS), sampled, _argmax, x)
     else:
         tokens = _argmax(x)
 

@@ -16,7 +16,7 @@ import jax
 TARGETS = {"corejax_small_matmul": "CorejaxSmallMatmul", "corejax_paged_decode": "CorejaxPagedDecode",
            "corejax_quant_matmul": "CorejaxQuantMatmul",
            "corejax_matmul_bias_act": "CorejaxMatmulBiasAct", "corejax_matmul_add_norm": "CorejaxMatmulAddNorm",
-           "corejax_encoder_attention": "CorejaxEncoderAttention"}
+           "corejax_encoder_attention": "CorejaxEncoderAttention", "corejax_lazy_zeros": "CorejaxLazyZeros"}
 _LOCK = threading.Lock()
 _loaded: list[str] = []
 _bf16_dot: list[bool] = []

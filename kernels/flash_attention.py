@@ -44,10 +44,15 @@ def _visible(qp: jax.Array, kp: jax.Array, window: int, causal: bool = True) -> 
     Non-causal (encoders): every key with k_pos >= 0, whatever the query."""
     if not causal:
         return jnp.broadcast_to(kp >= 0, jnp.broadcast_shapes(qp.shape, kp.shape))
-    vis = (kp <= qp) & (kp >= 0)
-    if window:
-        vis &= qp - kp < window
-    return vis
+    return in_window((kp <= qp) & (kp >= 0), qp, kp, window)
+
+
+def in_window(vis: jax.Array, qp: jax.Array, kp: jax.Array, window: jax.Array | int) -> jax.Array:
+    """vis narrowed to keys inside the sliding window (0 = none). A Python int adds nothing when 0; a traced
+    window (a layer loop's per-layer value) is applied at run time."""
+    if isinstance(window, int):
+        return vis & (qp - kp < window) if window else vis
+    return vis & ((window <= 0) | (qp - kp < window))
 
 
 def online_softmax_init(rows: int, h: int) -> tuple[jax.Array, jax.Array, jax.Array]:

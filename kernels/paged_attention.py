@@ -35,6 +35,7 @@ from corejax.kernels.flash_attention import (
     _cap,
     default_impl,
     flash_attention_reference,
+    in_window,
     online_softmax_finish,
     online_softmax_init,
 )
@@ -67,7 +68,7 @@ def _band(lengths, q_positions, window, page_size, ppb):
     """-> (lo, hi) [B]: tiles of ppb pages that hold keys some query of the row can see."""
     tile = ppb * page_size
     hi_tok = jnp.minimum(lengths, q_positions.max(-1) + 1)
-    lo_tok = jnp.maximum(q_positions.min(-1) - window + 1, 0) if window else jnp.zeros_like(lengths)
+    lo_tok = jnp.where(window > 0, jnp.maximum(q_positions.min(-1) - window + 1, 0), 0)
     return (lo_tok // tile).astype(jnp.int32), pl.cdiv(jnp.maximum(hi_tok, 0), tile).astype(jnp.int32)
 
 
@@ -83,6 +84,19 @@ def _scores(qs, kt, fmt, spec):
     return s
 
 
+def _bits_as_bf16(x):
+    """bfloat16 pages may come as their uint16 bit patterns (corejax/cache.py stores them so): viewed back after
+    the gather, so XLA never converts (or copies) the whole cache."""
+    return lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
+def _take(pages, layer, ids):
+    """pages[:, ids] -> [K, *ids.shape, ...] of one layer's [K, P, ...] array, or of layer `layer` of the stacked
+    [L, K, P, ...] one: one gather from the whole array, never a copy of the layer. (NumPy's rule puts the
+    broadcast index dims of pages[layer, :, ids] first; the move restores [K, ...] on the small tile.)"""
+    return _bits_as_bf16(pages[:, ids] if layer is None else jnp.moveaxis(pages[layer, :, ids], ids.ndim, 0))
+
+
 def _values(p, vt, fmt, spec):
     """p·v for one tile (p already multiplied by v's scales when quantized)."""
     if fmt == "int4":
@@ -94,10 +108,11 @@ def _values(p, vt, fmt, spec):
 
 
 def _paged_lax(
-    q, k_pages, v_pages, k_scales, v_scales, page_table, lengths, q_positions, *, window, scale, softcap, block_kv
+    q, k_pages, v_pages, k_scales, v_scales, page_table, lengths, q_positions, *, window, scale, softcap, block_kv,
+    layer=None
 ):
     b, t, n, h = q.shape
-    kv_heads, _, page, _ = k_pages.shape
+    kv_heads, _, page, _ = k_pages.shape[-4:]
     g = n // kv_heads
     fmt = kv_format(k_pages)
     ppb, nblk, table = _tiles(page_table, page, block_kv)  # pad -> page 0
@@ -110,23 +125,21 @@ def _paged_lax(
     def tile(j, carry):
         acc, m, l = carry
         ids = lax.dynamic_slice_in_dim(table, j * ppb, ppb, 1)  # [B, ppb]
-        kt = k_pages[:, ids].reshape(kv_heads, b, bk, -1)  # [K, B, bk, H or H/2]
-        vt = v_pages[:, ids].reshape(kv_heads, b, bk, -1)
+        kt = _take(k_pages, layer, ids).reshape(kv_heads, b, bk, -1)  # [K, B, bk, H or H/2]
+        vt = _take(v_pages, layer, ids).reshape(kv_heads, b, bk, -1)
         sc = _scores(qs, kt, fmt, "BTKGH,KBSH->BKGTS")  # [B, K, G, T, bk]
         if fmt != "float":
-            sc *= jnp.transpose(k_scales[:, ids].reshape(kv_heads, b, bk), (1, 0, 2))[:, :, None, None, :]
+            sc *= jnp.transpose(_take(k_scales, layer, ids).reshape(kv_heads, b, bk), (1, 0, 2))[:, :, None, None, :]
         sc = _cap(sc, softcap)
         kpos = (j * bk + jnp.arange(bk))[None, None, None, None, :]
-        vis = (kpos < length) & (kpos <= qp)
-        if window:
-            vis &= qp - kpos < window
+        vis = in_window((kpos < length) & (kpos <= qp), qp, kpos, window)
         sc = jnp.where(vis, sc, _MASKED)
         m_new = jnp.maximum(m, sc.max(-1))
         corr = jnp.exp(m - m_new)
         p = jnp.where(vis, jnp.exp(sc - m_new[..., None]), 0.0)
         l = l * corr + p.sum(-1)
         if fmt != "float":
-            p = p * jnp.transpose(v_scales[:, ids].reshape(kv_heads, b, bk), (1, 0, 2))[:, :, None, None, :]
+            p = p * jnp.transpose(_take(v_scales, layer, ids).reshape(kv_heads, b, bk), (1, 0, 2))[:, :, None, None, :]
         acc = acc * corr[..., None] + _values(p, vt, fmt, "BKGTS,KBSH->BKGTH")
         return acc, m_new, l
 
@@ -141,7 +154,7 @@ def _paged_lax(
 
 
 def _paged_kernel(
-    band_ref,  # [4]: lo tile, hi tile, length, unused
+    band_ref,  # [4]: lo tile, hi tile, length, window (0 = none)
     q_ref,  # [R, H] rows (t, g) of one kv head, R padded
     qpos_ref,  # [R]; -1 on padding rows
     table_ref,  # [pages_per_seq padded to whole tiles]
@@ -151,7 +164,6 @@ def _paged_kernel(
     fmt: str,
     scale: float,
     softcap: float,
-    window: int,
     ppb: int,
 ):
     if fmt == "float":
@@ -164,6 +176,7 @@ def _paged_kernel(
     page = k_ref.shape[1]
     bk = ppb * page
     length = band_ref[2]
+    window = band_ref[3]
 
     def body(j, carry):
         acc, m, l = carry
@@ -175,9 +188,7 @@ def _paged_kernel(
             sc *= ks_ref[ids].reshape(1, bk)
         sc = _cap(sc, softcap)
         kpos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        vis = (kpos < length) & (kpos <= qp)
-        if window:
-            vis &= qp - kpos < window
+        vis = in_window((kpos < length) & (kpos <= qp), qp, kpos, window)
         sc = jnp.where(vis, sc, _MASKED)
         m_new = jnp.maximum(m, sc.max(-1))
         corr = jnp.exp(m - m_new)
@@ -207,14 +218,22 @@ def _paged_pallas(
     softcap,
     block_kv,
     interpret,
+    layer=None,
 ):
+    if layer is not None:
+        # The GPU kernel's BlockSpecs select one kv head's pool of one layer; a stacked cache is sliced first.
+        k_pages, v_pages = k_pages[layer], v_pages[layer]
+        k_scales = None if k_scales is None else k_scales[layer]
+        v_scales = None if v_scales is None else v_scales[layer]
+    k_pages, v_pages = _bits_as_bf16(k_pages), _bits_as_bf16(v_pages)
     b, t, n, h = q.shape
     kv_heads, num_pages, page, hk = k_pages.shape
     g = n // kv_heads
     fmt = kv_format(k_pages)
     ppb, nblk, table = _tiles(page_table, page, block_kv)
     lo, hi = _band(lengths, q_positions, window, page, ppb)
-    band = jnp.stack([lo, hi, lengths.astype(jnp.int32), jnp.zeros_like(lo)], axis=-1)  # [B, 4]
+    band = jnp.stack([lo, hi, lengths.astype(jnp.int32), jnp.broadcast_to(jnp.asarray(window, jnp.int32), lo.shape)],
+                     axis=-1)  # [B, 4]
     # Rows r = t·G + g of kv head k, padded to >= 16 (the smallest tile Triton's dot takes).
     rows = t * g
     rp = max(16, pl.next_power_of_2(rows))
@@ -235,7 +254,7 @@ def _paged_pallas(
         scales_spec = pl.BlockSpec((None, num_pages, page), lambda bi, ki: (ki, 0, 0))
         in_specs += [scales_spec, scales_spec]
         args += [k_scales, v_scales]
-    kernel = functools.partial(_paged_kernel, fmt=fmt, scale=scale, softcap=softcap, window=window, ppb=ppb)
+    kernel = functools.partial(_paged_kernel, fmt=fmt, scale=scale, softcap=softcap, ppb=ppb)
     out = pl.pallas_call(
         kernel,
         grid=(b, kv_heads),
@@ -249,10 +268,10 @@ def _paged_pallas(
     return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, t, n, h)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "block_sizes", "impl", "interpret"))
-def paged_attention(
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "block_sizes", "impl", "interpret"))
+def _paged_attention(
     q: jax.Array,  # [B, T, N, H]
-    k_pages: jax.Array,  # [K, P, page_size, H] float | int8, or [K, P, page_size, H // 2] uint8 (int4)
+    k_pages: jax.Array,  # [K, P, page_size, H] float (bf16 also as uint16 bits) | int8, or [..., H // 2] uint8 (int4)
     v_pages: jax.Array,  # same as k_pages
     page_table: jax.Array,  # [B, pages_per_seq] int32; unused entries -> page 0 (holds finite values)
     lengths: jax.Array,  # [B] int32 tokens in the cache, including the queried ones
@@ -260,7 +279,8 @@ def paged_attention(
     k_scales: jax.Array | None = None,  # [K, P, page_size] f32, required for int8/int4 pages
     v_scales: jax.Array | None = None,  # [K, P, page_size] f32
     *,
-    window: int = 0,
+    window: int | jax.Array = 0,
+    layer: int | jax.Array | None = None,
     scale: float | None = None,
     softcap: float = 0.0,
     block_sizes: BlockSizes | None = None,
@@ -276,12 +296,17 @@ def paged_attention(
     Quantized KV, relative L2 norm of the output error vs f32 pages (random normal q/k/v, head_dim
     64-256, 61-2048 tokens, windows 0-128; per-(token, head) absmax scales): int8 0.7-0.95% (tests assert
     < 1.5%), int4 15-17% (tests assert < 20%). Normal data is the hard case for absmax int4 (step ≈
-    0.4σ); measure a real model's logits before choosing int4. Recompiles per shape, KV format and static argument."""
+    0.4σ); measure a real model's logits before choosing int4. Recompiles per shape, KV format and static argument.
+
+    With `layer` (an int32, traced in a layer loop), k_pages/v_pages (and scales) are the whole cache [L, K, P,
+    page_size, H] and layer `layer` is read in place. `window` may be traced too (a layer loop's per-layer value)."""
     b, t, n, h = q.shape
     fmt = kv_format(k_pages)
-    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
-        raise ValueError(f"k_pages and v_pages must be equal [K, P, page_size, H]: {k_pages.shape=} {v_pages.shape=}")
-    kv_heads, num_pages, page, hk = k_pages.shape
+    ndim = 4 if layer is None else 5
+    if k_pages.ndim != ndim or k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
+        raise ValueError(f"k_pages and v_pages must be equal [(L,) K, P, page_size, H] (L with a layer): "
+                         f"{k_pages.shape=} {v_pages.shape=} {layer=}")
+    kv_heads, num_pages, page, hk = k_pages.shape[-4:]
     if hk != (h // 2 if fmt == "int4" else h):
         raise ValueError(f"head_dim of pages ({fmt}) does not match q: {q.shape=} {k_pages.shape=}")
     if n % kv_heads:
@@ -299,34 +324,44 @@ def paged_attention(
     if fmt != "float" and (
         k_scales is None
         or v_scales is None
-        or k_scales.shape != (kv_heads, num_pages, page)
+        or k_scales.shape != k_pages.shape[:-1]
         or v_scales.shape != k_scales.shape
     ):
         raise ValueError(
             f"{fmt} pages need k_scales and v_scales [K, P, page_size]: {k_pages.shape=} "
             f"{None if k_scales is None else k_scales.shape=} {None if v_scales is None else v_scales.shape=}"
         )
-    if window < 0 or softcap < 0:
-        raise ValueError(f"{window=} and {softcap=} must be >= 0")
+    if softcap < 0:
+        raise ValueError(f"{softcap=} must be >= 0")
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     block_kv = (block_sizes or BlockSizes()).block_kv
     impl = impl or default_impl()
     args = (q, k_pages, v_pages, k_scales, v_scales, page_table, lengths, q_positions)
     kw = {"window": window, "scale": scale, "softcap": softcap}
     if impl == "reference":
+        if layer is not None:
+            args = (q, k_pages[layer], v_pages[layer], None if k_scales is None else k_scales[layer],
+                    None if v_scales is None else v_scales[layer], page_table, lengths, q_positions)
         return paged_attention_reference(*args, **kw).astype(q.dtype)
     if impl == "lax":
-        return _paged_lax(*args, block_kv=block_kv, **kw)
+        return _paged_lax(*args, block_kv=block_kv, layer=layer, **kw)
     if impl == "pallas":
-        return _paged_pallas(*args, block_kv=block_kv, interpret=interpret, **kw)
+        return _paged_pallas(*args, block_kv=block_kv, interpret=interpret, layer=layer, **kw)
     raise ValueError(f"{impl=} must be 'lax', 'pallas', 'reference' or None")
+
+
+@functools.wraps(_paged_attention)
+def paged_attention(*args, window: int | jax.Array = 0, **kwargs) -> jax.Array:
+    if isinstance(window, int) and window < 0:  # checked here: inside the jit, window is always traced
+        raise ValueError(f"{window=} must be >= 0")
+    return _paged_attention(*args, window=window, **kwargs)
 
 
 def gather_pages(pages: jax.Array, scales: jax.Array | None, page_table: jax.Array) -> jax.Array:
     """[K, P, page_size, Hk] pages -> dense f32 [B, pages_per_seq · page_size, K, H] (dequantized)."""
     kv_heads, _, page, _ = pages.shape
     b, pps = page_table.shape
-    x = pages[:, page_table]  # [K, B, pps, page, Hk]
+    x = _bits_as_bf16(pages[:, page_table])  # [K, B, pps, page, Hk]
     if kv_format(pages) == "float":
         x = x.astype(jnp.float32)
     else:

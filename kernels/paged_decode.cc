@@ -9,7 +9,8 @@
 //
 // Operands: q [B, T, N, H]; k_pages, v_pages [L, K, P, page_size, H] — the whole cache, `layer` picks the
 // slice, so XLA never copies a layer out; page_table [B, W] int32; lengths [B]; q_positions [B, T].
-// Attributes: layer, window (0 = none), scale, softcap (0 = none). A key s of row b is visible to a query
+// layer_window [2] int32: the layer and its window (0 = none), operands so that one compiled layer serves every
+// layer of a loop. Attributes: scale, softcap (0 = none). A key s of row b is visible to a query
 // at position p iff s < lengths[b], s <= p and (window == 0 or p - s < window). No visible key: zeros.
 // Registered with jax.ffi as the CPU target "corejax_paged_decode" (kernels/native.py).
 
@@ -168,11 +169,14 @@ static void PagedDecode(ffi::Buffer<ffi::F32>& q, const KV* k_all, const KV* v_a
 
 static ffi::Error PagedDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages,
                                   ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> lengths,
-                                  ffi::Buffer<ffi::S32> q_positions, ffi::ResultBuffer<ffi::F32> out, int64_t layer,
-                                  int64_t window, float scale, float softcap) {
+                                  ffi::Buffer<ffi::S32> q_positions, ffi::Buffer<ffi::S32> layer_window,
+                                  ffi::ResultBuffer<ffi::F32> out, float scale, float softcap) {
+  if (layer_window.element_count() != 2)
+    return ffi::Error::InvalidArgument("corejax_paged_decode: layer_window must be [layer, window]");
+  const int64_t layer = layer_window.typed_data()[0], window = layer_window.typed_data()[1];
   auto qd = q.dimensions(), kd = k_pages.dimensions(), td = page_table.dimensions();
   if (qd.size() != 4 || kd.size() != 5 || td.size() != 2 || kd[4] != qd[3] || qd[2] % kd[1] != 0 ||
-      td[0] != qd[0] || layer < 0 || layer >= kd[0] || v_pages.element_type() != k_pages.element_type() ||
+      td[0] != qd[0] || layer < 0 || layer >= kd[0] || window < 0 || v_pages.element_type() != k_pages.element_type() ||
       v_pages.size_bytes() != k_pages.size_bytes())
     return ffi::Error::InvalidArgument("corejax_paged_decode: bad operand shapes");
   if (k_pages.element_type() == ffi::DataType::F32)
@@ -194,8 +198,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CorejaxPagedDecode, PagedDecodeImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("layer")
-                                  .Attr<int64_t>("window")
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap"));

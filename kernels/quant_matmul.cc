@@ -352,13 +352,21 @@ extern "C" int corejax_quant_matmul_plain(const float* x, int64_t M, int64_t K, 
 // The instruction set this library was built for (kernels/isa.h), e.g. "avx2"; corejax reports it.
 extern "C" const char* corejax_isa() { return COREJAX_ISA_NAME; }
 
+// codes, scales and mins may carry a leading layer axis [L, ...] (a model's layers stacked): `layer` [] int32
+// picks one, read in place, so a layer loop never copies its weights out of the stack.
 static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
-                                  ffi::AnyBuffer scales, ffi::AnyBuffer mins, ffi::ResultBuffer<ffi::F32> y,
-                                  int32_t bits, int32_t block, int32_t offset, int32_t has_mins, int32_t code_max,
-                                  int32_t threads) {
-  auto xd = x.dimensions(), cd = codes.dimensions(), sd = scales.dimensions();
-  if (xd.size() != 2 || cd.size() != 3 || sd.size() != 3 || cd[2] != 64 || sd[2] != kG)
-    return ffi::Error::InvalidArgument("corejax_quant_matmul: need x [M, K], codes [N/16, S, 64], scales [N/16, K/B, 16]");
+                                  ffi::AnyBuffer scales, ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer,
+                                  ffi::ResultBuffer<ffi::F32> y, int32_t bits, int32_t block, int32_t offset,
+                                  int32_t has_mins, int32_t code_max, int32_t threads) {
+  auto xd = x.dimensions(), cdims = codes.dimensions(), sdims = scales.dimensions();
+  const size_t stacked = cdims.size() == 4 ? 1 : 0;
+  if (xd.size() != 2 || cdims.size() != 3 + stacked || sdims.size() != 3 + stacked || layer.element_count() != 1)
+    return ffi::Error::InvalidArgument("corejax_quant_matmul: need x [M, K], codes [(L,) N/16, S, 64], scales [(L,) N/16, K/B, 16], layer []");
+  const int64_t L = stacked ? cdims[0] : 1, li = layer.typed_data()[0];
+  const int64_t cd[3] = {cdims[stacked], cdims[stacked + 1], cdims[stacked + 2]};
+  const int64_t sd[3] = {sdims[stacked], sdims[stacked + 1], sdims[stacked + 2]};
+  if (cd[2] != 64 || sd[2] != kG || li < 0 || li >= L || (stacked && sdims[0] != L))
+    return ffi::Error::InvalidArgument("corejax_quant_matmul: bad codes/scales layout or layer index");
   const int64_t M = xd[0], K = xd[1], N = cd[0] * kG;
   if ((bits != 4 && bits != 8) || (block != 16 && block != 32) || K % kQBlock || K % block ||
       cd[1] * 64 * 8 != K * kG * bits || sd[0] != cd[0] || sd[1] != K / block)
@@ -368,11 +376,13 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("corejax_quant_matmul: scales must be float16 or float32");
   if (has_mins && (mins.element_type() != scales.element_type() || mins.size_bytes() != scales.size_bytes()))
     return ffi::Error::InvalidArgument("corejax_quant_matmul: mins must match the scales");
+  const int64_t code_bytes = codes.size_bytes() / L, scale_bytes = scales.size_bytes() / L;
   std::vector<int8_t> q(M * K), r(M * K);
   std::vector<float> d(M * (K / kQBlock)), ds(M * (K / block));
   quantize_rows(x.typed_data(), M, K, block, q.data(), r.data(), d.data(), ds.data());
-  const Weights w{codes.typed_data(), scales.untyped_data(), has_mins ? mins.untyped_data() : nullptr, f16,
-                  bits, offset, K, N};
+  const char* sp = static_cast<const char*>(scales.untyped_data()) + li * scale_bytes;
+  const char* mp = has_mins ? static_cast<const char*>(mins.untyped_data()) + li * scale_bytes : nullptr;
+  const Weights w{codes.typed_data() + li * code_bytes, sp, mp, f16, bits, offset, K, N};
   const Acts a{q.data(), r.data(), d.data(), ds.data(), K};
   run(pool, w, a, M, block, code_max, threads, y->typed_data());
   return ffi::Error::Success();
@@ -385,6 +395,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CorejaxQuantMatmul, QuantMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("bits")
                                   .Attr<int32_t>("block")

@@ -275,12 +275,19 @@ struct BiasResidualNorm {
 };
 
 // Checks the shapes and runs the kernel over w's element type: float32, or float16 widened as it is read.
+// w may carry a leading layer axis [L, N / 32, K, 32] (a model's layers stacked): layer `li` is read in place.
 template <typename Epilogue>
 static ffi::Error run(ffi::ThreadPool& pool, const char* name, ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer& w,
-                      ffi::Buffer<ffi::S32>& valid, ffi::Result<ffi::Buffer<ffi::F32>>& y, int32_t threads,
-                      const Epilogue& epi) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kBlock || xd[1] != wd[1] || valid.element_count() != xd[0] ||
+                      int64_t li, ffi::Buffer<ffi::S32>& valid, ffi::Result<ffi::Buffer<ffi::F32>>& y,
+                      int32_t threads, const Epilogue& epi) {
+  auto xd = x.dimensions(), wdims = w.dimensions();
+  const size_t stacked = wdims.size() == 4 ? 1 : 0;
+  const int64_t L = stacked ? wdims[0] : 1;
+  if (wdims.size() != 3 + stacked || li < 0 || li >= L)
+    return ffi::Error::InvalidArgument(std::string(name) + ": need w [(L,) N / 32, K, 32] and a layer in range");
+  const int64_t wd[3] = {wdims[stacked], wdims[stacked + 1], wdims[stacked + 2]};
+  const char* wbase = static_cast<const char*>(w.untyped_data()) + li * int64_t(w.size_bytes() / L);
+  if (xd.size() != 2 || wd[2] != kBlock || xd[1] != wd[1] || valid.element_count() != xd[0] ||
       y->element_count() != xd[0] * wd[0] * kBlock || !epi.fits(xd[0], wd[0] * kBlock))
     return ffi::Error::InvalidArgument(std::string(name) + ": need x [M, K], w [N / 32, K, 32], valid [M] " +
                                        "and bias, residual, scale and shift matching N");
@@ -288,12 +295,12 @@ static ffi::Error run(ffi::ThreadPool& pool, const char* name, ffi::Buffer<ffi::
   const float* xp = x.typed_data();
   const int32_t* vp = valid.typed_data();
   if (w.element_type() == ffi::DataType::F32)
-    matmul_rows(pool, xp, static_cast<const float*>(w.untyped_data()), vp, y->typed_data(), M, K, N, threads, epi);
+    matmul_rows(pool, xp, reinterpret_cast<const float*>(wbase), vp, y->typed_data(), M, K, N, threads, epi);
   else if (w.element_type() == ffi::DataType::F16)
-    matmul_rows(pool, xp, static_cast<const corejax::half_t*>(w.untyped_data()), vp, y->typed_data(), M, K, N, threads,
+    matmul_rows(pool, xp, reinterpret_cast<const corejax::half_t*>(wbase), vp, y->typed_data(), M, K, N, threads,
                 epi);
   else if (w.element_type() == ffi::DataType::BF16 && kBf16Dot && K % 2 == 0)
-    matmul_rows(pool, xp, static_cast<const uint16_t*>(w.untyped_data()), vp, y->typed_data(), M, K, N, threads,
+    matmul_rows(pool, xp, reinterpret_cast<const uint16_t*>(wbase), vp, y->typed_data(), M, K, N, threads,
                 epi);
   else
     return ffi::Error::InvalidArgument(std::string(name) + ": weights must be float32, float16 or (with " +
@@ -320,8 +327,10 @@ extern "C" int corejax_small_matmul_plain(const float* x, int64_t M, int64_t K, 
 }
 
 static ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                                  ffi::Buffer<ffi::S32> valid, ffi::ResultBuffer<ffi::F32> y, int32_t threads) {
-  return run(pool, "corejax_small_matmul", x, w, valid, y, threads, NoEpilogue{});
+                                  ffi::Buffer<ffi::S32> valid, ffi::Buffer<ffi::S32> layer,
+                                  ffi::ResultBuffer<ffi::F32> y, int32_t threads) {
+  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("corejax_small_matmul: layer must be a scalar");
+  return run(pool, "corejax_small_matmul", x, w, layer.typed_data()[0], valid, y, threads, NoEpilogue{});
 }
 
 static ffi::Error BiasActImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
@@ -329,7 +338,7 @@ static ffi::Error BiasActImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
                               ffi::ResultBuffer<ffi::F32> y, int32_t threads, int32_t act) {
   if (act < corejax::kNone || act > corejax::kRelu)
     return ffi::Error::InvalidArgument("corejax_matmul_bias_act: act must be 0..3 (kernels/vecmath.h)");
-  return run(pool, "corejax_matmul_bias_act", x, w, valid, y, threads,
+  return run(pool, "corejax_matmul_bias_act", x, w, 0, valid, y, threads,
              BiasActivation{bias.typed_data(), bias.element_count(), act});
 }
 
@@ -339,7 +348,7 @@ static ffi::Error AddNormImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
                               ffi::Buffer<ffi::S32> valid, ffi::ResultBuffer<ffi::F32> y, int32_t threads,
                               float eps) {
   const bool vectors = bias.element_count() == scale.element_count() && bias.element_count() == shift.element_count();
-  return run(pool, "corejax_matmul_add_norm", x, w, valid, y, threads,
+  return run(pool, "corejax_matmul_add_norm", x, w, 0, valid, y, threads,
              BiasResidualNorm{bias.typed_data(), residual.typed_data(), scale.typed_data(), shift.typed_data(),
                               vectors ? bias.element_count() : -1, residual.element_count(), eps});
 }
@@ -349,6 +358,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CorejaxSmallMatmul, SmallMatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("threads"));

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from corejax.hostmem import aligned_empty, to_device
 from corejax.kernels import ffi
 
 TARGET = "corejax_small_matmul"
@@ -42,7 +43,7 @@ class BlockedWeight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        nb, k, c = self.data.shape
+        nb, k, c = self.data.shape[-3:]  # a stacked weight has a leading layer axis (corejax/models/stack.py)
         return k, nb * c
 
     @property
@@ -71,8 +72,9 @@ def to_blocked(w: jax.Array | np.ndarray) -> BlockedWeight:
         pairs = np.asarray(w).reshape(k // 2, 2, n // BLOCK, BLOCK).transpose(2, 0, 3, 1)  # [b, i, c, t]
         return BlockedWeight(jnp.asarray(np.ascontiguousarray(pairs).reshape(n // BLOCK, k, BLOCK)))
     dtype = np.float16 if w.dtype == np.float16 else np.float32
-    return BlockedWeight(jnp.asarray(np.ascontiguousarray(
-        np.asarray(w, dtype).reshape(k, n // BLOCK, BLOCK).transpose(1, 0, 2))))
+    blocked = aligned_empty((n // BLOCK, k, BLOCK), dtype)
+    blocked[...] = np.asarray(w, dtype).reshape(k, n // BLOCK, BLOCK).transpose(1, 0, 2)
+    return BlockedWeight(to_device(blocked))
 
 
 def blockable(w) -> bool:
@@ -84,20 +86,26 @@ def blockable(w) -> bool:
     return w.dtype in (jnp.float32, jnp.float16)
 
 
-def blocked_matmul(x: jax.Array, w: BlockedWeight, valid: jax.Array | None = None) -> jax.Array:
+def blocked_matmul(x: jax.Array, w: BlockedWeight, valid: jax.Array | None = None,
+                   layer: jax.Array | int | None = None) -> jax.Array:
     """x [..., K] @ w -> [..., N] float32: the native kernel when loaded, XLA's dot otherwise.
 
     valid (bool, x.shape[:-1]), optional: rows that are padding (False) may be skipped, their outputs zero
-    (the kernel skips them; XLA's dot computes them anyway)."""
+    (the kernel skips them; XLA's dot computes them anyway). A stacked w (data [L, N / 32, K, 32]) takes
+    `layer`, an int32 index the kernel reads in place."""
     k, n = w.shape
     if x.shape[-1] != k:
         raise ValueError(f"blocked_matmul: {x.shape=} does not match the weight's [K, N] = {w.shape}")
+    if (w.data.ndim == 4) != (layer is not None):
+        raise ValueError(f"blocked_matmul: a stacked weight needs a layer index and only it takes one: "
+                         f"{w.data.shape=} {layer=}")
     x2, flags = _rows(x, k, valid)
     if not ffi.available():
-        y = jnp.einsum("mk,bkc->mbc", x2, w.unpaired(), preferred_element_type=jnp.float32)
+        data = w if layer is None else BlockedWeight(w.data[layer])
+        y = jnp.einsum("mk,bkc->mbc", x2, data.unpaired(), preferred_element_type=jnp.float32)
         return y.reshape(*x.shape[:-1], n)
-    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))(x2, w.data, flags,
-                                                                                       threads=np.int32(THREADS))
+    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))(
+        x2, w.data, flags, jnp.asarray(0 if layer is None else layer, jnp.int32), threads=np.int32(THREADS))
     return y.reshape(*x.shape[:-1], n)
 
 

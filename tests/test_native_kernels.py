@@ -96,9 +96,10 @@ def test_runtime_blocks_decoder_weights(tmp_path):
 
     rt = Runtime(ModelSource("tiny", "gguf", write_tiny_llama(tmp_path / "t.gguf", quantize=None)), progress=False)
     assert rt.info()["native_kernels"] is True
-    layer = rt.model.params["layers"][0]
-    assert isinstance(layer["wq"], BlockedWeight) and isinstance(layer["w_down"], BlockedWeight)
-    assert not isinstance(layer["wk"], BlockedWeight)  # 16 columns: not a whole block, stays on XLA's dot
+    layers = rt.model.params["layers"]  # stacked for the layer loop (corejax/models/stack.py), one group each
+    wq, w_down, wk = (layers.groups[key][0] for key in ("wq", "w_down", "wk"))
+    assert isinstance(wq, BlockedWeight) and isinstance(w_down, BlockedWeight) and wq.data.ndim == 4
+    assert not isinstance(wk, BlockedWeight)  # 16 columns: not a whole block, stays on XLA's dot
     assert not isinstance(rt.model.params["lm_head"], BlockedWeight)  # its vocabulary is not a multiple of 32
 
 

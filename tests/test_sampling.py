@@ -14,6 +14,7 @@ import pytest
 
 from corejax.errors import InvalidParameterError
 from corejax.sampling import (
+    MAX_LOGPROBS,
     PenaltyState,
     SamplingParams,
     SamplingTensors,
@@ -125,29 +126,43 @@ def test_padding_rows_are_greedy():
 
 
 # --------------------------------------------------------------------------------------------------
-# Static flags: an all-greedy batch is one argmax
+# Static flags: a few fixed variants; an all-greedy batch runs one argmax
 
 
 def test_static_flags():
     v = 1000
     g = SamplingTensors.from_params([SamplingParams(temperature=0.0, top_k=0, top_p=0.5)] * 2, v)
-    assert not (g.any_sampling or g.any_penalty or g.any_top_p or g.needs_full_top_p)
-    assert g.top_k_bound == 0 and g.max_logprobs is None
     d = SamplingTensors.from_params([SamplingParams(), SamplingParams(temperature=0.0, top_k=0)], v)
-    assert d.any_sampling and d.all_top_k and d.top_k_bound == 64 and not d.needs_full_top_p
+    assert d.all_top_k and d.top_k_bound == 64 and not d.needs_full_top_p and not d.any_penalty
+    # greedy, the defaults and other top-k/top-p/min-p values below 64 candidates: one program
+    for other in ([SamplingParams(top_k=8, top_p=1.0, min_p=0.0, temperature=1.3)], [SamplingParams(top_k=64)]):
+        t = SamplingTensors.from_params(other * 2, v)
+        assert jax.tree_util.tree_structure(t) == jax.tree_util.tree_structure(d) == jax.tree_util.tree_structure(g)
     f = SamplingTensors.from_params([SamplingParams(), SamplingParams(top_k=0, top_p=0.9)], v)
     assert not f.all_top_k and f.needs_full_top_p
     assert SamplingTensors.from_params([SamplingParams(top_k=5000)], v).top_k_bound == v
     pen = SamplingTensors.from_params([SamplingParams(repetition_penalty=1.1, logprobs=3)], v)
-    assert pen.any_penalty and pen.max_logprobs == 3
+    assert pen.any_penalty and pen.max_logprobs == MAX_LOGPROBS  # the rows keep their own count
+    assert SamplingTensors.from_params([SamplingParams(logprobs=0)], v).max_logprobs == 0
+
+
+def _cond_branches(jaxpr) -> list:
+    return [eqn.params["branches"] for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "cond"]
 
 
 def test_all_greedy_batch_is_one_argmax():
+    """Greedy and sampled batches share the program; which runs is a lax.cond on the temperatures, and the
+    greedy branch holds nothing but the argmax."""
     params = [SamplingParams(temperature=0.0, seed=1)] * 2
     t = SamplingTensors.from_params(params, 1000)
-    jaxpr = str(jax.make_jaxpr(sample)(_logits(2, 1000), t, None, jnp.asarray(request_keys(params)), 0))
+    jaxpr = jax.make_jaxpr(sample)(_logits(2, 1000), t, None, jnp.asarray(request_keys(params)), 0)
+    (branches,) = _cond_branches(jaxpr)
+    greedy, sampled = (str(b) for b in branches)
     for op in ("threefry", "top_k", "sort", "exp", "log", "cumsum", "while"):
-        assert op not in jaxpr, op
+        assert op not in greedy, op
+    assert "top_k" in sampled and "threefry" in sampled
+    out = jax.jit(sample)(_logits(2, 1000), t, None, jnp.asarray(request_keys(params)), 0)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(_logits(2, 1000)).argmax(-1))
     # the same values in other rows do not recompile: only the static flags are in the treedef
     t2 = SamplingTensors.from_params([SamplingParams(temperature=0.0, top_k=3)] * 2, 1000)
     assert jax.tree_util.tree_structure(t) == jax.tree_util.tree_structure(t2)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from corejax import quant
 from corejax.config import WEIGHT_MODES, ModelConfig  # noqa: F401 - WEIGHT_MODES re-exported
+from corejax.hostmem import aligned_empty, to_device
 from corejax.errors import ModelFormatError, ModelNotFoundError
 from corejax.loading.ggml_quants import BLOCK_SIZES, UNPACKERS, GGMLType
 
@@ -108,7 +109,9 @@ def _matrix(w: np.ndarray | Blocks, weights: str) -> Any:
         w = w.dense()  # a shape the quantized layout cannot hold: float32 like weights="f32"
     if weights in ("int8", "int4"):
         return quant.quantize(w, 8 if weights == "int8" else 4)
-    return jnp.asarray(np.ascontiguousarray(w.T))
+    out = aligned_empty(w.T.shape, w.dtype)
+    out[...] = w.T
+    return to_device(out)
 
 
 # Formats whose codes span fewer than 16 values, so quant.from_blocks packs two per byte; the others hold one

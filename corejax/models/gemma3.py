@@ -7,17 +7,16 @@ from typing import Any
 import jax
 
 from corejax.config import ModelConfig
-from corejax.models.layers import Params, gated_mlp, rms_norm
+from corejax.models.layers import LayerAt, Params, gated_mlp, rms_norm
 from corejax.models.llama import attention_block
 
 
-def block(layer: Params, x: jax.Array, positions: jax.Array, cache: Any, index: int,
+def block(layer: Params, x: jax.Array, positions: jax.Array, cache: Any, at: LayerAt,
           cfg: ModelConfig) -> tuple[jax.Array, Any]:
-    """x [B, T, D]: x + post_norm(attn(pre_norm(x))), then x + post_norm(mlp(pre_norm(x)))."""
-    local = cfg.layer_windows[index] > 0
-    theta = cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta
-    h, cache = attention_block(layer, rms_norm(x, layer["attn_norm"], cfg.norm_eps), positions, cache, index,
-                               cfg, theta=theta, q_norm=layer["q_norm"], k_norm=layer["k_norm"])
+    """x [B, T, D]: x + post_norm(attn(pre_norm(x))), then x + post_norm(mlp(pre_norm(x))). Local (sliding
+    window) and global layers differ only in at.window and at.inv_freq: per-layer data, not program structure."""
+    h, cache = attention_block(layer, rms_norm(x, layer["attn_norm"], cfg.norm_eps), positions, cache, at, cfg,
+                               q_norm=layer["q_norm"], k_norm=layer["k_norm"])
     x = x + rms_norm(h, layer["post_attn_norm"], cfg.norm_eps)
     h = gated_mlp(rms_norm(x, layer["ffn_norm"], cfg.norm_eps), layer, cfg.activation)
     return x + rms_norm(h, layer["post_ffn_norm"], cfg.norm_eps), cache

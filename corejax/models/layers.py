@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -11,17 +12,22 @@ import jax.numpy as jnp
 from corejax import quant
 from corejax.config import ModelConfig, RopeScaling
 from corejax.kernels.small_matmul import BlockedWeight, blocked_matmul
+from corejax.models.stack import LayerWeight, StackedLayers
 from corejax.quant import QuantArray
 
 Params = dict[str, Any]
 
 
-def dense(x: jax.Array, w: jax.Array | QuantArray, valid: jax.Array | None = None) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array | QuantArray | BlockedWeight | LayerWeight,
+          valid: jax.Array | None = None) -> jax.Array:
     """x [..., D_in] @ w [D_in, D_out] -> float32. Float weights are stored [in, out]: XLA's CPU GEMV is ~5x
     faster that way than contracting the trailing axis of an [out, in] matrix (shared/PERF-NOTES.md).
     Quantized weights go through the one quantized matmul; column-blocked ones (when the native kernel is
     loaded) through the native float kernel (kernels/small_matmul.py). `valid` (bool, x.shape[:-1])
-    marks padding rows the native float kernel may skip (their outputs are then zero)."""
+    marks padding rows the native float kernel may skip (their outputs are then zero). A LayerWeight (one layer
+    of a stacked matrix, in a layer loop) is read in place by the same kernels."""
+    if isinstance(w, LayerWeight):
+        return w.matmul(x, valid)
     if isinstance(w, QuantArray):
         return quant.matmul(x, w)
     if isinstance(w, BlockedWeight):
@@ -104,6 +110,26 @@ def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     return logits
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerAt:
+    """What differs between layers besides weights: the index (a Python int when unrolled, traced in the loop),
+    the attention window (0 = none) and the RoPE inverse frequencies (Gemma's local layers have their own base)."""
+
+    index: jax.Array | int
+    window: jax.Array | int
+    inv_freq: jax.Array
+
+
+def layer_theta(cfg: ModelConfig, index: int) -> float:
+    """RoPE base of layer `index`: Gemma's sliding-window layers use rope_local_theta when the model sets one."""
+    return cfg.rope_local_theta if cfg.layer_windows[index] > 0 and cfg.rope_local_theta else cfg.rope_theta
+
+
+def layer_at(cfg: ModelConfig, index: int) -> LayerAt:
+    return LayerAt(index, cfg.layer_windows[index], rope_inv_freq(cfg.head_dim, layer_theta(cfg, index),
+                                                                   cfg.rope_scaling))
+
+
 def run_layers(
     params: Params,
     x: jax.Array,
@@ -112,11 +138,24 @@ def run_layers(
     cfg: ModelConfig,
     block: Callable[..., tuple[jax.Array, Any]],
 ) -> tuple[jax.Array, Any]:
-    """Applies block(layer_params, x, positions, cache, index, cfg) for each layer, then the final norm.
+    """Applies block(layer_params, x, positions, cache, at: LayerAt, cfg) for each layer, then the final norm.
 
-    A Python loop, unrolled at trace time: a lax.scan over stacked layer weights made XLA copy each
-    layer's weights out of the stack every step (3x slower decode at 135M, measured); the price is a
-    longer first compile, which the persistent compilation cache pays once."""
-    for index, layer in enumerate(params["layers"]):
-        x, cache = block(layer, x, positions, cache, index, cfg)
+    Stacked layers (models/stack.py; what the Engine runs) go through a `fori_loop`: one compiled layer, the
+    weights read in place by the kernels at the loop's index, window and RoPE frequencies as per-layer data, so
+    a program's size and compile time do not grow with the layer count. A list of per-layer dicts is unrolled
+    (the reference the loop is tested against)."""
+    layers = params["layers"]
+    if isinstance(layers, StackedLayers):
+        windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+        inv_freqs = jnp.stack([layer_at(cfg, i).inv_freq for i in range(layers.num_layers)])
+
+        def body(i, carry):
+            x, cache = carry
+            at = LayerAt(i, windows[i], inv_freqs[i])
+            return block(layers.layer(i), x, positions, cache, at, cfg)
+
+        x, cache = jax.lax.fori_loop(0, layers.num_layers, body, (x, cache))
+    else:
+        for index, layer in enumerate(layers):
+            x, cache = block(layer, x, positions, cache, layer_at(cfg, index), cfg)
     return rms_norm(x, params["final_norm"], cfg.norm_eps), cache

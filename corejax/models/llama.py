@@ -7,11 +7,11 @@ from typing import Any
 import jax
 
 from corejax.config import ModelConfig
-from corejax.models.layers import Params, apply_rope, dense, gated_mlp, rms_norm, rope_inv_freq
+from corejax.models.layers import LayerAt, Params, apply_rope, dense, gated_mlp, rms_norm
 
 
-def attention_block(layer: Params, x: jax.Array, positions: jax.Array, cache: Any, index: int,
-                    cfg: ModelConfig, *, theta: float, q_norm: jax.Array | None = None,
+def attention_block(layer: Params, x: jax.Array, positions: jax.Array, cache: Any, at: LayerAt,
+                    cfg: ModelConfig, *, q_norm: jax.Array | None = None,
                     k_norm: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """x [B, T, D] (normed) -> attention output [B, T, D]; writes this layer's keys/values to the cache."""
     batch, t, _ = x.shape
@@ -21,19 +21,17 @@ def attention_block(layer: Params, x: jax.Array, positions: jax.Array, cache: An
     if q_norm is not None:
         q = rms_norm(q, q_norm, cfg.norm_eps)
         k = rms_norm(k, k_norm, cfg.norm_eps)
-    inv_freq = rope_inv_freq(cfg.head_dim, theta, cfg.rope_scaling)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
-    out, cache = cache.attend(index, q, k, v, positions, window=cfg.layer_windows[index],
-                              scale=cfg.attention_scale, softcap=cfg.attn_softcap)
+    q = apply_rope(q, positions, at.inv_freq)
+    k = apply_rope(k, positions, at.inv_freq)
+    out, cache = cache.attend(at.index, q, k, v, positions, window=at.window, scale=cfg.attention_scale,
+                              softcap=cfg.attn_softcap)
     return dense(out.reshape(batch, t, cfg.num_heads * cfg.head_dim), layer["wo"]), cache
 
 
-def block(layer: Params, x: jax.Array, positions: jax.Array, cache: Any, index: int,
+def block(layer: Params, x: jax.Array, positions: jax.Array, cache: Any, at: LayerAt,
           cfg: ModelConfig) -> tuple[jax.Array, Any]:
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)). x [B, T, D]."""
-    h, cache = attention_block(layer, rms_norm(x, layer["attn_norm"], cfg.norm_eps), positions, cache,
-                               index, cfg, theta=cfg.rope_theta)
+    h, cache = attention_block(layer, rms_norm(x, layer["attn_norm"], cfg.norm_eps), positions, cache, at, cfg)
     x = x + h
     x = x + gated_mlp(rms_norm(x, layer["ffn_norm"], cfg.norm_eps), layer, cfg.activation)
     return x, cache
