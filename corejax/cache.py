@@ -97,10 +97,19 @@ KV_DTYPES = ("float32", "bf16", "int8", "int4")
 
 def _zeros(shape: tuple[int, ...], dtype) -> jax.Array:
     """A zero array for the page pool: with the native kernels, one whose memory is committed only as pages are
-    written (kernels/lazy_zeros.cc), so a pool sized for the whole context costs what the sequences use."""
+    written (kernels/lazy_zeros.cc), so a pool sized for the whole context costs what the sequences use.
+
+    Committed to the device from the start, as every later version of the pool (a program's output) is: an
+    uncommitted first pool made the first prefill program compile twice (JAX keys programs on it)."""
+    device = jax.local_devices()[0]
     if not ffi.available():
-        return jnp.zeros(shape, dtype)
-    return jax.jit(jax.ffi.ffi_call("corejax_lazy_zeros", jax.ShapeDtypeStruct(shape, dtype)))()
+        return jax.device_put(jnp.zeros(shape, dtype), device)
+    make = jax.ffi.ffi_call("corejax_lazy_zeros", jax.ShapeDtypeStruct(shape, dtype))
+    return jax.jit(make, out_shardings=jax.sharding.SingleDeviceSharding(device))()
+
+
+def _ones(shape: tuple[int, ...]) -> jax.Array:
+    return jax.device_put(jnp.ones(shape, jnp.float32), jax.local_devices()[0])
 
 
 @struct.dataclass
@@ -136,8 +145,8 @@ class PagedKVCache:
         dtype = {"float32": jnp.float32, "bf16": jnp.uint16, "int8": jnp.int8, "int4": jnp.uint8}[kv_dtype]
         quantized = kv_dtype in ("int8", "int4")
         return cls(k_pages=_zeros(shape, dtype), v_pages=_zeros(shape, dtype),
-                   k_scales=jnp.ones(shape[:-1], jnp.float32) if quantized else None,
-                   v_scales=jnp.ones(shape[:-1], jnp.float32) if quantized else None,
+                   k_scales=_ones(shape[:-1]) if quantized else None,
+                   v_scales=_ones(shape[:-1]) if quantized else None,
                    page_table=jnp.zeros((1, 1), jnp.int32), lengths=jnp.zeros((1,), jnp.int32))
 
     @property
