@@ -1,10 +1,10 @@
-"""Host arrays handed to JAX without a second copy, and the heap given back after loading.
+"""Host arrays for the loader, and the heap given back after loading.
 
-A loaded weight is built in NumPy (unpacked, regrouped for the kernels, stacked over layers); `jnp.asarray` would
-then copy it into a JAX buffer, so each weight briefly existed twice. On the CPU backend JAX can adopt a NumPy
-buffer through DLPack instead, if it is 64-byte aligned and C-contiguous: `aligned_empty` makes such arrays and
-`to_device` adopts them (anything else is copied, as before). Weights are never donated to a program, so an
-adopted buffer stays valid; it is freed with the last array that holds it.
+A loaded weight is built in NumPy (unpacked, regrouped for the kernels, stacked over layers) and copied into a
+JAX buffer one array at a time (`to_device`), so no more than one weight exists twice at once. JAX could adopt
+an aligned NumPy buffer through DLPack instead of copying it (`aligned_empty` makes such arrays), but adopted
+buffers crashed about one interpreter exit in ten ("terminate called ... exception not rethrown", jax 0.10.2,
+CPU), so weights are copied.
 """
 
 from __future__ import annotations
@@ -27,15 +27,8 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def to_device(a: np.ndarray) -> jax.Array:
-    """a as a jax.Array on the CPU: the same memory when it can be adopted (aligned, contiguous, writable, a dtype
-    DLPack knows), else a copy."""
-    if (jax.default_backend() == "cpu" and isinstance(a, np.ndarray) and a.flags.c_contiguous and a.flags.writeable
-            and a.ctypes.data % ALIGN == 0 and a.size):
-        try:
-            return jax.dlpack.from_dlpack(a)
-        except (BufferError, TypeError, ValueError, RuntimeError):
-            pass
-    return jax.device_put(a)
+    """a copied into a jax.Array on the default device (committed there, as every program output is)."""
+    return jax.device_put(a, jax.local_devices()[0])
 
 
 def trim_heap() -> None:

@@ -19,6 +19,7 @@ from corejax.engine import Engine
 from corejax.errors import InvalidParameterError, UnsupportedModelError
 from corejax.hostmem import trim_heap
 from corejax.hub import ModelSource, cache_dir
+from corejax.loading.gguf import reuse_headers
 from corejax.kernels import ffi, small_matmul
 from corejax.loading.loader import (
     LoadedModel,
@@ -71,9 +72,10 @@ class Runtime:
         # Weights, KV pool and workspace are reserved from the file's headers before any is allocated, so a
         # model that cannot fit memory_limit fails here with MemoryBudgetError, having allocated nothing.
         self.budget = memory.MemoryBudget(memory_limit)
-        weights = weights or default_weights(source, ffi.fast_quant(), ffi.bf16_dot(), native)
-        engine = memory.admit(self.budget, plan_weights(source, weights), engine or EngineConfig(), source.name)
-        self.model: LoadedModel = load_model(source, weights=weights, progress=progress)
+        with reuse_headers():  # one parse of the file's header for the four reads below
+            weights = weights or default_weights(source, ffi.fast_quant(), ffi.bf16_dot(), native)
+            engine = memory.admit(self.budget, plan_weights(source, weights), engine or EngineConfig(), source.name)
+            self.model: LoadedModel = load_model(source, weights=weights, progress=progress)
         memory.loaded(self.budget, self.model.info["weight_bytes"])
         memory.reserve_serving(self.budget)  # the KV pool and workspace admit() planned
         self.tokenizer = self.model.tokenizer

@@ -429,3 +429,30 @@ def test_real_file_matches_gguf_py(request, fixture, arch):
         arrays = [v for v in f.metadata.values() if isinstance(v, np.ndarray) and v.dtype != np.bool_]
         assert arrays and not any(a.flags.owndata for a in arrays)
         assert_tensors_match_reference(f, reader, dequantize_names=_sample_per_type(reader))
+
+
+def test_reuse_headers_parses_a_file_once(tmp_path, monkeypatch):
+    """Loading opens a file four times; within reuse_headers the header is parsed once, a rewritten file again,
+    and outside the block every open parses."""
+    import os
+
+    from corejax.loading import gguf as ours
+    from tiny_model import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "t.gguf")
+    parses = []
+    original = ours._read_metadata
+    monkeypatch.setattr(ours, "_read_metadata", lambda *a: parses.append(1) or original(*a))
+    with ours.reuse_headers():
+        with ours.read_gguf(path) as f:
+            first = (dict(f.metadata), f.tensors)
+        for _ in range(3):
+            with ours.read_gguf(path) as f:
+                assert f.tensors == first[1] and f.metadata.keys() == first[0].keys()
+                assert f.raw(next(iter(f.tensors))).size > 0  # tensor bytes come from the new mapping
+        assert len(parses) == 1
+        os.utime(path, ns=(1, 1))  # the same path, another modification time: parsed again
+        ours.read_gguf(path).close()
+        assert len(parses) == 2
+    ours.read_gguf(path).close()
+    assert len(parses) == 3

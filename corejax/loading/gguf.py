@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import mmap
 import os
 import pathlib
 import struct
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -158,16 +161,25 @@ class GGUFFile:
     until they are garbage-collected, even after close().
     """
 
-    def __init__(self, path: pathlib.Path, mm: mmap.mmap):
+    def __init__(self, path: pathlib.Path, mm: mmap.mmap, header: tuple | None = None):
         self.path = path
         self._mmap: mmap.mmap | None = mm
         self._u8: np.ndarray | None = np.frombuffer(mm, dtype=np.uint8)
+        if header is not None:  # parsed before from the same file (reuse_headers)
+            version, metadata, types, self.alignment, tensors = header
+            self.version, self.metadata, self.metadata_types, self.tensors = version, dict(metadata), types, tensors
+            return
         cur = _Cursor(mm, self._u8, path)
         self.version, n_tensors, n_kv = _read_header(cur)
         # metadata_types: key -> (GGUF value type, element type for arrays else None), so a writer can copy them.
         self.metadata, self.metadata_types = _read_metadata(cur, n_kv)
         self.alignment = _alignment(cur, self.metadata)
         self.tensors: dict[str, TensorInfo] = _read_tensor_infos(cur, n_tensors, self.alignment)
+
+    def header(self) -> tuple:
+        """What parsing found, with metadata arrays copied off the mapping (reuse_headers keeps it)."""
+        metadata = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in self.metadata.items()}
+        return self.version, metadata, self.metadata_types, self.alignment, self.tensors
 
     @property
     def architecture(self) -> str:
@@ -344,12 +356,33 @@ def _check_overlap(cur: _Cursor, infos: list[TensorInfo]) -> None:
             )
 
 
+_headers = threading.local()
+
+
+@contextlib.contextmanager
+def reuse_headers() -> Iterator[None]:
+    """Within the block, a file opened again (same path, inode, size and modification time) is not parsed again:
+    loading a model opens it four times (weights mode, memory plan, load, description), and each parse reads
+    the whole vocabulary (Gemma 3: 262,144 strings). The parsed headers are dropped when the block ends."""
+    outer = getattr(_headers, "cache", None)
+    if outer is None:
+        _headers.cache = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _headers.cache = None
+
+
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Open and validate a GGUF file; raises ModelFormatError if any field disagrees with the file."""
     path = pathlib.Path(path)
+    cache = getattr(_headers, "cache", None)
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            key = (os.path.realpath(path), st.st_dev, st.st_ino, size, st.st_mtime_ns)
             if size < 4 + 4 + 8 + 8:
                 raise ModelFormatError(
                     f"{path}: {size} bytes is too small to be a GGUF file (the header alone is 24 bytes); "
@@ -361,7 +394,12 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     except IsADirectoryError:
         raise ModelFormatError(f"{path}: is a directory, not a GGUF file; pass the .gguf file inside it") from None
     try:
-        return GGUFFile(path, mm)
+        if cache is not None and key in cache:
+            return GGUFFile(path, mm, cache[key])
+        opened = GGUFFile(path, mm)
+        if cache is not None:
+            cache[key] = opened.header()
+        return opened
     except BaseException:
         try:
             mm.close()
