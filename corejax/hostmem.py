@@ -10,7 +10,6 @@ CPU), so weights are copied.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 import jax
 import numpy as np
@@ -35,7 +34,6 @@ def trim_heap() -> None:
     """Returns the heap's free pages to the system (glibc's malloc_trim): loading frees many per-layer arrays that
     would otherwise stay resident. A no-op where the C library has no malloc_trim."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(ctypes.c_size_t(0))
+        ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))  # the C library already loaded; no lookup subprocess
     except (OSError, AttributeError):
         pass
