@@ -104,8 +104,7 @@ def _zeros(shape: tuple[int, ...], dtype) -> jax.Array:
     device = jax.local_devices()[0]
     if not ffi.available():
         return jax.device_put(jnp.zeros(shape, dtype), device)
-    make = jax.ffi.ffi_call("corejax_lazy_zeros", jax.ShapeDtypeStruct(shape, dtype))
-    return jax.jit(make, out_shardings=jax.sharding.SingleDeviceSharding(device))()
+    return jax.device_put(jax.ffi.ffi_call("corejax_lazy_zeros", jax.ShapeDtypeStruct(shape, dtype))(), device)
 
 
 def _ones(shape: tuple[int, ...]) -> jax.Array:
