@@ -19,19 +19,23 @@ Params = dict[str, Any]
 
 
 def dense(x: jax.Array, w: jax.Array | QuantArray | BlockedWeight | LayerWeight,
-          valid: jax.Array | None = None) -> jax.Array:
+          valid: jax.Array | None = None, layer: jax.Array | int | None = None) -> jax.Array:
     """x [..., D_in] @ w [D_in, D_out] -> float32. Float weights are stored [in, out]: XLA's CPU GEMV is ~5x
     faster that way than contracting the trailing axis of an [out, in] matrix (shared/PERF-NOTES.md).
     Quantized weights go through the one quantized matmul; column-blocked ones (when the native kernel is
     loaded) through the native float kernel (kernels/small_matmul.py). `valid` (bool, x.shape[:-1])
-    marks padding rows the native float kernel may skip (their outputs are then zero). A LayerWeight (one layer
-    of a stacked matrix, in a layer loop) is read in place by the same kernels."""
+    marks padding rows the native float kernel may skip (their outputs are then zero).
+
+    A LayerWeight (one layer of a stacked matrix, in the layer loop) resolves to its stacked group and `layer`,
+    an index the kernels read in place; a plain float stack (no native kernels) is sliced by XLA (a copy)."""
     if isinstance(w, LayerWeight):
-        return w.matmul(x, valid)
+        return w.apply(lambda stacked, index: dense(x, stacked, valid, index))
     if isinstance(w, QuantArray):
-        return quant.matmul(x, w)
+        return quant.matmul(x, w, layer)
     if isinstance(w, BlockedWeight):
-        return blocked_matmul(x, w, valid)
+        return blocked_matmul(x, w, valid, layer)
+    if layer is not None:
+        w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
     return jnp.einsum("...d,de->...e", x, w, preferred_element_type=jnp.float32)
 
 

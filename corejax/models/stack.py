@@ -6,7 +6,7 @@ layout — a Q4_K_M file keeps some layers' w_down in Q6_K — are stacked in gr
 its group through `lax.switch`. models/layers.py `run_layers` then runs one compiled layer in a `fori_loop`:
 the program's size and compile time no longer grow with the layer count.
 
-The matmul kernels take the whole stack and the layer index and read that layer in place (kernels/
+The matmul kernels (through models/layers.py `dense`) take the whole stack and the layer index and read that layer in place (kernels/
 quant_matmul.cc, kernels/small_matmul.cc): slicing a layer out in XLA copies it, every layer of every step
 (a lax.scan over stacked weights decoded 3x slower for that reason). Per-layer vectors (norm scales) are small
 and are sliced.
@@ -15,6 +15,7 @@ and are sliced.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,9 +24,8 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from corejax import quant
 from corejax.hostmem import aligned_empty, to_device
-from corejax.kernels.small_matmul import BlockedWeight, blocked_matmul
+from corejax.kernels.small_matmul import BlockedWeight
 from corejax.quant import QuantArray
 
 Matrix = (QuantArray, BlockedWeight)
@@ -60,19 +60,20 @@ class StackedLayers:
 
 @dataclasses.dataclass(frozen=True)
 class LayerWeight:
-    """Layer `index` (traced) of a stacked matrix: `dense` multiplies by it without copying it out."""
+    """Layer `index` (traced) of a stacked matrix: models/layers.py `dense` multiplies by it without copying it."""
 
     groups: tuple[Any, ...]
     slots: tuple[tuple[int, int], ...]
     index: jax.Array | int
 
-    def matmul(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    def apply(self, fn: Callable[[Any, jax.Array | int], jax.Array]) -> jax.Array:
+        """fn(stacked group, index within it) for this layer's group: directly when all layers share one layout,
+        else through lax.switch over the groups (Gemma's Q4_K_M: w_down in Q6_K and Q4_K)."""
         if len(self.groups) == 1:
-            return _matmul_at(x, self.groups[0], self.index, valid)
+            return fn(self.groups[0], self.index)
         group = jnp.asarray([g for g, _ in self.slots], jnp.int32)[self.index]
         within = jnp.asarray([j for _, j in self.slots], jnp.int32)[self.index]
-        branches = [lambda x, j, w=w: _matmul_at(x, w, j, valid) for w in self.groups]
-        return lax.switch(group, branches, x, within)
+        return lax.switch(group, [lambda j, w=w: fn(w, j) for w in self.groups], within)
 
 
 class LayerView:
@@ -94,16 +95,6 @@ class LayerView:
         if len(groups) != 1:
             raise ValueError(f"layer parameter {key!r} has per-layer shapes that differ; only matrices may")
         return lax.dynamic_index_in_dim(first, self.index, keepdims=False)
-
-
-def _matmul_at(x: jax.Array, w: Any, index: jax.Array | int, valid: jax.Array | None) -> jax.Array:
-    if isinstance(w, QuantArray):
-        return quant.matmul(x, w, layer=index)
-    if isinstance(w, BlockedWeight):
-        return blocked_matmul(x, w, valid, layer=index)
-    # A plain float matrix (no native kernels): XLA slices the layer out (a copy; the kernels avoid it).
-    return jnp.einsum("...d,de->...e", x, lax.dynamic_index_in_dim(w, index, keepdims=False),
-                      preferred_element_type=jnp.float32)
 
 
 def _signature(v: Any) -> tuple:
