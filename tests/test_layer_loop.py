@@ -152,7 +152,7 @@ def test_real_quantized_model_loop_equals_unrolled(real_runtime):
     rt = real_runtime
     stacked = rt.engine.params
     assert isinstance(stacked["layers"], StackedLayers)
-    if rt.model.info.get("name", "").lower().startswith("gemma"):
+    if rt.engine.cfg.arch == "gemma3":  # its Q4_K_M file mixes Q6_K and Q4_K w_down layers
         assert len(stacked["layers"].groups["w_down"]) == 2
     unrolled = dict(stacked, layers=stacked["layers"].unstacked())
     _assert_same(unrolled, stacked, rt.engine.cfg, _real_prompt(rt), tol=QUANTIZED_TOL)
