@@ -4,7 +4,8 @@ Public API (everything else is internal):
     generate(prompt, model=None, **sampling) -> str       stream(...) -> iterator of str
     embed(texts, model="all-minilm-l6-v2") -> np.ndarray  classify(texts, model=None, labels=...) -> Classification
     Session(model) -> .generate() -> GenerationResult, .stream(), .info()
-    pull(name), list_models(), SamplingParams, SpeculativeConfig, and the exceptions below.
+    pull(name), list_models(), SamplingParams, SpeculativeConfig, Blocklist (Session(output_filter=...)),
+    and the exceptions below.
 """
 
 from corejax import native as _native
@@ -26,6 +27,7 @@ from corejax.errors import (
     UnsupportedModelError,
     WorkerCrashed,
 )
+from corejax.filter import Blocklist
 from corejax.hub import DEFAULT_MODEL, list_models, pull
 from corejax.results import Classification, GenerationResult, Timings, TokenLogprob
 from corejax.config import SamplingParams, SpeculativeConfig
@@ -36,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",
     "DEFAULT_MODEL",
+    "Blocklist",
     "Classification",
     "ContextLengthError",
     "CacheFullError",

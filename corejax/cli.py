@@ -1,4 +1,4 @@
-"""The `corejax` command: generate, chat, embed, pull, list, info."""
+"""The `corejax` command: generate, chat, serve, embed, pull, list, info, quantize, bench."""
 
 from __future__ import annotations
 
@@ -22,13 +22,24 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="default: a quantized GGUF stays quantized (native) and an encoder loads as bf16 or f16 "
                         "where the native kernels build, else f32; int8/int4: quantize float weights at load")
     p.add_argument("--kv-dtype", choices=["float32", "bf16", "int8", "int4"], default="float32")
+    p.add_argument("--blocklist", metavar="FILE", default=None,
+                   help="output filter: one blocked word or phrase per line (# comments); matched after Unicode "
+                        "NFC and case folding, a hit ends the generation (finish reason content_filter)")
+
+
+def _output_filter(args: argparse.Namespace) -> Any:
+    if args.blocklist is None:
+        return None
+    from corejax.filter import Blocklist
+
+    return Blocklist.from_file(args.blocklist)
 
 
 def _session(args: argparse.Namespace, progress: bool) -> Any:
     from corejax.session import Session
 
     return Session(args.model, sandbox=args.sandbox, weights=args.weights, kv_dtype=args.kv_dtype,
-                   progress=progress, warmup=progress)
+                   progress=progress, warmup=progress, output_filter=_output_filter(args))
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -114,6 +125,45 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if args.verbose:
             print(_timings_line(result), file=sys.stderr)
         messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from corejax.server import ServerLimits, serve
+
+    limits = ServerLimits(max_body_bytes=args.max_body, max_tokens=args.max_tokens, max_queue=args.max_queue,
+                          api_key=args.api_key, shutdown_grace_s=args.shutdown_grace)
+    options = {"sandbox": args.sandbox, "weights": args.weights, "kv_dtype": args.kv_dtype,
+               "output_filter": _output_filter(args), "timeout": args.timeout, "memory_limit": args.memory_limit}
+    serve(args.models or [None], host=args.host, port=args.port, limits=limits, session_options=options,
+          log_level=args.log_level)
+    return 0
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, ...)")
+    p.add_argument("-m", "--model", dest="models", action="append", default=None,
+                   help=f"a model to serve (repeatable: each its own worker; default {hub.DEFAULT_MODEL}); "
+                        "requests choose one by its name in the model field")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
+    p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
+                   help="run the models on threads of the server process instead of sandboxed workers")
+    p.add_argument("--weights", choices=["f32", "f16", "bf16", "native", "int8", "int4"], default=None)
+    p.add_argument("--kv-dtype", choices=["float32", "bf16", "int8", "int4"], default="float32")
+    p.add_argument("--blocklist", metavar="FILE", default=None, help="output filter (see `corejax generate -h`)")
+    p.add_argument("--max-tokens", type=int, default=4096,
+                   help="the most tokens one choice may generate, and the chat default (default 4096)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests in flight per model; more are refused with 429 and Retry-After (default 256)")
+    p.add_argument("--max-body", type=int, default=4 << 20, help="largest request body in bytes (default 4 MiB)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds a request may run in the worker before it is stopped (default: none)")
+    p.add_argument("--memory-limit", default=None, help="bytes (or e.g. 2GiB) each model's worker may use")
+    p.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="at SIGINT/SIGTERM, seconds running streams may finish before they are cut (default 10)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -222,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("-v", "--verbose", action="store_true", help="print timings after each reply")
     p.set_defaults(func=cmd_chat)
+    _add_serve(sub)
     p = sub.add_parser("embed", help="sentence embeddings, one JSON array per line")
     p.add_argument("texts", nargs="*", help="texts to embed (default: one per line of stdin)")
     p.add_argument("-m", "--model", default=None, help="registry name or HF folder (default: all-minilm-l6-v2)")

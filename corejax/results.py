@@ -11,6 +11,7 @@ class TokenLogprob:
     text: str
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely alternatives, best first
+    top_text: tuple[str, ...] = ()  # the text of each alternative in `top`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,8 @@ class Timings:
 class GenerationResult:
     text: str
     tokens: tuple[int, ...]  # generated ids (an end-of-sequence token included when one ended it)
-    finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length" (max_tokens or context)
+    finish_reason: str  # "stop" (end-of-sequence token or stop string), "length" (max_tokens or context) or
+    # "content_filter" (the output filter matched; the text ends before the match)
     prompt_tokens: tuple[int, ...]
     timings: Timings
     logprobs: tuple[TokenLogprob, ...] | None = None

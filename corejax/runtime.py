@@ -17,10 +17,12 @@ from corejax import memory
 from corejax.config import EncoderConfig, EngineConfig, ModelConfig
 from corejax.engine import Engine
 from corejax.errors import InvalidParameterError, UnsupportedModelError
+from corejax.filter import FINISH_REASON as FILTERED
+from corejax.filter import Blocklist
 from corejax.hostmem import trim_heap
 from corejax.hub import ModelSource, cache_dir
-from corejax.loading.gguf import reuse_headers
 from corejax.kernels import ffi, small_matmul
+from corejax.loading.gguf import reuse_headers
 from corejax.loading.loader import (
     LoadedModel,
     default_weights,
@@ -60,13 +62,46 @@ def _prepare_decoder(params: dict, native: bool) -> dict:
     return params
 
 
+class _TextOut:
+    """A generation's text on its way out: stop strings cut it (corejax/stopping.py), then the output filter
+    checks it (corejax/filter.py). push/finish return (text to emit, the finish reason once it ended)."""
+
+    def __init__(self, stop: Sequence[str], output_filter: Blocklist | None):
+        self.stops = StopMatcher(stop)
+        self.filter = output_filter.stream() if output_filter is not None else None
+        self.ended: str | None = None
+
+    def push(self, piece: str) -> tuple[str, str | None]:
+        text, stopped = self.stops.push(piece)
+        return self._filtered(text, "stop" if stopped else None)
+
+    def finish(self, piece: str) -> tuple[str, str | None]:
+        """The last piece (what the detokenizer held): everything still held is released or cut."""
+        text, stopped = self.stops.push(piece)
+        if not stopped:
+            text += self.stops.flush()
+        return self._filtered(text, "stop" if stopped else "", final=True)
+
+    def _filtered(self, text: str, stopped: str | None, final: bool = False) -> tuple[str, str | None]:
+        if self.filter is not None:
+            text, blocked = self.filter.push(text)
+            if not blocked and (stopped is not None or final):  # the text ends here: nothing more may complete
+                tail, blocked = self.filter.flush()
+                text += tail
+            if blocked:
+                stopped = FILTERED
+        self.ended = stopped or None
+        return text, self.ended
+
+
 class Runtime:
     def __init__(self, source: ModelSource, *, weights: str | None = None,
                  engine: EngineConfig | None = None, progress: bool | Callable[[str, int, int], None] = True,
-                 memory_limit: int | str | None = None):
+                 memory_limit: int | str | None = None, output_filter: Blocklist | None = None):
         native = ffi.ensure()  # the native CPU kernels (kernels/*.cc), when they can be built and loaded
         enable_compilation_cache()
         self.source = source
+        self.output_filter = output_filter  # checked on every generation's text (corejax/filter.py)
         self._scheduler: Scheduler | None = None
         self._tagged: dict[Any, Any] = {}  # stream(tag=...) -> its scheduler Request, for cancel()
         # Weights, KV pool and workspace are reserved from the file's headers before any is allocated, so a
@@ -113,10 +148,15 @@ class Runtime:
             return dict(self.model.info, load_seconds=self.model.load_seconds, memory=self.budget.report(),
                         native_kernels=ffi.available(), kernel_isa=ffi.isa())
         ec = self.engine.engine_cfg
+        alloc = self.engine.allocator
+        waiting, running = self._scheduler.load() if self._scheduler is not None else (0, 0)
         return dict(self.model.info, load_seconds=self.model.load_seconds, memory=self.budget.report(),
                     native_kernels=ffi.available(), kernel_isa=ffi.isa(), kv_dtype=ec.kv_dtype,
                     kv_page_size=ec.page_size, kv_cache_bytes=self.engine.kv_cache_bytes,
-                    kv_cache_tokens=(self.engine.allocator.num_pages - 1) * ec.page_size)
+                    kv_cache_tokens=(alloc.num_pages - 1) * ec.page_size,
+                    # Load now: pages held by requests (cached prefixes nobody uses count as free), and requests.
+                    kv_pages_total=alloc.num_pages - 1, kv_pages_in_use=alloc.num_pages - 1 - alloc.num_available,
+                    requests_waiting=waiting, requests_running=running)
 
     def prompt_ids(self, prompt: str | None, messages: Sequence[dict] | None) -> list[int]:
         if (prompt is None) == (messages is None):
@@ -181,7 +221,7 @@ class Runtime:
         spec = SpeculativeConfig.from_user(speculative)
         ids = self.prompt_ids(prompt, messages)
         detok = self.tokenizer.stream(continuation=True)  # keep the SPM space before the first new word
-        stops = StopMatcher(sp.stop)
+        text_out = _TextOut(sp.stop, self.output_filter)
         generated: list[int] = []
         logprobs: list[TokenLogprob] = []
         text_parts: list[str] = []
@@ -195,33 +235,36 @@ class Runtime:
                 generated.append(event.token)
                 lp = ()
                 if event.logprob is not None:
-                    lp = (TokenLogprob(event.token, self.tokenizer.decode([event.token], skip_special=False),
-                                       event.logprob, tuple(event.top_logprobs or ())),)
+                    lp = (self._logprob(event),)
                     logprobs.extend(lp)
                 if event.token in self.tokenizer.eos_ids and not sp.ignore_eos:
                     finish = "stop"
                     break
-                text, hit = stops.push(detok.push(event.token))
+                text, ended = text_out.push(detok.push(event.token))
                 if text or lp:
                     text_parts.append(text)
                     yield Chunk(text, (event.token,), lp)
-                if hit:
-                    finish = "stop"
+                if ended:
+                    finish = ended
                     break
         finally:
             steps.close()
             self._tagged.pop(tag, None)
-        if not stops.stopped:  # release what the detokenizer and the stop matcher still hold
-            tail, hit = stops.push(detok.flush())
-            if hit:
-                finish = "stop"
-            else:
-                tail += stops.flush()
+        if not text_out.ended:  # release what the detokenizer, the stop matcher and the filter still hold
+            tail, ended = text_out.finish(detok.flush())
+            finish = ended or finish
             if tail:
                 text_parts.append(tail)
                 yield Chunk(tail)
         yield Chunk("", result=self._result(ids, generated, "".join(text_parts), finish, logprobs, sp, times,
                                             start))
+
+    def _logprob(self, event: Any) -> TokenLogprob:
+        def piece(token: int) -> str:
+            return self.tokenizer.decode([token], skip_special=False)
+
+        top = tuple(event.top_logprobs or ())
+        return TokenLogprob(event.token, piece(event.token), event.logprob, top, tuple(piece(t) for t, _ in top))
 
     def _result(self, ids, generated, text, finish, logprobs, sp, times: StepTimes, start) -> GenerationResult:
         ttft = max(times.first_token - start, 1e-9) if times.generated else 0.0

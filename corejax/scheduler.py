@@ -138,6 +138,12 @@ class Scheduler:
                         sched._finish(req, e)
                 del sched
 
+    def load(self) -> tuple[int, int]:
+        """(requests waiting, requests prefilling or decoding): a snapshot for info() and metrics."""
+        with self._cv:
+            inbox = len(self._inbox)
+        return inbox + len(self.waiting), len(self.prefilling) + len(self.running)
+
     def run_until_idle(self) -> None:
         """Steps until every request has finished (background=False: tests and single-threaded use)."""
         while not self.idle:

@@ -14,6 +14,7 @@ from typing import Any
 from corejax import hub, native
 from corejax.config import WEIGHT_MODES, EngineConfig, SamplingParams, SpeculativeConfig
 from corejax.errors import CorejaxError, InvalidParameterError, RequestTimeout, WorkerCrashed
+from corejax.filter import Blocklist
 from corejax.results import Chunk, Classification, GenerationResult
 from corejax.sandbox import protocol
 from corejax.sandbox.client import WorkerClient, worker_error
@@ -90,6 +91,8 @@ class Session:
         build), "int8" / "int4" (quantized at load), or for encoders "bf16" (matrices and their inputs rounded
         to bfloat16, products summed in float32: the default where the CPU has AVX512_BF16) or "f16"
         (float16 matrices, computed in float32: the default elsewhere the native kernels build); "f32" is exact.
+    output_filter: a corejax.Blocklist checked on the generated text in the worker (after NFC normalisation
+        and case folding); a hit ends the generation before the match with finish_reason "content_filter".
     Thread-safe and concurrent: requests from several threads or asyncio tasks run batched together in the
     worker (continuous batching), each streaming its own tokens.
     """
@@ -101,7 +104,7 @@ class Session:
                  kv_cache_tokens: int | None = None, prefix_cache: bool = True, progress: bool = True,
                  speculative: Any = None, warmup: bool = False,
                  start_timeout: float = 600.0, sandbox_require: Mapping[str, bool] | None = None,
-                 _pythonpath: Sequence[str] = ()):
+                 output_filter: Blocklist | None = None, _pythonpath: Sequence[str] = ()):
         if memory_limit is not None:
             from corejax.memory import parse_size
 
@@ -113,8 +116,13 @@ class Session:
         self._require = _sandbox_require(sandbox_require)
         # Validated here, in the parent, before a worker starts.
         engine = EngineConfig(kv_dtype=kv_dtype, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
+        if output_filter is not None and not isinstance(output_filter, Blocklist):
+            raise InvalidParameterError("output_filter must be a corejax.Blocklist, e.g. Blocklist(['word']); "
+                                        f"got {type(output_filter).__name__}")
+        self.output_filter = output_filter
         self._options = {"weights": weights, "engine": dataclasses.asdict(engine), "memory_limit": memory_limit,
-                         "progress": bool(progress), "warmup": bool(warmup)}
+                         "progress": bool(progress), "warmup": bool(warmup),
+                         "output_filter": None if output_filter is None else output_filter.to_wire()}
         # Resolving maps a name to a path (pulling it on first use); it never opens the model file itself.
         self.source = hub.resolve(model, progress=progress) if model is not None or not self._testing else None
         self._progress = progress
@@ -167,17 +175,23 @@ class Session:
             raise AttributeError("a sandboxed Session has no Runtime in this process; use sandbox=False")
         return self._current_client().runtime
 
-    def _frames(self, kind: Kind, payload: dict) -> Iterator[protocol.Frame]:
-        """Reply frames of one request, to its RESULT; restarts the worker and re-sends a request not begun."""
+    def _frames(self, kind: Kind, payload: dict, cancel: _Cancel | None = None) -> Iterator[protocol.Frame]:
+        """Reply frames of one request, to its RESULT; restarts the worker and re-sends a request not begun.
+        cancel: another thread may call it to stop the request at once; the frames then just end."""
         for attempt in range(_RETRIES + 1):
             client = self._current_client()
             req = client.submit(kind, payload)
             done = False
+            if cancel is not None:
+                cancel.track(client, req)
             try:
                 while True:
                     event = client.wait(req)
                     if isinstance(event, tuple):
                         what, message = event
+                        if what == "cancelled":
+                            done = True
+                            return
                         if what == "retry" and attempt < _RETRIES:
                             break
                         done = True
@@ -227,6 +241,11 @@ class Session:
     def stream_chunks(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
                       speculative: Any = _DEFAULT, **sampling: Any) -> Iterator[Chunk]:
         """Chunks with text, token ids and logprobs; the last one carries the GenerationResult."""
+        return self._chunks(self._generation(prompt, messages, speculative, sampling))
+
+    def _generation(self, prompt: str | None, messages: Sequence[dict] | None, speculative: Any,
+                    sampling: dict[str, Any]) -> dict:
+        """A GENERATE request's payload, validated here before it is sent."""
         sp = SamplingParams.from_kwargs(**sampling)
         spec = self.speculative if speculative is _DEFAULT else self._speculative(speculative)
         if (prompt is None) == (messages is None):
@@ -238,10 +257,10 @@ class Session:
             raise InvalidParameterError(f"prompt must be a string; got {type(prompt).__name__}")
         payload = {"prompt": prompt, "messages": None if messages is None else [dict(m) for m in messages],
                    "sampling": protocol.sampling_to_wire(sp), "speculative": spec and spec.to_wire()}
-        return self._chunks(payload)
+        return payload
 
-    def _chunks(self, payload: dict) -> Iterator[Chunk]:
-        for frame in self._frames(Kind.GENERATE, payload):
+    def _chunks(self, payload: dict, cancel: _Cancel | None = None) -> Iterator[Chunk]:
+        for frame in self._frames(Kind.GENERATE, payload, cancel):
             if frame.kind == Kind.CHUNK:
                 yield protocol.chunk_from_wire(frame.payload)
             else:
@@ -352,23 +371,32 @@ class Session:
         return await asyncio.to_thread(self.generate, prompt, messages=messages, **sampling)
 
     async def astream_chunks(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
-                             **sampling: Any) -> AsyncIterator[Chunk]:
-        chunks = self.stream_chunks(prompt, messages=messages, **sampling)
+                             speculative: Any = _DEFAULT, **sampling: Any) -> AsyncIterator[Chunk]:
+        """stream_chunks for asyncio code. Closing the iterator (or cancelling the task reading it) stops the
+        request in the worker at once, freeing its KV pages: a server cancels a disconnected client's request."""
+        cancel = _Cancel()
+        chunks = self._chunks(self._generation(prompt, messages, speculative, sampling), cancel)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
 
+        def hand(item: tuple) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the loop closed (the program is exiting): nobody is reading any more
+                stop.set()
+
         def pump() -> None:
             try:
                 for chunk in chunks:
-                    loop.call_soon_threadsafe(q.put_nowait, ("chunk", chunk))
+                    hand(("chunk", chunk))
                     if stop.is_set():
                         break
             except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-                loop.call_soon_threadsafe(q.put_nowait, ("error", e))
+                hand(("error", e))
             finally:
                 chunks.close()
-                loop.call_soon_threadsafe(q.put_nowait, ("end", None))
+                hand(("end", None))
 
         thread = threading.Thread(target=pump, name="corejax-astream", daemon=True)
         thread.start()
@@ -380,8 +408,9 @@ class Session:
                 if what == "error":
                     raise value
                 yield value
-        finally:
+        finally:  # the caller stopped reading (a closed HTTP connection, a cancelled task): the worker stops now
             stop.set()
+            cancel()
 
     async def astream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
                       **sampling: Any) -> AsyncIterator[str]:
@@ -412,6 +441,35 @@ class Session:
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.close)
+
+
+class _Cancel:
+    """Stops one request from another thread (asyncio's side of astream_chunks): tells the worker, which frees
+    the request's KV pages before its next step, and wakes the thread waiting for the request's frames."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: tuple[WorkerClient, Any] | None = None
+        self.cancelled = False
+
+    def track(self, client: WorkerClient, req: Any) -> None:
+        with self._lock:
+            self._current = (client, req)
+            if not self.cancelled:
+                return
+        self._stop(client, req)
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            current = self._current
+        if current is not None:
+            self._stop(*current)
+
+    @staticmethod
+    def _stop(client: WorkerClient, req: Any) -> None:
+        client.forget(req)
+        req.events.put(("cancelled", "the caller cancelled the request"))
 
 
 def _close_client(holder: list) -> None:

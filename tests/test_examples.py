@@ -27,6 +27,8 @@ EXPECTED = {
                     "InvalidParameterError: top_p"],
     "many_streams.py": ["4 concurrent streams: ", "tok/s in all", "  the sea: ", "speculative ngram: same text: True",
                       "drafted tokens accepted"],
+    "openai_client.py": ["model: smollm2-135m-instruct", "chat: 'The capital of France is Paris.'",
+                         "finish_reason=stop", "stream: "],
     "models.py": ["smollm2-135m-instruct", "gemma3-270m: gguf at ", "cached=True", "gemma3 model",
                   "completion: ", "ModelNotFoundError: ", "Did you mean 'gemma3-270m'?"],
 }

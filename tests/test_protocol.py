@@ -19,7 +19,7 @@ from corejax.sandbox.protocol import HEADER, MAGIC, VERSION, Connection, Kind, P
 
 
 def _result(logprobs=True) -> GenerationResult:
-    lp = (TokenLogprob(5, "a", -0.25, ((5, -0.25), (7, -1.5))), TokenLogprob(9, "é", -2.0, ()))
+    lp = (TokenLogprob(5, "a", -0.25, ((5, -0.25), (7, -1.5)), ("a", "b")), TokenLogprob(9, "é", -2.0, ()))
     return GenerationResult("aé", (5, 9), "stop", (1, 2, 3), Timings(0.5, 3, 0, 2, 0.1, 30.0, 12.5, 0.3),
                             lp if logprobs else None)
 

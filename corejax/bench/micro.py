@@ -43,7 +43,7 @@ def codec_cases() -> dict[str, Case]:
     from corejax.sandbox.protocol import Kind
 
     timings = Timings(**{f.name: 1 for f in dataclasses.fields(Timings)})
-    lp = tuple(TokenLogprob(i, "tok", -0.5, ((i, -0.5), (i + 1, -1.0))) for i in range(32))
+    lp = tuple(TokenLogprob(i, "tok", -0.5, ((i, -0.5), (i + 1, -1.0)), ("tok", "tok2")) for i in range(32))
     result = GenerationResult("x" * 200, tuple(range(32)), "length", tuple(range(64)), timings, lp)
     messages = {
         "chunk": (Kind.CHUNK, p.chunk_to_wire(Chunk(" world", (1917,)))),

@@ -259,12 +259,15 @@ def sampling_from_wire(d: Mapping[str, Any]) -> SamplingParams:
 
 
 def _logprob_to_wire(lp: TokenLogprob) -> list:
-    return [lp.token, lp.text, lp.logprob, [list(t) for t in lp.top]]
+    return [lp.token, lp.text, lp.logprob, [list(t) for t in lp.top], list(lp.top_text)]
 
 
 def _logprob_from_wire(v: list) -> TokenLogprob:
-    token, text, logprob, top = v
-    return TokenLogprob(int(token), str(text), float(logprob), tuple((int(t), float(p)) for t, p in top))
+    token, text, logprob, top, top_text = v
+    if len(top_text) != len(top):
+        raise ValueError("a logprob's alternatives and their texts differ in number")
+    return TokenLogprob(int(token), str(text), float(logprob), tuple((int(t), float(p)) for t, p in top),
+                        tuple(str(s) for s in top_text))
 
 
 def chunk_to_wire(c: Chunk) -> dict:

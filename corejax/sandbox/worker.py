@@ -177,9 +177,11 @@ def _sandbox_error(message: str) -> Exception:
 
 def load_runtime(name: str, fmt: str, path: str, options: dict | None = None,
                  report: Callable[[str, int, int], None] | None = None) -> Any:
-    """options (plain data from the parent): weights, the EngineConfig fields under "engine", and
-    memory_limit (bytes), which the Runtime reserves against before it allocates (corejax/memory.py)."""
+    """options (plain data from the parent): weights, the EngineConfig fields under "engine", memory_limit
+    (bytes), which the Runtime reserves against before it allocates (corejax/memory.py), and output_filter
+    (the blocklist's patterns)."""
     from corejax.config import EngineConfig
+    from corejax.filter import Blocklist
     from corejax.hub import ModelSource
     from corejax.kernels import ffi
     from corejax.runtime import Runtime
@@ -187,9 +189,11 @@ def load_runtime(name: str, fmt: str, path: str, options: dict | None = None,
     options = options or {}
     ffi.ensure(options.get("native_kernels"))  # the native kernels the parent built, if any
     report = report if options.get("progress") else None  # -> PROGRESS frames, the parent's bars
+    patterns = options.get("output_filter")
     runtime = Runtime(ModelSource(name, fmt, Path(path)), weights=options.get("weights"),
                       engine=EngineConfig(**options.get("engine", {})), progress=report or False,
-                      memory_limit=options.get("memory_limit"))
+                      memory_limit=options.get("memory_limit"),
+                      output_filter=None if patterns is None else Blocklist(patterns))
     if options.get("warmup"):
         runtime.warmup(report)
     return runtime

@@ -1,0 +1,91 @@
+"""`corejax serve`: an OpenAI-compatible HTTP server (Starlette on uvicorn) over one sandboxed Session per model.
+
+    corejax serve -m smollm2-135m-instruct --port 8000
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+
+Endpoints: GET /v1/models, POST /v1/completions, /v1/chat/completions, /v1/embeddings; GET /health and
+/metrics (Prometheus). app.py holds the application, schema.py OpenAI's request and response JSON."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from corejax.server.app import ServedModel, Server, ServerLimits
+
+__all__ = ["ServedModel", "Server", "ServerLimits", "serve"]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 8000,
+          limits: ServerLimits | None = None, session_options: dict[str, Any] | None = None,
+          log_level: str = "info") -> None:
+    """Starts one Session per model (loading each, with progress bars), then serves until SIGINT/SIGTERM.
+
+    At a signal the server stops accepting connections, lets running requests finish for the shutdown grace,
+    ends the streams still running with a final error event, and closes the workers."""
+    import uvicorn
+
+    from corejax.session import Session
+
+    limits = limits or ServerLimits()
+    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    if not _is_loopback(host) and limits.api_key is None:
+        logging.getLogger("corejax.server").warning(
+            "serving on %s without --api-key: anyone who can reach this address can use the models", host)
+    served: list[ServedModel] = []
+    try:
+        for name in models or [None]:
+            session = Session(name, warmup=True, **(session_options or {}))
+            model_id = name if name is not None and "/" not in name and not name.endswith(".gguf") \
+                else session.source.name
+            if any(m.id == model_id for m in served):
+                session.close()
+                raise SystemExit(f"corejax serve: the model {model_id!r} is named twice")
+            served.append(ServedModel(model_id, session))
+        server = Server(served, limits)
+        config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=int(limits.shutdown_grace_s) + 5)
+        print(f"corejax serve: http://{host}:{port}/v1 serving {', '.join(m.id for m in served)}",
+              file=sys.stderr, flush=True)
+        _Uvicorn(config, server).run()
+    finally:
+        for m in served:
+            m.session.close()
+
+
+class _Uvicorn:
+    """uvicorn's server with corejax's signal handling: the first SIGINT/SIGTERM drains (Server.begin_drain:
+    streams get the shutdown grace, then a final event), a second SIGINT exits at once. Unlike uvicorn's own
+    handler it does not raise the signal again after the shutdown, so the workers are closed and the process
+    exits with status 0."""
+
+    def __init__(self, config: Any, server: Server):
+        import uvicorn
+
+        self.server = server
+        self.uvicorn = uvicorn.Server(config)
+        self.uvicorn.handle_exit = self._handle_exit  # the instance attribute capture_signals installs
+
+    def _handle_exit(self, sig: int, frame: Any) -> None:
+        self.server.begin_drain()
+        if self.uvicorn.should_exit and sig == signal.SIGINT:
+            self.uvicorn.force_exit = True
+        else:
+            self.uvicorn.should_exit = True
+
+    def run(self) -> None:
+        self.uvicorn.run()

@@ -1,0 +1,409 @@
+"""The ASGI application of `corejax serve`: OpenAI's endpoints over one Session (one sandboxed worker) per model.
+
+Every request of a model goes to that model's Session, whose worker batches concurrent generations together
+(continuous batching): the server adds no queue of its own beyond a limit on requests in flight. A stream ends
+in the worker as soon as its client goes away (Session.astream_chunks), which frees its KV pages."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from corejax import __version__, errors
+from corejax.results import Chunk, GenerationResult
+from corejax.server import schema
+from corejax.server.metrics import CONTENT_TYPE, Metrics
+from corejax.server.schema import ApiError, GenerationRequest
+from corejax.session import Session
+
+log = logging.getLogger("corejax.server")
+_DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+@dataclasses.dataclass
+class ServerLimits:
+    max_body_bytes: int = 4 << 20
+    max_tokens: int = 4096  # the most tokens one choice may generate (and the chat default)
+    max_queue: int = 256  # requests in flight per model; more are answered 429
+    api_key: str | None = None
+    shutdown_grace_s: float = 10.0  # at SIGINT/SIGTERM, streams run this long, then end with an error event
+
+
+class ServedModel:
+    """One model the server answers for: its Session and what its worker can do."""
+
+    def __init__(self, model_id: str, session: Session):
+        self.id = model_id
+        self.session = session
+        info = session.info()
+        self.generates = "kv_pages_total" in info  # an encoder embeds and classifies but has no KV pool
+        self.created = int(time.time())
+        key = f"{__version__}:{info.get('name')}:{info.get('weights')}:{info.get('kernel_isa')}"
+        self.fingerprint = "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
+        self.in_flight = 0
+
+
+class Server:
+    """The models, limits and metrics one application serves; `app` is the Starlette application."""
+
+    def __init__(self, models: list[ServedModel], limits: ServerLimits):
+        if not models:
+            raise ValueError("a server needs at least one model")
+        self.models = {m.id: m for m in models}
+        self.limits = limits
+        self.metrics = Metrics()
+        self.drain_deadline: float | None = None  # set when a shutdown signal arrives
+        routes = [
+            Route("/health", self._route("health", self.health), methods=["GET"]),
+            Route("/metrics", self._route("metrics", self.prometheus), methods=["GET"]),
+            Route("/v1/models", self._route("models", self.list_models), methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self._route("models", self.get_model), methods=["GET"]),
+            Route("/v1/completions", self._route("completions", self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", self._route("chat", self.chat_completions), methods=["POST"]),
+            Route("/v1/embeddings", self._route("embeddings", self.embeddings), methods=["POST"]),
+        ]
+        self.app = Starlette(routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed})
+
+    def begin_drain(self) -> None:
+        """A shutdown signal: streams still running after the grace period end with a final error event."""
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.limits.shutdown_grace_s
+
+    # --- plumbing: auth, errors, metrics and the access log around every endpoint --------------------------
+
+    def _route(self, endpoint: str, handler: Callable[[Request, dict], Awaitable[Response]]):
+        async def route(request: Request) -> Response:
+            start = time.perf_counter()
+            ctx: dict[str, Any] = {"endpoint": endpoint, "start": start, "model": "-", "prompt_tokens": 0,
+                                   "completion_tokens": 0}
+            try:
+                if endpoint != "health":
+                    self._authorize(request)
+                response = await handler(request, ctx)
+            except ApiError as e:
+                response = _error_response(e)
+            except Exception as e:
+                log.exception("internal error in %s", request.url.path)
+                response = _error_response(ApiError(500, f"internal server error ({type(e).__name__})",
+                                                    type="server_error"))
+            if isinstance(response, StreamingResponse):
+                return response  # its stream logs the request when it ends (_log_stream)
+            self._log(request, ctx, response.status_code)
+            return response
+
+        return route
+
+    def _authorize(self, request: Request) -> None:
+        key = self.limits.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
+                           type="invalid_request_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def _log(self, request: Request, ctx: dict, status: int) -> None:
+        elapsed = time.perf_counter() - ctx["start"]
+        endpoint, model = ctx["endpoint"], ctx["model"]
+        self.metrics.requests.labels(model, endpoint, str(status)).inc()
+        if endpoint in ("completions", "chat", "embeddings"):
+            self.metrics.duration.labels(model, endpoint).observe(elapsed)
+        client = f"{request.client.host}:{request.client.port}" if request.client else "-"
+        log.info('%s "%s %s" %d model=%s prompt_tokens=%d completion_tokens=%d %.3fs', client, request.method,
+                 request.url.path, status, model, ctx["prompt_tokens"], ctx["completion_tokens"], elapsed)
+
+    async def _not_found(self, request: Request, exc: Exception) -> Response:
+        return _error_response(ApiError(404, f"no route {request.method} {request.url.path}; the API is under /v1",
+                                        code="not_found"))
+
+    async def _not_allowed(self, request: Request, exc: Exception) -> Response:
+        return _error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+    async def _body(self, request: Request) -> dict:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the request body is over this server's limit of {limit} bytes")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limit:
+                raise ApiError(413, f"the request body is over this server's limit of {limit} bytes")
+        return schema.parse_body(bytes(raw))
+
+    def _model(self, name: str | None, ctx: dict) -> ServedModel:
+        if name is None or name == "":
+            if len(self.models) == 1:
+                name = next(iter(self.models))
+            else:
+                raise schema.bad(f"model is required; this server has {', '.join(self.models)}", "model")
+        model = self.models.get(name)
+        if model is None:
+            raise ApiError(404, f"the model {name!r} does not exist on this server; it serves "
+                                f"{', '.join(self.models)}", param="model", code="model_not_found")
+        ctx["model"] = model.id
+        return model
+
+    @contextlib.contextmanager
+    def _admitted(self, model: ServedModel):
+        """Counts a request in flight for its model; over the limit it is refused with 429 and Retry-After."""
+        if model.in_flight >= self.limits.max_queue:
+            raise ApiError(429, f"{model.id} has {model.in_flight} requests in flight, this server's limit "
+                                "(corejax serve --max-queue); retry shortly", type="rate_limit_exceeded",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        model.in_flight += 1
+        self.metrics.in_flight.labels(model.id).inc()
+        try:
+            yield
+        finally:
+            model.in_flight -= 1
+            self.metrics.in_flight.labels(model.id).dec()
+
+    # --- endpoints ------------------------------------------------------------------------------------------
+
+    async def health(self, request: Request, ctx: dict) -> Response:
+        return JSONResponse({"status": "draining" if self.drain_deadline is not None else "ok",
+                             "models": list(self.models)})
+
+    async def prometheus(self, request: Request, ctx: dict) -> Response:
+        for model in self.models.values():
+            with contextlib.suppress(errors.CorejaxError):  # a worker restarting: the gauges keep their values
+                self.metrics.observe_load(model.id, await asyncio.to_thread(model.session.info))
+        return Response(self.metrics.text(), media_type=CONTENT_TYPE)
+
+    def _model_card(self, m: ServedModel) -> dict:
+        return {"id": m.id, "object": "model", "created": m.created, "owned_by": "corejax"}
+
+    async def list_models(self, request: Request, ctx: dict) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_card(m) for m in self.models.values()]})
+
+    async def get_model(self, request: Request, ctx: dict) -> Response:
+        return JSONResponse(self._model_card(self._model(request.path_params["model_id"], ctx)))
+
+    async def embeddings(self, request: Request, ctx: dict) -> Response:
+        body = await self._body(request)
+        model = self._model(body.get("model"), ctx)
+        texts = schema.embedding_inputs(body)
+        with self._admitted(model):
+            try:
+                vectors = await asyncio.to_thread(model.session.embed, texts)
+                counts = await asyncio.to_thread(lambda: [len(model.session.tokenize(t)) for t in texts])
+            except errors.CorejaxError as e:
+                raise _api_error(e) from None
+        ctx["prompt_tokens"] = sum(counts)
+        self.metrics.prompt_tokens.labels(model.id).inc(sum(counts))
+        b64 = body.get("encoding_format") == "base64"
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() if b64 else
+                 [float(x) for x in v]} for i, v in enumerate(vectors)]
+        return JSONResponse({"object": "list", "data": data, "model": model.id,
+                             "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}})
+
+    async def completions(self, request: Request, ctx: dict) -> Response:
+        return await self._generate(request, ctx, chat=False)
+
+    async def chat_completions(self, request: Request, ctx: dict) -> Response:
+        return await self._generate(request, ctx, chat=True)
+
+    async def _generate(self, request: Request, ctx: dict, *, chat: bool) -> Response:
+        body = await self._body(request)
+        req = schema.generation_request(body, chat=chat, max_tokens_limit=self.limits.max_tokens)
+        model = self._model(req.model, ctx)
+        if not model.generates:
+            raise schema.bad(f"{model.id} is an embedding model: it cannot generate text; use /v1/embeddings",
+                             "model")
+        rid = schema.new_id("chatcmpl" if chat else "cmpl")
+        admitted = self._admitted(model)
+        admitted.__enter__()
+        streams = _Choices(model.session, req)
+        try:
+            if req.stream:
+                first = await streams.first_events()  # errors before the first token get their HTTP status
+                return StreamingResponse(self._sse(request, ctx, req, rid, model, streams, first, admitted),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            results = await streams.results(request)
+        except BaseException:
+            streams.cancel()
+            admitted.__exit__(None, None, None)
+            raise
+        admitted.__exit__(None, None, None)
+        for index, result in results:
+            self._count(model, ctx, req, index, result)
+        return JSONResponse(schema.completion(req, rid, model.id, model.fingerprint, results))
+
+    def _count(self, model: ServedModel, ctx: dict, req: GenerationRequest, index: int,
+               result: GenerationResult) -> None:
+        ctx["completion_tokens"] += len(result.tokens)
+        if index % req.n == 0:  # each prompt once, however many choices it has (OpenAI's usage counts so)
+            ctx["prompt_tokens"] += len(result.prompt_tokens)
+        self.metrics.generation_tokens.labels(model.id).inc(len(result.tokens))
+        self.metrics.prompt_tokens.labels(model.id).inc(len(result.prompt_tokens) - result.timings.cached_prompt_tokens)
+        if result.tokens:
+            self.metrics.ttft.labels(model.id).observe(result.timings.time_to_first_token_s)
+        if len(result.tokens) > 1:
+            self.metrics.decode_rate.labels(model.id).observe(result.timings.decode_tokens_per_s)
+
+    async def _sse(self, request: Request, ctx: dict, req: GenerationRequest, rid: str, model: ServedModel,
+                   streams: _Choices, first: list, admitted: Any) -> AsyncIterator[bytes]:
+        created = schema.now()
+
+        def event(choices: list[dict]) -> bytes:
+            return schema.sse(schema.chunk(req, rid, created, model.id, model.fingerprint, choices))
+
+        status, finished = 200, False
+        offsets = dict.fromkeys(range(streams.count), 0)  # completions' text_offset, per choice
+        results: dict[int, GenerationResult] = {}
+        try:
+            if req.chat:
+                for index in range(streams.count):
+                    yield event([schema.delta_choice(req, index, "", (), None, first=True)])
+            async for index, item in streams.events(first, self._remaining):
+                if isinstance(item, Exception):  # a failure after the headers went out: a final error event
+                    error = item if isinstance(item, ApiError) else _api_error(item)
+                    status = error.status
+                    yield schema.sse(error.body())
+                    break
+                if item.result is not None:
+                    results[index] = item.result
+                    self._count(model, ctx, req, index, item.result)
+                    yield event([schema.delta_choice(req, index, "", (), item.result.finish_reason)])
+                    continue
+                if item.text or item.logprobs:
+                    yield event([schema.delta_choice(req, index, item.text, item.logprobs, None, offsets[index])])
+                    offsets[index] += len(item.text)
+            else:
+                if req.include_usage:
+                    usage = schema.usage(ctx["prompt_tokens"], sum(len(r.tokens) for r in results.values()))
+                    yield schema.sse(dict(schema.chunk(req, rid, created, model.id, model.fingerprint, []),
+                                          usage=usage))
+            yield schema.SSE_DONE
+            finished = True
+        finally:  # also when the client went away: Starlette cancels this generator; nothing here may await
+            streams.cancel()  # the workers stop these generations at once and free their KV pages
+            admitted.__exit__(None, None, None)
+            self._log(request, ctx, status if finished else 499)  # 499: nginx's "client closed request"
+
+    def _remaining(self) -> float | None:
+        """Seconds a stream may still run: None until a shutdown signal, then what is left of the grace."""
+        if self.drain_deadline is None:
+            return None
+        return max(self.drain_deadline - time.monotonic(), 0.0)
+
+
+class _Choices:
+    """The n (times prompts) generations of one request, each pumped from its own astream_chunks into one
+    queue, so a stream interleaves choices as their tokens come."""
+
+    def __init__(self, session: Session, req: GenerationRequest):
+        self.session, self.req = session, req
+        self.plan = req.choices()
+        self.count = len(self.plan)
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks = [asyncio.create_task(self._pump(i, prompt, kw)) for i, prompt, kw in self.plan]
+
+    async def _pump(self, index: int, prompt: str | None, kw: dict) -> None:
+        try:
+            chunks = self.session.astream_chunks(prompt, messages=self.req.messages, **kw)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    await self.queue.put((index, chunk))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await self.queue.put((index, e))
+
+    async def first_events(self) -> list:
+        """Waits until every choice has its first chunk (the prefill ran) or one fails (raised as an ApiError)."""
+        first, seen = [], set()
+        while len(seen) < self.count:
+            index, item = await self.queue.get()
+            if isinstance(item, Exception):
+                raise _api_error(item)
+            first.append((index, item))
+            seen.add(index)
+        return first
+
+    async def events(self, first: list, remaining: Callable[[], float | None]) -> AsyncIterator[tuple[int, Any]]:
+        """(choice, Chunk or Exception) to the last choice's result; a shutdown past its grace ends it early."""
+        pending = set(range(self.count))
+        backlog = list(first)
+        while pending:
+            if backlog:
+                index, item = backlog.pop(0)
+            else:
+                left = remaining()
+                try:
+                    index, item = await asyncio.wait_for(self.queue.get(), left)
+                except TimeoutError:
+                    yield -1, ApiError(503, "the server is shutting down; this stream was cut",
+                                       type="server_error", code="server_shutdown")
+                    return
+            if isinstance(item, Exception) or (isinstance(item, Chunk) and item.result is not None):
+                pending.discard(index)
+            yield index, item
+            if isinstance(item, Exception):
+                return
+
+    async def results(self, request: Request) -> list[tuple[int, GenerationResult]]:
+        """Every choice's result (a non-streaming request), cancelled if the client goes away meanwhile."""
+        results: dict[int, GenerationResult] = {}
+        while len(results) < self.count:
+            try:
+                index, item = await asyncio.wait_for(self.queue.get(), _DISCONNECT_POLL_S)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    raise ApiError(499, "the client closed the connection") from None
+                continue
+            if isinstance(item, Exception):
+                raise _api_error(item)
+            if item.result is not None:
+                results[index] = item.result
+        return sorted(results.items())
+
+    def cancel(self) -> None:
+        """Stops every choice still generating: each task's astream_chunks tells its worker (synchronous, so
+        it also works from a cancelled scope, where no await may run)."""
+        for task in self.tasks:
+            task.cancel()
+
+
+def _api_error(e: BaseException) -> ApiError:
+    """corejax's exceptions as OpenAI errors with the HTTP status a client can act on."""
+    message = str(e)
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, errors.ContextLengthError):
+        return ApiError(400, message, code="context_length_exceeded", param="messages")
+    if isinstance(e, errors.CacheFullError):
+        return ApiError(400, message, code="kv_cache_too_small")
+    if isinstance(e, (errors.InvalidParameterError, errors.UnsupportedModelError)):
+        return ApiError(400, message)
+    if isinstance(e, errors.RequestTimeout):
+        return ApiError(504, message, type="server_error", code="timeout")
+    if isinstance(e, errors.SandboxError):  # WorkerCrashed among them: the next request starts a new worker
+        return ApiError(503, message, type="server_error", code="worker_crashed", headers={"Retry-After": "1"})
+    if isinstance(e, errors.CorejaxError):
+        return ApiError(500, message, type="server_error")
+    log.error("unexpected %s: %s", type(e).__name__, e)
+    return ApiError(500, f"internal server error ({type(e).__name__})", type="server_error")
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)

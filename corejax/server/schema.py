@@ -1,0 +1,316 @@
+"""OpenAI's request and response JSON for /v1/completions, /v1/chat/completions and /v1/embeddings: requests
+become Session keyword arguments, results become the objects (and stream chunks) OpenAI's clients read.
+
+Field names and shapes follow OpenAI's API reference. Omitted sampling fields take corejax's defaults (those of
+llama.cpp's server: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05); llama.cpp's and vLLM's extras top_k,
+min_p and repetition_penalty are accepted too. Unknown fields are ignored, as vLLM and llama.cpp do, except
+those that would change what is generated and that corejax cannot honour (tools, logit_bias, ...): those are
+refused with a 400, never silently dropped."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from typing import Any
+
+from corejax.options import MAX_LOGPROBS
+from corejax.results import GenerationResult, TokenLogprob
+
+MAX_CHOICES = 16  # n: each choice is one request of the continuous batch
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+# Fields that change what is generated and that corejax does not implement: refused, not ignored.
+_UNSUPPORTED = {
+    "tools": "tool calls are not supported",
+    "tool_choice": "tool calls are not supported",
+    "functions": "function calls are not supported",
+    "function_call": "function calls are not supported",
+    "logit_bias": "logit_bias is not supported",
+    "suffix": "suffix (fill-in-the-middle) is not supported",
+    "echo": "echo is not supported",
+    "response_format": "response_format is not supported yet",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+}
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """One /v1/completions or /v1/chat/completions request, validated and in corejax's terms."""
+
+    chat: bool
+    model: str | None
+    prompts: list[str] | None  # completions: one choice group per prompt
+    messages: list[dict] | None  # chat
+    sampling: dict[str, Any]  # Session.stream_chunks keyword arguments, without the seed
+    seed: int | None
+    n: int
+    stream: bool
+    include_usage: bool
+    top_logprobs: int | None  # alternatives per token when logprobs are on, else None
+
+    def choices(self) -> list[tuple[int, str | None, dict[str, Any]]]:
+        """(choice index, prompt, sampling) of every choice: prompts times n. With a seed, choice j of a prompt
+        samples with seed + j, so n choices differ from one another and each is reproducible."""
+        out = []
+        for p, prompt in enumerate(self.prompts or [None]):
+            for j in range(self.n):
+                kw = dict(self.sampling)
+                if self.seed is not None:
+                    kw["seed"] = (self.seed + j) % 2**64
+                out.append((p * self.n + j, prompt, kw))
+        return out
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    return body
+
+
+def _typed(body: dict, name: str, types: tuple, what: str) -> Any:
+    value = body.get(name)
+    if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+        raise bad(f"{name} must be {what}; got {json.dumps(value)[:80]}", name)
+    return value
+
+
+def _int(body: dict, name: str, lo: int, hi: int) -> int | None:
+    value = _typed(body, name, (int,), f"an integer in [{lo}, {hi}]")
+    if value is not None and not lo <= value <= hi:
+        raise bad(f"{name} must be an integer in [{lo}, {hi}]; got {value}", name)
+    return value
+
+
+def _number(body: dict, name: str) -> float | None:
+    return _typed(body, name, (int, float), "a number")
+
+
+def generation_request(body: dict, *, chat: bool, max_tokens_limit: int) -> GenerationRequest:
+    """Validates an OpenAI completions (chat=False) or chat completions request body."""
+    for name, why in _UNSUPPORTED.items():
+        value = body.get(name)
+        if value in (None, False, {}, []) or (name == "response_format" and isinstance(value, dict)
+                                               and value.get("type") == "text"):
+            continue
+        raise bad(f"{why} by corejax's server", name)
+    model = _typed(body, "model", (str,), "a model id (GET /v1/models lists them)")
+    prompts = messages = None
+    if chat:
+        messages = _messages(body.get("messages"))
+    else:
+        prompts = _prompts(body.get("prompt"))
+
+    sampling: dict[str, Any] = {}
+    max_tokens = _int(body, "max_completion_tokens", 1, 2**31) if chat else None
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", 1, 2**31)
+    if max_tokens is not None and max_tokens > max_tokens_limit:
+        raise bad(f"max_tokens {max_tokens} is over this server's limit of {max_tokens_limit} "
+                  "(corejax serve --max-tokens)", "max_tokens")
+    sampling["max_tokens"] = max_tokens or (max_tokens_limit if chat else min(COMPLETIONS_DEFAULT_MAX_TOKENS,
+                                                                                max_tokens_limit))
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        value = _number(body, name)
+        if value is not None:
+            sampling[name] = value
+    top_k = _typed(body, "top_k", (int,), "an integer >= 0 (0 = off)")
+    if top_k is not None:  # llama.cpp's server reads top_k <= 0 as off, as corejax's 0
+        sampling["top_k"] = max(top_k, 0)
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise bad("stop must be a non-empty string or a list of non-empty strings", "stop")
+        sampling["stop"] = stop
+    if body.get("ignore_eos") is not None:
+        sampling["ignore_eos"] = _typed(body, "ignore_eos", (bool,), "true or false")
+
+    top_logprobs = _logprobs(body, chat)
+    if top_logprobs is not None:
+        sampling["logprobs"] = top_logprobs
+    n = _int(body, "n", 1, MAX_CHOICES)
+    stream = _typed(body, "stream", (bool,), "true or false") or False
+    options = _typed(body, "stream_options", (dict,), "an object like {\"include_usage\": true}") or {}
+    if options and not stream:
+        raise bad("stream_options is only allowed when stream is true", "stream_options")
+    return GenerationRequest(
+        chat=chat, model=model, prompts=prompts, messages=messages, sampling=sampling,
+        seed=_int(body, "seed", -(2**63), 2**64 - 1), n=n or 1, stream=stream,
+        include_usage=bool(options.get("include_usage")), top_logprobs=top_logprobs)
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """The number of alternatives per token, or None with logprobs off. Chat: logprobs (bool) with
+    top_logprobs (0-20); completions: logprobs (an integer, the alternatives)."""
+    if not chat:
+        return _int(body, "logprobs", 0, MAX_LOGPROBS)
+    on = _typed(body, "logprobs", (bool,), "true or false")
+    top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top is not None and not on:
+        raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if on else None
+
+
+def _prompts(prompt: Any) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (int, list)) for p in prompt):
+        raise bad("prompts given as token ids are not supported; send the text", "prompt")
+    raise bad("prompt must be a string or a non-empty list of strings", "prompt")
+
+
+def _messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad(f"messages[{i}] must be an object with a string role", "messages")
+        role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name for the system role
+        if role not in ("system", "user", "assistant"):
+            raise bad(f"messages[{i}] has role {m['role']!r}; corejax's server takes system, developer, user and "
+                      "assistant messages (no tool messages)", "messages")
+        out.append({"role": role, "content": _content(m.get("content"), i)})
+    return out
+
+
+def _content(content: Any, i: int) -> str:
+    """A message's text: a string, or a list of text parts (OpenAI's content-part form)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"messages[{i}].content may hold only text parts ({{\"type\": \"text\", \"text\": ...}})",
+                          "messages")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
+
+
+def embedding_inputs(body: dict) -> list[str]:
+    value = body.get("input")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise bad("input must be a string or a non-empty list of strings (token-id inputs are not supported)",
+                  "input")
+    if body.get("encoding_format") not in (None, "float", "base64"):
+        raise bad("encoding_format must be 'float' or 'base64'", "encoding_format")
+    if body.get("dimensions") is not None:
+        raise bad("dimensions is not supported: corejax returns the model's own embedding size", "dimensions")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs(lps: tuple[TokenLogprob, ...]) -> dict:
+    return {"content": [{"token": lp.text, "logprob": lp.logprob, "bytes": _bytes(lp.text),
+                         "top_logprobs": [{"token": t, "logprob": p, "bytes": _bytes(t)}
+                                          for t, (_, p) in zip(lp.top_text, lp.top)]} for lp in lps],
+            "refusal": None}
+
+
+def completion_logprobs(lps: tuple[TokenLogprob, ...], offset: int = 0) -> dict:
+    """The legacy completions form; text_offset counts characters from the start of the generated text."""
+    offsets = []
+    for lp in lps:
+        offsets.append(offset)
+        offset += len(lp.text)
+    return {"tokens": [lp.text for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [dict(zip(lp.top_text, (p for _, p in lp.top))) for lp in lps], "text_offset": offsets}
+
+
+def choice(req: GenerationRequest, index: int, result: GenerationResult) -> dict:
+    lps = result.logprobs if req.top_logprobs is not None else None
+    if req.chat:
+        return {"index": index, "message": {"role": "assistant", "content": result.text, "refusal": None},
+                "logprobs": None if lps is None else chat_logprobs(lps), "finish_reason": result.finish_reason}
+    return {"index": index, "text": result.text, "logprobs": None if lps is None else completion_logprobs(lps),
+            "finish_reason": result.finish_reason}
+
+
+def completion(req: GenerationRequest, rid: str, model: str, fingerprint: str,
+               results: list[tuple[int, GenerationResult]]) -> dict:
+    prompt_tokens = sum(len(r.prompt_tokens) for i, r in results if i % req.n == 0)  # each prompt once
+    return {"id": rid, "object": "chat.completion" if req.chat else "text_completion", "created": now(),
+            "model": model, "system_fingerprint": fingerprint,
+            "choices": [choice(req, i, r) for i, r in sorted(results, key=lambda x: x[0])],
+            "usage": usage(prompt_tokens, sum(len(r.tokens) for _, r in results))}
+
+
+def chunk(req: GenerationRequest, rid: str, created: int, model: str, fingerprint: str, choices: list[dict]) -> dict:
+    out = {"id": rid, "object": "chat.completion.chunk" if req.chat else "text_completion", "created": created,
+           "model": model, "system_fingerprint": fingerprint, "choices": choices}
+    if req.include_usage:
+        out["usage"] = None  # OpenAI sends null on every chunk but the last, which carries the usage alone
+    return out
+
+
+def delta_choice(req: GenerationRequest, index: int, text: str, lps: tuple[TokenLogprob, ...],
+                 finish_reason: str | None, offset: int = 0, first: bool = False) -> dict:
+    logprobs = None
+    if req.top_logprobs is not None and lps:
+        logprobs = chat_logprobs(lps) if req.chat else completion_logprobs(lps, offset)
+    if req.chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+        if text:
+            delta["content"] = text
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event as OpenAI sends it: `data: <json>` and a blank line."""
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
