@@ -317,6 +317,16 @@ def test_disconnect_frees_pages_and_queue_limit(server):
     assert time.monotonic() - start < 20  # 1500 tokens each would take far longer on 2 cores
     assert server.request("POST", "/v1/completions", {"model": GENERATOR, "prompt": "x", "max_tokens": 2})[0] == 200
 
+    # A request without stream: the server notices the closed connection while it waits, and cancels too.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json",
+                                                     "Authorization": f"Bearer {API_KEY}"},
+                 body=json.dumps({"model": GENERATOR, "prompt": "Once", "max_tokens": 1500, "ignore_eos": True}))
+    assert _wait_for(lambda: server.metrics()[f'corejax_requests_running{{model="{GENERATOR}"}}'] == 1, 30)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    assert _wait_for(idle, 20), server.metrics()
+
 
 def test_worker_crash_is_503_and_the_server_keeps_serving(server, client):
     pids_before = server.worker_pids()

@@ -31,7 +31,6 @@ from corejax.server.schema import ApiError, GenerationRequest
 from corejax.session import Session
 
 log = logging.getLogger("corejax.server")
-_DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 @dataclasses.dataclass
@@ -363,19 +362,25 @@ class _Choices:
 
     async def results(self, request: Request) -> list[tuple[int, GenerationResult]]:
         """Every choice's result (a non-streaming request), cancelled if the client goes away meanwhile."""
+        watch = asyncio.create_task(self._watch_disconnect(request))
         results: dict[int, GenerationResult] = {}
-        while len(results) < self.count:
-            try:
-                index, item = await asyncio.wait_for(self.queue.get(), _DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    raise ApiError(499, "the client closed the connection") from None
-                continue
-            if isinstance(item, Exception):
-                raise _api_error(item)
-            if item.result is not None:
-                results[index] = item.result
+        try:
+            while len(results) < self.count:
+                index, item = await self.queue.get()
+                if isinstance(item, Exception):
+                    raise _api_error(item)
+                if item.result is not None:
+                    results[index] = item.result
+        finally:
+            watch.cancel()
         return sorted(results.items())
+
+    async def _watch_disconnect(self, request: Request) -> None:
+        """Waits for the client to close the connection (the body was read: the next ASGI message is the
+        disconnect), then ends the wait in results() with a 499."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        await self.queue.put((-1, ApiError(499, "the client closed the connection")))
 
     def cancel(self) -> None:
         """Stops every choice still generating: each task's astream_chunks tells its worker (synchronous, so
