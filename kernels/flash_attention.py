@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 _MASKED = -1e30  # finite, so a row with nothing visible yet never computes inf - inf
 _FAR = 2**30  # a position no real token has; marks empty tiles in the band computation
@@ -37,6 +38,11 @@ class BlockSizes:
 
     block_q: int = 128
     block_k: int = 128
+
+
+# On an H200 (Triton; benchmarks/results/gpu-2026-12-04-h200.json) 128x128 tiles at head_dim 128 exceed the
+# shared memory; 64x64 compile and run (0.23 ms for 1k tokens, 32 heads, vs lax's 1.76 ms).
+GPU_BLOCK_SIZES = BlockSizes(64, 64)
 
 
 def _visible(qp: jax.Array, kp: jax.Array, window: int, causal: bool = True) -> jax.Array:
@@ -156,6 +162,13 @@ def _flash_lax(q, k, v, q_positions, k_positions, *, window, scale, softcap, blo
     return lax.fori_loop(0, nq, q_tile, jnp.zeros(q.shape, q.dtype))
 
 
+def triton_params(interpret: bool) -> pltriton.CompilerParams | None:
+    """The Pallas GPU backend these kernels are written for: Triton (gathered page loads, [rows, tile] dots on
+    register tiles). JAX's default GPU backend is Mosaic GPU (jax_pallas_use_mosaic_gpu), which lowers none of
+    them ("Only copies transferring a number of bytes divisible by the warpgroup size"), so ask for Triton."""
+    return None if interpret else pltriton.CompilerParams()
+
+
 def _flash_kernel(
     band_ref,  # [2]: key tiles [lo, hi) this query tile must visit
     q_ref,  # [block_q, H]
@@ -226,6 +239,7 @@ def _flash_pallas(q, k, v, q_positions, k_positions, *, window, scale, softcap, 
         out_specs=pl.BlockSpec((None, bq, None, h), lambda bi, ni, qi: (bi, qi, ni, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=interpret,
+        compiler_params=triton_params(interpret),
         name="flash_attention",
     )(band, q, q_positions, k, v, k_positions)
     return out[:, :t]
@@ -275,8 +289,8 @@ def flash_attention(
     if window and not causal:
         raise ValueError(f"a sliding {window=} needs causal=True")
     scale = 1.0 / math.sqrt(h) if scale is None else scale
-    bs = block_sizes or BlockSizes()
     impl = impl or default_impl()
+    bs = block_sizes or (GPU_BLOCK_SIZES if impl == "pallas" and h > 64 else BlockSizes())
     kw = {"window": window, "scale": scale, "softcap": softcap, "causal": causal}
     if impl == "reference":
         return flash_attention_reference(q, k, v, q_positions, k_positions, **kw).astype(q.dtype)

@@ -38,6 +38,7 @@ from corejax.kernels.flash_attention import (
     in_window,
     online_softmax_finish,
     online_softmax_init,
+    triton_params,
 )
 from corejax.kernels.kv_quant import dequantize_kv, kv_format, unpack_int4
 from jax import lax
@@ -262,10 +263,26 @@ def _paged_pallas(
         out_specs=pl.BlockSpec((None, None, rp, h), lambda bi, ki: (bi, ki, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((b, kv_heads, rp, h), q.dtype),
         interpret=interpret,
+        compiler_params=triton_params(interpret),
         name=f"paged_attention_{fmt}",
     )(*args)
     out = out[:, :, :rows].reshape(b, kv_heads, t, g, h)
     return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, t, n, h)
+
+
+# The Pallas kernel holds all G·T query rows of a KV head in one program. Measured on an H200 (jax 0.11.2,
+# Triton; benchmarks/gpu.py, benchmarks/results/gpu-2026-12-04-h200.json): with 128-token key tiles decode
+# (T = 1) and a 16-token chunk (64 rows) compile and beat lax (0.09-0.22 vs 0.16-0.47 ms); 1024-token tiles
+# exceed the 227 KiB of shared memory, and a 512-token prefill chunk (2048 rows) exceeds Triton's 2^20-element
+# tensor limit. So on a GPU: Pallas with 128-token tiles up to 64 rows (decode, speculative verification), lax
+# for prefill chunks (there XLA's fused dots run at HF's prefill speed: 38.8k vs 39.5k tok/s for a 1B model).
+GPU_BLOCK_KV = 128
+PALLAS_MAX_ROWS = 64
+
+
+def default_paged_impl(rows: int) -> str:
+    """The implementation paged_attention picks for `rows` = T·G query rows per KV head on this backend."""
+    return "pallas" if default_impl() == "pallas" and rows <= PALLAS_MAX_ROWS else "lax"
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "block_sizes", "impl", "interpret"))
@@ -334,8 +351,8 @@ def _paged_attention(
     if softcap < 0:
         raise ValueError(f"{softcap=} must be >= 0")
     scale = 1.0 / math.sqrt(h) if scale is None else scale
-    block_kv = (block_sizes or BlockSizes()).block_kv
-    impl = impl or default_impl()
+    impl = impl or default_paged_impl(t * (n // kv_heads))
+    block_kv = block_sizes.block_kv if block_sizes else GPU_BLOCK_KV if impl == "pallas" else BlockSizes().block_kv
     args = (q, k_pages, v_pages, k_scales, v_scales, page_table, lengths, q_positions)
     kw = {"window": window, "scale": scale, "softcap": softcap}
     if impl == "reference":
