@@ -36,6 +36,11 @@ def dense(x: jax.Array, w: jax.Array | QuantArray | BlockedWeight | LayerWeight,
         return blocked_matmul(x, w, valid, layer)
     if layer is not None:
         w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
+    if w.dtype != x.dtype and jnp.dtype(w.dtype).itemsize < 4 and jax.default_backend() == "gpu":
+        # bf16/f16 weights on a GPU: the inputs rounded to the weights' type (as HF's bf16 models run), products
+        # summed in float32 by the tensor cores. Without the cast XLA converts every weight to float32 each
+        # step. On XLA's CPU backend bf16 dots are slower than float32 (shared/PERF-NOTES.md): promote there.
+        x = x.astype(w.dtype)
     return jnp.einsum("...d,de->...e", x, w, preferred_element_type=jnp.float32)
 
 
