@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from corejax import hub
@@ -67,8 +68,11 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _timings_line(result: Any) -> str:
-    t = result.timings
-    return (f"[{t.prompt_tokens} prompt tokens, {t.generated_tokens} generated ({result.finish_reason}); "
+    return _timings_text(result.timings, result.finish_reason)
+
+
+def _timings_text(t: Any, finish_reason: str) -> str:
+    return (f"[{t.prompt_tokens} prompt tokens, {t.generated_tokens} generated ({finish_reason}); "
             f"load {t.load_s:.1f}s, first token {t.time_to_first_token_s:.2f}s, "
             f"prefill {t.prefill_tokens_per_s:.1f} tok/s, decode {t.decode_tokens_per_s:.1f} tok/s]")
 
@@ -84,7 +88,61 @@ def _show(text: str) -> None:
     sys.stdout.flush()
 
 
+def kept_server_for(args: argparse.Namespace) -> Any:
+    """The keep-alive server (corejax/daemon.py) that serves this command's model with its options: one per
+    model file, weights, KV type, sandbox and blocklist patterns."""
+    from corejax.daemon import KeptServer
+
+    source = hub.resolve(args.model, progress=not args.quiet)  # pulls with a progress bar, as the in-process run
+    serve_args = ["-m", args.model or str(source.name), "--kv-dtype", args.kv_dtype, "--max-tokens", str(1 << 30)]
+    key = [str(args.weights), args.kv_dtype, str(args.sandbox)]
+    if args.weights:
+        serve_args += ["--weights", args.weights]
+    if not args.sandbox:
+        serve_args.append("--no-sandbox")
+    if args.blocklist:
+        from corejax.filter import Blocklist
+
+        key.append("\n".join(Blocklist.from_file(args.blocklist).patterns))  # the patterns, not the path
+        serve_args += ["--blocklist", str(Path(args.blocklist).absolute())]
+    return KeptServer(source.name, str(source.path), serve_args, key)
+
+
+def _kept_server(args: argparse.Namespace) -> Any:
+    """The running keep-alive server for this command (started if needed), or None for an in-process run
+    (--keep-alive 0, or a cache path too long for a Unix socket)."""
+    from corejax.daemon import parse_duration
+
+    keep_alive = parse_duration(args.keep_alive)
+    if keep_alive <= 0:
+        return None
+    server = kept_server_for(args)
+    if not server.usable:
+        return None
+    server.ensure(keep_alive, note="" if args.quiet else
+                  f"corejax: loading {server.name} in a background server, kept {keep_alive:g} s after its last "
+                  "request (--keep-alive 0: load it in this process instead)")
+    return server
+
+
+def _generate_kept(server: Any, args: argparse.Namespace) -> int:
+    from corejax.results import Timings
+
+    sampling = {"max_tokens": 256, **_sampling(args)}  # Session's default, not the completions endpoint's 16
+    final = None
+    for text, final in server.stream(args.prompt, sampling):
+        if text:
+            _show(text)
+    sys.stdout.write("\n")
+    if not args.quiet and final and final.get("timings"):
+        print(_timings_text(Timings(**final["timings"]), final["finish_reason"]), file=sys.stderr)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    server = _kept_server(args)
+    if server is not None:
+        return _generate_kept(server, args)
     result = None
     with _session(args, progress=not args.quiet) as session:
         for chunk in session.stream_chunks(args.prompt, **_sampling(args)):
@@ -134,8 +192,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           api_key=args.api_key, shutdown_grace_s=args.shutdown_grace)
     options = {"sandbox": args.sandbox, "weights": args.weights, "kv_dtype": args.kv_dtype,
                "output_filter": _output_filter(args), "timeout": args.timeout, "memory_limit": args.memory_limit}
-    serve(args.models or [None], host=args.host, port=args.port, limits=limits, session_options=options,
-          log_level=args.log_level)
+    serve(args.models or [None], host=args.host, port=args.port, uds=args.uds, limits=limits,
+          session_options=options, log_level=args.log_level, idle_exit_s=args.idle_exit)
     return 0
 
 
@@ -146,6 +204,9 @@ def _add_serve(sub: Any) -> None:
                         "requests choose one by its name in the model field")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--uds", default=None, metavar="PATH", help="listen on this Unix socket instead of host:port")
+    p.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
+                   help="leave after this long without a request (the keep-alive server of `corejax generate`)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
                    help="run the models on threads of the server process instead of sandboxed workers")
@@ -265,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_sampling(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or timings")
+    p.add_argument("--keep-alive", default=None, metavar="DURATION",
+                   help="keep the model loaded in a background server this long after the last request (e.g. "
+                        "30s, 5m; default $COREJAX_KEEP_ALIVE or 5m), so the next command starts at once; 0 loads "
+                        "it in this process")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("chat", help="chat using the model's chat template (reads stdin)")
     _add_model(p)

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# `corejax generate` keeps its model loaded in a background server by default (corejax/daemon.py); tests that
+# run the command get the in-process run unless they ask for the server (tests/test_daemon.py), so no test
+# leaves a server behind.
+os.environ["COREJAX_KEEP_ALIVE"] = "0"
+
 
 def _model(name: str, env: str) -> Path:
     if os.environ.get(env):

@@ -12,6 +12,8 @@ import ipaddress
 import logging
 import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,13 +31,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 8000,
+def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 8000, uds: str | None = None,
           limits: ServerLimits | None = None, session_options: dict[str, Any] | None = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", idle_exit_s: float | None = None) -> None:
     """Starts one Session per model (loading each, with progress bars), then serves until SIGINT/SIGTERM.
 
     At a signal the server stops accepting connections, lets running requests finish for the shutdown grace,
-    ends the streams still running with a final error event, and closes the workers."""
+    ends the streams still running with a final error event, and closes the workers. uds: a Unix socket path
+    to listen on instead of host:port. idle_exit_s: leave (as at a signal) after that long without a request
+    (the keep-alive server of corejax/daemon.py)."""
     import uvicorn
 
     from corejax.session import Session
@@ -43,7 +47,7 @@ def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 
     limits = limits or ServerLimits()
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    if not _is_loopback(host) and limits.api_key is None:
+    if uds is None and not _is_loopback(host) and limits.api_key is None:
         logging.getLogger("corejax.server").warning(
             "serving on %s without --api-key: anyone who can reach this address can use the models", host)
     served: list[ServedModel] = []
@@ -57,11 +61,11 @@ def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 
                 raise SystemExit(f"corejax serve: the model {model_id!r} is named twice")
             served.append(ServedModel(model_id, session))
         server = Server(served, limits)
-        config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, access_log=False,
+        config = uvicorn.Config(server.app, host=host, port=port, uds=uds, log_level=log_level, access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=int(limits.shutdown_grace_s) + 5)
-        print(f"corejax serve: http://{host}:{port}/v1 serving {', '.join(m.id for m in served)}",
-              file=sys.stderr, flush=True)
-        _Uvicorn(config, server).run()
+        where = f"unix:{uds}" if uds else f"http://{host}:{port}/v1"
+        print(f"corejax serve: {where} serving {', '.join(m.id for m in served)}", file=sys.stderr, flush=True)
+        _Uvicorn(config, server, idle_exit_s).run()
     finally:
         for m in served:
             m.session.close()
@@ -73,10 +77,11 @@ class _Uvicorn:
     handler it does not raise the signal again after the shutdown, so the workers are closed and the process
     exits with status 0."""
 
-    def __init__(self, config: Any, server: Server):
+    def __init__(self, config: Any, server: Server, idle_exit_s: float | None = None):
         import uvicorn
 
         self.server = server
+        self.idle_exit_s = idle_exit_s
         self.uvicorn = uvicorn.Server(config)
         self.uvicorn.handle_exit = self._handle_exit  # the instance attribute capture_signals installs
 
@@ -87,5 +92,14 @@ class _Uvicorn:
         else:
             self.uvicorn.should_exit = True
 
+    def _watch_idle(self) -> None:
+        while not self.uvicorn.should_exit:
+            time.sleep(0.5)
+            if self.server.idle_for() > self.idle_exit_s:
+                logging.getLogger("corejax.server").info("idle for %.0f s: leaving", self.idle_exit_s)
+                self.uvicorn.should_exit = True  # uvicorn's main loop reads the flag every 0.1 s
+
     def run(self) -> None:
+        if self.idle_exit_s is not None:
+            threading.Thread(target=self._watch_idle, name="corejax-idle-exit", daemon=True).start()
         self.uvicorn.run()

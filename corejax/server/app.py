@@ -66,6 +66,7 @@ class Server:
         self.limits = limits
         self.metrics = Metrics()
         self.drain_deadline: float | None = None  # set when a shutdown signal arrives
+        self.last_activity = time.monotonic()  # for --idle-exit: the last time a request began or ended
         routes = [
             Route("/health", self._route("health", self.health), methods=["GET"]),
             Route("/metrics", self._route("metrics", self.prometheus), methods=["GET"]),
@@ -77,6 +78,12 @@ class Server:
         ]
         self.app = Starlette(routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed})
 
+    def idle_for(self) -> float:
+        """Seconds since the last request ended, 0 while any is in flight."""
+        if any(m.in_flight for m in self.models.values()):
+            return 0.0
+        return time.monotonic() - self.last_activity
+
     def begin_drain(self) -> None:
         """A shutdown signal: streams still running after the grace period end with a final error event."""
         if self.drain_deadline is None:
@@ -87,6 +94,7 @@ class Server:
     def _route(self, endpoint: str, handler: Callable[[Request, dict], Awaitable[Response]]):
         async def route(request: Request) -> Response:
             start = time.perf_counter()
+            self.last_activity = time.monotonic()
             ctx: dict[str, Any] = {"endpoint": endpoint, "start": start, "model": "-", "prompt_tokens": 0,
                                    "completion_tokens": 0}
             try:
@@ -173,6 +181,7 @@ class Server:
         finally:
             model.in_flight -= 1
             self.metrics.in_flight.labels(model.id).dec()
+            self.last_activity = time.monotonic()
 
     # --- endpoints ------------------------------------------------------------------------------------------
 
@@ -282,7 +291,10 @@ class Server:
                 if item.result is not None:
                     results[index] = item.result
                     self._count(model, ctx, req, index, item.result)
-                    yield event([schema.delta_choice(req, index, "", (), item.result.finish_reason)])
+                    yield schema.sse(dict(
+                        schema.chunk(req, rid, created, model.id, model.fingerprint,
+                                     [schema.delta_choice(req, index, "", (), item.result.finish_reason)]),
+                        timings=schema.timings(item.result)))
                     continue
                 if item.text or item.logprobs:
                     yield event([schema.delta_choice(req, index, item.text, item.logprobs, None, offsets[index])])

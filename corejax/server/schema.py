@@ -278,13 +278,20 @@ def choice(req: GenerationRequest, index: int, result: GenerationResult) -> dict
             "finish_reason": result.finish_reason}
 
 
+def timings(result: GenerationResult) -> dict:
+    """corejax's Timings of a generation (an extra field, as llama.cpp's server sends "timings"; OpenAI's
+    clients ignore it)."""
+    return dataclasses.asdict(result.timings)
+
+
 def completion(req: GenerationRequest, rid: str, model: str, fingerprint: str,
                results: list[tuple[int, GenerationResult]]) -> dict:
     prompt_tokens = sum(len(r.prompt_tokens) for i, r in results if i % req.n == 0)  # each prompt once
     return {"id": rid, "object": "chat.completion" if req.chat else "text_completion", "created": now(),
             "model": model, "system_fingerprint": fingerprint,
             "choices": [choice(req, i, r) for i, r in sorted(results, key=lambda x: x[0])],
-            "usage": usage(prompt_tokens, sum(len(r.tokens) for _, r in results))}
+            "usage": usage(prompt_tokens, sum(len(r.tokens) for _, r in results)),
+            "timings": [timings(r) for _, r in sorted(results, key=lambda x: x[0])]}
 
 
 def chunk(req: GenerationRequest, rid: str, created: int, model: str, fingerprint: str, choices: list[dict]) -> dict:
