@@ -13,6 +13,7 @@ from corejax import native as _native
 _native.cap_xla_isa()  # COREJAX_ISA=avx2 on a wider CPU: XLA generates AVX2 code too (before any backend starts)
 
 from corejax.api import DEFAULT_EMBEDDING_MODEL, classify, embed, generate, stream
+from corejax.config import SamplingParams, SpeculativeConfig
 from corejax.errors import (
     CacheFullError,
     ContextLengthError,
@@ -30,10 +31,8 @@ from corejax.errors import (
 from corejax.filter import Blocklist
 from corejax.hub import DEFAULT_MODEL, list_models, pull
 from corejax.results import Classification, GenerationResult, Timings, TokenLogprob
-from corejax.config import SamplingParams, SpeculativeConfig
 from corejax.session import Session
-
-__version__ = "0.1.0"
+from corejax.version import __version__
 
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",

@@ -14,9 +14,7 @@ from flax import struct
 
 from corejax.config import ModelConfig
 from corejax.kernels import ffi, paged_attention, paged_decode, quantize_kv
-from corejax.kernels.flash_attention import in_window
-
-_MASKED = -1e30  # large but finite: a fully masked padding row must stay NaN-free
+from corejax.kernels.flash_attention import MASKED, in_window  # MASKED: finite, so masked rows stay NaN-free
 
 
 @struct.dataclass
@@ -86,7 +84,7 @@ def dense_attention(
     qp = q_positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
     kp = k_positions[:, None, None, None, :]  # [B, 1, 1, 1, S]
     visible = in_window((kp <= qp) & (kp >= 0), qp, kp, window)
-    scores = jnp.where(visible, scores, _MASKED)
+    scores = jnp.where(visible, scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
     return out.reshape(batch, t, n, h)

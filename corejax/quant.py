@@ -9,19 +9,13 @@ our [in, out] layout). Columns are grouped by 16 in the layout the native kernel
     mins   like scales, or None
 d_out is padded to a multiple of 16 with zero columns (shape keeps the true size).
 
-The matmul: with the native kernels loaded (CPU, a C++ compiler), `kernels/quant_matmul.cc` — activations
-rounded to int8 per 32 values twice (x, then the residual; llama.cpp rounds once), integer dot products
-(AVX-512 VNNI), one pass over the weight bytes for up to 8 rows, column groups split over the cores through
-XLA's own thread pool (kernels/parallel.h) for every row count: SmolLM2 Q4_1 greedy decode, in-process,
-one Scheduler: 1 stream 108-113 tok/s threaded vs 92-101 on one thread; 8 streams 357-390 tok/s aggregate vs
-283 with threads only past 8 rows (/tmp script, `python`-timed, noisy machine). Its error against
-dequantize-then-f32: relative <= 3.2e-5 per matmul (tests/test_quant.py), 1e-4 to 4e-4 on SmolLM2's logits
-(tests/test_quant_real.py).
-Without the kernels (a GPU, no compiler, COREJAX_NATIVE=0): XLA dequantizes a cache-sized slice of column
-groups at a time inside lax.map and multiplies in f32 (exact weights, slow: XLA:CPU has no integer dot
-products, and dequantize-then-dot over many small matrices compiles to slow code — measured on SmolLM2
-Q4_1: 2.7 tok/s vs 15 for f32, which is why the kernel exists; `python benchmarks/native_kernels.py` has
-the side-by-side figures).
+The matmul: with the native kernels loaded (CPU, a C++ compiler), `kernels/quant_matmul.cc`: activations
+rounded to int8 per 32 values twice (x, then the residual; llama.cpp rounds once), integer dot products, one
+pass over the weight bytes for up to 8 rows, column groups split over the cores on XLA's own thread pool
+(kernels/parallel.h). Error against dequantize-then-f32: relative <= 3.2e-5 per matmul (tests/test_quant.py).
+Without the kernels (a GPU, no compiler, COREJAX_NATIVE=0): XLA dequantizes a slice of column groups at a time
+inside lax.map and multiplies in f32: exact but slow on a CPU (XLA:CPU has no integer dot products), which is
+why the kernel exists. docs/ARCHITECTURE.md ("Measurements behind the code") has the figures.
 
 Exactness of the weights: dequantize() computes scale * (u - offset) - min in float32 in ggml's order, so
 GGUF blocks come back bit-identical to gguf.quants.dequantize.

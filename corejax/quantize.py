@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from corejax.errors import InvalidParameterError, UnsupportedModelError
+from corejax.loading.hf_gguf import SourceTensor
 
 QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1")
 _ALIASES = {"int8": "Q8_0", "q8_0": "Q8_0", "int4": "Q4_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
@@ -159,18 +160,6 @@ def quantize_gguf(source: str | os.PathLike, output: str | os.PathLike, qtype: s
         str(source), str(output), qtype, quantized, kept, source_bytes, output.stat().st_size,
         err_max, err_sum / max(count, 1), float(np.sqrt(sq_err / sq_ref)) if sq_ref else 0.0,
         time.perf_counter() - start)
-
-
-@dataclasses.dataclass
-class SourceTensor:
-    """One tensor to write: its GGUF name and numpy-order shape, how to read rows of it as float32, and, when
-    it may be copied as stored, its ggml type and bytes."""
-
-    name: str
-    shape: tuple[int, ...]
-    rows: Any  # (start, stop) -> float32 [stop - start, shape[-1]] (2-D tensors), or () -> the whole tensor
-    stored_type: Any = None  # GGMLType of `raw`, or None: write float32
-    raw: Any = None  # () -> uint8 bytes as stored
 
 
 class _gguf_source:

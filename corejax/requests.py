@@ -37,7 +37,7 @@ class StepTimes:
     preempted: int = 0  # times this request was preempted (recomputed)
 
 
-_DONE = object()
+DONE = object()
 
 
 class Request:
@@ -68,7 +68,7 @@ class Request:
         # Penalties change with every accepted token; the verify step applies them at position 0 only.
         return self.spec is not None and not _has_penalties(self.sp)
 
-    def _put(self, item: Any) -> None:
+    def put(self, item: Any) -> None:
         with self._ready:
             self._events.append(item)
             self._ready.notify()
@@ -79,9 +79,9 @@ class Request:
                 while not self._events:
                     self._ready.wait()
                 item = self._events[0]
-                if item is not _DONE and not isinstance(item, BaseException):
+                if item is not DONE and not isinstance(item, BaseException):
                     self._events.popleft()  # the terminal item stays: iterating again ends at once
-            if item is _DONE:
+            if item is DONE:
                 return
             if isinstance(item, BaseException):
                 raise item

@@ -1,7 +1,7 @@
 """Everything that runs where the model lives: prompt -> tokens -> engine -> text pieces, stop strings, results.
 
-Session calls this in-process today; the sandbox issue runs the same object in the worker subprocess
-behind the protocol, so nothing here may assume it shares memory with the caller.
+It runs in the worker (corejax/sandbox/worker.py), a sandboxed subprocess or a thread of the caller's process
+(sandbox=False), behind the protocol: nothing here may assume it shares memory with the caller.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from corejax.errors import InvalidParameterError, UnsupportedModelError
 from corejax.filter import FINISH_REASON as FILTERED
 from corejax.filter import Blocklist
 from corejax.hostmem import trim_heap
-from corejax.hub import ModelSource, cache_dir
+from corejax.hub import ModelSource
 from corejax.kernels import ffi, small_matmul
 from corejax.loading.gguf import reuse_headers
 from corejax.loading.loader import (
@@ -30,6 +30,7 @@ from corejax.loading.loader import (
     plan_weights,
 )
 from corejax.models.stack import stack_layers
+from corejax.paths import cache_dir
 from corejax.requests import StepTimes
 from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
 from corejax.sampling import SamplingParams

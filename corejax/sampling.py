@@ -45,15 +45,8 @@ top_p and min_p are applied there as values (1 and 0 are no-ops). What selects a
 with top_p < 1 (the full-vocabulary path), top_k > 64 (a power-of-two bound), penalties (their [B, V] state),
 and logprobs (none, the chosen token's only, or the top MAX_LOGPROBS, of which each row keeps its own count).
 
-Measured cost of one jitted `sample` call on this CPU (2 cores, jax 0.10.2, [1, V] f32 logits, no
-penalties, no logprobs; median of 200 calls after compilation, dispatch included; reproduce with
-`COREJAX_BENCH=1 pytest tests/test_sampling.py -k timing -s`):
-
-    settings                                    V=49152    V=262144
-    greedy (temperature=0)                       0.18 ms    0.27 ms
-    top-k=40 only (top_p=1, min_p=0)             0.22 ms    0.63 ms
-    top-k=40 + top-p=0.95 + min-p=0.05 (default) 0.23 ms    0.60 ms
-    top-p=0.95 + min-p=0.05, top_k=0             1.1 ms     6.6 ms   (V-sized noise + 32-step bisection)
+Cost: a sampling call is a fraction of a millisecond with top-k candidates, several with the full-vocabulary
+path (top_k=0, top_p < 1); docs/ARCHITECTURE.md ("Measurements behind the code") has the figures.
 """
 
 from __future__ import annotations

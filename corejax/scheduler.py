@@ -39,7 +39,7 @@ from corejax.engine import (
     penalty_state,
 )
 from corejax.errors import CacheFullError, CorejaxError
-from corejax.requests import _DONE, Request, StepTimes, TokenEvent  # noqa: F401 - StepTimes re-exported
+from corejax.requests import DONE, Request, StepTimes, TokenEvent  # noqa: F401 - StepTimes re-exported
 from corejax.sampling import SamplingParams, SamplingTensors
 from corejax.speculative import Proposer, SpeculativeConfig, ngram_propose, verify_cost
 
@@ -364,7 +364,7 @@ class Scheduler:
                 req.times.first_token = now
             req.times.last_token = now
             req.times.generated += 1
-            req._put(event)
+            req.put(event)
             if (token in req.stop_ids and not req.sp.ignore_eos) or len(req.output) >= req.max_new:
                 self._finish(req)
                 return
@@ -381,7 +381,7 @@ class Scheduler:
         self._proposer_release(req)
         if not req.finished:
             req.finished = True
-            req._put(error if error is not None else _DONE)
+            req.put(error if error is not None else DONE)
 
     def _preempt(self, req: Request) -> None:
         """Recompute-preemption: free the pages, requeue at the front; the output so far is kept."""

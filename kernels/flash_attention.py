@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-_MASKED = -1e30  # finite, so a row with nothing visible yet never computes inf - inf
+MASKED = -1e30  # finite, so a row with nothing visible yet never computes inf - inf
 _FAR = 2**30  # a position no real token has; marks empty tiles in the band computation
 
 
@@ -64,7 +64,7 @@ def in_window(vis: jax.Array, qp: jax.Array, kp: jax.Array, window: jax.Array | 
 def online_softmax_init(rows: int, h: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The online-softmax state before the first key tile: accumulator [rows, h], running max [rows],
     running sum [rows] (FlashAttention, Dao et al. 2022)."""
-    return (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), _MASKED, jnp.float32),
+    return (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
 
 
@@ -73,7 +73,7 @@ def online_softmax_finish(acc: jax.Array, l: jax.Array) -> jax.Array:
     return acc / jnp.where(l > 0, l, 1.0)[:, None]
 
 
-def _cap(s: jax.Array, softcap: float) -> jax.Array:
+def cap_scores(s: jax.Array, softcap: float) -> jax.Array:
     return jnp.tanh(s / softcap) * softcap if softcap else s
 
 
@@ -138,9 +138,9 @@ def _flash_lax(q, k, v, q_positions, k_positions, *, window, scale, softcap, blo
             vt = lax.dynamic_slice_in_dim(v, ks, bk, 1).astype(jnp.float32)
             kpt = lax.dynamic_slice_in_dim(k_positions, ks, bk, 1)[:, None, None, None, :]  # [B,1,1,1,bk]
             fresh = (ks + jnp.arange(bk) >= j * bk)[None, None, None, None, :]
-            sc = _cap(jnp.einsum("BTKGH,BSKH->BKGTS", qt, kt), softcap)  # [B, K, G, bq, bk]
+            sc = cap_scores(jnp.einsum("BTKGH,BSKH->BKGTS", qt, kt), softcap)  # [B, K, G, bq, bk]
             vis = _visible(qpt, kpt, window, causal) & fresh
-            sc = jnp.where(vis, sc, _MASKED)
+            sc = jnp.where(vis, sc, MASKED)
             m_new = jnp.maximum(m, sc.max(-1))
             corr = jnp.exp(m - m_new)
             p = jnp.where(vis, jnp.exp(sc - m_new[..., None]), 0.0)
@@ -149,7 +149,7 @@ def _flash_lax(q, k, v, q_positions, k_positions, *, window, scale, softcap, blo
 
         init = (
             jnp.zeros((b, kv_heads, g, bq, h), jnp.float32),
-            jnp.full((b, kv_heads, g, bq), _MASKED, jnp.float32),
+            jnp.full((b, kv_heads, g, bq), MASKED, jnp.float32),
             jnp.zeros((b, kv_heads, g, bq), jnp.float32),
         )
         acc, _, l = k_tile(0, init) if single else lax.fori_loop(lo[i], hi[i], k_tile, init)
@@ -194,9 +194,9 @@ def _flash_kernel(
         k = k_ref[sl, :].astype(jnp.float32)
         v = v_ref[sl, :].astype(jnp.float32)
         kp = kpos_ref[sl][None, :]
-        sc = _cap(lax.dot_general(q, k, (((1,), (1,)), ((), ()))), softcap)  # [block_q, block_k]
+        sc = cap_scores(lax.dot_general(q, k, (((1,), (1,)), ((), ()))), softcap)  # [block_q, block_k]
         vis = _visible(qp, kp, window, causal)
-        sc = jnp.where(vis, sc, _MASKED)
+        sc = jnp.where(vis, sc, MASKED)
         m_new = jnp.maximum(m, sc.max(-1))
         corr = jnp.exp(m - m_new)
         p = jnp.where(vis, jnp.exp(sc - m_new[:, None]), 0.0)
@@ -320,9 +320,9 @@ def flash_attention_reference(
     kv_heads = k.shape[2]
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h).astype(jnp.float32)
-    sc = _cap(jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32)) * scale, softcap)
+    sc = cap_scores(jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32)) * scale, softcap)
     vis = _visible(q_positions[:, None, None, :, None], k_positions[:, None, None, None, :], window, causal)
-    sc = jnp.where(vis, sc, _MASKED)
+    sc = jnp.where(vis, sc, MASKED)
     p = jnp.where(vis, jax.nn.softmax(sc, axis=-1), 0.0)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32))
     return out.reshape(b, t, n, h)

@@ -2,17 +2,10 @@
 (kernels/small_matmul.cc, an XLA FFI custom call) for every row count — decode steps, batches of them,
 speculative verifies, prefill chunks, encoder batches — when it is loaded, XLA's dot otherwise.
 
-Measured on this 2-core AMD EPYC (AVX-512), a 30-layer SmolLM2-shaped float32 MLP stack (318 MB) per call,
-median ms (`python benchmarks/native_kernels.py --part mlp`), XLA's dot on the plain [K, N] matrix:
-
-    rows      1     2     4     8    16    32   128   512
-    XLA     15.0  22.0  20.6  26.9  32.1  43.8   120   458
-    native  12.2  11.5  12.7  13.3  17.2  30.3   107   431
-
 The kernel shares one pass over the weights among all rows (8-row register tiles, each column block read from
 memory once and from L2 after) and splits column blocks over the cores through XLA's own thread pool
-(kernels/parallel.h). Before that pool, it ran on one thread and XLA took 16 rows and more — as an einsum over
-the blocked layout, which XLA runs badly: 20.8 ms for ten [32, 576] x [576, 1536] products vs 3.5 native.
+(kernels/parallel.h); it beats XLA's dot at every row count measured (docs/ARCHITECTURE.md, "Measurements
+behind the code"; `python benchmarks/native_kernels.py --part mlp`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from corejax.bench.machine import fingerprint, memory_bandwidth
 from corejax.bench.record import load_record, regressions, save_record
 from corejax.bench.schema import SCHEMA
 from corejax.cli import main
+from references import require
 from tiny_model import write_tiny_llama
 
 
@@ -56,7 +57,7 @@ def test_schema_violations_are_reported(fp):
 
 
 def test_jsonschema_agrees_with_the_validator(fp):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require("jsonschema")
     record = synthetic(fp)
     jsonschema.validate(record, SCHEMA)
     record["results"][0]["n"] = 0

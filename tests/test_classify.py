@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from references import require
 from tiny_bert import write_tiny_bert
 
 import corejax
@@ -13,7 +14,8 @@ TEXTS = ["the movie was great", "awful boring film", "", "not good , not bad . r
 
 
 def _transformers_probs(folder, texts, multi):
-    import torch
+    torch = require("torch")
+    require("transformers")
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(str(folder))

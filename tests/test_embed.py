@@ -9,6 +9,7 @@ from tiny_bert import write_tiny_bert
 from tiny_model import write_tiny_llama
 
 import corejax
+from references import require
 from corejax.kernels import ffi
 from corejax.kernels.small_matmul import BlockedWeight
 
@@ -66,7 +67,8 @@ def tiny_encoder(tmp_path_factory):
 
 def test_tiny_bert_matches_transformers(tiny_encoder):
     """No modules.json: CLS pooling, no normalization, as a plain transformers checkpoint."""
-    import torch
+    torch = require("torch")
+    require("transformers")
     from transformers import AutoTokenizer, BertModel
 
     folder, session = tiny_encoder
@@ -112,7 +114,8 @@ def test_encoder_weights_16_bit_by_default_f32_on_request(tiny_encoder, monkeypa
     """With the native kernel, an encoder's matrices load as bfloat16 (where the kernel has AVX512_BF16) or
     float16: half the bytes streamed per token; weights="f32" keeps them float32 and matches transformers to
     float32 rounding; "f16" and "bf16" on request; all agree closely."""
-    import torch
+    torch = require("torch")
+    require("transformers")
     from transformers import AutoTokenizer, BertModel
 
     folder, session = tiny_encoder
@@ -157,7 +160,7 @@ def minilm():
 @pytest.mark.slow
 @pytest.mark.parametrize("sandbox", [False, True])
 def test_minilm_matches_sentence_transformers(minilm, sandbox):
-    import sentence_transformers as st  # in the test extra: parity must not skip silently
+    st = require("sentence_transformers")
     ours = corejax.embed(VARIED, model="all-minilm-l6-v2", sandbox=sandbox)
     assert ours.shape == (len(VARIED), 384) and ours.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), 1.0, atol=1e-5)  # 2_Normalize

@@ -4,7 +4,6 @@ the compiled programs."""
 
 from __future__ import annotations
 
-import math
 import re
 
 import jax

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
+from references import require  # noqa: E402
+
+torch = require("torch")
+transformers = require("transformers")
+require("gguf")
 
 import functools  # noqa: E402
 

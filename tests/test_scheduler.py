@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import corejax
+from corejax.engine import programs_built
 from corejax.config import EngineConfig, SamplingParams
 from corejax.errors import CacheFullError
 from corejax.hub import ModelSource
@@ -220,11 +221,10 @@ def test_batch_sizes_are_bucketed(runtime):
     """Three rows run as a batch of four; the compiled decode programs stay few across batch sizes."""
     sch = scheduler(runtime)
     tok = runtime.tokenizer
-    decode_step = sch.engine.programs.decode_step
-    before = decode_step._cache_size()
+    before = programs_built()["_decode_step"]
     reqs = [sch.submit(tok.encode(p), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), frozenset())
             for p in PROMPTS[:3]]
     sch.run_until_idle()
     assert all(len(list(r)) == 6 for r in reqs)
-    assert decode_step._cache_size() - before <= 3  # B in {1, 2, 4}: at most one program per bucket
+    assert programs_built()["_decode_step"] - before <= 3  # B in {1, 2, 4}: at most one program per bucket
     assert np.all(sch.engine.allocator.refcount == 0)

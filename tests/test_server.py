@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-openai = pytest.importorskip("openai")  # a test dependency (pyproject [test]); the server itself needs none
+from references import require  # noqa: E402
+
+openai = require("openai")  # a test dependency (pyproject [test]); the server itself needs none
 
 API_KEY = "test-key"
 GENERATOR, ENCODER = "smollm2-135m-instruct", "all-minilm-l6-v2"

@@ -4,9 +4,7 @@ chi-square test that speculative sampling follows the target model's distributio
 from __future__ import annotations
 
 import collections
-import itertools
 
-import jax
 import numpy as np
 import pytest
 

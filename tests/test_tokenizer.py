@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from references import require
 from corejax.errors import UnsupportedModelError
 from corejax.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 from tokenizer_testdata import gguf_metadata, llama_vocab_dir, read_vectors
@@ -138,7 +139,7 @@ def gemma3(gemma3_gguf):
 
 
 def _hf_tokenizer(path: Path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 

@@ -217,7 +217,8 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from corejax.bench import plots, record as rec, report
+    from corejax.bench import plots, report
+    from corejax.bench import record as rec
     from corejax.bench.schema import SCHEMA
 
     _check(args)
@@ -263,8 +264,16 @@ def main(args: argparse.Namespace) -> int:
 def run_script(suites: list[str], script: str) -> None:
     """benchmarks/<name>.py: `corejax bench --suite SUITES` with its arguments, writing
     benchmarks/out/<name>.json (and the plots beside it) unless --json is given."""
-    from corejax.cli import main as cli_main
+    import argparse
+
+    from corejax.errors import CorejaxError
 
     path = Path(script)
     default = [] if "--json" in sys.argv else ["--json", str(path.parent / "out" / f"{path.stem}.json")]
-    sys.exit(cli_main(["bench", "--suite", *suites, *default, *sys.argv[1:]]))
+    parser = argparse.ArgumentParser(prog="corejax")  # the bench command alone: this module sits below cli.py
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", "--suite", *suites, *default, *sys.argv[1:]])
+    try:
+        sys.exit(args.func(args))
+    except CorejaxError as e:
+        sys.exit(f"corejax: error: {e}")

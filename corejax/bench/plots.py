@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from corejax.bench.report import SUITE_ORDER, _unique
+from corejax.bench.report import SUITE_ORDER, unique_in_order
 
 
 def plot_record(record: dict[str, Any], folder: Path) -> list[Path]:
@@ -23,14 +23,14 @@ def plot_record(record: dict[str, Any], folder: Path) -> list[Path]:
     subtitle = f"{fp['cpu']}, {fp['usable_cores']} cores, jax {fp['jax']} — {record['created']}"
     for suite in [s for s in SUITE_ORDER if any(e["suite"] == s for e in record["results"])]:
         entries = [e for e in record["results"] if e["suite"] == suite]
-        metrics = _unique(e["metric"] for e in entries)
+        metrics = unique_in_order(e["metric"] for e in entries)
         cols = 1 if suite == "micro" else min(2, len(metrics))
         rows = math.ceil(len(metrics) / cols)
         height = 0.35 * len(entries) + 1.5 if suite == "micro" else 3.2 * rows
         fig, axes = plt.subplots(rows, cols, figsize=(9 if suite == "micro" else 6.5 * cols, height), squeeze=False)
         for ax, name in zip(axes.flat, metrics):
             chosen = [e for e in entries if e["metric"] == name]
-            cases, runtimes = _unique(e["case"] for e in chosen), _unique(e["runtime"] for e in chosen)
+            cases, runtimes = unique_in_order(e["case"] for e in chosen), unique_in_order(e["runtime"] for e in chosen)
             width = 0.8 / len(runtimes)
             for j, runtime in enumerate(runtimes):
                 pos, med, err = [], [], [[], []]

@@ -32,19 +32,19 @@ def _render(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
 
 
-def _unique(xs: Iterable[str]) -> list[str]:
+def unique_in_order(xs: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(xs))
 
 
 def suite_rows(entries: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one suite: case, metric, unit, each runtime's cell, corejax ÷ each peer."""
-    runtimes = _unique(e["runtime"] for e in entries)
+    runtimes = unique_in_order(e["runtime"] for e in entries)
     by_key = {(e["case"], e["metric"], e["runtime"]): e for e in entries}
     peers = [r for r in runtimes if not r.startswith("corejax") and r not in ("machine", "numpy")]
     has_corejax = "corejax" in runtimes
     header = ["case", "metric", "unit"] + runtimes + ([f"corejax/{p}" for p in peers] if has_corejax else [])
     rows = []
-    for case, name in _unique((e["case"], e["metric"]) for e in entries):
+    for case, name in unique_in_order((e["case"], e["metric"]) for e in entries):
         some = next(by_key[(case, name, r)] for r in runtimes if (case, name, r) in by_key)
         row = [case, name, some["unit"]]
         row += [cell(by_key[(case, name, r)]) if (case, name, r) in by_key else "-" for r in runtimes]
@@ -59,7 +59,7 @@ def suite_rows(entries: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
 
 
 def _suites(record: dict[str, Any]) -> list[str]:
-    suites = _unique(e["suite"] for e in record["results"])
+    suites = unique_in_order(e["suite"] for e in record["results"])
     return sorted(suites, key=lambda s: SUITE_ORDER.index(s) if s in SUITE_ORDER else 99)
 
 

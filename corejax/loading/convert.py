@@ -29,7 +29,7 @@ from corejax.loading.ggml_quants import BLOCK_SIZES, UNPACKERS, GGMLType
 Getter = Callable[[str], Any]
 
 # Our per-layer name -> (GGUF name, HF name by arch). None: the arch lacks it.
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_norm": ("attn_norm", {"llama": "input_layernorm", "gemma3": "input_layernorm"}),
     "wq": ("attn_q", "self_attn.q_proj"),
     "wk": ("attn_k", "self_attn.k_proj"),
@@ -47,7 +47,7 @@ _LAYER_NAMES = {
 _GEMMA_ONLY = ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Checkpoint-order ([out, in]) shapes of each per-layer tensor."""
     d, h, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_size
     shapes = {
@@ -179,7 +179,7 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
 
     `get` returns float arrays, or Blocks for tensors to keep quantized; weights "int8"/"int4" quantizes
     float matrices here."""
-    shapes = _expected_shapes(cfg)
+    shapes = expected_shapes(cfg)
     total = 2 + (0 if cfg.tie_embeddings else 1) + cfg.num_layers * len(shapes)
     report = progress if callable(progress) else None  # a sandboxed worker reports to the parent's bar instead
     fetched = [0]
@@ -233,8 +233,8 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
 def gguf_names(cfg: ModelConfig) -> dict[str, str]:
     names = {"final_norm": "output_norm.weight", "embed": "token_embd.weight", "lm_head": "output.weight"}
     for i in range(cfg.num_layers):
-        for key in _expected_shapes(cfg):
-            names[f"{i}.{key}"] = f"blk.{i}.{_LAYER_NAMES[key][0]}.weight"
+        for key in expected_shapes(cfg):
+            names[f"{i}.{key}"] = f"blk.{i}.{LAYER_NAMES[key][0]}.weight"
     return names
 
 
@@ -275,14 +275,14 @@ def hf_names(cfg: ModelConfig, prefix: str) -> dict[str, str]:
     names = {"final_norm": f"{prefix}norm.weight", "embed": f"{prefix}embed_tokens.weight",
              "lm_head": "lm_head.weight"}
     for i in range(cfg.num_layers):
-        for key in _expected_shapes(cfg):
-            hf = _LAYER_NAMES[key][1]
+        for key in expected_shapes(cfg):
+            hf = LAYER_NAMES[key][1]
             hf = hf[cfg.arch] if isinstance(hf, dict) else hf
             names[f"{i}.{key}"] = f"{prefix}layers.{i}.{hf}.weight"
     return names
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
+def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -296,7 +296,7 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
     from safetensors import safe_open
 
     for path in files:
@@ -322,7 +322,7 @@ def load_hf_folder(folder: Path, *, weights: str = "f32",
     except ValueError as e:
         raise ModelFormatError(f"{config_path} is not valid JSON ({e})") from None
     cfg = ModelConfig.from_hf(raw)
-    where = dict(_iter_safetensors(_safetensors_files(folder)))
+    where = dict(iter_safetensors(safetensors_files(folder)))
     prefix = next((p for p in ("model.", "language_model.model.", "model.language_model.", "")
                    if f"{p}embed_tokens.weight" in where), None)
     if prefix is None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from corejax.config import EncoderConfig
 from corejax.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
-from corejax.loading.convert import _iter_safetensors, _safetensors_files
+from corejax.loading.convert import iter_safetensors, safetensors_files
 
 # Our per-layer name -> BERT's (under `encoder.layer.N.`); "{w}" is weight or bias.
 _LAYER = {
@@ -83,7 +83,7 @@ def load_encoder_folder(folder: Path, raw: dict, weights: str = "f32") -> tuple[
     3.76 vs 2.88 ms. Embeddings, biases, norms and the classification head stay float32."""
     from safetensors import safe_open
 
-    where = dict(_iter_safetensors(_safetensors_files(folder)))
+    where = dict(iter_safetensors(safetensors_files(folder)))
     prefix = next((p for p in ("", "bert.", "model.") if f"{p}embeddings.word_embeddings.weight" in where), None)
     if prefix is None:
         raise ModelFormatError(f"{folder}: no embeddings.word_embeddings.weight tensor; not a BERT checkpoint")

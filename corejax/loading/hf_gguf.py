@@ -8,6 +8,7 @@ is written, so the file tokenizes like the folder — or the conversion is refus
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 
 from corejax.config import ModelConfig
 from corejax.errors import ModelFormatError, UnsupportedModelError
-from corejax.loading.convert import _LAYER_NAMES, _expected_shapes, _iter_safetensors, _safetensors_files, hf_names
+from corejax.loading.convert import LAYER_NAMES, expected_shapes, hf_names, iter_safetensors, safetensors_files
 
 # gguf's GGUFValueType and TokenType numbers (stable parts of the format).
 _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY = 4, 5, 6, 7, 8, 9
@@ -30,6 +31,18 @@ PROBE = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u2
          "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
          "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL done")
 
+
+
+@dataclasses.dataclass
+class SourceTensor:
+    """One tensor to write: its GGUF name and numpy-order shape, how to read rows of it as float32, and, when
+    it may be copied as stored, its ggml type and bytes."""
+
+    name: str
+    shape: tuple[int, ...]
+    rows: Any  # (start, stop) -> float32 [stop - start, shape[-1]] (2-D tensors), or () -> the whole tensor
+    stored_type: Any = None  # GGMLType of `raw`, or None: write float32
+    raw: Any = None  # () -> uint8 bytes as stored
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     """HF's rotate-half Q/K rows -> llama.cpp's interleaved order (convert_hf_to_gguf.py's LlamaModel.permute);
@@ -82,15 +95,15 @@ def _tokenizer_keys(folder: Path, vocab_size: int) -> list[tuple[str, Any, int, 
 def _pre_tokenizer(keys: list, reference: Any, path: Path) -> str:
     """The first pre-tokenizer name whose corejax tokenizer encodes PROBE to HF tokenizers' ids."""
     from corejax.tokenizer import tokenizer_from_gguf_metadata
-    from corejax.tokenizer.gguf import _PRE_TOKENIZERS
+    from corejax.tokenizer.gguf import PRE_TOKENIZERS
 
     meta = {k: (np.asarray(v, np.int32) if k == "tokenizer.ggml.token_type" else v) for k, v, _, _ in keys}
     want = reference.encode(PROBE, add_special_tokens=False).ids
     tried = set()
     # llama.cpp's fallback goes last: with a small vocabulary it can agree with a more specific splitter.
-    names = sorted(_PRE_TOKENIZERS, key=lambda n: n == "default")
+    names = sorted(PRE_TOKENIZERS, key=lambda n: n == "default")
     for name in names:
-        rule = _PRE_TOKENIZERS[name]
+        rule = PRE_TOKENIZERS[name]
         if rule in tried:
             continue
         tried.add(rule)
@@ -113,7 +126,6 @@ class hf_as_gguf:
         from safetensors import safe_open
 
         from corejax.loading.encoder import read_hf_config
-        from corejax.quantize import SourceTensor
 
         folder = self.folder
         raw = read_hf_config(folder)
@@ -124,7 +136,7 @@ class hf_as_gguf:
         if cfg.rope_scaling is not None and cfg.rope_scaling.kind != "linear":
             raise UnsupportedModelError(f"{folder}: RoPE scaling {cfg.rope_scaling.kind!r} does not convert yet "
                                         "(llama.cpp stores it as a rope_freqs tensor)")
-        where = dict(_iter_safetensors(_safetensors_files(folder)))
+        where = dict(iter_safetensors(safetensors_files(folder)))
         prefix = next((p for p in ("model.", "language_model.model.", "model.language_model.", "")
                        if f"{p}embed_tokens.weight" in where), None)
         if prefix is None:
@@ -160,10 +172,10 @@ class hf_as_gguf:
 
         ours = hf_names(cfg, prefix)
         gguf = {"final_norm": "output_norm.weight", "embed": "token_embd.weight", "lm_head": "output.weight"}
-        shapes = _expected_shapes(cfg)
+        shapes = expected_shapes(cfg)
         for i in range(cfg.num_layers):
             for key in shapes:
-                gguf[f"{i}.{key}"] = f"blk.{i}.{_LAYER_NAMES[key][0]}.weight"
+                gguf[f"{i}.{key}"] = f"blk.{i}.{LAYER_NAMES[key][0]}.weight"
         order = ["embed"] + ([] if cfg.tie_embeddings else ["lm_head"]) + ["final_norm"] + [
             f"{i}.{key}" for i in range(cfg.num_layers) for key in shapes]
         tensors = []

@@ -208,11 +208,11 @@ def plan_weights(source: ModelSource, weights: str | None = None) -> WeightPlan:
 
 def _safetensors_table(folder: Path) -> tuple[dict[str, tuple[tuple[int, ...], None]], int]:
     """Tensor name -> (shape, None) from each safetensors file's JSON header, and the files' total bytes."""
-    from corejax.loading.convert import _safetensors_files
+    from corejax.loading.convert import safetensors_files
 
     table: dict[str, tuple[tuple[int, ...], None]] = {}
     total = 0
-    for path in _safetensors_files(folder):
+    for path in safetensors_files(folder):
         try:
             with open(path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size

@@ -21,7 +21,7 @@ Params = dict[str, Any]
 def dense(x: jax.Array, w: jax.Array | QuantArray | BlockedWeight | LayerWeight,
           valid: jax.Array | None = None, layer: jax.Array | int | None = None) -> jax.Array:
     """x [..., D_in] @ w [D_in, D_out] -> float32. Float weights are stored [in, out]: XLA's CPU GEMV is ~5x
-    faster that way than contracting the trailing axis of an [out, in] matrix (shared/PERF-NOTES.md).
+    faster that way than contracting the trailing axis of an [out, in] matrix (docs/ARCHITECTURE.md, measurements).
     Quantized weights go through the one quantized matmul; column-blocked ones (when the native kernel is
     loaded) through the native float kernel (kernels/small_matmul.py). `valid` (bool, x.shape[:-1])
     marks padding rows the native float kernel may skip (their outputs are then zero).
@@ -39,7 +39,7 @@ def dense(x: jax.Array, w: jax.Array | QuantArray | BlockedWeight | LayerWeight,
     if w.dtype != x.dtype and jnp.dtype(w.dtype).itemsize < 4 and jax.default_backend() == "gpu":
         # bf16/f16 weights on a GPU: the inputs rounded to the weights' type (as HF's bf16 models run), products
         # summed in float32 by the tensor cores. Without the cast XLA converts every weight to float32 each
-        # step. On XLA's CPU backend bf16 dots are slower than float32 (shared/PERF-NOTES.md): promote there.
+        # step. On XLA's CPU backend bf16 dots are slower than float32 (docs/ARCHITECTURE.md): promote there.
         x = x.astype(w.dtype)
     return jnp.einsum("...d,de->...e", x, w, preferred_element_type=jnp.float32)
 

@@ -41,6 +41,9 @@ _ENV_PREFIXES = ("JAX_", "XLA_", "TF_CPP_", "CUDA_", "NVIDIA_", "TPU_")
 _ENV_NAMES = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH", "COREJAX_SECCOMP_LOG")
 
 
+_PACKAGE = Path(os.path.abspath(__file__)).parent.parent  # corejax/, without importing corejax itself
+
+
 def _clean(text: str, limit: int = 2000) -> str:
     """A worker's words, made safe to print: no terminal control sequences, bounded length."""
     text = "".join(c if c.isprintable() or c in "\n\t" else "?" for c in str(text))
@@ -172,9 +175,7 @@ class WorkerClient:
         self._programs = program_cache_dir(self.source, self.options.get("native_kernels"))
         xla = self._private / "xla"
         copy_programs(self._programs, xla)
-        import corejax
-
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(corejax.__file__)))
+        package_root = str(_PACKAGE.parent)  # the folder the corejax package is imported from
         env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
         import site
 

@@ -8,13 +8,14 @@ Linux only; everything goes through ctypes (libc and libseccomp.so.2), so there 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import os
 import resource
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+
+from corejax.sandbox.layer import CLONE_NEWNET, CLONE_NEWUSER, Layer
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -26,28 +27,9 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
-CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
-CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWTIME = 0x10000000, 0x20000000, 0x40000000, 0x00000080
-NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID,
-                   CLONE_NEWNET, CLONE_NEWTIME)
-
 # Syscall numbers that are the same on every architecture (Landlock came after the unified table).
 _SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}.get(os.uname().machine)
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """One layer of the policy. available: whether this kernel and system offer it at all; a layer that is
-    available but did not engage makes the Session refuse to run (client.required_layers_missing)."""
-
-    name: str
-    engaged: bool
-    detail: str
-    available: bool = True
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _err(what: str) -> str:
@@ -251,14 +233,12 @@ def python_paths() -> tuple[list[str], list[str]]:
     them only corejax's own packages (corejax/, kernels/) are readable: not the rest of the repository."""
     import importlib.util
 
-    import corejax
-
     # corejax.kernels is the repository's top-level kernels/ folder (pyproject's package-dir): found, not
     # imported (importing it imports JAX, whose threads would then escape Landlock).
     kernels = importlib.util.find_spec("corejax.kernels")
     prefixes = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
     real = [os.path.realpath(p) for p in prefixes]
-    read = [*prefixes, os.path.dirname(os.path.abspath(corejax.__file__))]
+    read = [*prefixes, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # corejax/
     if kernels is not None and kernels.origin:
         read.append(os.path.dirname(os.path.abspath(kernels.origin)))
     list_only = []

@@ -18,7 +18,7 @@ def program_cache_dir(source: Any, native_kernels: str | None) -> Path:
     or rewritten gets a new folder) and one native-kernel build."""
     import hashlib
 
-    from corejax.hub import cache_dir
+    from corejax.paths import cache_dir
 
     h = hashlib.sha256()
     if source is not None:

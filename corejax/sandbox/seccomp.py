@@ -8,7 +8,7 @@ import ctypes.util
 import errno
 import os
 
-from corejax.sandbox.policy import NAMESPACE_FLAGS, Layer
+from corejax.sandbox.layer import NAMESPACE_FLAGS, Layer
 
 _SCMP_ACT_ALLOW = 0x7FFF0000
 _SCMP_FLTATR_CTL_TSYNC, _SCMP_FLTATR_CTL_OPTIMIZE = 4, 8

@@ -29,12 +29,12 @@ _PORO = r" ?[^(\s|.,!?…。，、।۔،)]+"
 
 # (regexes applied in turn, each splitting the pieces of the one before; ignore_merges) per
 # tokenizer.ggml.pre name, copied from llama.cpp's llm_tokenizer_bpe table.
-_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {}
+PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {}
 
 
 def _register(names: str, regexes: tuple[str, ...], ignore_merges: bool = False) -> None:
     for name in names.split():
-        _PRE_TOKENIZERS[name] = (regexes, ignore_merges)
+        PRE_TOKENIZERS[name] = (regexes, ignore_merges)
 
 
 _register("default", (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"))
@@ -93,10 +93,10 @@ def _vocab(tokens: list[str]) -> dict[str, int]:
 
 
 def _byte_level_segmenter(tokens: list[str], merges: list[str], pre: str):
-    if pre not in _PRE_TOKENIZERS:
+    if pre not in PRE_TOKENIZERS:
         raise UnsupportedModelError(f"the byte-level BPE pre-tokenizer {pre!r} is not implemented; supported: "
-                                    f"{', '.join(sorted(_PRE_TOKENIZERS))}")
-    regexes, ignore_merges = _PRE_TOKENIZERS[pre]
+                                    f"{', '.join(sorted(PRE_TOKENIZERS))}")
+    regexes, ignore_merges = PRE_TOKENIZERS[pre]
     vocab = _vocab(tokens)
     pairs = []
     for m in merges:

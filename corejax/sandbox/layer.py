@@ -1,0 +1,25 @@
+"""What policy.py and seccomp.py share: a layer's report, and the namespace flags (a module of its own, so the
+seccomp module needs nothing from policy.py, which imports it)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWTIME = 0x10000000, 0x20000000, 0x40000000, 0x00000080
+NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID,
+                   CLONE_NEWNET, CLONE_NEWTIME)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One layer of the policy. available: whether this kernel and system offer it at all; a layer that is
+    available but did not engage makes the Session refuse to run (client.required_layers_missing)."""
+
+    name: str
+    engaged: bool
+    detail: str
+    available: bool = True
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
