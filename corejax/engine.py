@@ -72,41 +72,44 @@ def bucket(n: int, minimum: int) -> int:
 
 def _prefill(params: Any, tokens: jax.Array, positions: jax.Array, last: jax.Array, cache: Any, cfg: ModelConfig,
             sampling: SamplingTensors | None = None, penalties: PenaltyState | None = None,
-            keys: jax.Array | None = None) -> tuple[SampleOutput | None, Any]:
+            keys: jax.Array | None = None, mask: jax.Array | None = None) -> tuple[SampleOutput | None, Any]:
     """One prompt chunk: tokens, positions [B, T] (right-padded); last [B] index of each row's last real token.
 
     Writes the chunk's KV. With `sampling` (the prompt's final chunk) it also samples the first new token
-    from the logits at `last` — only those rows of the LM head are computed."""
+    from the logits at `last` — only those rows of the LM head are computed — under the token bitmask
+    `mask` [B, W] when some row is constrained (structured output)."""
     hidden, cache = models.forward(params, tokens, positions, cache, cfg)
     if sampling is None:
         return None, cache
     hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
     logits = models.lm_head(params, hidden_last, cfg)[:, 0]
-    return sample(logits, sampling, penalties, keys, 0), cache
+    return sample(logits, sampling, penalties, keys, 0, mask), cache
 
 
 def _decode_step(params: Any, tokens: jax.Array, positions: jax.Array, cache: Any, sampling: SamplingTensors,
-                penalties: PenaltyState | None, keys: jax.Array, steps: jax.Array, cfg: ModelConfig
-                ) -> tuple[SampleOutput, Any, PenaltyState | None]:
+                penalties: PenaltyState | None, keys: jax.Array, steps: jax.Array, cfg: ModelConfig,
+                mask: jax.Array | None = None) -> tuple[SampleOutput, Any, PenaltyState | None]:
     """tokens, positions [B, T]: each row's last sampled token, then up to T - 1 drafted tokens (speculative
     decoding; padding past a row's length is written to page 0 and ignored) -> a sample at every position
     ([B, T] outputs): position j is drawn with the row's key at step steps + j, so a drafted token that equals
     its position's sample is exactly what plain decoding would have produced there.
 
     Penalties apply to position 0 only: rows with penalties are never given drafts (corejax/scheduler.py).
-    Recompiles per (B, T, page-table width) bucket and per static sampling flag."""
+    mask: None, or [B, T, W] token bitmasks (structured output): position j of a row draws under the grammar's
+    mask after that row's first j drafted tokens. Recompiles per (B, T, page-table width) bucket and per static sampling flag."""
     if penalties is not None:
         penalties = update_penalty_state(penalties, tokens[:, 0])  # the fed-in token is now part of the output
     hidden, cache = models.forward(params, tokens, positions, cache, cfg)
     logits = models.lm_head(params, hidden, cfg)  # [B, T, V]
-    first = sample(logits[:, 0], sampling, penalties, keys, steps)
+    first = sample(logits[:, 0], sampling, penalties, keys, steps, None if mask is None else mask[:, 0])
     b, t = tokens.shape
     if t == 1:
         return jax.tree.map(lambda x: x[:, None], first), cache, penalties
     rows = lambda x: jnp.repeat(x, t - 1, axis=0)  # noqa: E731 - row b's drafted positions are rows b(t-1)..
     rest = sample(logits[:, 1:].reshape(b * (t - 1), -1), dataclasses.replace(jax.tree.map(rows, sampling),
                                                                               any_penalty=False),
-                  None, rows(keys), (steps[:, None] + jnp.arange(1, t, dtype=steps.dtype)).reshape(-1))
+                  None, rows(keys), (steps[:, None] + jnp.arange(1, t, dtype=steps.dtype)).reshape(-1),
+                  None if mask is None else mask[:, 1:].reshape(b * (t - 1), -1))
     join = lambda a, r: jnp.concatenate([a[:, None], r.reshape(b, t - 1, *r.shape[1:])], axis=1)  # noqa: E731
     return jax.tree.map(join, first, rest), cache, penalties
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from corejax.errors import InvalidParameterError
+from corejax.structured import Constraint
 
 GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
@@ -59,6 +60,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     ignore_eos: bool = False
+    constraint: Constraint | None = None  # structured output (corejax/structured.py); from_kwargs builds it
+
+    # Keywords from_kwargs turns into `constraint` (at most one of them).
+    CONSTRAINT_OPTIONS = ("response_format", "regex", "choice", "grammar")
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -88,6 +93,10 @@ class SamplingParams:
                        f"None (off) or an integer in [0, {MAX_LOGPROBS}]")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise InvalidParameterError(f"ignore_eos must be True or False; got {self.ignore_eos!r}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise InvalidParameterError(f"constraint must be a corejax.structured.Constraint or None; got "
+                                        f"{type(self.constraint).__name__} (pass response_format=, regex=, choice= "
+                                        "or grammar= instead)")
         object.__setattr__(self, "stop", _normalise_stop(self.stop))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
@@ -100,12 +109,18 @@ class SamplingParams:
     @classmethod
     def from_kwargs(cls, **kw: Any) -> SamplingParams:
         """Builds SamplingParams from keyword arguments, rejecting names it does not know."""
-        valid = [f.name for f in dataclasses.fields(cls)]
+        valid = [f.name for f in dataclasses.fields(cls)] + list(cls.CONSTRAINT_OPTIONS)
         unknown = sorted(set(kw) - set(valid))
         if unknown:
             raise InvalidParameterError(
                 f"unknown sampling parameter(s) {', '.join(map(repr, unknown))}; "
                 f"valid names are: {', '.join(valid)}")
+        options = {name: kw.pop(name) for name in cls.CONSTRAINT_OPTIONS if name in kw}
+        if options:
+            if kw.get("constraint") is not None:
+                raise InvalidParameterError("give constraint= or one of response_format/regex/choice/grammar, "
+                                            "not both")
+            kw["constraint"] = Constraint.from_options(**options)
         return cls(**kw)
 
     @property

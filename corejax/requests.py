@@ -35,6 +35,7 @@ class StepTimes:
     drafted: int = 0  # speculative tokens proposed
     accepted: int = 0  # ... and accepted by the target model
     preempted: int = 0  # times this request was preempted (recomputed)
+    mask_s: float = 0.0  # host time spent on this request's structured-output token masks
 
 
 DONE = object()
@@ -44,7 +45,7 @@ class Request:
     """One generation request as the scheduler tracks it. Iterate it for TokenEvents; close() cancels it."""
 
     def __init__(self, scheduler: Any, rid: int, prompt: list[int], sp: SamplingParams,
-                 stop_ids: frozenset[int], max_new: int, spec: SpeculativeConfig | None):
+                 stop_ids: frozenset[int], max_new: int, spec: SpeculativeConfig | None, matcher: Any = None):
         self.scheduler, self.rid, self.prompt, self.sp = scheduler, rid, list(prompt), sp
         self.stop_ids, self.max_new, self.spec = stop_ids, max_new, spec
         self.output: list[int] = []
@@ -55,6 +56,8 @@ class Request:
         self.finished = False
         self.times = StepTimes(start=time.perf_counter())
         self.k = AdaptiveK(spec) if spec is not None else None
+        self.matcher = matcher  # structured output: the grammar state (corejax/structured.py), or None
+        self.finish_reason: str | None = None  # set when the scheduler, not a token, decided the end
         self._events: collections.deque = collections.deque()
         self._ready = threading.Condition()
 

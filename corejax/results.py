@@ -27,14 +27,16 @@ class Timings:
     draft_tokens: int = 0  # speculative decoding: tokens proposed ...
     accepted_draft_tokens: int = 0  # ... and accepted by the model (acceptance rate = accepted / drafted)
     preemptions: int = 0  # times the scheduler preempted this request to free KV pages (recomputed, same text)
+    mask_s: float = 0.0  # structured output: host time computing this request's token masks
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     text: str
     tokens: tuple[int, ...]  # generated ids (an end-of-sequence token included when one ended it)
-    finish_reason: str  # "stop" (end-of-sequence token or stop string), "length" (max_tokens or context) or
-    # "content_filter" (the output filter matched; the text ends before the match)
+    finish_reason: str  # "stop" (end-of-sequence token, stop string, or a structured-output grammar complete),
+    # "length" (max_tokens or context), "content_filter" (the output filter matched; the text ends before the
+    # match) or "unsatisfiable" (structured output: no token of the vocabulary continues the grammar)
     prompt_tokens: tuple[int, ...]
     timings: Timings
     logprobs: tuple[TokenLogprob, ...] | None = None

@@ -312,13 +312,25 @@ def _sample_rows(logits: jax.Array, t: SamplingTensors,
     return _argmax(scores), None
 
 
+def allowed(mask: jax.Array, vocab_size: int) -> jax.Array:
+    """Token bitmask [B, W] int32 (bit i % 32 of word i // 32 set = token i allowed; llguidance's layout,
+    corejax/structured.py) -> [B, V] bool."""
+    bits = lax.bitcast_convert_type(mask, jnp.uint32)
+    words = jnp.repeat(bits, 32, axis=-1)[..., :vocab_size]
+    shift = jnp.tile(jnp.arange(32, dtype=jnp.uint32), bits.shape[-1])[:vocab_size]
+    return (words >> shift) & 1 == 1
+
+
 def sample(logits: jax.Array, tensors: SamplingTensors, penalty_state: PenaltyState | None,
-           keys: jax.Array, step: jax.Array | int) -> SampleOutput:
+           keys: jax.Array, step: jax.Array | int, mask: jax.Array | None = None) -> SampleOutput:
     """Chooses the next token of each row. Jittable; the engine calls it inside its decode step.
 
     logits [B, V] (cast to f32); keys [B, 2] uint32 key data (request_keys) or [B] typed threefry keys;
     step: scalar or [B] int32, the row's output position (folded into its key). penalty_state may be
-    None when tensors.any_penalty is False.
+    None when tensors.any_penalty is False. mask: None, or a [B, W] token bitmask (structured output): masked
+    tokens are never drawn: their logits become -inf after the penalties and before top-k/top-p/min-p, so
+    those act on the allowed tokens only. Every row must allow at least one token (the scheduler
+    ends a request whose grammar allows none). Reported logprobs stay the raw, unmasked ones.
     """
     raw = logits.astype(jnp.float32)
     b, v = raw.shape
@@ -327,6 +339,8 @@ def sample(logits: jax.Array, tensors: SamplingTensors, penalty_state: PenaltySt
         if penalty_state is None:
             raise ValueError("sample(): tensors.any_penalty is set but penalty_state is None")
         x = apply_penalties(x, tensors, penalty_state)
+    if mask is not None:
+        x = jnp.where(allowed(mask, v), x, -jnp.inf)
     if tensors.any_sampling:
         if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
             keys = jax.random.key_data(keys)

@@ -42,6 +42,7 @@ from corejax.errors import CacheFullError, CorejaxError
 from corejax.requests import DONE, Request, StepTimes, TokenEvent  # noqa: F401 - StepTimes re-exported
 from corejax.sampling import SamplingParams, SamplingTensors
 from corejax.speculative import Proposer, SpeculativeConfig, ngram_propose, verify_cost
+from corejax.structured import FINISH_UNSATISFIABLE, mask_words
 
 GREEDY_ROW = SamplingParams(temperature=0.0)
 
@@ -89,14 +90,16 @@ class Scheduler:
     # --- the caller's side -----------------------------------------------------------------------------
 
     def submit(self, prompt: list[int], sp: SamplingParams, stop_ids: frozenset[int],
-               spec: SpeculativeConfig | None = None) -> Request:
-        """Queues a request (raises ContextLengthError at once if the prompt cannot fit the context)."""
+               spec: SpeculativeConfig | None = None, matcher: Any = None) -> Request:
+        """Queues a request (raises ContextLengthError at once if the prompt cannot fit the context).
+        matcher: structured output's grammar state for this request (corejax/structured.py), or None."""
         cfg = self.engine.cfg
         self.engine.check_fits(len(prompt))
         with self._cv:
             rid = self._next_rid
             self._next_rid += 1
-            req = Request(self, rid, prompt, sp, stop_ids, min(sp.max_tokens, cfg.max_context - len(prompt)), spec)
+            req = Request(self, rid, prompt, sp, stop_ids, min(sp.max_tokens, cfg.max_context - len(prompt)), spec,
+                          matcher)
             self._inbox.append(req)
             if self.background and self._thread is None:
                 self._thread = threading.Thread(target=Scheduler._loop, args=(weakref.ref(self),),
@@ -234,9 +237,12 @@ class Scheduler:
                                                    batch_size=b)
             keys = np.zeros((b, 2), np.uint32)
             keys[:len(reqs)] = [r.key for r in reqs]
-            extra = dict(sampling=sampling, keys=keys,
+            extra = dict(sampling=sampling, keys=keys, mask=self._masks(samplers, [[] for _ in samplers],
+                                                                         [reqs.index(r) for r in samplers], b, 1),
                          penalties=(penalty_state([(r.prompt, []) for r in reqs], b, v) if sampling.any_penalty
                                     else None))
+            if extra["mask"] is not None:
+                extra["mask"] = extra["mask"][:, 0]
         out, eng.cache = eng.programs.prefill(eng.params, tokens, positions, last,
                                               eng.cache.with_rows(table, lengths), cfg=eng.cfg, **extra)
         if samplers:
@@ -246,7 +252,7 @@ class Scheduler:
             if final:
                 self.prefilling.remove(req)
                 self.running.append(req)
-                if req in samplers:
+                if req in samplers and not self._unsatisfiable(req):
                     self._emit(req, out, i, 1)
 
     # --- decode ----------------------------------------------------------------------------------------
@@ -255,6 +261,10 @@ class Scheduler:
         eng = self.engine
         alloc = eng.allocator
         drafts = self._propose(list(self.running))
+        for req in self.running:  # a draft the grammar rejects could never be accepted: do not verify it
+            d = drafts.get(req.rid)
+            if d and req.matcher is not None:
+                drafts[req.rid] = d[:req.matcher.valid_prefix(d)]
         fed: dict[int, list[int]] = {}
         for req in list(self.running):
             if req not in self.running:
@@ -295,10 +305,11 @@ class Scheduler:
         self._batch_state(rows, b)
         steps = np.zeros((b,), np.int32)
         steps[:len(rows)] = [len(r.output) for r in rows]
+        mask = self._masks(rows, [fed[r.rid][1:] for r in rows], range(len(rows)), b, t)
         started = time.perf_counter()
         out, eng.cache, self._penalties = eng.programs.decode_step(
             eng.params, tokens, positions, eng.cache.with_rows(table, lengths), self._sampling, self._penalties,
-            self._keys, steps, cfg=eng.cfg)
+            self._keys, steps, cfg=eng.cfg, mask=mask)
         out = _host(out, with_logprobs=any(r.sp.logprobs is not None for r in rows))
         sampled = out.tokens
         elapsed = time.perf_counter() - started
@@ -307,6 +318,8 @@ class Scheduler:
             self._plain_step = _ema(self._plain_step, elapsed / self._relative_cost(t - 1, b))
         self._seen_shapes.add((b, t))
         for i, req in enumerate(rows):
+            if self._unsatisfiable(req):
+                continue
             d = fed[req.rid][1:]
             accepted = 0
             while accepted < len(d) and sampled[i, accepted] == d[accepted]:
@@ -318,6 +331,31 @@ class Scheduler:
                 req.k.update(len(d), accepted, lambda k, b=b: self._relative_cost(k, b))
                 self._proposer_rollback(req, accepted)
             self._emit(req, out, i, accepted + 1)
+
+    def _masks(self, reqs: list[Request], drafts: list[list[int]], rows: Any, b: int, t: int) -> np.ndarray | None:
+        """Structured output's token bitmasks [b, t, W] for a step (None when no row is constrained): row i's
+        mask at position 0 and after each of its drafted tokens; unconstrained rows allow everything. A row
+        whose grammar allows no token at all is marked to end as unsatisfiable after the step."""
+        constrained = [(req, d, i) for req, d, i in zip(reqs, drafts, rows) if req.matcher is not None]
+        if not constrained:
+            return None
+        started = time.perf_counter()
+        masks = np.full((b * t, mask_words(self.engine.cfg.vocab_size)), -1, np.int32)
+        for _, _, i in constrained:
+            masks[i * t:(i + 1) * t] = 0
+        constrained[0][0].matcher.vocab.fill([(req.matcher, i * t, d) for req, d, i in constrained], masks)
+        share = (time.perf_counter() - started) / len(constrained)
+        for req, _, i in constrained:
+            req.times.mask_s += share
+            if req.matcher.failed or not masks[i * t].any():
+                req.finish_reason = FINISH_UNSATISFIABLE
+        return masks.reshape(b, t, -1)
+
+    def _unsatisfiable(self, req: Request) -> bool:
+        if req.finish_reason != FINISH_UNSATISFIABLE:
+            return False
+        self._finish(req)
+        return True
 
     def _relative_cost(self, k: int, b: int) -> float:
         """A step verifying k drafts per row, in plain (T = 1) steps of a batch of b: measured once both
@@ -360,11 +398,17 @@ class Scheduler:
                 event = TokenEvent(token, float(logprob[j]),
                                    list(zip(top_ids[j, :lp].tolist(), top_lp[j, :lp].tolist())))
             req.output.append(token)
+            if req.matcher is not None:
+                req.matcher.consume(token)
             if req.times.generated == 0:
                 req.times.first_token = now
             req.times.last_token = now
             req.times.generated += 1
             req.put(event)
+            if req.matcher is not None and req.matcher.done:  # the grammar is complete: nothing may follow
+                req.finish_reason = "stop"
+                self._finish(req)
+                return
             if (token in req.stop_ids and not req.sp.ignore_eos) or len(req.output) >= req.max_new:
                 self._finish(req)
                 return

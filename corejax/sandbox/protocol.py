@@ -27,6 +27,7 @@ import numpy as np
 
 from corejax.config import SamplingParams
 from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
+from corejax.structured import Constraint
 
 MAGIC = b"CJX\x00"
 VERSION = 1
@@ -255,6 +256,7 @@ def sampling_to_wire(sp: SamplingParams) -> dict:
 def sampling_from_wire(d: Mapping[str, Any]) -> SamplingParams:
     d = dict(d)
     d["stop"] = tuple(d.get("stop") or ())
+    d["constraint"] = Constraint.from_wire(d.get("constraint"))
     return SamplingParams(**d)
 
 

@@ -15,8 +15,10 @@ import time
 import uuid
 from typing import Any
 
+from corejax.errors import InvalidParameterError
 from corejax.options import MAX_LOGPROBS
 from corejax.results import GenerationResult, TokenLogprob
+from corejax.structured import Constraint
 
 MAX_CHOICES = 16  # n: each choice is one request of the continuous batch
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
@@ -48,7 +50,6 @@ _UNSUPPORTED = {
     "logit_bias": "logit_bias is not supported",
     "suffix": "suffix (fill-in-the-middle) is not supported",
     "echo": "echo is not supported",
-    "response_format": "response_format is not supported yet",
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
 }
@@ -114,8 +115,7 @@ def generation_request(body: dict, *, chat: bool, max_tokens_limit: int) -> Gene
     """Validates an OpenAI completions (chat=False) or chat completions request body."""
     for name, why in _UNSUPPORTED.items():
         value = body.get(name)
-        if value in (None, False, {}, []) or (name == "response_format" and isinstance(value, dict)
-                                               and value.get("type") == "text"):
+        if value in (None, False, {}, []):
             continue
         raise bad(f"{why} by corejax's server", name)
     model = _typed(body, "model", (str,), "a model id (GET /v1/models lists them)")
@@ -151,6 +151,9 @@ def generation_request(body: dict, *, chat: bool, max_tokens_limit: int) -> Gene
     if body.get("ignore_eos") is not None:
         sampling["ignore_eos"] = _typed(body, "ignore_eos", (bool,), "true or false")
 
+    constraint = _constraint(body)
+    if constraint is not None:
+        sampling["constraint"] = constraint
     top_logprobs = _logprobs(body, chat)
     if top_logprobs is not None:
         sampling["logprobs"] = top_logprobs
@@ -163,6 +166,34 @@ def generation_request(body: dict, *, chat: bool, max_tokens_limit: int) -> Gene
         chat=chat, model=model, prompts=prompts, messages=messages, sampling=sampling,
         seed=_int(body, "seed", -(2**63), 2**64 - 1), n=n or 1, stream=stream,
         include_usage=bool(options.get("include_usage")), top_logprobs=top_logprobs)
+
+
+# Structured output (corejax/structured.py): OpenAI's response_format, and the request fields vLLM (guided_*) and
+# llama.cpp's server (json_schema, grammar) take for the same thing.
+_CONSTRAINT_FIELDS = {"response_format": "response_format", "guided_json": "response_format",
+                      "json_schema": "response_format", "guided_regex": "regex", "guided_choice": "choice",
+                      "guided_grammar": "grammar", "grammar": "grammar"}
+
+
+def _constraint(body: dict) -> Constraint | None:
+    given = [name for name in _CONSTRAINT_FIELDS if body.get(name) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise bad(f"give one of {', '.join(given)}, not several", given[1])
+    name = given[0]
+    value = body[name]
+    if name in ("guided_json", "json_schema"):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise bad(f"{name} is not valid JSON ({e})", name) from None
+        value = {"type": "json_schema", "json_schema": {"schema": value}}
+    try:
+        return Constraint.from_options(**{_CONSTRAINT_FIELDS[name]: value})
+    except InvalidParameterError as e:
+        raise bad(str(e), name) from None
 
 
 def _logprobs(body: dict, chat: bool) -> int | None:
