@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from corejax import hub
-from corejax.errors import CorejaxError, SandboxError
+from corejax.errors import CorejaxError, InvalidParameterError, SandboxError
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -56,6 +56,14 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, dest="seed")
     g.add_argument("--stop", action="append", dest="stop", help="stop string (repeatable)")
     g.add_argument("--greedy", action="store_true", help="same as --temperature 0")
+    g = p.add_argument_group("structured output (at most one; corejax/structured.py)")
+    g.add_argument("--json-schema", metavar="SCHEMA", default=None,
+                   help="the output is JSON matching this schema: JSON text, or the path of a .json file")
+    g.add_argument("--json", dest="json_object", action="store_true", help="the output is a JSON object")
+    g.add_argument("--regex", default=None, help="the output matches this regular expression (whole)")
+    g.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
+    g.add_argument("--grammar", default=None, help="a Lark grammar, or llama.cpp GBNF (with ::=)")
+    g.add_argument("--grammar-file", default=None, metavar="FILE", help="--grammar read from a file")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,7 +72,38 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.greedy:
         kw["temperature"] = 0.0
+    kw.update(_structured(args))
     return kw
+
+
+def _structured(args: argparse.Namespace) -> dict[str, Any]:
+    """The structured-output flags as sampling keywords (validated where SamplingParams is built)."""
+    out: dict[str, Any] = {}
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith("{"):
+            try:
+                text = Path(text).read_text()
+            except OSError as e:
+                raise InvalidParameterError(f"--json-schema: {text!r} is neither JSON nor a readable file ({e})")
+        try:
+            schema = json.loads(text)
+        except ValueError as e:
+            raise InvalidParameterError(f"--json-schema is not valid JSON ({e})") from None
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "schema", "schema": schema}}
+    if args.json_object:
+        out["response_format"] = {"type": "json_object"}
+    if args.grammar_file is not None:
+        try:
+            out["grammar"] = Path(args.grammar_file).read_text()
+        except OSError as e:
+            raise InvalidParameterError(f"--grammar-file: cannot read {args.grammar_file} ({e})") from None
+    for name in ("regex", "choice", "grammar"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    if len(out) > 1 or (args.json_schema is not None and args.json_object):
+        raise InvalidParameterError("give at most one of --json-schema, --json, --regex, --choice, --grammar(-file)")
+    return out
 
 
 def _timings_line(result: Any) -> str:

@@ -1,4 +1,4 @@
-"""Structured output: constrain decoding to a JSON schema, a regular expression, a list of choices or a grammar.
+r"""Structured output: constrain decoding to a JSON schema, a regular expression, a list of choices or a grammar.
 
 The grammar engine is llguidance (Microsoft's, the one behind guidance and vLLM's `guidance` backend): a Rust
 Earley parser over a lexer that computes, per step, the set of vocabulary tokens that keep the output a valid
@@ -70,8 +70,14 @@ class Constraint:
         """The llguidance grammar (its JSON form) for this constraint."""
         llg = _llg()
         if self.kind == "json_schema":
-            return llg.LLMatcher.grammar_from_json_schema(self.source, defaults={
-                "whitespace_pattern": JSON_WHITESPACE})
+            try:
+                schema = json.loads(self.source)
+            except ValueError as e:
+                raise InvalidParameterError(f"invalid json schema: the text is not JSON ({e})") from None
+            own = schema.get("x-guidance", {}) if isinstance(schema, dict) else {}  # the schema's own options win
+            bounded = {} if {"whitespace_pattern", "whitespace_flexible"} & set(own) else {
+                "whitespace_pattern": JSON_WHITESPACE}
+            return llg.LLMatcher.grammar_from_json_schema(self.source, defaults=bounded)
         if self.kind == "regex":  # \d, \w, \s mean their ASCII classes, as in outlines and vLLM
             return llg.LLMatcher.grammar_from_regex(llg.regex_to_lark(self.source, "dws"))
         if self.kind == "choice":

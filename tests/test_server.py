@@ -8,6 +8,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 
@@ -224,6 +226,25 @@ def test_sampling_extras_and_stop(client, reference):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_structured_output(client, server):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=GENERATOR, max_tokens=60, temperature=0,
+        messages=[{"role": "user", "content": "Describe Alice, 30, as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}})
+    value = json.loads(r.choices[0].message.content)
+    jsonschema.validate(value, schema)
+    assert r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model=GENERATOR, prompt="The year is", max_tokens=10, temperature=0,
+                                  extra_body={"guided_regex": " [0-9]{4}"})
+    assert re.fullmatch(" [0-9]{4}", r.choices[0].text)
+    got, _, payload = server.request("POST", "/v1/chat/completions", {
+        "model": GENERATOR, "messages": CHAT, "response_format": {"type": "json_object"}, "max_tokens": 40})
+    assert got == 200 and payload["choices"][0]["message"]["content"].startswith("{")
+
+
 def test_embeddings(client):
     r = client.embeddings.create(model=ENCODER, input=["a cat", "a kitten", "stock markets"])
     vecs = [d.embedding for d in r.data]
@@ -246,6 +267,9 @@ def test_embeddings(client):
     ("/v1/completions", {"model": GENERATOR, "prompt": "hello " * 9000}, 400, "context_length_exceeded"),
     ("/v1/completions", {"model": GENERATOR, "prompt": [1, 2, 3]}, 400, None),
     ("/v1/embeddings", {"model": GENERATOR, "input": "x"}, 400, None),
+    ("/v1/chat/completions", {"model": GENERATOR, "messages": CHAT, "response_format": {"type": "json_schema",
+                              "json_schema": {"name": "x", "schema": {"type": "objec"}}}}, 400, None),
+    ("/v1/completions", {"model": GENERATOR, "prompt": "x", "guided_regex": "[0-9"}, 400, None),
     ("/v1/nothing", {}, 404, "not_found"),
 ])
 def test_errors_have_openai_shape_and_status(server, path, body, status, code):

@@ -168,11 +168,11 @@ def generation_request(body: dict, *, chat: bool, max_tokens_limit: int) -> Gene
         include_usage=bool(options.get("include_usage")), top_logprobs=top_logprobs)
 
 
-# Structured output (corejax/structured.py): OpenAI's response_format, and the request fields vLLM (guided_*) and
-# llama.cpp's server (json_schema, grammar) take for the same thing.
+# Structured output (corejax/structured.py): OpenAI's response_format, the request fields vLLM (guided_*) and
+# llama.cpp's server (json_schema, grammar) take for the same thing, and corejax's own names (regex, choice).
 _CONSTRAINT_FIELDS = {"response_format": "response_format", "guided_json": "response_format",
                       "json_schema": "response_format", "guided_regex": "regex", "guided_choice": "choice",
-                      "guided_grammar": "grammar", "grammar": "grammar"}
+                      "guided_grammar": "grammar", "grammar": "grammar", "regex": "regex", "choice": "choice"}
 
 
 def _constraint(body: dict) -> Constraint | None:
