@@ -509,7 +509,8 @@ class EngineRun:
 
     def __init__(self, shape: ModelShape, params: dict, cfg):
         from corejax.config import EngineConfig
-        from corejax.engine import Engine, bucket
+        from corejax.batch import bucket
+        from corejax.engine import Engine
 
         self.shape, self.cfg = shape, cfg
         self.width = bucket(-(-(shape.prompt + shape.new_tokens) // PAGE), 16)  # the scheduler's table width
@@ -535,7 +536,7 @@ class EngineRun:
         """One prompt in one chunk into row `row`'s pages -> its first greedy token."""
         import numpy as np
 
-        from corejax.engine import MIN_PREFILL_BUCKET, bucket
+        from corejax.batch import MIN_PREFILL_BUCKET, bucket
 
         n = len(prompt)
         t = bucket(n, MIN_PREFILL_BUCKET)

@@ -180,6 +180,7 @@ def main() -> None:
     from corejax.bench.machine import fingerprint
     from corejax.kernels import ffi
 
+    ffi.ensure()  # the native kernels, as a Session loads them: their ISA is the one the figures ran on
     record = {"command": "python benchmarks/structured.py " + " ".join(sys.argv[1:]), "isa": ffi.isa(),
               "machine": fingerprint(), "decode": [], "engines": [], "llama": []}
     for model in args.models:

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from corejax.config import EncoderConfig
-from corejax.engine import Programs, bucket
+from corejax.batch import bucket
+from corejax.engine import Programs
 from corejax.errors import InvalidParameterError, UnsupportedModelError
 
 MAX_BATCH = 32  # rows per program; batches of 1..32 rows are padded to 1, 2, 4, .., 32

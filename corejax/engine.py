@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from corejax import models
 from corejax.models import bert
@@ -35,14 +34,11 @@ from corejax.paging import PageAllocator
 from corejax.sampling import (
     PenaltyState,
     SampleOutput,
-    SamplingParams,
     SamplingTensors,
-    request_keys,
     sample,
     update_penalty_state,
 )
 
-MIN_PREFILL_BUCKET = 16
 _SITES = ("_prefill", "_decode_step", "_copy_page", "_full_logits", "_encode", "_token_logprobs")
 _programs: dict[str, int] = dict.fromkeys(_SITES, 0)
 _programs_lock = threading.Lock()
@@ -63,11 +59,6 @@ def programs_built() -> dict[str, int]:
     cache: either way a program with its own machine code in memory), from JAX's own monitoring events."""
     with _programs_lock:
         return dict(_programs)
-
-
-def bucket(n: int, minimum: int) -> int:
-    """Smallest power of two >= max(n, minimum): few distinct shapes, so few compiles."""
-    return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
 def _prefill(params: Any, tokens: jax.Array, positions: jax.Array, last: jax.Array, cache: Any, cfg: ModelConfig,
@@ -96,7 +87,8 @@ def _decode_step(params: Any, tokens: jax.Array, positions: jax.Array, cache: An
 
     Penalties apply to position 0 only: rows with penalties are never given drafts (corejax/scheduler.py).
     mask: None, or [B, T, W] token bitmasks (structured output): position j of a row draws under the grammar's
-    mask after that row's first j drafted tokens. Recompiles per (B, T, page-table width) bucket and per static sampling flag."""
+    mask after that row's first j drafted tokens. Recompiles per (B, T, page-table width) bucket and per static
+    sampling flag."""
     if penalties is not None:
         penalties = update_penalty_state(penalties, tokens[:, 0])  # the fed-in token is now part of the output
     hidden, cache = models.forward(params, tokens, positions, cache, cfg)
@@ -220,14 +212,3 @@ class Engine:
                 f"the prompt is {prompt_len} tokens but the model's context is {self.cfg.max_context}; "
                 "shorten the prompt (leave room for the answer)"
             )
-
-
-def penalty_state(rows: list[tuple[list[int], list[int]]], batch: int, vocab_size: int) -> PenaltyState:
-    """Host-built penalty state of a batch: per row (tokens seen in the prompt or output, output tokens to
-    count); rows past len(rows) are padding. Rebuilt when the batch changes, carried on device otherwise."""
-    seen = np.zeros((batch, vocab_size), bool)
-    counts = np.zeros((batch, vocab_size), np.int32)
-    for b, (seen_ids, counted) in enumerate(rows):
-        seen[b, np.asarray(seen_ids, np.int64)] = True
-        np.add.at(counts[b], np.asarray(counted, np.int64), 1)
-    return PenaltyState(counts=jnp.asarray(counts), seen=jnp.asarray(seen))

@@ -203,3 +203,10 @@ class SpeculativeConfig:
     @property
     def draft_key(self) -> tuple:
         return (self.draft_model, self.draft_weights)
+
+    @property
+    def proposer_key(self) -> tuple:
+        """Requests with equal keys share one proposer (corejax/speculative.py)."""
+        if self.method == "ngram":
+            return ("ngram", self.ngram_max, self.ngram_min)
+        return ("draft", *self.draft_key)

@@ -71,6 +71,23 @@ class Request:
         # Penalties change with every accepted token; the verify step applies them at position 0 only.
         return self.spec is not None and not _has_penalties(self.sp)
 
+    def record(self, token: int, logprob: float | None = None, top: list | None = None) -> bool:
+        """Adds a sampled token to the output and hands it to the caller; True when the request must end
+        here (a stop id, max_new, or its grammar complete: structured output)."""
+        self.output.append(token)
+        if self.matcher is not None:
+            self.matcher.consume(token)
+        now = time.perf_counter()
+        if self.times.generated == 0:
+            self.times.first_token = now
+        self.times.last_token = now
+        self.times.generated += 1
+        self.put(TokenEvent(token, logprob, top))
+        if self.matcher is not None and self.matcher.done:  # nothing may follow a complete grammar
+            self.finish_reason = "stop"
+            return True
+        return (token in self.stop_ids and not self.sp.ignore_eos) or len(self.output) >= self.max_new
+
     def put(self, item: Any) -> None:
         with self._ready:
             self._events.append(item)

@@ -155,14 +155,16 @@ class PenaltyState:
     seen: jax.Array    # [B, V] bool: token occurs in the prompt or the output
 
 
-def init_penalty_state(prompt_ids: jax.Array, prompt_lens: jax.Array, vocab_size: int) -> PenaltyState:
-    """prompt_ids [B, S] int32 (padding beyond prompt_lens [B] is ignored) -> PenaltyState."""
-    b, s = prompt_ids.shape
-    valid = jnp.arange(s)[None, :] < prompt_lens[:, None]
-    ids = jnp.where(valid, prompt_ids, vocab_size)  # out of range: dropped by the scatter
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
-    seen = jnp.zeros((b, vocab_size), bool).at[rows, ids].set(True, mode="drop")
-    return PenaltyState(counts=jnp.zeros((b, vocab_size), jnp.int32), seen=seen)
+def penalty_state(rows: Sequence[tuple[Sequence[int], Sequence[int]]], batch: int, vocab_size: int) -> PenaltyState:
+    """The penalty state of a batch, built on the host: per row (tokens seen in the prompt or the output, output
+    tokens to count); rows past len(rows) are padding. Built when a batch's rows change; the decode step then
+    carries it on the device (update_penalty_state)."""
+    seen = np.zeros((batch, vocab_size), bool)
+    counts = np.zeros((batch, vocab_size), np.int32)
+    for b, (seen_ids, counted) in enumerate(rows):
+        seen[b, np.asarray(seen_ids, np.int64)] = True
+        np.add.at(counts[b], np.asarray(counted, np.int64), 1)
+    return PenaltyState(counts=jnp.asarray(counts), seen=jnp.asarray(seen))
 
 
 def update_penalty_state(state: PenaltyState, tokens: jax.Array,
@@ -187,6 +189,27 @@ def apply_penalties(logits: jax.Array, t: SamplingTensors, state: PenaltyState) 
             - t.presence_penalty[:, None] * (counts > 0).astype(logits.dtype))
 
 
+@dataclasses.dataclass
+class SamplingBatch:
+    """The sampling half of a step's batch (corejax/batch.py has the token half): per-row settings, keys and,
+    when a row has penalties, their state."""
+
+    tensors: SamplingTensors
+    keys: np.ndarray                 # [B, 2] uint32: each row's request key
+    penalties: PenaltyState | None
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], keys: Sequence[np.ndarray],
+              histories: Sequence[tuple[Sequence[int], Sequence[int]]], batch: int, vocab_size: int) -> SamplingBatch:
+        """Rows padded with greedy rows to `batch`; histories: per row (seen ids, counted ids), read only when
+        some row has penalties."""
+        tensors = SamplingTensors.from_params(list(params), vocab_size, batch_size=batch)
+        key_rows = np.zeros((batch, 2), np.uint32)
+        if len(keys):
+            key_rows[:len(keys)] = keys
+        return cls(tensors, key_rows, penalty_state(histories, batch, vocab_size) if tensors.any_penalty else None)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The sampler
 
@@ -197,6 +220,24 @@ class SampleOutput:
     logprob: jax.Array       # [B] f32: raw log-softmax at tokens (0 when no row asked for logprobs)
     top_ids: jax.Array       # [B, n] int32, n = max_logprobs (0 when None)
     top_logprobs: jax.Array  # [B, n] f32, sorted descending
+
+    def to_host(self, with_logprobs: bool) -> SampleOutput:
+        """The arrays as numpy, each fetched once (a fetch of a device array costs ~1 ms); the logprob
+        arrays only when some row asked for them."""
+        fetch = np.asarray if with_logprobs else (lambda x: x)  # noqa: E731
+        return dataclasses.replace(self, tokens=np.asarray(self.tokens), logprob=fetch(self.logprob),
+                                   top_ids=fetch(self.top_ids), top_logprobs=fetch(self.top_logprobs))
+
+    def row(self, i: int) -> np.ndarray:
+        """Row i's tokens [T] of a host output (T = 1 for a prefill's [B] tokens, the step's T for a decode
+        step's [B, T])."""
+        return np.asarray(self.tokens).reshape(np.shape(self.tokens)[0], -1)[i]
+
+    def row_logprobs(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row i's (logprob [T], top_ids [T, n], top_logprobs [T, n]), from an output fetched with logprobs."""
+        b, n = np.shape(self.tokens)[0], np.shape(self.top_ids)[-1]
+        return (np.asarray(self.logprob).reshape(b, -1)[i], np.asarray(self.top_ids).reshape(b, -1, n)[i],
+                np.asarray(self.top_logprobs).reshape(b, -1, n)[i])
 
 
 def _gumbel(row_keys: jax.Array, ids: jax.Array) -> jax.Array:

@@ -25,16 +25,18 @@ costs little (free generation stays near plain decoding speed).
 
 from __future__ import annotations
 
+import collections
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from corejax.engine import MIN_PREFILL_BUCKET, bucket
+from corejax.batch import MIN_PREFILL_BUCKET, StepBatch, bucket, table_width
 from corejax.config import SpeculativeConfig
-from corejax.errors import CacheFullError
-from corejax.sampling import SamplingParams, SamplingTensors
+from corejax.errors import CacheFullError, CorejaxError
+from corejax.sampling import SamplingBatch, SamplingParams
 
 # What a verify over T = k + 1 positions costs, in plain decode steps, until the scheduler has timed its own
 # steps (it then uses its measurements, `Scheduler._relative_cost`). Measured with SmolLM2 (B = 1, f32) on
@@ -110,11 +112,124 @@ def ngram_propose(tokens: list[int], k: int, max_n: int, min_n: int) -> list[int
 
 
 class Proposer(Protocol):
+    """Drafts tokens for rows (request id, context tokens, k). `timed`: its own cost is worth measuring (a
+    draft model's steps; n-gram lookup costs next to nothing). rollback/release keep its per-request state
+    in step with the target's accepted text."""
+
+    timed: bool
+
     def propose(self, rows: list[tuple[int, list[int], int]]) -> list[list[int]]: ...
 
     def rollback(self, rid: int, length: int) -> None: ...
 
     def release(self, rid: int) -> None: ...
+
+
+class NgramProposer:
+    """Prompt lookup (ngram_propose) as a Proposer: stateless, so rollback and release have nothing to do."""
+
+    timed = False
+
+    def __init__(self, spec: SpeculativeConfig):
+        self.max_n, self.min_n = spec.ngram_max, spec.ngram_min
+
+    def propose(self, rows: list[tuple[int, list[int], int]]) -> list[list[int]]:
+        return [ngram_propose(tokens, k, self.max_n, self.min_n) for _, tokens, k in rows]
+
+    def rollback(self, rid: int, length: int) -> None:
+        pass
+
+    def release(self, rid: int) -> None:
+        pass
+
+
+def _ema(old: float | None, new: float, weight: float = 0.3) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
+class Speculation:
+    """The scheduler's speculative decoding: one proposer per kind of draft, the acceptance rule, adaptive k
+    and the step-time measurements it is chosen from. The scheduler asks `drafts()` before a decode step, feeds
+    each row its drafts, reports the step's time (`timed_step`) and hands each row's samples to `accept()`.
+
+    draft_loader(spec) builds a draft-model proposer (the Runtime loads the draft model); n-gram proposers are
+    made here."""
+
+    def __init__(self, draft_loader: Callable[[SpeculativeConfig], Proposer] | None = None):
+        self.draft_loader = draft_loader
+        self.proposers: dict[tuple, Proposer] = {}
+        self.plain_step: float | None = None  # seconds of a T = 1 decode step (estimated from verifies too)
+        self._step_time: dict[tuple[int, int], float] = {}  # (B, T) bucket -> seconds per decode step
+        self._seen: set[tuple] = set()  # shapes run once already (their compile is behind them)
+
+    def drafts(self, rows: list[Any]) -> dict[int, list[int]]:
+        """Drafted tokens per request id (none for rows that do not speculate or found nothing to propose).
+        A draft never runs past the row's max_new, so prompt + max_new bounds every position written."""
+        groups: dict[tuple, list[tuple[Any, int]]] = collections.defaultdict(list)
+        for req in rows:
+            if req.speculates:
+                k = min(req.k.tick(), req.max_new - len(req.output) - 1)
+                if k > 0:
+                    groups[req.spec.proposer_key].append((req, k))
+        out: dict[int, list[int]] = {}
+        for key, group in groups.items():
+            proposer = self._proposer(group[0][0].spec)
+            started = time.perf_counter()
+            proposed = proposer.propose([(r.rid, r.prompt + r.output, k) for r, k in group])
+            shape = (key, bucket(len(group), 1), max(k for _, k in group))
+            if proposer.timed and self.plain_step and shape in self._seen:  # cost per drafted token, in
+                cost = (time.perf_counter() - started) / shape[2] / self.plain_step  # plain target steps
+                for req, _ in group:
+                    req.k.draft_cost = _ema(req.k.draft_cost, cost)
+            self._seen.add(shape)
+            out.update((req.rid, d) for (req, _), d in zip(group, proposed) if d)
+        return out
+
+    def timed_step(self, b: int, t: int, seconds: float) -> None:
+        """A decode step of shape (B, T) took `seconds` (its first run, which compiles, is not a measurement)."""
+        if (b, t) in self._seen:
+            self._step_time[(b, t)] = _ema(self._step_time.get((b, t)), seconds)
+            self.plain_step = _ema(self.plain_step, seconds / self.relative_cost(t - 1, b))
+        self._seen.add((b, t))
+
+    def relative_cost(self, k: int, b: int) -> float:
+        """A step verifying k drafts per row, in plain (T = 1) steps of a batch of b: measured once both
+        shapes have run, verify_cost's prior until then."""
+        t = bucket(k + 1, 1)
+        if k and (b, 1) in self._step_time and (b, t) in self._step_time:
+            return self._step_time[(b, t)] / self._step_time[(b, 1)]
+        return verify_cost(k)
+
+    def accept(self, req: Any, drafted: list[int], sampled: np.ndarray, b: int) -> int:
+        """The acceptance rule (module docstring): keep drafts up to the first that differs from its position's
+        sample. Returns how many drafts were accepted (the row then emits that many + 1 samples) and updates
+        the request's counts, its adaptive k and its proposer's state."""
+        accepted = 0
+        while accepted < len(drafted) and sampled[accepted] == drafted[accepted]:
+            accepted += 1
+        if drafted:
+            req.times.drafted += len(drafted)
+            req.times.accepted += accepted
+            req.k.update(len(drafted), accepted, lambda k: self.relative_cost(k, b))
+            self._proposer(req.spec).rollback(req.rid, len(req.prompt) + len(req.output) + accepted)
+        return accepted
+
+    def release(self, req: Any) -> None:
+        """The request finished or was preempted: its proposer forgets it."""
+        if req.spec is not None and req.spec.proposer_key in self.proposers:
+            self.proposers[req.spec.proposer_key].release(req.rid)
+
+    def _proposer(self, spec: SpeculativeConfig) -> Proposer:
+        key = spec.proposer_key
+        if key not in self.proposers:
+            if spec.method == "ngram":
+                self.proposers[key] = NgramProposer(spec)
+            elif self.draft_loader is None:
+                raise CorejaxError("speculative method 'draft' needs a draft model, and this scheduler has no "
+                                   "loader for one")
+            else:
+                self.proposers[key] = self.draft_loader(spec)
+        return self.proposers[key]
 
 
 class DraftModelProposer:
@@ -124,13 +239,15 @@ class DraftModelProposer:
     not seen (the tokens accepted since, in one batched call for all rows), then decodes k - 1 more tokens
     batched across rows, and after verification rolls back to the accepted prefix."""
 
+    timed = True
+
     def __init__(self, engine: Any):
         self.engine = engine
         self._seqs: set[int] = set()
 
     def propose(self, rows: list[tuple[int, list[int], int]]) -> list[list[int]]:
         eng = self.engine
-        alloc, ps, chunk = eng.allocator, eng.engine_cfg.page_size, eng.engine_cfg.prefill_chunk
+        alloc, chunk = eng.allocator, eng.engine_cfg.prefill_chunk
         live: list[tuple[int, list[int], int, int]] = []  # (rid, tokens, k, tokens already in the draft's KV)
         for rid, tokens, k in rows:
             try:
@@ -147,60 +264,40 @@ class DraftModelProposer:
         if not live:
             return [[] for _ in rows]
         k_max = max(k for _, _, k, _ in live)
-        width = bucket(max(-(-(len(t) + k_max) // ps) for _, t, _, _ in live), 16)
+        width = table_width([len(t) + k_max for _, t, _, _ in live], eng.engine_cfg.page_size)
+        rids = [rid for rid, *_ in live]
         # Catch up: long pending spans (a new request's prompt) in chunks of their own, the rest batched.
-        pending = []
+        parts, starts = [], []
         for rid, tokens, _, have in live:
             while len(tokens) - have > chunk:
-                self._prefill([rid], [tokens[have:have + chunk]], [have], width, sample=False)
+                self._prefill(StepBatch.build([tokens[have:have + chunk]], [have], [rid], alloc, width,
+                                              MIN_PREFILL_BUCKET), None)
                 have += chunk
-            pending.append((tokens[have:], have))
-        greedy = SamplingTensors.from_params([SamplingParams(temperature=0.0)] * len(live), eng.cfg.vocab_size,
-                                             batch_size=bucket(len(live), 1))
-        first = self._prefill([r for r, *_ in live], [p for p, _ in pending], [h for _, h in pending], width,
-                              sample=True, sampling=greedy)
-        drafts = [[int(t)] for t in first[:len(live)]]
+            parts.append(tokens[have:])
+            starts.append(have)
         b = bucket(len(live), 1)
-        keys = np.zeros((b, 2), np.uint32)
+        greedy = SamplingBatch.build([SamplingParams(temperature=0.0)] * len(live), [], [], b, eng.cfg.vocab_size)
+        first = self._prefill(StepBatch.build(parts, starts, rids, alloc, width, MIN_PREFILL_BUCKET), greedy)
+        drafts = [[int(t)] for t in first[:len(live)]]
         for j in range(1, k_max):
-            tokens = np.zeros((b, 1), np.int32)
-            positions = np.zeros((b, 1), np.int32)
-            lengths = np.zeros((b,), np.int32)
-            for i, (rid, ctx, _, _) in enumerate(live):
+            for i, rid in enumerate(rids):
                 alloc.append(rid, [drafts[i][-1]])
-                tokens[i, 0] = drafts[i][-1]
-                positions[i, 0] = len(ctx) + j - 1
-                lengths[i] = len(ctx) + j
-            table = np.zeros((b, width), np.int32)
-            table[:len(live)] = alloc.page_table([r for r, *_ in live], width)
-            out, eng.cache, _ = eng.programs.decode_step(eng.params, tokens, positions,
-                                                         eng.cache.with_rows(table, lengths), greedy, None, keys,
+            batch = StepBatch.build([[d[-1]] for d in drafts], [len(t) + j - 1 for _, t, _, _ in live], rids,
+                                    alloc, width)
+            out, eng.cache, _ = eng.programs.decode_step(eng.params, batch.tokens, batch.positions,
+                                                         batch.cache(eng.cache), greedy.tensors, None, greedy.keys,
                                                          np.zeros((b,), np.int32), cfg=eng.cfg)
             for i, t in enumerate(np.asarray(out.tokens)[:len(live), 0]):
                 drafts[i].append(int(t))
         by_rid = {rid: d[:k] for (rid, _, k, _), d in zip(live, drafts)}
         return [by_rid.get(rid, []) for rid, _, _ in rows]
 
-    def _prefill(self, rids: list[int], parts: list[list[int]], starts: list[int], width: int, *, sample: bool,
-                 sampling: Any = None) -> np.ndarray | None:
+    def _prefill(self, batch: StepBatch, sampling: SamplingBatch | None) -> np.ndarray | None:
         eng = self.engine
-        b = bucket(len(rids), 1) if sample else len(rids)
-        t = bucket(max(len(p) for p in parts), MIN_PREFILL_BUCKET)
-        tokens = np.zeros((b, t), np.int32)
-        positions = np.zeros((b, t), np.int32)
-        lengths = np.zeros((b,), np.int32)
-        last = np.zeros((b,), np.int32)
-        for i, (part, start) in enumerate(zip(parts, starts)):
-            tokens[i, :len(part)] = part
-            positions[i] = np.arange(start, start + t)
-            lengths[i] = start + len(part)
-            last[i] = len(part) - 1
-        table = np.zeros((b, width), np.int32)
-        table[:len(rids)] = eng.allocator.page_table(rids, width)
-        extra = dict(sampling=sampling, keys=np.zeros((b, 2), np.uint32)) if sample else {}
-        out, eng.cache = eng.programs.prefill(eng.params, tokens, positions, last,
-                                              eng.cache.with_rows(table, lengths), cfg=eng.cfg, **extra)
-        return np.asarray(out.tokens) if sample else None
+        extra = {} if sampling is None else dict(sampling=sampling.tensors, keys=sampling.keys)
+        out, eng.cache = eng.programs.prefill(eng.params, batch.tokens, batch.positions, batch.last,
+                                              batch.cache(eng.cache), cfg=eng.cfg, **extra)
+        return None if sampling is None else np.asarray(out.tokens)
 
     def rollback(self, rid: int, length: int) -> None:
         if rid in self._seqs:

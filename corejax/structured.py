@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -241,3 +242,34 @@ class Matcher:
     def done(self) -> bool:
         """The grammar is complete and admits nothing more (an end-of-sequence token included)."""
         return self.llm.is_stopped()
+
+
+def trim_drafts(reqs: list[Any], drafts: dict[int, list[int]]) -> None:
+    """Cuts each constrained request's drafts at the first token its grammar rejects: such a draft could never
+    be accepted (its position's sample is drawn under the mask), so it is not worth verifying."""
+    for req in reqs:
+        d = drafts.get(req.rid)
+        if d and req.matcher is not None:
+            drafts[req.rid] = d[:req.matcher.valid_prefix(d)]
+
+
+def step_masks(reqs: list[Any], drafts: list[list[int]], rows: Sequence[int], b: int, t: int,
+               vocab_size: int) -> np.ndarray | None:
+    """A step's token bitmasks [b, t, W] for requests at batch rows `rows`, or None when none is constrained:
+    each constrained row's mask at position 0 and after each of its drafts (their time is added to the
+    request's times.mask_s); other rows allow everything. A request whose grammar allows no token at all gets
+    finish_reason FINISH_UNSATISFIABLE (the scheduler ends it after the step)."""
+    constrained = [(req, d, i) for req, d, i in zip(reqs, drafts, rows) if req.matcher is not None]
+    if not constrained:
+        return None
+    started = time.perf_counter()
+    masks = np.full((b * t, mask_words(vocab_size)), -1, np.int32)
+    for _, _, i in constrained:
+        masks[i * t:(i + 1) * t] = 0
+    constrained[0][0].matcher.vocab.fill([(req.matcher, i * t, d) for req, d, i in constrained], masks)
+    share = (time.perf_counter() - started) / len(constrained)
+    for req, _, i in constrained:
+        req.times.mask_s += share
+        if req.matcher.failed or not masks[i * t].any():
+            req.finish_reason = FINISH_UNSATISFIABLE
+    return masks.reshape(b, t, -1)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from corejax.engine import MIN_PREFILL_BUCKET, bucket
+from corejax.batch import MIN_PREFILL_BUCKET, bucket
 from corejax.errors import ContextLengthError, InvalidParameterError
 
 _PRIORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {(labels, template): prior [L]}

@@ -19,7 +19,7 @@ from corejax.sampling import (
     SamplingParams,
     SamplingTensors,
     apply_penalties,
-    init_penalty_state,
+    penalty_state,
     request_key,
     request_keys,
     sample,
@@ -249,7 +249,7 @@ def test_top_p_keeps_every_tie_at_the_cut():
 
 def test_penalties_hand_computed():
     logits = jnp.asarray([[2.0, -1.0, 0.5, 3.0, -2.0]], jnp.float32)
-    state = init_penalty_state(jnp.asarray([[0, 1, 4]], jnp.int32), jnp.asarray([2]), 5)  # 4 is padding
+    state = penalty_state([([0, 1], [])], 1, 5)  # 4 is neither seen nor counted
     for tok in (3, 3, 1):
         state = update_penalty_state(state, jnp.asarray([tok], jnp.int32))
     np.testing.assert_array_equal(state.counts, [[0, 1, 0, 2, 0]])
@@ -283,7 +283,7 @@ def test_logprobs_are_raw_log_softmax_and_sorted(temperature):
     logits = _logits(3, v, seed=8)
     params = [SamplingParams(temperature=temperature, logprobs=n, seed=i, repetition_penalty=1.3)
               for i, n in enumerate((5, 0, 20))]
-    state = init_penalty_state(jnp.asarray([[1, 2, 3]] * 3, jnp.int32), jnp.asarray([3, 3, 3]), v)
+    state = penalty_state([([1, 2, 3], [])] * 3, 3, v)
     out = _run(logits, params, 1, state=state)
     ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     toks = np.asarray(out.tokens)

@@ -120,7 +120,7 @@ def test_draft_model_greedy_is_plain_greedy(runtime, paths, prompt):
     spec, sch, req = run(runtime, prompt, {"method": "draft", "draft_model": str(paths[1]), "k": 3})
     assert spec == plain
     assert req.times.drafted > 0
-    proposer = next(iter(sch._proposers.values()))
+    proposer = next(iter(sch.speculation.proposers.values()))
     assert not proposer.engine.allocator._seqs  # the draft's sequence was released with the request
 
 
