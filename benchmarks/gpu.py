@@ -520,7 +520,7 @@ class EngineRun:
     def _sampling(self, rows: int):
         import numpy as np
 
-        from corejax.config import SamplingParams
+        from corejax.options import SamplingParams
         from corejax.sampling import SamplingTensors
 
         greedy = SamplingTensors.from_params([SamplingParams(temperature=0.0)] * rows, self.cfg.vocab_size,

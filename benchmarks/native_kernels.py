@@ -62,7 +62,7 @@ def mlp_stack(reps: int) -> dict:
 def decode_steps(reps: int) -> dict:
     import numpy as np
 
-    from corejax.config import SamplingParams
+    from corejax.options import SamplingParams
     from corejax.hub import resolve
     from corejax.runtime import Runtime
     from corejax.sampling import SamplingTensors

@@ -170,6 +170,16 @@ def _parses(text: str) -> bool:
         return False
 
 
+def _decode_table(title: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    print(f"\n{title:<24}{'tokens':>7}{'schema tok/s':>13}{'free tok/s':>11}{'ratio':>7}{'mask ms/tok':>12}")
+    for r in rows:
+        mask = f"{r['mask_ms_per_token']:>12.3f}" if "mask_ms_per_token" in r else ""
+        print(f"{r['model']:<24}{r['tokens']:>7}{r['constrained_tok_s']:>13.1f}{r['free_tok_s']:>11.1f}"
+              f"{r['ratio']:>7.2f}{mask}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
@@ -193,23 +203,14 @@ def main() -> None:
             if row is not None:
                 record["llama"].append(row)
     print(f"ISA: {record['isa']}")
-    if record["decode"]:
-        print(f"\n{'corejax decode':<24}{'tokens':>7}{'schema tok/s':>13}{'free tok/s':>11}{'ratio':>7}"
-              f"{'mask ms/tok':>12}")
-        for r in record["decode"]:
-            print(f"{r['model']:<24}{r['tokens']:>7}{r['constrained_tok_s']:>13.1f}{r['free_tok_s']:>11.1f}"
-                  f"{r['ratio']:>7.2f}{r['mask_ms_per_token']:>12.3f}")
+    _decode_table("corejax decode", record["decode"])
     if record["engines"]:
         print(f"\n{'engine':<12}{'vocabulary':<24}{'compile ms':>11}{'steps':>6}{'mask us p50':>12}{'p95':>8}"
               f"{'forced ok':>10}")
         for r in record["engines"]:
             print(f"{r['engine']:<12}{r['model']:<24}{r['compile_ms']:>11.1f}{r['steps']:>6}"
                   f"{r['mask_us_median']:>12.1f}{r['mask_us_p95']:>8.1f}{str(r['all_forced_tokens_allowed']):>10}")
-    if record["llama"]:
-        print(f"\n{'llama.cpp decode':<24}{'tokens':>7}{'schema tok/s':>13}{'free tok/s':>11}{'ratio':>7}")
-        for r in record["llama"]:
-            print(f"{r['model']:<24}{r['tokens']:>7}{r['constrained_tok_s']:>13.1f}{r['free_tok_s']:>11.1f}"
-                  f"{r['ratio']:>7.2f}")
+    _decode_table("llama.cpp decode", record["llama"])
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))

@@ -13,7 +13,7 @@ from corejax import native as _native
 _native.cap_xla_isa()  # COREJAX_ISA=avx2 on a wider CPU: XLA generates AVX2 code too (before any backend starts)
 
 from corejax.api import DEFAULT_EMBEDDING_MODEL, classify, embed, generate, stream
-from corejax.config import SamplingParams, SpeculativeConfig
+from corejax.options import SamplingParams, SpeculativeConfig
 from corejax.errors import (
     CacheFullError,
     ContextLengthError,

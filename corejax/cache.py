@@ -7,10 +7,13 @@ cache (here) and the paged cache with its flash/paged kernels plug in, so both s
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from corejax.config import ModelConfig
 from corejax.kernels import ffi, paged_attention, paged_decode, quantize_kv
@@ -93,20 +96,21 @@ def dense_attention(
 KV_DTYPES = ("float32", "bf16", "int8", "int4")
 
 
-def _zeros(shape: tuple[int, ...], dtype) -> jax.Array:
+def _zeros(shape: tuple[int, ...], dtype, place: Any = None) -> jax.Array:
     """A zero array for the page pool: with the native kernels, one whose memory is committed only as pages are
     written (kernels/lazy_zeros.cc), so a pool sized for the whole context costs what the sequences use.
 
-    Committed to the device from the start, as every later version of the pool (a program's output) is: an
-    uncommitted first pool made the first prefill program compile twice (JAX keys programs on it)."""
-    device = jax.local_devices()[0]
+    Committed to the device (or `place`, a sharding) from the start, as every later version of the pool (a
+    program's output) is: an uncommitted first pool made the first prefill program compile twice (JAX keys
+    programs on it)."""
+    place = place or jax.local_devices()[0]
     if not ffi.available():
-        return jax.device_put(jnp.zeros(shape, dtype), device)
-    return jax.device_put(jax.ffi.ffi_call("corejax_lazy_zeros", jax.ShapeDtypeStruct(shape, dtype))(), device)
+        return jax.device_put(jnp.zeros(shape, dtype), place)
+    return jax.device_put(jax.ffi.ffi_call("corejax_lazy_zeros", jax.ShapeDtypeStruct(shape, dtype))(), place)
 
 
-def _ones(shape: tuple[int, ...]) -> jax.Array:
-    return jax.device_put(jnp.ones(shape, jnp.float32), jax.local_devices()[0])
+def _ones(shape: tuple[int, ...], place: Any = None) -> jax.Array:
+    return jax.device_put(jnp.ones(shape, jnp.float32), place or jax.local_devices()[0])
 
 
 @struct.dataclass
@@ -131,7 +135,10 @@ class PagedKVCache:
     lengths: jax.Array
 
     @classmethod
-    def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str = "float32") -> PagedKVCache:
+    def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, kv_dtype: str = "float32",
+               sharding: Any = None) -> PagedKVCache:
+        """An empty pool; `sharding` (a NamedSharding of [L, K, P, page_size, H]) places it over several devices
+        (corejax/sharding.py), the scales with the same split."""
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"{kv_dtype=} must be one of {KV_DTYPES}")
         h = cfg.head_dim // 2 if kv_dtype == "int4" else cfg.head_dim
@@ -141,9 +148,10 @@ class PagedKVCache:
         # SmolLM2 decoded at 1.4 tok/s); an integer array updates in place. The kernels read the bits as bfloat16.
         dtype = {"float32": jnp.float32, "bf16": jnp.uint16, "int8": jnp.int8, "int4": jnp.uint8}[kv_dtype]
         quantized = kv_dtype in ("int8", "int4")
-        return cls(k_pages=_zeros(shape, dtype), v_pages=_zeros(shape, dtype),
-                   k_scales=_ones(shape[:-1]) if quantized else None,
-                   v_scales=_ones(shape[:-1]) if quantized else None,
+        scale_place = None if sharding is None else NamedSharding(sharding.mesh, P(*sharding.spec[:4]))
+        return cls(k_pages=_zeros(shape, dtype, sharding), v_pages=_zeros(shape, dtype, sharding),
+                   k_scales=_ones(shape[:-1], scale_place) if quantized else None,
+                   v_scales=_ones(shape[:-1], scale_place) if quantized else None,
                    page_table=jnp.zeros((1, 1), jnp.int32), lengths=jnp.zeros((1,), jnp.int32))
 
     @property

@@ -1,5 +1,6 @@
-"""Frozen configs with no JAX in them: ModelConfig (a jit static, read from GGUF or HF metadata) and the
-user-facing SamplingParams (validated here, so the parent process can check a request without JAX)."""
+"""Frozen configs with no JAX in them: ModelConfig and EncoderConfig (jit statics, read from GGUF or HF
+metadata) and EngineConfig (the KV pool and prefill chunking). Per-request options (SamplingParams,
+SpeculativeConfig) live in corejax/options.py."""
 
 from __future__ import annotations
 
@@ -12,13 +13,6 @@ from corejax.errors import (
     InvalidParameterError,
     ModelFormatError,
     UnsupportedModelError,
-)
-from corejax.options import (  # noqa: F401 - re-exported: the request options live in corejax/options.py
-    GREEDY_EPS,
-    MAX_LOGPROBS,
-    SPECULATIVE_METHODS,
-    SamplingParams,
-    SpeculativeConfig,
 )
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
@@ -227,7 +221,8 @@ class EngineConfig:
     prefill_chunk: prompts run through the model in chunks of at most this many tokens, so attention's
     working set stays bounded however long the prompt.
     prefix_cache: reuse the KV pages of earlier prompts that start the same way (off: every prompt is
-    computed in full — for measuring prefill)."""
+    computed in full — for measuring prefill).
+    devices: split the model over this many devices, tensor-parallel (corejax/sharding.py); 1 = one device."""
 
     page_size: int = 16
     kv_dtype: str = "float32"
@@ -235,13 +230,14 @@ class EngineConfig:
     kv_cache_max_bytes: int = 1 << 30
     prefill_chunk: int = 512
     prefix_cache: bool = True
+    devices: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix_cache, bool):
             raise InvalidParameterError(f"prefix_cache must be True or False; got {self.prefix_cache!r}")
         if self.kv_dtype not in ("float32", "bf16", "int8", "int4"):
             raise InvalidParameterError(f"kv_dtype must be float32, bf16, int8 or int4; got {self.kv_dtype!r}")
-        for name in ("page_size", "prefill_chunk", "kv_cache_max_bytes"):
+        for name in ("page_size", "prefill_chunk", "kv_cache_max_bytes", "devices"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InvalidParameterError(f"{name} must be a positive integer; got {value!r}")

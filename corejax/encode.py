@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from corejax.config import EncoderConfig
-from corejax.batch import bucket
+from corejax.batch import bucket, padded
 from corejax.engine import Programs
 from corejax.errors import InvalidParameterError, UnsupportedModelError
 
@@ -57,11 +57,7 @@ class Encoder:
         for start in range(0, len(order), MAX_BATCH):
             rows = order[start:start + MAX_BATCH]
             t = min(bucket(max(len(ids[i]) for i in rows), MIN_LENGTH_BUCKET), self.cfg.max_context)
-            tokens = np.zeros((bucket(len(rows), 1), t), np.int32)
-            lengths = np.ones(tokens.shape[0], np.int32)  # padding rows: one token, discarded
-            for r, i in enumerate(rows):
-                tokens[r, :len(ids[i])] = ids[i]
-                lengths[r] = len(ids[i])
+            tokens, lengths = padded([ids[i] for i in rows], t, pad_length=1)  # padding rows: 1 token, discarded
             # Dispatch every batch before reading any back, so the host work overlaps the device's.
             out = self.programs.encode(self.params, tokens, lengths, cfg=self.cfg, output=output,
                                        normalize=normalize, head=head, scores=scores)

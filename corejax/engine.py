@@ -23,8 +23,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
-from corejax import models
+from corejax import models, sharding
 from corejax.models import bert
 from corejax.models.stack import stack_layers
 from corejax.cache import DenseKVCache, PagedKVCache
@@ -193,9 +194,15 @@ class Engine:
         self.params = stack_layers(params)
         self.engine_cfg = engine_cfg or EngineConfig()
         ec = self.engine_cfg
+        kv_place = None
+        self.mesh = None
+        if ec.devices > 1:  # tensor-parallel: the same programs, partitioned by XLA (corejax/sharding.py)
+            self.mesh = sharding.make_mesh(ec.devices)
+            self.params = sharding.shard_decoder(self.params, cfg, self.mesh)
+            kv_place = NamedSharding(self.mesh, sharding.kv_spec(cfg, ec.devices))
         num_pages = ec.num_pages(cfg)
         self.allocator = PageAllocator(num_pages, ec.page_size)
-        self.cache = PagedKVCache.create(cfg, num_pages, ec.page_size, ec.kv_dtype)
+        self.cache = PagedKVCache.create(cfg, num_pages, ec.page_size, ec.kv_dtype, kv_place)
         self.programs = Programs()
 
     @property

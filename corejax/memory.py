@@ -28,34 +28,22 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 
-# Resident memory of a worker before it reads the model, measured on the 2-core x86 machine this was built on
-# (jax 0.10.2, CPU): the interpreter 13 MiB, numpy + jax/jaxlib imported 154 MiB, the CPU client and a
-# first compiled program 204 MiB, corejax's modules 216 MiB (RssAnon 87 MiB + RssFile 127 MiB: mostly
-# jaxlib's shared library). Rounded up for the sandbox's own modules.
+# What a worker holds besides weights and KV, each constant rounded up from measurements on the 2-core machines
+# this was built on (docs/ARCHITECTURE.md, "Memory model", has the figures and how they were taken):
+# RUNTIME_BASELINE: the interpreter, numpy, jax/jaxlib and corejax's modules before a model is read.
 RUNTIME_BASELINE = 240 << 20
-
-# XLA:CPU keeps every compiled program resident. A decoder's programs run one compiled layer in a loop
-# (models/stack.py), so a program's code no longer grows with the layer count. Measured RSS growth in-process
-# (AVX-512 machine, jax 0.10.2, native kernels), over requests of 4, 40 and 200 words, each building programs:
-#   SmolLM2-135M (30 layers)  first request (the compiler's first use, 2 programs) +164 MiB, then +10/+36 MiB
-#   Gemma 3 270M (18 layers)  first request +178 MiB, then +28/+24 MiB
-# (the unrolled programs before: +218-287 MiB, then +20-170 MiB per request for SmolLM2). So: COMPILER_BASELINE
-# plus PROGRAM_BYTES per program, PROGRAMS_RESERVED of them. Encoders (models/bert.py) are still unrolled:
-# PROGRAM_BYTES_PER_LAYER per layer per program. A workload with many more programs grows past the
-# reservation, and the parent's RSS check is what stops it.
+# XLA:CPU keeps every compiled program resident: the compiler's first use, then each program (one compiled
+# layer run in a loop for decoders; encoders are still unrolled, so per layer), PROGRAMS_RESERVED of them. A
+# workload with many more programs grows past the reservation, and the parent's RSS check is what stops it.
 COMPILER_BASELINE = 144 << 20
 PROGRAM_BYTES = 24 << 20
 PROGRAM_BYTES_PER_LAYER = 4 << 20
 PROGRAM_BYTES_MIN = 16 << 20
 PROGRAMS_RESERVED = 8
-# Kept-quantized weights (QuantArray) without the native kernel compile to bigger programs: each matmul carries
-# its dequantize loop.
-# Gemma 3 270M native in the sandbox, prompts of 4/20/60/120/250/500/1000 tokens: resident +321/437/535/640/
-# 833/1035/1037 MiB, peak +1349 MiB while compiling (f32 weights, same prompts: +730 MiB at most).
+# Kept-quantized weights without the native kernel compile to bigger programs (each matmul carries its
+# dequantize loop).
 QUANT_PROGRAM_FACTOR = 2.25
-
-# The tokenizer's tables (token strings, HF tokenizers' BPE vocabulary and merges) and the GGUF metadata they
-# came from, per vocabulary entry: measured 148 MiB for Gemma 3's 262144 tokens, 29 MiB for SmolLM2's 49152.
+# The tokenizer's tables and the GGUF metadata they came from, per vocabulary entry.
 TOKENIZER_BYTES_PER_TOKEN = 640
 
 # Fewest KV tokens a pool sized from the budget may hold: less than this serves no useful request.

@@ -142,6 +142,18 @@ def _normalise_stop(stop: Any) -> tuple[str, ...]:
 
 
 
+def check_prompt(prompt: Any, messages: Any) -> None:
+    """The one check of a request's text: exactly one of a prompt string or a list of chat message dicts
+    (the Session checks before sending, the Runtime again in the worker, with the same sentences)."""
+    if (prompt is None) == (messages is None):
+        raise InvalidParameterError("give exactly one of prompt (a string) or messages (a list of dicts)")
+    if messages is not None and (isinstance(messages, (str, bytes)) or not isinstance(messages, (list, tuple))
+                                 or not all(isinstance(m, dict) for m in messages)):
+        raise InvalidParameterError("messages must be a list of dicts like {'role': 'user', 'content': 'Hi'}")
+    if prompt is not None and not isinstance(prompt, str):
+        raise InvalidParameterError(f"prompt must be a string; got {type(prompt).__name__}")
+
+
 SPECULATIVE_METHODS = ("ngram", "draft")
 
 

@@ -23,7 +23,9 @@ from corejax.errors import InvalidParameterError, UnsupportedModelError
 from corejax.loading.hf_gguf import SourceTensor
 
 QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1")
-_ALIASES = {"int8": "Q8_0", "q8_0": "Q8_0", "int4": "Q4_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+# "int8"/"int4" mean what weights="int8"/"int4" mean when a model loads (corejax/quant.py): Q8_0, and 4-bit
+# codes with a scale and a minimum per 32 weights, which is Q4_1.
+_ALIASES = {"int8": "Q8_0", "q8_0": "Q8_0", "int4": "Q4_1", "q4_0": "Q4_0", "q4_1": "Q4_1"}
 QK = 32  # values per block
 _BYTES_PER_BLOCK = {"Q8_0": 2 + QK, "Q4_0": 2 + QK // 2, "Q4_1": 4 + QK // 2}
 _FILE_TYPE = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
@@ -90,11 +92,11 @@ def quantize_tensor(w: np.ndarray, qtype: str) -> np.ndarray:
 
 
 def normalize_type(qtype: str) -> str:
-    """"Q8_0" | "Q4_0" | "Q4_1", also from "int8" (Q8_0) and "int4" (Q4_0), any case."""
+    """"Q8_0" | "Q4_0" | "Q4_1", also from "int8" (Q8_0) and "int4" (Q4_1), any case."""
     name = _ALIASES.get(str(qtype).lower(), str(qtype).upper())
     if name not in QUANT_TYPES:
         raise InvalidParameterError(
-            f"quantization type must be one of {', '.join(QUANT_TYPES)} (or int8 = Q8_0, int4 = Q4_0); got {qtype!r}")
+            f"quantization type must be one of {', '.join(QUANT_TYPES)} (or int8 = Q8_0, int4 = Q4_1); got {qtype!r}")
     return name
 
 
@@ -284,7 +286,7 @@ def add_parser(sub: Any) -> None:
                                   "or a registry name")
     p.add_argument("output", help="the .gguf file to write")
     p.add_argument("-t", "--type", default="Q8_0",
-                   help="Q8_0 (int8, default), Q4_0 (int4) or Q4_1 (int4 with block minimums)")
+                   help="Q8_0 (int8, default), Q4_0 (symmetric 4-bit) or Q4_1 (int4: 4-bit with block minimums)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_quantize)
 

@@ -12,7 +12,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from corejax.sampling import SamplingParams, request_key
+from corejax.sampling import request_key
+from corejax.options import SamplingParams
 from corejax.speculative import AdaptiveK, SpeculativeConfig
 
 

@@ -17,6 +17,7 @@ from corejax import memory
 from corejax.config import EncoderConfig, EngineConfig, ModelConfig
 from corejax.engine import Engine
 from corejax.errors import InvalidParameterError, UnsupportedModelError
+from corejax.options import check_prompt
 from corejax.filter import FINISH_REASON as FILTERED
 from corejax.filter import Blocklist
 from corejax.hostmem import trim_heap
@@ -33,7 +34,7 @@ from corejax.models.stack import stack_layers
 from corejax.paths import cache_dir
 from corejax.requests import StepTimes
 from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
-from corejax.sampling import SamplingParams
+from corejax.options import SamplingParams
 from corejax.scheduler import Scheduler
 from corejax.speculative import DraftModelProposer, SpeculativeConfig
 from corejax.stopping import StopMatcher
@@ -100,7 +101,7 @@ class Runtime:
     def __init__(self, source: ModelSource, *, weights: str | None = None,
                  engine: EngineConfig | None = None, progress: bool | Callable[[str, int, int], None] = True,
                  memory_limit: int | str | None = None, output_filter: Blocklist | None = None):
-        native = ffi.ensure()  # the native CPU kernels (kernels/*.cc), when they can be built and loaded
+        native = ffi.ensure() and ffi.available()  # the native CPU kernels (kernels/*.cc): one-device processes
         enable_compilation_cache()
         self.source = source
         self.output_filter = output_filter  # checked on every generation's text (corejax/filter.py)
@@ -164,7 +165,7 @@ class Runtime:
 
     def matcher(self, constraint: Constraint | None) -> Matcher | None:
         """A request's grammar state over this model's vocabulary (corejax/structured.py); the vocabulary is
-        read once, on the first constrained request (0.2 s for SmolLM2's 49k tokens, 1.2 s for Gemma's 262k)."""
+        read once, on the first constrained request (about a second for a 262k-token vocabulary)."""
         if constraint is None:
             return None
         with self._grammar_lock:
@@ -173,17 +174,11 @@ class Runtime:
         return self._grammar_vocab.matcher(constraint)
 
     def prompt_ids(self, prompt: str | None, messages: Sequence[dict] | None) -> list[int]:
-        if (prompt is None) == (messages is None):
-            raise InvalidParameterError("give exactly one of prompt (a string) or messages (a list of dicts)")
+        check_prompt(prompt, messages)
         if messages is not None:
-            if isinstance(messages, (str, bytes)) or not all(isinstance(m, dict) for m in messages):
-                raise InvalidParameterError(
-                    "messages must be a list of dicts like {'role': 'user', 'content': 'Hi'}")
             text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
             # The template writes BOS itself where the model wants it (HF tokenizes templates the same way).
             return self.tokenizer.encode(text, add_special=False)
-        if not isinstance(prompt, str):
-            raise InvalidParameterError(f"prompt must be a string; got {type(prompt).__name__}")
         return self.tokenizer.encode(prompt, add_special=True)
 
     @property

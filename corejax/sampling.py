@@ -62,7 +62,7 @@ from flax import struct
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-from corejax.config import GREEDY_EPS, MAX_LOGPROBS, SamplingParams  # noqa: F401 - SamplingParams re-exported
+from corejax.options import GREEDY_EPS, MAX_LOGPROBS, SamplingParams
 from corejax.errors import InvalidParameterError
 
 def request_key(seed: int | None) -> np.ndarray:
@@ -303,8 +303,11 @@ def _argmax(x: jax.Array) -> jax.Array:
 def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """lax.top_k behind an optimization barrier: XLA lowers top_k to sort+slice and only turns that back
     into its fast TopK when the sort has a single slice user; a later vals[:, :1] folded into a second
-    slice made it sort the whole vocabulary (20 ms instead of 0.3 ms at V=49152 on CPU)."""
-    return lax.optimization_barrier(lax.top_k(x, k))
+    slice made it sort the whole vocabulary (20 ms instead of 0.3 ms at V=49152 on CPU). One barrier per
+    output, not one over the pair: XLA's SPMD partitioner (a model sharded over devices) fails on a barrier of
+    a tuple."""
+    vals, ids = lax.top_k(x, k)
+    return lax.optimization_barrier(vals), lax.optimization_barrier(ids)
 
 
 def _sample_rows(logits: jax.Array, t: SamplingTensors,

@@ -35,7 +35,8 @@ from corejax.batch import MIN_PREFILL_BUCKET, StepBatch, prefill_parts, table_wi
 from corejax.engine import Engine
 from corejax.errors import CacheFullError
 from corejax.requests import DONE, Request
-from corejax.sampling import SamplingBatch, SamplingParams
+from corejax.sampling import SamplingBatch
+from corejax.options import SamplingParams
 from corejax.speculative import Proposer, Speculation, SpeculativeConfig
 from corejax.structured import FINISH_UNSATISFIABLE, step_masks, trim_drafts
 

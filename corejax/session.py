@@ -12,14 +12,16 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 from corejax import hub, native
-from corejax.config import WEIGHT_MODES, EngineConfig, SamplingParams, SpeculativeConfig
+from corejax.config import WEIGHT_MODES, EngineConfig
+from corejax.options import SamplingParams, SpeculativeConfig
 from corejax.errors import CorejaxError, InvalidParameterError, RequestTimeout, WorkerCrashed
 from corejax.filter import Blocklist
+from corejax.options import check_prompt
 from corejax.results import Chunk, Classification, GenerationResult
 from corejax.sandbox import protocol
 from corejax.sandbox.client import WorkerClient, worker_error
 from corejax.sandbox.processes import thread_status
-from corejax.sandbox.protocol import Kind
+from corejax.sandbox.protocol import Ended, Kind
 
 _DEFAULT = object()  # speculative= not given: the Session's default applies
 _RETRIES = 2  # a request that had not started is re-sent to this many fresh workers before it fails
@@ -93,6 +95,8 @@ class Session:
         (float16 matrices, computed in float32: the default elsewhere the native kernels build); "f32" is exact.
     output_filter: a corejax.Blocklist checked on the generated text in the worker (after NFC normalisation
         and case folding); a hit ends the generation before the match with finish_reason "content_filter".
+    devices: split the model tensor-parallel over this many devices (GPUs, or host devices forced with
+        XLA_FLAGS=--xla_force_host_platform_device_count=N on a CPU; corejax/sharding.py); float weights.
     Thread-safe and concurrent: requests from several threads or asyncio tasks run batched together in the
     worker (continuous batching), each streaming its own tokens.
     """
@@ -104,7 +108,7 @@ class Session:
                  kv_cache_tokens: int | None = None, prefix_cache: bool = True, progress: bool = True,
                  speculative: Any = None, warmup: bool = False,
                  start_timeout: float = 600.0, sandbox_require: Mapping[str, bool] | None = None,
-                 output_filter: Blocklist | None = None, _pythonpath: Sequence[str] = ()):
+                 output_filter: Blocklist | None = None, devices: int = 1, _pythonpath: Sequence[str] = ()):
         if memory_limit is not None:
             from corejax.memory import parse_size
 
@@ -115,7 +119,8 @@ class Session:
             raise InvalidParameterError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {weights!r}")
         self._require = _sandbox_require(sandbox_require)
         # Validated here, in the parent, before a worker starts.
-        engine = EngineConfig(kv_dtype=kv_dtype, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
+        engine = EngineConfig(kv_dtype=kv_dtype, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache,
+                              devices=devices)
         if output_filter is not None and not isinstance(output_filter, Blocklist):
             raise InvalidParameterError("output_filter must be a corejax.Blocklist, e.g. Blocklist(['word']); "
                                         f"got {type(output_filter).__name__}")
@@ -175,30 +180,29 @@ class Session:
             raise AttributeError("a sandboxed Session has no Runtime in this process; use sandbox=False")
         return self._current_client().runtime
 
-    def _frames(self, kind: Kind, payload: dict, cancel: _Cancel | None = None) -> Iterator[protocol.Frame]:
+    def _frames(self, msg: Any, cancel: _Cancel | None = None) -> Iterator[protocol.Frame]:
         """Reply frames of one request, to its RESULT; restarts the worker and re-sends a request not begun.
         cancel: another thread may call it to stop the request at once; the frames then just end."""
         for attempt in range(_RETRIES + 1):
             client = self._current_client()
-            req = client.submit(kind, payload)
+            req = client.submit(msg.KIND, msg.to_wire())
             done = False
             if cancel is not None:
                 cancel.track(client, req)
             try:
                 while True:
                     event = client.wait(req)
-                    if isinstance(event, tuple):
-                        what, message = event
-                        if what == "cancelled":
+                    if isinstance(event, protocol.Terminal):
+                        if event.ended == Ended.CANCELLED:
                             done = True
                             return
-                        if what == "retry" and attempt < _RETRIES:
+                        if event.ended == Ended.RETRY and attempt < _RETRIES:
                             break
                         done = True
-                        if what == "timeout":
-                            raise RequestTimeout(f"the request did not finish within {self.timeout:g} s ({message}); "
-                                                 "a new worker starts for the next call.")
-                        raise WorkerCrashed(f"the request failed because {message}; a new worker starts for the next "
+                        if event.ended == Ended.TIMEOUT:
+                            raise RequestTimeout(f"the request did not finish within {self.timeout:g} s "
+                                                 f"({event.message}); a new worker starts for the next call.")
+                        raise WorkerCrashed(f"the request failed because {event.message}; a new worker starts for the next "
                                             "call. If this repeats, the model file may be corrupt or hostile, or the "
                                             "memory_limit too low.")
                     if event.kind == Kind.STARTED:
@@ -216,10 +220,11 @@ class Session:
                     client.forget(req)
         raise AssertionError("unreachable")
 
-    def _call(self, kind: Kind, payload: dict | None = None) -> dict:
-        for frame in self._frames(kind, payload or {}):
+    def _call(self, msg: Any) -> Any:
+        """Sends one typed request (corejax/sandbox/protocol.py) and returns its typed result."""
+        for frame in self._frames(msg):
             if frame.kind == Kind.RESULT:
-                return frame.payload
+                return protocol.read_result(msg.KIND, frame.payload)
         raise WorkerCrashed("the worker ended a request without a result")
 
     # --- generation ----------------------------------------------------------------------------------------
@@ -244,27 +249,20 @@ class Session:
         return self._chunks(self._generation(prompt, messages, speculative, sampling))
 
     def _generation(self, prompt: str | None, messages: Sequence[dict] | None, speculative: Any,
-                    sampling: dict[str, Any]) -> dict:
-        """A GENERATE request's payload, validated here before it is sent."""
+                    sampling: dict[str, Any]) -> protocol.Generate:
+        """A GENERATE request, validated here before it is sent."""
         sp = SamplingParams.from_kwargs(**sampling)
         spec = self.speculative if speculative is _DEFAULT else self._speculative(speculative)
-        if (prompt is None) == (messages is None):
-            raise InvalidParameterError("give exactly one of prompt (a string) or messages (a list of dicts)")
-        if messages is not None and (isinstance(messages, (str, bytes)) or not all(isinstance(m, dict)
-                                                                                   for m in messages)):
-            raise InvalidParameterError("messages must be a list of dicts like {'role': 'user', 'content': 'Hi'}")
-        if prompt is not None and not isinstance(prompt, str):
-            raise InvalidParameterError(f"prompt must be a string; got {type(prompt).__name__}")
-        payload = {"prompt": prompt, "messages": None if messages is None else [dict(m) for m in messages],
-                   "sampling": protocol.sampling_to_wire(sp), "speculative": spec and spec.to_wire()}
-        return payload
+        check_prompt(prompt, messages)
+        return protocol.Generate(prompt, None if messages is None else [dict(m) for m in messages], sp,
+                                 spec and spec.to_wire())
 
-    def _chunks(self, payload: dict, cancel: _Cancel | None = None) -> Iterator[Chunk]:
-        for frame in self._frames(Kind.GENERATE, payload, cancel):
+    def _chunks(self, msg: protocol.Generate, cancel: _Cancel | None = None) -> Iterator[Chunk]:
+        for frame in self._frames(msg, cancel):
             if frame.kind == Kind.CHUNK:
                 yield protocol.chunk_from_wire(frame.payload)
             else:
-                yield Chunk("", result=protocol.result_from_wire(frame.payload["result"]))
+                yield Chunk("", result=protocol.read_result(Kind.GENERATE, frame.payload).result)
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
                **sampling: Any) -> Iterator[str]:
@@ -285,12 +283,12 @@ class Session:
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise InvalidParameterError(f"text must be a string; got {type(text).__name__}")
-        return [int(i) for i in self._call(Kind.TOKENIZE, {"text": text, "add_special": add_special})["ids"]]
+        return self._call(protocol.Tokenize(text, bool(add_special))).ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
         import numpy as np
 
-        return str(self._call(Kind.DETOKENIZE, {"ids": np.asarray(list(ids), np.int64)})["text"])
+        return self._call(protocol.Detokenize(np.asarray(list(ids), np.int64))).text
 
     # --- encoder tasks -------------------------------------------------------------------------------------
 
@@ -303,8 +301,7 @@ class Session:
         if not isinstance(truncate, bool):
             raise InvalidParameterError(f"truncate must be True or False; got {truncate!r}")
         items = _texts(texts)
-        parts = [np.array(self._call(Kind.EMBED, {"texts": batch, "truncate": truncate})["embeddings"],
-                          np.float32) for batch in _text_batches(items)]
+        parts = [self._call(protocol.Embed(batch, truncate)).embeddings for batch in _text_batches(items)]
         out = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return out[0] if isinstance(texts, str) else out
 
@@ -331,28 +328,26 @@ class Session:
         if head is not None:
             try:
                 w, b = head
-                head = [np.asarray(w, np.float32), np.asarray(b, np.float32)]
+                head = (np.asarray(w, np.float32), np.asarray(b, np.float32))
             except (TypeError, ValueError):
                 raise InvalidParameterError("head must be a pair (W, b) of numeric arrays: W [dim, labels], "
                                             "b [labels]") from None
         results: list[Classification] = []
         for batch in _text_batches(items):
-            reply = self._call(Kind.CLASSIFY, {"texts": batch, "labels": labels, "head": head,
-                                               "multi_label": multi_label, "template": template,
-                                               "truncate": bool(truncate)})
-            names = [str(x) for x in reply["labels"]]
-            for row in np.asarray(reply["scores"], np.float32):
+            reply = self._call(protocol.Classify(batch, labels, head, multi_label, template, bool(truncate)))
+            names = reply.labels
+            for row in reply.scores:
                 best = int(row.argmax())
                 results.append(Classification(names[best], float(row[best]),
                                               {n: float(v) for n, v in zip(names, row)}))
         return results[0] if isinstance(texts, str) else results
 
     def info(self) -> dict[str, Any]:
-        return self._call(Kind.INFO)["info"]
+        return self._call(protocol.Empty(Kind.INFO)).info
 
     def ping(self) -> None:
         """The empty request: a round trip through the worker's request loop (the benchmark measures it)."""
-        self._call(Kind.PING)
+        self._call(protocol.Empty(Kind.PING))
 
     def sandbox_report(self) -> dict[str, Any]:
         """Each layer of the worker's policy and whether it is engaged, plus the per-thread kernel state
@@ -469,7 +464,7 @@ class _Cancel:
     @staticmethod
     def _stop(client: WorkerClient, req: Any) -> None:
         client.forget(req)
-        req.events.put(("cancelled", "the caller cancelled the request"))
+        req.events.put(protocol.Terminal(Ended.CANCELLED, "the caller cancelled the request"))
 
 
 def _close_client(holder: list) -> None:

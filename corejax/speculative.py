@@ -34,9 +34,10 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from corejax.batch import MIN_PREFILL_BUCKET, StepBatch, bucket, table_width
-from corejax.config import SpeculativeConfig
+from corejax.options import SpeculativeConfig
 from corejax.errors import CacheFullError, CorejaxError
-from corejax.sampling import SamplingBatch, SamplingParams
+from corejax.sampling import SamplingBatch
+from corejax.options import SamplingParams
 
 # What a verify over T = k + 1 positions costs, in plain decode steps, until the scheduler has timed its own
 # steps (it then uses its measurements, `Scheduler._relative_cost`). Measured with SmolLM2 (B = 1, f32) on

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from corejax.batch import MIN_PREFILL_BUCKET, bucket
+from corejax.batch import MIN_PREFILL_BUCKET, bucket, padded
 from corejax.errors import ContextLengthError, InvalidParameterError
 
 _PRIORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {(labels, template): prior [L]}
@@ -67,9 +67,7 @@ def _label_logliks(engine: Any, tokenizer: Any, text: str, labels: Sequence[str]
         raise ContextLengthError(f"text {i} with the prompt is {longest} tokens but the model's context is "
                                  f"{cfg.max_context}; shorten the text")
     t = bucket(longest, MIN_PREFILL_BUCKET)
-    tokens = np.zeros((bucket(len(labels), 1), t), np.int32)
-    for r, a in enumerate(answers):
-        tokens[r, :len(prompt) + len(a)] = prompt + a
+    tokens, _ = padded([prompt + a for a in answers], t)
     logp = np.asarray(engine.programs.token_logprobs(engine.params, tokens, cfg=cfg))  # [B, T-1]
     # The answer's tokens sit at positions len(prompt)..; each is predicted by the position before it.
     return np.array([logp[r, len(prompt) - 1:len(prompt) - 1 + len(a)].sum() for r, a in enumerate(answers)])

@@ -1,7 +1,7 @@
 """Attention and matmul kernels, shipped as ``corejax.kernels``: one op per file."""
 
 from corejax.kernels.flash_attention import flash_attention, flash_attention_reference
-from corejax.kernels.kv_quant import KV_DTYPES, dequantize_kv, kv_format, quantize_kv
+from corejax.kernels.kv_quant import KV_FORMATS, dequantize_kv, kv_format, quantize_kv
 from corejax.kernels.paged_attention import (
     gather_pages,
     paged_attention,
@@ -9,7 +9,7 @@ from corejax.kernels.paged_attention import (
 )
 
 __all__ = [
-    "KV_DTYPES",
+    "KV_FORMATS",
     "dequantize_kv",
     "flash_attention",
     "flash_attention_reference",

@@ -68,7 +68,9 @@ def library_key() -> str:
 
 
 def available() -> bool:
-    return bool(_loaded) and jax.default_backend() == "cpu"
+    """The library is loaded and serves this process: a CPU backend with one device (the kernels are
+    single-device custom calls; a model sharded over devices runs XLA's own ops, corejax/sharding.py)."""
+    return bool(_loaded) and jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 def isa() -> str:

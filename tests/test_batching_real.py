@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from corejax.config import EngineConfig, SamplingParams, SpeculativeConfig
+from corejax.config import EngineConfig
+from corejax.options import SamplingParams, SpeculativeConfig
 from corejax.engine import Engine
 from corejax.hub import ModelSource
 from corejax.runtime import Runtime

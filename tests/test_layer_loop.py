@@ -226,7 +226,7 @@ def test_programs_per_workload(tmp_path):
     from corejax.engine import programs_built
     from corejax.hub import ModelSource
     from corejax.runtime import Runtime
-    from corejax.sampling import SamplingParams
+    from corejax.options import SamplingParams
     from tiny_model import write_tiny_llama
 
     rt = Runtime(ModelSource("tiny", "gguf", write_tiny_llama(tmp_path / "t.gguf", layers=6)), progress=False)

@@ -8,12 +8,15 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from corejax import CacheFullError, models
 from corejax.cache import DenseKVCache
-from corejax.config import EngineConfig, SamplingParams
+from corejax.config import EngineConfig
+from corejax.options import SamplingParams
 from corejax.hub import ModelSource
+from corejax.kernels import dequantize_kv
 from corejax.runtime import Runtime
 from tiny_model import write_tiny_llama
 
@@ -79,12 +82,33 @@ def test_pool_too_small_is_a_clear_error(tiny_path):
     assert run(rt, "the cat", max_tokens=4, **GREEDY).finish_reason == "length"  # nothing leaked
 
 
+def _layer0_pages(cache) -> tuple[np.ndarray, np.ndarray | None]:
+    """Layer 0's keys as float32 [kv heads, pages, page size, head dim], and its scales' bound on the
+    rounding error (half a quantization step) for int8/int4 pages."""
+    k = np.asarray(cache.k_pages[0])
+    if cache.k_scales is None:
+        if k.dtype == np.uint16:  # bf16 bits
+            return (k.astype(np.uint32) << 16).view(np.float32), None
+        return k, None
+    deq = np.asarray(dequantize_kv(cache.k_pages[0], cache.k_scales[0]))
+    return deq, np.asarray(cache.k_scales[0])[..., None] / 2
+
+
 @pytest.mark.parametrize("kv_dtype,ratio", [("bf16", 2), ("int8", 3), ("int4", 5)])
-def test_quantized_kv_pools_are_smaller_and_generate(tiny_path, kv_dtype, ratio):
+def test_quantized_kv_pools_are_smaller_and_hold_the_same_keys(tiny_path, kv_dtype, ratio):
     f32 = Runtime(ModelSource("tiny", "gguf", tiny_path), progress=False)
     rt = Runtime(ModelSource("tiny", "gguf", tiny_path), progress=False, engine=EngineConfig(kv_dtype=kv_dtype))
     assert rt.engine.kv_cache_bytes * ratio <= f32.engine.kv_cache_bytes * 1.3
-    r = run(rt, STORY, max_tokens=12, **GREEDY)
+    run(f32, STORY, max_tokens=1, **GREEDY)  # the prompt's keys only (the first token comes from the prefill)
+    run(rt, STORY, max_tokens=1, **GREEDY)
+    # Layer 0's keys of the prompt depend on the tokens alone, so the quantized pool holds the float pool's
+    # keys up to its rounding: half a step per value for int8/int4, bfloat16's relative 2^-8 for bf16.
+    exact, _ = _layer0_pages(f32.engine.cache)
+    got, half_step = _layer0_pages(rt.engine.cache)
+    assert np.abs(exact).max() > 0
+    bound = np.abs(exact) * 2.0 ** -8 if half_step is None else half_step * 1.001
+    assert (np.abs(got - exact) <= bound + 1e-6).all(), np.abs(got - exact).max()
+    r = run(rt, STORY + " and on", max_tokens=12, **GREEDY)
     assert len(r.tokens) == 12 and all(0 <= t < rt.model.cfg.vocab_size for t in r.tokens)
 
 

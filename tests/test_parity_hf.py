@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from corejax import models  # noqa: E402
 from corejax.cache import DenseKVCache  # noqa: E402
-from corejax.config import SamplingParams  # noqa: E402
+from corejax.options import SamplingParams
 from corejax.hub import ModelSource  # noqa: E402
 from corejax.runtime import Runtime  # noqa: E402
 

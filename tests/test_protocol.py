@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corejax.config import SamplingParams
+from corejax.options import SamplingParams
 from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
 from corejax.sandbox import protocol as p
 from corejax.sandbox.protocol import HEADER, MAGIC, VERSION, Connection, Kind, ProtocolError
@@ -68,6 +68,48 @@ def test_typed_payloads_round_trip():
 
 def _header(magic=MAGIC, version=VERSION, kind=Kind.PING, rid=1, length=0) -> bytes:
     return HEADER.pack(magic, version, kind, 0, rid, length)
+
+
+REQUESTS = [
+    p.Generate("hi", None, SamplingParams.from_kwargs(temperature=0.0, regex="[0-9]+"), {"method": "ngram", "k": 2}),
+    p.Generate(None, [{"role": "user", "content": "hi"}], SamplingParams()),
+    p.Tokenize("héllo", False), p.Embed(["a", "b"], False),
+    p.Classify(["x"], ["pos", "neg"], (np.ones((3, 2), np.float32), np.zeros(2, np.float32)), True, None, True),
+    p.RunTest("os:getpid", [1, "a"]),
+]
+
+
+@pytest.mark.parametrize("msg", REQUESTS, ids=lambda m: type(m).__name__)
+def test_each_request_kind_has_one_codec_and_round_trips(msg):
+    frame = p.decode(p.encode(msg.KIND, 7, msg.to_wire()))
+    got = p.read_request(frame)
+    assert type(got) is type(msg)
+    if isinstance(msg, p.Classify):
+        assert got.texts == msg.texts and got.labels == msg.labels and np.array_equal(got.head[0], msg.head[0])
+    else:
+        assert got == msg
+    ids = p.read_request(p.decode(p.encode(Kind.DETOKENIZE, 1, p.Detokenize(np.arange(5)).to_wire())))
+    assert ids.ids.tolist() == list(range(5))
+    assert p.read_request(p.decode(p.encode(Kind.INFO, 1, {}))) == p.Empty(Kind.INFO)
+
+
+@pytest.mark.parametrize("kind, payload", [
+    (Kind.TOKENIZE, {"text": 5}), (Kind.GENERATE, {"prompt": "x"}), (Kind.EMBED, {"texts": "abc"}),
+    (Kind.CLASSIFY, {"texts": ["a"], "head": [1]}),
+])
+def test_malformed_requests_are_protocol_errors(kind, payload):
+    with pytest.raises(ProtocolError, match=kind.name):
+        p.read_request(p.decode(p.encode(kind, 1, payload)))
+
+
+@pytest.mark.parametrize("kind, result", [
+    (Kind.TOKENIZE, p.Tokens([1, 2, 3])), (Kind.DETOKENIZE, p.Text("abc")), (Kind.INFO, p.Info({"a": 1})),
+    (Kind.RUN_TEST, p.Value([1, 2])),
+])
+def test_results_round_trip_and_reject_the_wrong_shape(kind, result):
+    assert p.read_result(kind, p.decode(p.encode(Kind.RESULT, 1, result.to_wire())).payload) == result
+    with pytest.raises(ProtocolError, match="result"):
+        p.read_result(kind, {"unexpected": True} if kind != Kind.RUN_TEST else [])
 
 
 @pytest.mark.parametrize("frame, match", [

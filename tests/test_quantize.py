@@ -149,7 +149,7 @@ def test_cli(tiny_f32, tmp_path, capsys):
     from corejax.cli import main
 
     assert main(["quantize", str(tiny_f32), str(tmp_path / "c.gguf"), "-t", "int4", "-q"]) == 0
-    assert "as Q4_0" in capsys.readouterr().out
+    assert "as Q4_1" in capsys.readouterr().out  # int4 means Q4_1 here as in weights="int4"
     assert main(["quantize", str(tiny_f32), str(tmp_path / "d.gguf"), "-t", "Q2"]) == 1
     assert "Q8_0, Q4_0, Q4_1" in capsys.readouterr().err
 

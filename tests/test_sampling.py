@@ -13,18 +13,8 @@ import numpy as np
 import pytest
 
 from corejax.errors import InvalidParameterError
-from corejax.sampling import (
-    MAX_LOGPROBS,
-    PenaltyState,
-    SamplingParams,
-    SamplingTensors,
-    apply_penalties,
-    penalty_state,
-    request_key,
-    request_keys,
-    sample,
-    update_penalty_state,
-)
+from corejax.sampling import PenaltyState, SamplingTensors, apply_penalties, penalty_state, request_key, request_keys, sample, update_penalty_state
+from corejax.options import MAX_LOGPROBS, SamplingParams
 
 jsample = jax.jit(sample)
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import corejax
 from corejax.engine import programs_built
-from corejax.config import EngineConfig, SamplingParams
+from corejax.config import EngineConfig
+from corejax.options import SamplingParams
 from corejax.errors import CacheFullError
 from corejax.hub import ModelSource
 from corejax.runtime import Runtime

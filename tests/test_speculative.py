@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import corejax
-from corejax.config import EngineConfig, SamplingParams, SpeculativeConfig
+from corejax.config import EngineConfig
+from corejax.options import SamplingParams, SpeculativeConfig
 from corejax.engine import Engine, full_logits
 from corejax.errors import InvalidParameterError
 from corejax.hub import ModelSource

@@ -12,7 +12,8 @@ import jsonschema
 import numpy as np
 import pytest
 
-from corejax.config import EngineConfig, SamplingParams, SpeculativeConfig
+from corejax.config import EngineConfig
+from corejax.options import SamplingParams, SpeculativeConfig
 from corejax.engine import Engine
 from corejax.errors import InvalidParameterError
 from corejax.hub import ModelSource
@@ -215,6 +216,19 @@ def test_random_model_output_conforms(tiny, temperature):
     assert re.fullmatch(r"\([0-9]{1,3}(\+[0-9]{1,3})*\)", r.text) or r.finish_reason == "length", r.text
 
 
+@pytest.mark.parametrize("speculative", [{"method": "ngram", "k": 3, "ngram_min": 1},
+                                         {"method": "draft", "draft_weights": "int8", "k": 3}])
+def test_speculative_constrained_text_is_plain_constrained_text(tiny, speculative):
+    for temperature in (0.0, 0.9):
+        kw = dict(regex="(ab|abc|b){1,6}c", temperature=temperature, seed=2, max_tokens=30)
+        plain = run(tiny, "abab abab", **kw)
+        spec = run(tiny, "abab abab", speculative=speculative, **kw)
+        assert spec.tokens == plain.tokens and re.fullmatch("(ab|abc|b){1,6}c", spec.text), (spec.text, plain.text)
+        # n-gram drafts come from the text itself and fit the grammar; a draft model drafts without the grammar,
+        # and what the grammar rejects is cut before the verify (the text is the same either way).
+        assert spec.timings.draft_tokens > 0 or speculative["method"] == "draft"
+
+
 def test_unsatisfiable_grammar_ends_with_its_reason(tiny):
     last = tiny.model.cfg.vocab_size - 1
     r = run(tiny, "hi", grammar=f"start: <[^0-{last}]>", max_tokens=8)  # no token of the vocabulary is allowed
@@ -310,3 +324,17 @@ def test_real_models_regex_choice_and_speculative(real):
     choice = SamplingParams.from_kwargs(choice=["positive", "negative"], temperature=0.0)
     got = generate_batch(real, [("Review: I loved this film!\nSentiment:", choice)])[0]
     assert real.tokenizer.decode(got).strip() in ("positive", "negative")
+
+
+def test_benchmark_engines_part_runs(smollm2_gguf):
+    """benchmarks/structured.py's teacher-forced engine comparison (xgrammar's row only where it is installed)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "structured_bench", Path(__file__).parent.parent / "benchmarks" / "structured.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.engines_part("smollm2-135m-instruct")
+    assert rows[0]["engine"] == "llguidance" and rows[0]["all_forced_tokens_allowed"]
+    assert rows[0]["steps"] > 100 and rows[0]["mask_us_median"] > 0

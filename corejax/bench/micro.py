@@ -88,7 +88,7 @@ def sampler_cases(vocab_size: int = 49152) -> dict[str, Case]:
     import jax
     import numpy as np
 
-    from corejax.config import SamplingParams
+    from corejax.options import SamplingParams
     from corejax.sampling import SamplingTensors, request_keys, sample
 
     logits = jax.device_put(np.random.default_rng(0).standard_normal((1, vocab_size)).astype(np.float32))

@@ -29,7 +29,7 @@ from typing import Any
 from corejax import errors
 from corejax.sandbox.processes import rss_bytes, spawn
 from corejax.sandbox.programs import copy_programs, folder_bytes, merge_programs, program_cache_dir
-from corejax.sandbox.protocol import Connection, Kind, ProtocolError
+from corejax.sandbox.protocol import Connection, Ended, Kind, ProtocolError, Terminal
 
 # Names the worker may put in an ERROR frame; anything else becomes a SandboxError (never a lookup by name).
 _ERRORS = {cls.__name__: cls for cls in (
@@ -73,8 +73,8 @@ def missing_layers(report: list[dict], require: dict[str, bool] | None) -> list[
 _LEAD = object()  # put in a waiting caller's mailbox: the socket is free, read it (WorkerClient.wait)
 
 
-class Request:
-    """One request's mailbox: reply frames, then possibly a terminal ('crashed' / 'timeout' / 'retry') event."""
+class Mailbox:
+    """One request's mailbox: reply frames, then possibly a protocol.Terminal event (crashed, timeout, retry)."""
 
     def __init__(self, rid: int, kind: Kind, payload: dict):
         self.rid, self.kind, self.payload = rid, kind, payload
@@ -91,8 +91,8 @@ def describe(source: Any, timeout: float = 120.0) -> dict:
         req = client.submit(Kind.DESCRIBE)
         while True:
             event = client.wait(req)
-            if isinstance(event, tuple):
-                raise errors.WorkerCrashed(f"reading the file's header failed: {event[1]}")
+            if isinstance(event, Terminal):
+                raise errors.WorkerCrashed(f"reading the file's header failed: {event.message}")
             if event.kind == Kind.ERROR:
                 raise worker_error(event.payload, " while reading the file's header")
             if event.kind == Kind.RESULT:
@@ -124,10 +124,10 @@ class WorkerClient:
         self._kill_reason: str | None = None
         self._timed_out: int | None = None
         self._lock = threading.Lock()
-        self._pending: dict[int, Request] = {}
+        self._pending: dict[int, Mailbox] = {}
         self._lead_mu = threading.Lock()  # guards _leading and _waiting (WorkerClient.wait)
         self._leading = False  # a caller is reading the socket
-        self._waiting: set[Request] = set()  # callers blocked on their mailbox while another reads
+        self._waiting: set[Mailbox] = set()  # callers blocked on their mailbox while another reads
         self._next_rid = 1
         self._startup: queue.Queue = queue.Queue()
         self._started = False  # the worker said it is ready: frames for id 0 are dropped from then on
@@ -265,13 +265,13 @@ class WorkerClient:
 
     # --- requests -----------------------------------------------------------------------------------------
 
-    def submit(self, kind: Kind, payload: dict | None = None) -> Request:
+    def submit(self, kind: Kind, payload: dict | None = None) -> Mailbox:
         with self._lock:
             rid = self._next_rid
             self._next_rid += 1
-            req = Request(rid, kind, payload or {})
+            req = Mailbox(rid, kind, payload or {})
             if self.dead:
-                req.events.put(("retry", self._death))
+                req.events.put(Terminal(Ended.RETRY, self._death))
                 return req
             self._pending[rid] = req
         try:
@@ -280,7 +280,7 @@ class WorkerClient:
             self._die(f"sending to it failed ({e})")
         return req
 
-    def forget(self, req: Request) -> None:
+    def forget(self, req: Mailbox) -> None:
         """The caller stopped waiting: drop the mailbox and tell the worker to skip or stop the request."""
         with self._lock:
             known = self._pending.pop(req.rid, None) is not None
@@ -290,8 +290,8 @@ class WorkerClient:
             except OSError:
                 pass
 
-    def wait(self, req: Request) -> Any:
-        """req's next event (a frame, or a terminal tuple), reading the socket while no other caller does."""
+    def wait(self, req: Mailbox) -> Any:
+        """req's next event (a frame, or a protocol.Terminal), reading the socket while no other caller does."""
         while True:
             with self._lead_mu:
                 if not req.events.empty():
@@ -330,7 +330,7 @@ class WorkerClient:
             self._waiting.discard(follower)
             follower.events.put(_LEAD)
 
-    def _abandon(self, req: Request) -> None:
+    def _abandon(self, req: Mailbox) -> None:
         """A waiting caller stopped waiting: out of the waiting set; a LEAD handed to it goes to another."""
         with self._lead_mu:
             self._waiting.discard(req)
@@ -486,11 +486,11 @@ class WorkerClient:
         innocent = self._timed_out is not None
         for req in pending.values():
             if req.rid == self._timed_out:
-                req.events.put(("timeout", message))
+                req.events.put(Terminal(Ended.TIMEOUT, message))
             elif req.started_at is None or (innocent and not req.delivered):
-                req.events.put(("retry", message))  # safe to send to the next worker
+                req.events.put(Terminal(Ended.RETRY, message))  # safe to send to the next worker
             else:
-                req.events.put(("crashed", message))
+                req.events.put(Terminal(Ended.CRASHED, message))
         self._startup.put(message)
         self.conn.close()
 

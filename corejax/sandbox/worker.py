@@ -34,18 +34,16 @@ class WorkerLoop:
     """Reads requests and streams replies by request id: generations each on a thread of their own (the
     runtime's scheduler batches them), everything else in arrival order on the reading thread itself.
 
-    Why not a reader thread feeding a queue: handing a frame between two Python threads costs a lock wake-up,
-    ~100 us inside the sandbox (measured), 3% of a sentence embedding. What it gives up: a CANCEL that arrives
-    while a non-generation request runs (an embedding, a zero-shot classification) is read when that request
-    ends; generations keep streaming meanwhile.
+    Why not a reader thread feeding a queue: handing a frame between two Python threads costs a lock wake-up
+    (a few percent of a sentence embedding; docs/ARCHITECTURE.md has the figure). What it gives up: a CANCEL
+    that arrives while a non-generation request runs (an embedding, a zero-shot classification) is read when
+    that request ends; generations keep streaming meanwhile.
 
     poll_s: after answering a request, watch the socket this long (busy: select with a zero timeout) before
-    blocking in recv. A process blocked in recv sleeps, and on this KVM guest waking it is a large part of a
-    small request's round trip: sandboxed empty requests back to back took 118 vs 216 us without the poll (one
-    run, side by side); on sentence embeddings (~4 ms of compute) the two were within noise. Bounded, and only
-    after non-generation requests (tokenize, detokenize, info, embed, classify). The sandboxed worker polls for
-    1 ms; the in-process loop does not (its caller is a thread of the same process: nothing to gain, and the
-    poll would hold the GIL between its syscalls)."""
+    blocking in recv: waking a process asleep in recv is a large part of a small request's round trip on a
+    virtual machine. Bounded, and only after non-generation requests. The sandboxed worker polls for 1 ms; the
+    in-process loop does not (its caller is a thread of the same process: nothing to gain, and the poll would
+    hold the GIL between its syscalls)."""
 
     def __init__(self, conn, runtime: Any | None, *, testing: bool = False, poll_s: float = 0.0,
                  describe: str | None = None):
@@ -109,64 +107,54 @@ class WorkerLoop:
         from corejax.sandbox import protocol as p
         from corejax.sandbox.protocol import Kind
 
-        kind, rid, d = frame.kind, frame.rid, frame.payload
-        if kind == Kind.PING:
-            self.conn.send(Kind.RESULT, rid)
-            return
-        if kind == Kind.RUN_TEST:
-            self.conn.send(Kind.RESULT, rid, {"value": self._run_test(d)})
-            return
-        if kind == Kind.DESCRIBE and self.describe is not None:
+        rid, msg = frame.rid, p.read_request(frame)
+        reply = lambda result: self.conn.send(Kind.RESULT, rid, result.to_wire())  # noqa: E731
+        if msg.KIND == Kind.PING:
+            return reply(p.Value())
+        if isinstance(msg, p.RunTest):
+            return reply(p.Value(self._run_test(msg)))
+        if msg.KIND == Kind.DESCRIBE and self.describe is not None:
             from corejax.loading.loader import describe_gguf
 
-            self.conn.send(Kind.RESULT, rid, {"info": describe_gguf(Path(self.describe))})
-            return
+            return reply(p.Info(describe_gguf(Path(self.describe))))
         if self.runtime is None:
-            raise _sandbox_error(f"this worker has no model loaded; it cannot serve {kind.name}")
-        if kind == Kind.GENERATE:
-            stream = self.runtime.stream(d.get("prompt"), d.get("messages"), p.sampling_from_wire(d["sampling"]),
-                                         speculative=d.get("speculative"), tag=rid)
+            raise _sandbox_error(f"this worker has no model loaded; it cannot serve {msg.KIND.name}")
+        rt = self.runtime
+        if isinstance(msg, p.Generate):
+            stream = rt.stream(msg.prompt, msg.messages, msg.sampling, speculative=msg.speculative, tag=rid)
             try:
                 for chunk in stream:
                     if rid in self.cancelled:
                         return
                     if chunk.result is not None:
-                        self.conn.send(Kind.RESULT, rid, {"result": p.result_to_wire(chunk.result)})
+                        reply(p.Generated(chunk.result))
                     else:
                         self.conn.send(Kind.CHUNK, rid, p.chunk_to_wire(chunk))
             finally:
                 stream.close()
-        elif kind == Kind.TOKENIZE:
-            import numpy as np
-
-            ids = self.runtime.tokenizer.encode(str(d["text"]), add_special=bool(d.get("add_special", True)))
-            self.conn.send(Kind.RESULT, rid, {"ids": np.asarray(ids, np.int32)})
-        elif kind == Kind.DETOKENIZE:
-            text = self.runtime.tokenizer.decode([int(i) for i in d["ids"]])
-            self.conn.send(Kind.RESULT, rid, {"text": text})
-        elif kind == Kind.INFO:
-            self.conn.send(Kind.RESULT, rid, {"info": self.runtime.info()})
-        elif kind == Kind.EMBED:
-            embeddings = self.runtime.embed([str(t) for t in d["texts"]], truncate=bool(d.get("truncate", True)))
-            self.conn.send(Kind.RESULT, rid, {"embeddings": embeddings})
-        elif kind == Kind.CLASSIFY:
-            head = d.get("head")
-            labels, scores = self.runtime.classify(
-                [str(t) for t in d["texts"]], None if d.get("labels") is None else [str(x) for x in d["labels"]],
-                head=None if head is None else (head[0], head[1]), multi_label=d.get("multi_label"),
-                template=d.get("template"), truncate=bool(d.get("truncate", True)))
-            self.conn.send(Kind.RESULT, rid, {"labels": labels, "scores": scores})
+        elif isinstance(msg, p.Tokenize):
+            reply(p.Tokens(rt.tokenizer.encode(msg.text, add_special=msg.add_special)))
+        elif isinstance(msg, p.Detokenize):
+            reply(p.Text(rt.tokenizer.decode([int(i) for i in msg.ids])))
+        elif msg.KIND == Kind.INFO:
+            reply(p.Info(rt.info()))
+        elif isinstance(msg, p.Embed):
+            reply(p.Embeddings(rt.embed(msg.texts, truncate=msg.truncate)))
+        elif isinstance(msg, p.Classify):
+            labels, scores = rt.classify(msg.texts, msg.labels, head=msg.head, multi_label=msg.multi_label,
+                                         template=msg.template, truncate=msg.truncate)
+            reply(p.Scores(labels, scores))
         else:
-            raise _sandbox_error(f"a worker does not accept {kind.name} frames")
+            raise _sandbox_error(f"a worker does not accept {msg.KIND.name} frames")
 
-    def _run_test(self, d: dict) -> Any:
+    def _run_test(self, msg: Any) -> Any:
         if not self.testing:
             raise _sandbox_error("RUN_TEST is refused: this worker was not started through corejax.sandbox.testing")
         import importlib
 
-        module, _, name = str(d["target"]).partition(":")
+        module, _, name = msg.target.partition(":")
         func: Callable = getattr(importlib.import_module(module), name)
-        return func(*d.get("args", ()))
+        return func(*msg.args)
 
 
 def _sandbox_error(message: str) -> Exception:
