@@ -1,7 +1,5 @@
-"""Continuous batching: requests join and leave the running batch between steps, and one jitted decode call
-serves every running sequence.
-
-One `step()`:
+"""Continuous batching: requests join and leave the running batch between steps; one jitted decode call
+serves every running sequence. One `step()`:
 1. drops cancelled requests (their pages go back to the pool before anything else is scheduled);
 2. admits waiting requests in arrival order while the batch has room and the page pool holds their prompt —
    a request that does not fit blocks the ones behind it (FIFO, so nobody starves);
@@ -10,15 +8,12 @@ One `step()`:
    instead of stalling it — batched with the final chunks of the requests behind it that fit the same budget;
 4. runs one decode step for every running sequence: [B, T] tokens in one call (B bucketed to a power of two,
    T = 1 + the longest speculative draft, see corejax/speculative.py), then keeps each row's accepted tokens.
-
 When a sequence cannot get a page, the most recently admitted other sequence is preempted by recompute
 (vLLM's default): its pages are freed and it goes back to the front of the queue; on readmission its prompt
 and output so far are prefilled again (prefix-cache hits make that cheap) and it continues where it was,
 with the same random stream (keys are folded per output position), so preemption never changes the text.
-
-The scheduler runs on its own thread (`corejax-scheduler`); callers iterate a `Request` for its TokenEvents
-and close it to cancel. Tests drive `step()` directly with `background=False`.
-"""
+It runs on its own thread (`corejax-scheduler`); callers iterate a `Request` for its TokenEvents and close it
+to cancel; tests drive `step()` with `background=False`."""
 
 from __future__ import annotations
 
