@@ -113,13 +113,13 @@ def ngram_propose(tokens: list[int], k: int, max_n: int, min_n: int) -> list[int
 
 
 class Proposer(Protocol):
-    """Drafts tokens for rows (request id, context tokens, k). `timed`: its own cost is worth measuring (a
-    draft model's steps; n-gram lookup costs next to nothing). rollback/release keep its per-request state
-    in step with the target's accepted text."""
+    """Drafts tokens for rows (request id, context tokens, k, the request's grammar matcher or None:
+    structured output). `timed`: its own cost is worth measuring (a draft model's steps; n-gram lookup costs
+    next to nothing). rollback/release keep its per-request state in step with the target's accepted text."""
 
     timed: bool
 
-    def propose(self, rows: list[tuple[int, list[int], int]]) -> list[list[int]]: ...
+    def propose(self, rows: list[tuple[int, list[int], int, Any]]) -> list[list[int]]: ...
 
     def rollback(self, rid: int, length: int) -> None: ...
 
@@ -134,8 +134,8 @@ class NgramProposer:
     def __init__(self, spec: SpeculativeConfig):
         self.max_n, self.min_n = spec.ngram_max, spec.ngram_min
 
-    def propose(self, rows: list[tuple[int, list[int], int]]) -> list[list[int]]:
-        return [ngram_propose(tokens, k, self.max_n, self.min_n) for _, tokens, k in rows]
+    def propose(self, rows: list[tuple[int, list[int], int, Any]]) -> list[list[int]]:
+        return [ngram_propose(tokens, k, self.max_n, self.min_n) for _, tokens, k, _ in rows]
 
     def rollback(self, rid: int, length: int) -> None:
         pass
@@ -176,7 +176,7 @@ class Speculation:
         for key, group in groups.items():
             proposer = self._proposer(group[0][0].spec)
             started = time.perf_counter()
-            proposed = proposer.propose([(r.rid, r.prompt + r.output, k) for r, k in group])
+            proposed = proposer.propose([(r.rid, r.prompt + r.output, k, r.matcher) for r, k in group])
             shape = (key, bucket(len(group), 1), max(k for _, k in group))
             if proposer.timed and self.plain_step and shape in self._seen:  # cost per drafted token, in
                 cost = (time.perf_counter() - started) / shape[2] / self.plain_step  # plain target steps
@@ -246,11 +246,12 @@ class DraftModelProposer:
         self.engine = engine
         self._seqs: set[int] = set()
 
-    def propose(self, rows: list[tuple[int, list[int], int]]) -> list[list[int]]:
+    def propose(self, rows: list[tuple[int, list[int], int, Any]]) -> list[list[int]]:
         eng = self.engine
         alloc, chunk = eng.allocator, eng.engine_cfg.prefill_chunk
         live: list[tuple[int, list[int], int, int]] = []  # (rid, tokens, k, tokens already in the draft's KV)
-        for rid, tokens, k in rows:
+        matchers = []
+        for rid, tokens, k, matcher in rows:
             try:
                 if rid in self._seqs:
                     have = alloc.num_tokens(rid)
@@ -262,6 +263,7 @@ class DraftModelProposer:
                 self.release(rid)
                 continue
             live.append((rid, tokens, k, have))
+            matchers.append(matcher)
         if not live:
             return [[] for _ in rows]
         k_max = max(k for _, _, k, _ in live)
@@ -278,24 +280,31 @@ class DraftModelProposer:
             starts.append(have)
         b = bucket(len(live), 1)
         greedy = SamplingBatch.build([SamplingParams(temperature=0.0)] * len(live), [], [], b, eng.cfg.vocab_size)
-        first = self._prefill(StepBatch.build(parts, starts, rids, alloc, width, MIN_PREFILL_BUCKET), greedy)
+        guide = _DraftGuide(matchers, [k for _, _, k, _ in live], b, eng.cfg.vocab_size)
+        first = self._prefill(StepBatch.build(parts, starts, rids, alloc, width, MIN_PREFILL_BUCKET), greedy,
+                              guide.masks())
         drafts = [[int(t)] for t in first[:len(live)]]
+        guide.advance(drafts)
         for j in range(1, k_max):
             for i, rid in enumerate(rids):
                 alloc.append(rid, [drafts[i][-1]])
             batch = StepBatch.build([[d[-1]] for d in drafts], [len(t) + j - 1 for _, t, _, _ in live], rids,
                                     alloc, width)
+            masks = guide.masks()
             out, eng.cache, _ = eng.programs.decode_step(eng.params, batch.tokens, batch.positions,
                                                          batch.cache(eng.cache), greedy.tensors, None, greedy.keys,
-                                                         np.zeros((b,), np.int32), cfg=eng.cfg)
+                                                         np.zeros((b,), np.int32), cfg=eng.cfg,
+                                                         mask=None if masks is None else masks[:, None])
             for i, t in enumerate(np.asarray(out.tokens)[:len(live), 0]):
                 drafts[i].append(int(t))
-        by_rid = {rid: d[:k] for (rid, _, k, _), d in zip(live, drafts)}
-        return [by_rid.get(rid, []) for rid, _, _ in rows]
+            guide.advance(drafts)
+        by_rid = {rid: d[:min(k, cap)] for (rid, _, k, _), d, cap in zip(live, drafts, guide.caps)}
+        return [by_rid.get(rid, []) for rid, *_ in rows]
 
-    def _prefill(self, batch: StepBatch, sampling: SamplingBatch | None) -> np.ndarray | None:
+    def _prefill(self, batch: StepBatch, sampling: SamplingBatch | None,
+                 mask: np.ndarray | None = None) -> np.ndarray | None:
         eng = self.engine
-        extra = {} if sampling is None else dict(sampling=sampling.tensors, keys=sampling.keys)
+        extra = {} if sampling is None else dict(sampling=sampling.tensors, keys=sampling.keys, mask=mask)
         out, eng.cache = eng.programs.prefill(eng.params, batch.tokens, batch.positions, batch.last,
                                               batch.cache(eng.cache), cfg=eng.cfg, **extra)
         return None if sampling is None else np.asarray(out.tokens)
@@ -309,3 +318,40 @@ class DraftModelProposer:
         if rid in self._seqs:
             self._seqs.discard(rid)
             self.engine.allocator.free(rid)
+
+
+class _DraftGuide:
+    """Structured output for a draft model: each constrained row drafts under a fork of its request's grammar
+    (corejax/structured.py), so its drafts are grammatical and worth verifying; the request's own matcher does
+    not move. caps[i]: how many of row i's drafts to keep (a draft after the grammar ends or fails is cut)."""
+
+    def __init__(self, matchers: list[Any], ks: list[int], b: int, vocab_size: int):
+        self.forks = [None if m is None or m.vocab.vocab_size != vocab_size else m.fork() for m in matchers]
+        self.caps = list(ks)
+        self.b, self.vocab_size = b, vocab_size
+
+    def masks(self) -> np.ndarray | None:
+        rows = [(f, i, []) for i, f in enumerate(self.forks) if f is not None]
+        if not rows:
+            return None
+        from corejax.structured import mask_words
+
+        masks = np.full((self.b, mask_words(self.vocab_size)), -1, np.int32)
+        for _, i, _ in rows:
+            masks[i] = 0
+        rows[0][0].vocab.fill(rows, masks)
+        return masks
+
+    def advance(self, drafts: list[list[int]]) -> None:
+        """Each constrained row's newest draft token enters its fork; a row whose grammar rejects it, or is
+        complete after it, drafts no further."""
+        for i, fork in enumerate(self.forks):
+            if fork is None:
+                continue
+            n = len(drafts[i])
+            if fork.failed or not fork.llm.consume_token(drafts[i][-1]):
+                self.caps[i] = min(self.caps[i], n - 1)
+                self.forks[i] = None
+            elif fork.done:
+                self.caps[i] = min(self.caps[i], n)
+                self.forks[i] = None

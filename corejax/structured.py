@@ -231,6 +231,12 @@ class Matcher:
         if self.llm.is_error():
             raise InvalidParameterError(f"invalid {constraint.kind.replace('_', ' ')}: {self.llm.get_error()}")
 
+    def fork(self) -> Matcher:
+        """An independent copy of this grammar state (a draft model drafts under it without moving this one)."""
+        twin = object.__new__(Matcher)
+        twin.vocab, twin.llm = self.vocab, self.llm.deep_copy()
+        return twin
+
     def valid_prefix(self, tokens: list[int]) -> int:
         """How many of `tokens` (drafts) the grammar accepts in a row, without consuming them."""
         return self.llm.validate_tokens(tokens) if tokens else 0
