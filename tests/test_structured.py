@@ -337,3 +337,25 @@ def test_benchmark_engines_part_runs(smollm2_gguf):
     rows = bench.engines_part("smollm2-135m-instruct")
     assert rows[0]["engine"] == "llguidance" and rows[0]["all_forced_tokens_allowed"]
     assert rows[0]["steps"] > 100 and rows[0]["mask_us_median"] > 0
+
+
+def test_cli_flags(tmp_path, tiny):
+    import subprocess
+    import sys
+
+    model = tiny.source.path
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(dict(SCHEMAS["array_enum"], **{"x-guidance": {"whitespace_flexible": False}})))
+
+    def generate(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "corejax.cli", "generate", "hi", "-m", str(model), "-q",
+                               "--keep-alive", "0", "--no-sandbox", "-n", "80", *args], capture_output=True,
+                              text=True, timeout=300)
+
+    out = generate("--json-schema", str(schema), "--temperature", "0.7", "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    checked_json(out.stdout.strip(), SCHEMAS["array_enum"])
+    out = generate("--regex", "[0-9]{2}-[a-c]+", "--greedy")
+    assert out.returncode == 0 and re.fullmatch("[0-9]{2}-[a-c]+", out.stdout.strip()), out
+    out = generate("--regex", "a", "--choice", "b")
+    assert out.returncode != 0 and "at most one of --json-schema" in out.stderr
