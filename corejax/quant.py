@@ -9,7 +9,8 @@ our [in, out] layout). Columns are grouped by 16 in the layout the native kernel
     mins   like scales, or None
 d_out is padded to a multiple of 16 with zero columns (shape keeps the true size).
 
-The matmul: with the native kernels loaded (CPU, a C++ compiler), `kernels/quant_matmul.cc`: activations
+The matmul: with the native kernels loaded (CPU, a C++ compiler), `kernels/quant_matmul.py` (its kernel,
+kernels/quant_matmul.cc): activations
 rounded to int8 per 32 values twice (x, then the residual; llama.cpp rounds once), integer dot products, one
 pass over the weight bytes for up to 8 rows, column groups split over the cores on XLA's own thread pool
 (kernels/parallel.h). Error against dequantize-then-f32: relative <= 3.2e-5 per matmul (tests/test_quant.py).
@@ -24,7 +25,6 @@ GGUF blocks come back bit-identical to gguf.quants.dequantize.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +34,8 @@ from jax import lax
 
 from corejax.errors import InvalidParameterError
 from corejax.hostmem import aligned_empty, to_device
-from corejax.kernels import ffi
-
-TARGET = "corejax_quant_matmul"
-GROUP = 16  # columns per group (kernels/quant_matmul.cc kG)
+from corejax.kernels import quant_matmul
+from corejax.kernels.quant_matmul import GROUP
 BLOCKS = (16, 32)  # values per scale the layout supports
 _SLICE_BYTES = 512 * 1024
 _CHUNK_ROWS = 8192  # rows repacked at a time by from_blocks (a multiple of GROUP)  # the XLA fallback's dequantized f32 slice: well inside L2
@@ -186,13 +184,6 @@ def _dequant_groups(codes: jax.Array, scales: jax.Array, mins: jax.Array | None,
     return v.reshape(*lead, w.shape[0], GROUP)
 
 
-def _threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def matmul(x: jax.Array, w: QuantArray, layer: jax.Array | int | None = None) -> jax.Array:
     """x [..., d_in] @ w -> [..., d_out] float32. A stacked w (arrays with a leading layer axis, a model's layers
     of one layout; corejax/models/stack.py) takes `layer`, an int32 index the kernel reads in place."""
@@ -206,14 +197,9 @@ def matmul(x: jax.Array, w: QuantArray, layer: jax.Array | int | None = None) ->
     lead = x.shape[:-1]
     rows = math.prod(lead)
     x2 = x.reshape(rows, d_in).astype(jnp.float32)
-    padded = w.codes.shape[-3] * GROUP
-    if ffi.available():
-        y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, padded), jnp.float32))(
-            x2, w.codes, w.scales, w.scales if w.mins is None else w.mins,
-            jnp.asarray(0 if layer is None else layer, jnp.int32),
-            bits=np.int32(w.bits), block=np.int32(w.block), offset=np.int32(w.offset),
-            has_mins=np.int32(w.mins is not None), code_max=np.int32(w.code_max),
-            threads=np.int32(_threads()))
+    if quant_matmul.available():
+        y = quant_matmul.quant_matmul(x2, w.codes, w.scales, w.mins, layer, bits=w.bits, block=w.block,
+                                      offset=w.offset, code_max=w.code_max)
     else:
         y = _xla_matmul(x2, w if layer is None else jax.tree.map(lambda a: a[layer], w))
     return y[:, :d_out].reshape(*lead, d_out)

@@ -22,10 +22,12 @@ from corejax.filter import FINISH_REASON as FILTERED
 from corejax.filter import Blocklist
 from corejax.hostmem import trim_heap
 from corejax.hub import ModelSource
-from corejax.kernels import ffi, small_matmul
+from corejax.kernels import ffi
 from corejax.loading.gguf import reuse_headers
 from corejax.loading.loader import (
+    ENCODER_MATRICES,
     LoadedModel,
+    block_params,
     default_weights,
     load_model,
     plan_weights,
@@ -59,7 +61,7 @@ def _prepare_decoder(params: dict, native: bool) -> dict:
     """Float matmuls in the native kernel's column blocks (kernels/small_matmul.cc) when it is loaded, then the
     layers stacked for the layer loop (models/stack.py); each step frees what it converted, never two copies."""
     if native:
-        params = small_matmul.block_params(params)
+        params = block_params(params)
     params = stack_layers(params, free=True)
     trim_heap()  # the per-layer arrays just freed, back to the system
     return params
@@ -125,7 +127,7 @@ class Runtime:
             from corejax.encode import Encoder
 
             if native:  # float matmuls on the native kernel, padding tokens skipped (kernels/small_matmul.cc)
-                self.model.params = small_matmul.block_params(self.model.params, small_matmul.ENCODER_KEYS)
+                self.model.params = block_params(self.model.params, ENCODER_MATRICES)
             self.encoder = Encoder(self.model.cfg, self.model.params, self.tokenizer, self.model.sentence)
         else:
             self.model.params = _prepare_decoder(self.model.params, native)

@@ -138,25 +138,3 @@ def blocked_matmul_reference(x: jax.Array, w: BlockedWeight) -> jax.Array:
     k, n = w.shape
     dense = jnp.transpose(w.unpaired(), (1, 0, 2)).reshape(k, n).astype(jnp.float32)
     return jnp.einsum("...d,de->...e", x.astype(jnp.float32), dense, preferred_element_type=jnp.float32)
-
-
-DECODER_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-ENCODER_KEYS = ("wqkv", "wo", "w_in", "w_out")  # corejax/models/bert.py
-
-
-def block_params(params: dict, keys: tuple[str, ...] = DECODER_KEYS) -> dict:
-    """The float32 projection matrices named `keys` in each layer (and a decoder's LM head) as BlockedWeights,
-    converted one at a time with each original freed at once, so loading never holds two copies of the model."""
-    def convert(w):
-        if not blockable(w):
-            return w
-        blocked = to_blocked(w)
-        w.delete()
-        return blocked
-
-    out = dict(params)
-    out["layers"] = [{key: convert(v) if key in keys else v for key, v in layer.items()}
-                     for layer in params["layers"]]
-    if "lm_head" in params:
-        out["lm_head"] = convert(params["lm_head"])
-    return out

@@ -234,3 +234,30 @@ def _is_encoder_folder(folder: Path) -> bool:
     from corejax.loading.encoder import read_hf_config
 
     return is_encoder_config(read_hf_config(folder))
+
+
+# The projection matrices the native float kernel multiplies (kernels/small_matmul.py), by parameter key:
+# a decoder's (corejax/models/layers.py) and an encoder's (corejax/models/bert.py).
+DECODER_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+ENCODER_MATRICES = ("wqkv", "wo", "w_in", "w_out")
+
+
+def block_params(params: dict, keys: tuple[str, ...] = DECODER_MATRICES) -> dict:
+    """The float32 matrices named `keys` in each layer (and a decoder's LM head) in the native float kernel's
+    column blocks (BlockedWeight), converted one at a time with each original freed at once, so loading never
+    holds two copies of the model."""
+    from corejax.kernels.small_matmul import blockable, to_blocked
+
+    def convert(w):
+        if not blockable(w):
+            return w
+        blocked = to_blocked(w)
+        w.delete()
+        return blocked
+
+    out = dict(params)
+    out["layers"] = [{key: convert(v) if key in keys else v for key, v in layer.items()}
+                     for layer in params["layers"]]
+    if "lm_head" in params:
+        out["lm_head"] = convert(params["lm_head"])
+    return out
