@@ -18,10 +18,12 @@ from corejax.errors import CorejaxError, InvalidParameterError, RequestTimeout, 
 from corejax.filter import Blocklist
 from corejax.options import check_prompt
 from corejax.results import Chunk, Classification, GenerationResult
+from corejax.sandbox import messages as wire
 from corejax.sandbox import protocol
 from corejax.sandbox.client import WorkerClient, worker_error
 from corejax.sandbox.processes import thread_status
-from corejax.sandbox.protocol import Ended, Kind
+from corejax.sandbox.messages import Ended
+from corejax.sandbox.protocol import Kind
 
 _DEFAULT = object()  # speculative= not given: the Session's default applies
 _RETRIES = 2  # a request that had not started is re-sent to this many fresh workers before it fails
@@ -192,7 +194,7 @@ class Session:
             try:
                 while True:
                     event = client.wait(req)
-                    if isinstance(event, protocol.Terminal):
+                    if isinstance(event, wire.Terminal):
                         if event.ended == Ended.CANCELLED:
                             done = True
                             return
@@ -221,10 +223,10 @@ class Session:
         raise AssertionError("unreachable")
 
     def _call(self, msg: Any) -> Any:
-        """Sends one typed request (corejax/sandbox/protocol.py) and returns its typed result."""
+        """Sends one typed request (corejax/sandbox/messages.py) and returns its typed result."""
         for frame in self._frames(msg):
             if frame.kind == Kind.RESULT:
-                return protocol.read_result(msg.KIND, frame.payload)
+                return wire.read_result(msg.KIND, frame.payload)
         raise WorkerCrashed("the worker ended a request without a result")
 
     # --- generation ----------------------------------------------------------------------------------------
@@ -249,20 +251,20 @@ class Session:
         return self._chunks(self._generation(prompt, messages, speculative, sampling))
 
     def _generation(self, prompt: str | None, messages: Sequence[dict] | None, speculative: Any,
-                    sampling: dict[str, Any]) -> protocol.Generate:
+                    sampling: dict[str, Any]) -> wire.Generate:
         """A GENERATE request, validated here before it is sent."""
         sp = SamplingParams.from_kwargs(**sampling)
         spec = self.speculative if speculative is _DEFAULT else self._speculative(speculative)
         check_prompt(prompt, messages)
-        return protocol.Generate(prompt, None if messages is None else [dict(m) for m in messages], sp,
+        return wire.Generate(prompt, None if messages is None else [dict(m) for m in messages], sp,
                                  spec and spec.to_wire())
 
-    def _chunks(self, msg: protocol.Generate, cancel: _Cancel | None = None) -> Iterator[Chunk]:
+    def _chunks(self, msg: wire.Generate, cancel: _Cancel | None = None) -> Iterator[Chunk]:
         for frame in self._frames(msg, cancel):
             if frame.kind == Kind.CHUNK:
-                yield protocol.chunk_from_wire(frame.payload)
+                yield wire.chunk_from_wire(frame.payload)
             else:
-                yield Chunk("", result=protocol.read_result(Kind.GENERATE, frame.payload).result)
+                yield Chunk("", result=wire.read_result(Kind.GENERATE, frame.payload).result)
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
                **sampling: Any) -> Iterator[str]:
@@ -283,12 +285,12 @@ class Session:
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise InvalidParameterError(f"text must be a string; got {type(text).__name__}")
-        return self._call(protocol.Tokenize(text, bool(add_special))).ids
+        return self._call(wire.Tokenize(text, bool(add_special))).ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
         import numpy as np
 
-        return self._call(protocol.Detokenize(np.asarray(list(ids), np.int64))).text
+        return self._call(wire.Detokenize(np.asarray(list(ids), np.int64))).text
 
     # --- encoder tasks -------------------------------------------------------------------------------------
 
@@ -301,7 +303,7 @@ class Session:
         if not isinstance(truncate, bool):
             raise InvalidParameterError(f"truncate must be True or False; got {truncate!r}")
         items = _texts(texts)
-        parts = [self._call(protocol.Embed(batch, truncate)).embeddings for batch in _text_batches(items)]
+        parts = [self._call(wire.Embed(batch, truncate)).embeddings for batch in _text_batches(items)]
         out = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return out[0] if isinstance(texts, str) else out
 
@@ -334,7 +336,7 @@ class Session:
                                             "b [labels]") from None
         results: list[Classification] = []
         for batch in _text_batches(items):
-            reply = self._call(protocol.Classify(batch, labels, head, multi_label, template, bool(truncate)))
+            reply = self._call(wire.Classify(batch, labels, head, multi_label, template, bool(truncate)))
             names = reply.labels
             for row in reply.scores:
                 best = int(row.argmax())
@@ -343,11 +345,11 @@ class Session:
         return results[0] if isinstance(texts, str) else results
 
     def info(self) -> dict[str, Any]:
-        return self._call(protocol.Empty(Kind.INFO)).info
+        return self._call(wire.Empty(Kind.INFO)).info
 
     def ping(self) -> None:
         """The empty request: a round trip through the worker's request loop (the benchmark measures it)."""
-        self._call(protocol.Empty(Kind.PING))
+        self._call(wire.Empty(Kind.PING))
 
     def sandbox_report(self) -> dict[str, Any]:
         """Each layer of the worker's policy and whether it is engaged, plus the per-thread kernel state
@@ -464,7 +466,7 @@ class _Cancel:
     @staticmethod
     def _stop(client: WorkerClient, req: Any) -> None:
         client.forget(req)
-        req.events.put(protocol.Terminal(Ended.CANCELLED, "the caller cancelled the request"))
+        req.events.put(wire.Terminal(Ended.CANCELLED, "the caller cancelled the request"))
 
 
 def _close_client(holder: list) -> None:

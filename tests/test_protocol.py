@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from corejax.options import SamplingParams
 from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
+from corejax.sandbox import messages as m
 from corejax.sandbox import protocol as p
 from corejax.sandbox.protocol import HEADER, MAGIC, VERSION, Connection, Kind, ProtocolError
 
@@ -56,14 +57,14 @@ def test_object_arrays_and_arbitrary_objects_are_refused():
 
 def test_typed_payloads_round_trip():
     sp = SamplingParams.from_kwargs(temperature=0.5, top_k=3, stop=["\n", "x"], seed=7, logprobs=2, max_tokens=9)
-    wire = p.decode(p.encode(Kind.GENERATE, 1, {"sampling": p.sampling_to_wire(sp)})).payload["sampling"]
-    assert p.sampling_from_wire(wire) == sp
+    wire = p.decode(p.encode(Kind.GENERATE, 1, {"sampling": m.sampling_to_wire(sp)})).payload["sampling"]
+    assert m.sampling_from_wire(wire) == sp
     chunk = Chunk("hé", (1, 2), _result().logprobs)
-    wire = p.decode(p.encode(Kind.CHUNK, 1, p.chunk_to_wire(chunk))).payload
-    assert p.chunk_from_wire(wire) == chunk
+    wire = p.decode(p.encode(Kind.CHUNK, 1, m.chunk_to_wire(chunk))).payload
+    assert m.chunk_from_wire(wire) == chunk
     for result in (_result(), _result(logprobs=False)):
-        wire = p.decode(p.encode(Kind.RESULT, 1, {"result": p.result_to_wire(result)})).payload["result"]
-        assert p.result_from_wire(wire) == result
+        wire = p.decode(p.encode(Kind.RESULT, 1, {"result": m.result_to_wire(result)})).payload["result"]
+        assert m.result_from_wire(wire) == result
 
 
 def _header(magic=MAGIC, version=VERSION, kind=Kind.PING, rid=1, length=0) -> bytes:
@@ -71,26 +72,26 @@ def _header(magic=MAGIC, version=VERSION, kind=Kind.PING, rid=1, length=0) -> by
 
 
 REQUESTS = [
-    p.Generate("hi", None, SamplingParams.from_kwargs(temperature=0.0, regex="[0-9]+"), {"method": "ngram", "k": 2}),
-    p.Generate(None, [{"role": "user", "content": "hi"}], SamplingParams()),
-    p.Tokenize("héllo", False), p.Embed(["a", "b"], False),
-    p.Classify(["x"], ["pos", "neg"], (np.ones((3, 2), np.float32), np.zeros(2, np.float32)), True, None, True),
-    p.RunTest("os:getpid", [1, "a"]),
+    m.Generate("hi", None, SamplingParams.from_kwargs(temperature=0.0, regex="[0-9]+"), {"method": "ngram", "k": 2}),
+    m.Generate(None, [{"role": "user", "content": "hi"}], SamplingParams()),
+    m.Tokenize("héllo", False), m.Embed(["a", "b"], False),
+    m.Classify(["x"], ["pos", "neg"], (np.ones((3, 2), np.float32), np.zeros(2, np.float32)), True, None, True),
+    m.RunTest("os:getpid", [1, "a"]),
 ]
 
 
 @pytest.mark.parametrize("msg", REQUESTS, ids=lambda m: type(m).__name__)
 def test_each_request_kind_has_one_codec_and_round_trips(msg):
     frame = p.decode(p.encode(msg.KIND, 7, msg.to_wire()))
-    got = p.read_request(frame)
+    got = m.read_request(frame)
     assert type(got) is type(msg)
-    if isinstance(msg, p.Classify):
+    if isinstance(msg, m.Classify):
         assert got.texts == msg.texts and got.labels == msg.labels and np.array_equal(got.head[0], msg.head[0])
     else:
         assert got == msg
-    ids = p.read_request(p.decode(p.encode(Kind.DETOKENIZE, 1, p.Detokenize(np.arange(5)).to_wire())))
+    ids = m.read_request(p.decode(p.encode(Kind.DETOKENIZE, 1, m.Detokenize(np.arange(5)).to_wire())))
     assert ids.ids.tolist() == list(range(5))
-    assert p.read_request(p.decode(p.encode(Kind.INFO, 1, {}))) == p.Empty(Kind.INFO)
+    assert m.read_request(p.decode(p.encode(Kind.INFO, 1, {}))) == m.Empty(Kind.INFO)
 
 
 @pytest.mark.parametrize("kind, payload", [
@@ -99,17 +100,17 @@ def test_each_request_kind_has_one_codec_and_round_trips(msg):
 ])
 def test_malformed_requests_are_protocol_errors(kind, payload):
     with pytest.raises(ProtocolError, match=kind.name):
-        p.read_request(p.decode(p.encode(kind, 1, payload)))
+        m.read_request(p.decode(p.encode(kind, 1, payload)))
 
 
 @pytest.mark.parametrize("kind, result", [
-    (Kind.TOKENIZE, p.Tokens([1, 2, 3])), (Kind.DETOKENIZE, p.Text("abc")), (Kind.INFO, p.Info({"a": 1})),
-    (Kind.RUN_TEST, p.Value([1, 2])),
+    (Kind.TOKENIZE, m.Tokens([1, 2, 3])), (Kind.DETOKENIZE, m.Text("abc")), (Kind.INFO, m.Info({"a": 1})),
+    (Kind.RUN_TEST, m.Value([1, 2])),
 ])
 def test_results_round_trip_and_reject_the_wrong_shape(kind, result):
-    assert p.read_result(kind, p.decode(p.encode(Kind.RESULT, 1, result.to_wire())).payload) == result
+    assert m.read_result(kind, p.decode(p.encode(Kind.RESULT, 1, result.to_wire())).payload) == result
     with pytest.raises(ProtocolError, match="result"):
-        p.read_result(kind, {"unexpected": True} if kind != Kind.RUN_TEST else [])
+        m.read_result(kind, {"unexpected": True} if kind != Kind.RUN_TEST else [])
 
 
 @pytest.mark.parametrize("frame, match", [

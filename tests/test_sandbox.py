@@ -15,7 +15,7 @@ import pytest
 
 import corejax
 from corejax.errors import ContextLengthError, InvalidParameterError, ModelFormatError, SandboxError
-from corejax.sandbox import protocol as p
+from corejax.sandbox import messages as m
 from tiny_model import write_tiny_llama
 
 LAYERS = {"network_namespace", "rlimits", "capabilities", "no_new_privs", "landlock", "landlock_network", "seccomp"}
@@ -125,7 +125,7 @@ def test_a_hostile_model_file_fails_in_the_worker(tmp_path):
 
 def test_run_test_frames_are_refused_by_a_normal_worker(sandboxed):
     with pytest.raises(SandboxError, match="not started through corejax.sandbox.testing"):
-        sandboxed._call(p.RunTest("os:getpid", []))
+        sandboxed._call(m.RunTest("os:getpid", []))
 
 
 def test_threads_share_a_session(sandboxed, in_process):

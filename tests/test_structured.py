@@ -20,7 +20,7 @@ from corejax.hub import ModelSource
 from corejax.loading.gguf import read_gguf
 from corejax.runtime import Runtime
 from corejax.sampling import SamplingTensors, allowed, penalty_state, request_keys, sample
-from corejax.sandbox import protocol
+from corejax.sandbox import messages
 from corejax.scheduler import Scheduler
 from corejax.structured import FINISH_UNSATISFIABLE, Constraint, GrammarVocab, mask_words
 from corejax.tokenizer.gguf import tokenizer_from_gguf_metadata
@@ -86,7 +86,7 @@ def test_constraint_options_and_wire_round_trip():
     assert list(json.loads(sp.constraint.source)["properties"]) == ["name", "age"]  # key order is kept
     bare = SamplingParams.from_kwargs(response_format={"type": "json_schema", "json_schema": PERSON})
     assert bare.constraint == sp.constraint
-    assert protocol.sampling_from_wire(protocol.sampling_to_wire(sp)) == sp
+    assert messages.sampling_from_wire(messages.sampling_to_wire(sp)) == sp
     gbnf = Constraint.from_options(grammar='root ::= "a" [0-9]+')
     assert gbnf.kind == "grammar"
     with pytest.raises(InvalidParameterError, match="constraint"):

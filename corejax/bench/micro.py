@@ -39,6 +39,7 @@ def time_per_call(fn: Case, *, batches: int = 5, min_batch_s: float = 0.05) -> l
 
 def codec_cases() -> dict[str, Case]:
     from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
+    from corejax.sandbox import messages as m
     from corejax.sandbox import protocol as p
     from corejax.sandbox.protocol import Kind
 
@@ -46,8 +47,8 @@ def codec_cases() -> dict[str, Case]:
     lp = tuple(TokenLogprob(i, "tok", -0.5, ((i, -0.5), (i + 1, -1.0)), ("tok", "tok2")) for i in range(32))
     result = GenerationResult("x" * 200, tuple(range(32)), "length", tuple(range(64)), timings, lp)
     messages = {
-        "chunk": (Kind.CHUNK, p.chunk_to_wire(Chunk(" world", (1917,)))),
-        "result+logprobs": (Kind.RESULT, {"result": p.result_to_wire(result)}),
+        "chunk": (Kind.CHUNK, m.chunk_to_wire(Chunk(" world", (1917,)))),
+        "result+logprobs": (Kind.RESULT, {"result": m.result_to_wire(result)}),
         "ping": (Kind.PING, {}),
     }
     out: dict[str, Case] = {}

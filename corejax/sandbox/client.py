@@ -29,7 +29,8 @@ from typing import Any
 from corejax import errors
 from corejax.sandbox.processes import rss_bytes, spawn
 from corejax.sandbox.programs import copy_programs, folder_bytes, merge_programs, program_cache_dir
-from corejax.sandbox.protocol import Connection, Ended, Kind, ProtocolError, Terminal
+from corejax.sandbox.messages import Ended, Terminal
+from corejax.sandbox.protocol import Connection, Kind, ProtocolError
 
 # Names the worker may put in an ERROR frame; anything else becomes a SandboxError (never a lookup by name).
 _ERRORS = {cls.__name__: cls for cls in (
@@ -74,7 +75,7 @@ _LEAD = object()  # put in a waiting caller's mailbox: the socket is free, read 
 
 
 class Mailbox:
-    """One request's mailbox: reply frames, then possibly a protocol.Terminal event (crashed, timeout, retry)."""
+    """One request's mailbox: reply frames, then possibly a messages.Terminal event (crashed, timeout, retry)."""
 
     def __init__(self, rid: int, kind: Kind, payload: dict):
         self.rid, self.kind, self.payload = rid, kind, payload
@@ -291,7 +292,7 @@ class WorkerClient:
                 pass
 
     def wait(self, req: Mailbox) -> Any:
-        """req's next event (a frame, or a protocol.Terminal), reading the socket while no other caller does."""
+        """req's next event (a frame, or a messages.Terminal), reading the socket while no other caller does."""
         while True:
             with self._lead_mu:
                 if not req.events.empty():

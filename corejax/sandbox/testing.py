@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from corejax.sandbox import protocol
+from corejax.sandbox import messages
 from corejax.session import Session
 
 
@@ -27,7 +27,7 @@ class TestingSession(Session):
 
     def run(self, target: str, *args: Any) -> Any:
         """Calls `target` ("package.module:function") in the worker with msgpack-able args; returns its value."""
-        return self._call(protocol.RunTest(target, list(args))).value
+        return self._call(messages.RunTest(target, list(args))).value
 
 
 def run_in_sandbox(target: str, *args: Any, model: str | None = None, pythonpath: Sequence[str] = (),

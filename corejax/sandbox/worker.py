@@ -104,7 +104,7 @@ class WorkerLoop:
         return True
 
     def _handle(self, frame) -> None:
-        from corejax.sandbox import protocol as p
+        from corejax.sandbox import messages as p
         from corejax.sandbox.protocol import Kind
 
         rid, msg = frame.rid, p.read_request(frame)
