@@ -20,7 +20,7 @@ from corejax.options import check_prompt
 from corejax.results import Chunk, Classification, GenerationResult
 from corejax.sandbox import messages as wire
 from corejax.sandbox import protocol
-from corejax.sandbox.client import WorkerClient, worker_error
+from corejax.sandbox.client import WorkerClient
 from corejax.sandbox.processes import thread_status
 from corejax.sandbox.messages import Ended
 from corejax.sandbox.protocol import Kind
@@ -211,7 +211,7 @@ class Session:
                         continue
                     if event.kind == Kind.ERROR:
                         done = True
-                        raise worker_error(event.payload)
+                        raise wire.error_from_wire(event.payload)
                     if event.kind == Kind.RESULT:
                         done = True
                     yield event

@@ -328,7 +328,8 @@ def test_the_sandbox_fails_closed():
     """Finding 6: a layer the kernel offers that did not engage stops the worker before a model is opened;
     sandbox_require insists on or waives layers by name."""
     from corejax.errors import InvalidParameterError, SandboxError
-    from corejax.sandbox.client import WorkerClient, missing_layers
+    from corejax.sandbox.client import WorkerClient
+    from corejax.sandbox.layer import missing_layers
 
     report = [{"name": "landlock", "engaged": False, "detail": "x", "available": True},
               {"name": "landlock_network", "engaged": False, "detail": "ABI 3", "available": False},

@@ -29,14 +29,11 @@ from typing import Any
 from corejax import errors
 from corejax.sandbox.processes import rss_bytes, spawn
 from corejax.sandbox.programs import copy_programs, folder_bytes, merge_programs, program_cache_dir
-from corejax.sandbox.messages import Ended, Terminal
+from corejax.sandbox.layer import missing_layers
+from corejax.sandbox.messages import Ended, Terminal, clean, error_from_wire
 from corejax.sandbox.protocol import Connection, Kind, ProtocolError
 
 # Names the worker may put in an ERROR frame; anything else becomes a SandboxError (never a lookup by name).
-_ERRORS = {cls.__name__: cls for cls in (
-    errors.CorejaxError, errors.ModelFormatError, errors.UnsupportedModelError, errors.InvalidParameterError,
-    errors.ContextLengthError, errors.MemoryBudgetError, errors.ModelNotFoundError, errors.SandboxError)}
-
 # Environment names passed to the worker; everything else (tokens, credentials, proxies) stays behind.
 _ENV_PREFIXES = ("JAX_", "XLA_", "TF_CPP_", "CUDA_", "NVIDIA_", "TPU_")
 _ENV_NAMES = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH", "COREJAX_SECCOMP_LOG")
@@ -45,31 +42,9 @@ _ENV_NAMES = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH", "COREJAX_SE
 _PACKAGE = Path(os.path.abspath(__file__)).parent.parent  # corejax/, without importing corejax itself
 
 
-def _clean(text: str, limit: int = 2000) -> str:
-    """A worker's words, made safe to print: no terminal control sequences, bounded length."""
-    text = "".join(c if c.isprintable() or c in "\n\t" else "?" for c in str(text))
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def worker_error(payload: dict, during: str = "") -> errors.CorejaxError:
-    cls = _ERRORS.get(payload.get("type"), None)
-    message = _clean(payload.get("message", "no message"))
-    if cls is None:
-        return errors.SandboxError(f"the worker failed{during}: {_clean(payload.get('type'), 80)}: {message}")
-    return cls(message)
-
-
 # Frames one mailbox may hold unread (a caller normally takes each as it comes; a hostile worker could
 # otherwise make the parent hold a flood of them).
 _MAX_QUEUED = 10_000
-
-def missing_layers(report: list[dict], require: dict[str, bool] | None) -> list[dict]:
-    """The policy layers that did not engage although they must: every layer this kernel offers (fail closed),
-    plus those `require` insists on ({name: True}), minus those it waives ({name: False})."""
-    require = require or {}
-    return [layer for layer in report if not layer.get("engaged") and require.get(layer.get("name"), bool(
-        layer.get("available", True))) is True]
-
 
 _LEAD = object()  # put in a waiting caller's mailbox: the socket is free, read it (WorkerClient.wait)
 
@@ -95,7 +70,7 @@ def describe(source: Any, timeout: float = 120.0) -> dict:
             if isinstance(event, Terminal):
                 raise errors.WorkerCrashed(f"reading the file's header failed: {event.message}")
             if event.kind == Kind.ERROR:
-                raise worker_error(event.payload, " while reading the file's header")
+                raise error_from_wire(event.payload, " while reading the file's header")
             if event.kind == Kind.RESULT:
                 info = event.payload.get("info")
                 if not isinstance(info, dict):
@@ -226,7 +201,7 @@ class WorkerClient:
                 raise errors.WorkerCrashed(f"the sandboxed worker could not start: {frame}")
             if frame.kind == Kind.ERROR:
                 self.kill("it failed to start")
-                raise worker_error(frame.payload, " while loading the model")
+                raise error_from_wire(frame.payload, " while loading the model")
             if frame.kind == Kind.PROGRESS:
                 self._show_progress(frame.payload)
                 continue
@@ -236,10 +211,10 @@ class WorkerClient:
                 missing = missing_layers(self.report, self.require) if self.sandbox else []
                 if missing:
                     self.kill("a layer of its sandbox did not engage")
-                    names = ", ".join(_clean(layer.get("name"), 40) for layer in missing)
+                    names = ", ".join(clean(layer.get("name"), 40) for layer in missing)
                     raise errors.SandboxError(
                         f"the sandbox could not engage {names} ("
-                        + "; ".join(_clean(layer.get("detail"), 300) for layer in missing)
+                        + "; ".join(clean(layer.get("detail"), 300) for layer in missing)
                         + "), so the model was not opened. Fix the system, or accept the risk with Session(..., "
                         f"sandbox_require={{{', '.join(repr(str(layer.get('name'))) + ': False' for layer in missing)}}})")
             elif frame.kind == Kind.READY:
@@ -251,7 +226,7 @@ class WorkerClient:
 
         bars = self.__dict__.setdefault("_bars", {})
         try:
-            stage, done, total = _clean(p.get("stage", ""), 60), int(p.get("done", 0)), int(p.get("total", 0))
+            stage, done, total = clean(p.get("stage", ""), 60), int(p.get("done", 0)), int(p.get("total", 0))
         except (TypeError, ValueError):
             return  # a malformed PROGRESS frame shows nothing
         if stage not in bars:
@@ -470,7 +445,7 @@ class WorkerClient:
                 data = f.read(n)
         except OSError:
             return ""
-        return _clean(data.decode("utf-8", "replace").strip(), n)
+        return clean(data.decode("utf-8", "replace").strip(), n)
 
     def _die(self, reason: str) -> None:
         with self._lock:

@@ -23,3 +23,12 @@ class Layer:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def missing_layers(report: list[dict], require: dict[str, bool] | None) -> list[dict]:
+    """The policy layers (a worker's report, one dict per Layer) that did not engage although they must: every
+    layer this kernel offers (fail closed), plus those `require` insists on ({name: True}), minus those it waives
+    ({name: False})."""
+    require = require or {}
+    return [layer for layer in report if not layer.get("engaged") and require.get(layer.get("name"), bool(
+        layer.get("available", True))) is True]

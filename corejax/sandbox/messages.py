@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from corejax import errors
 from corejax.options import SamplingParams
 from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
 from corejax.sandbox.protocol import Frame, Kind, ProtocolError
@@ -80,6 +82,39 @@ def result_from_wire(d: Mapping[str, Any]) -> GenerationResult:
             None if lps is None else tuple(_logprob_from_wire(v) for v in lps))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ProtocolError(f"a malformed RESULT payload: {e!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# ERROR: a failed request (or, with request id 0, a failed worker)
+
+_ERRORS = {cls.__name__: cls for cls in (
+    errors.CorejaxError, errors.ModelFormatError, errors.UnsupportedModelError, errors.InvalidParameterError,
+    errors.ContextLengthError, errors.MemoryBudgetError, errors.ModelNotFoundError, errors.SandboxError)}
+
+
+def clean(text: Any, limit: int = 2000) -> str:
+    """A worker's words, made safe to print: no terminal control sequences, bounded length."""
+    text = "".join(c if c.isprintable() or c in "\n\t" else "?" for c in str(text))
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def error_to_wire(e: BaseException) -> dict:
+    """The worker's side: a corejax error by its class name and sentence; anything else as an internal error
+    with the end of its traceback."""
+    if isinstance(e, errors.CorejaxError):
+        return {"type": type(e).__name__, "message": str(e)}
+    return {"type": "InternalError", "message": f"{type(e).__name__}: {e}",
+            "traceback": "".join(traceback.format_exception(e))[-4000:]}
+
+
+def error_from_wire(payload: Mapping[str, Any], during: str = "") -> errors.CorejaxError:
+    """The parent's side: the same corejax error class with the worker's (cleaned) sentence; an unknown type
+    becomes a SandboxError naming it."""
+    cls = _ERRORS.get(payload.get("type"), None)
+    message = clean(payload.get("message", "no message"))
+    if cls is None:
+        return errors.SandboxError(f"the worker failed{during}: {clean(payload.get('type'), 80)}: {message}")
+    return cls(message)
 
 
 # ----------------------------------------------------------------------------------------------------

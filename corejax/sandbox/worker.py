@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import threading
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,9 @@ from typing import Any
 
 
 def _error_payload(e: BaseException) -> dict:
-    from corejax.errors import CorejaxError
+    from corejax.sandbox.messages import error_to_wire
 
-    if isinstance(e, CorejaxError):
-        return {"type": type(e).__name__, "message": str(e)}
-    return {"type": "InternalError", "message": f"{type(e).__name__}: {e}",
-            "traceback": "".join(traceback.format_exception(e))[-4000:]}
+    return error_to_wire(e)
 
 
 class WorkerLoop:
