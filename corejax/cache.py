@@ -104,12 +104,16 @@ def _zeros(shape: tuple[int, ...], dtype, place: Any = None) -> jax.Array:
     program's output) is: an uncommitted first pool made the first prefill program compile twice (JAX keys
     programs on it)."""
     place = place or jax.local_devices()[0]
+    if isinstance(place, NamedSharding):  # each device makes its own shard (several processes: only theirs)
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=place)()
     if not ffi.available():
         return jax.device_put(jnp.zeros(shape, dtype), place)
     return jax.device_put(jax.ffi.ffi_call("corejax_lazy_zeros", jax.ShapeDtypeStruct(shape, dtype))(), place)
 
 
 def _ones(shape: tuple[int, ...], place: Any = None) -> jax.Array:
+    if isinstance(place, NamedSharding):
+        return jax.jit(lambda: jnp.ones(shape, jnp.float32), out_shardings=place)()
     return jax.device_put(jnp.ones(shape, jnp.float32), place or jax.local_devices()[0])
 
 

@@ -224,13 +224,39 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _cluster(args: argparse.Namespace) -> Any:
+    """--coordinator/--num-processes/--process-id, else COREJAX_COORDINATOR/... (or JAX_...), else None."""
+    from corejax.distributed import Cluster
+
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if all(v is None for v in given):
+        return Cluster.from_env()
+    if any(v is None for v in given):
+        raise InvalidParameterError("--coordinator, --num-processes and --process-id go together")
+    return Cluster(args.coordinator, args.num_processes, args.process_id)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from corejax.server import ServerLimits, serve
 
+    cluster = _cluster(args)
+    if cluster is not None and len(args.models or [None]) > 1:
+        raise InvalidParameterError("a cluster serves one model; give a single -m")
+    if cluster is not None and not cluster.leader:  # a follower: process 0 takes the HTTP requests
+        print(f"corejax: process {cluster.process_id} of {cluster.num_processes}, following process 0 "
+              f"(coordinator {cluster.coordinator})", file=sys.stderr, flush=True)
+        from corejax.session import Session
+
+        with Session((args.models or [None])[0], sandbox=args.sandbox, weights=args.weights,
+                     kv_dtype=args.kv_dtype, memory_limit=args.memory_limit, cluster=cluster) as session:
+            session.follow()
+        return 0
     limits = ServerLimits(max_body_bytes=args.max_body, max_tokens=args.max_tokens, max_queue=args.max_queue,
                           api_key=args.api_key, shutdown_grace_s=args.shutdown_grace)
     options = {"sandbox": args.sandbox, "weights": args.weights, "kv_dtype": args.kv_dtype,
                "output_filter": _output_filter(args), "timeout": args.timeout, "memory_limit": args.memory_limit}
+    if cluster is not None:
+        options["cluster"] = cluster
     serve(args.models or [None], host=args.host, port=args.port, uds=args.uds, limits=limits,
           session_options=options, log_level=args.log_level, idle_exit_s=args.idle_exit)
     return 0
@@ -263,6 +289,12 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="at SIGINT/SIGTERM, seconds running streams may finish before they are cut (default 10)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="one process of several (one per host) serving the model split over all their devices: "
+                        "process 0 listens here and takes the HTTP requests (or COREJAX_COORDINATOR; "
+                        "docs/DISTRIBUTED.md)")
+    p.add_argument("--num-processes", type=int, default=None, help="processes in the cluster (COREJAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None, help="this process's id, 0.. (COREJAX_PROCESS_ID)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from corejax import models, sharding
+from corejax import distributed, models, sharding
 from corejax.models import bert
 from corejax.models.stack import stack_layers
 from corejax.cache import DenseKVCache, PagedKVCache
 from corejax.config import EncoderConfig, EngineConfig, ModelConfig
-from corejax.errors import ContextLengthError
+from corejax.errors import ContextLengthError, InvalidParameterError
 from corejax.paging import PageAllocator
 from corejax.sampling import (
     PenaltyState,
@@ -204,6 +204,19 @@ class Engine:
         self.allocator = PageAllocator(num_pages, ec.page_size)
         self.cache = PagedKVCache.create(cfg, num_pages, ec.page_size, ec.kv_dtype, kv_place)
         self.programs = Programs()
+        cluster = distributed.joined()
+        if cluster is not None:  # one process of several (corejax/distributed.py)
+            if ec.devices != jax.device_count():
+                raise InvalidParameterError(
+                    f"a model served by {cluster.num_processes} processes spans all {jax.device_count()} devices "
+                    f"of the cluster; got devices={ec.devices}")
+            if cluster.leader:  # every program call is published to the followers, then run
+                self.programs = distributed.Leader(self.programs, self.params, self.cache, cfg)
+
+    def follow(self) -> int:
+        """A follower of a cluster: runs the leader's program calls on this process's shards until it leaves."""
+        cache, self.cache = self.cache, None
+        return distributed.follow(self.programs, self.params, cache, self.cfg)
 
     @property
     def kv_cache_bytes(self) -> int:

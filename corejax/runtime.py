@@ -6,6 +6,7 @@ It runs in the worker (corejax/sandbox/worker.py), a sandboxed subprocess or a t
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from corejax import memory
+from corejax import distributed, memory
 from corejax.config import EncoderConfig, EngineConfig, ModelConfig
 from corejax.engine import Engine
 from corejax.errors import InvalidParameterError, UnsupportedModelError
@@ -114,9 +115,14 @@ class Runtime:
         # Weights, KV pool and workspace are reserved from the file's headers before any is allocated, so a
         # model that cannot fit memory_limit fails here with MemoryBudgetError, having allocated nothing.
         self.budget = memory.MemoryBudget(memory_limit)
+        engine = engine or EngineConfig()
+        if distributed.joined() is not None and engine.devices == 1:  # a cluster's model spans all its devices
+            import jax
+
+            engine = dataclasses.replace(engine, devices=jax.device_count())
         with reuse_headers():  # one parse of the file's header for the four reads below
             weights = weights or default_weights(source, ffi.fast_quant(), ffi.bf16_dot(), native)
-            engine = memory.admit(self.budget, plan_weights(source, weights), engine or EngineConfig(), source.name)
+            engine = memory.admit(self.budget, plan_weights(source, weights), engine, source.name)
             self.model: LoadedModel = load_model(source, weights=weights, progress=progress)
         memory.loaded(self.budget, self.model.info["weight_bytes"])
         memory.reserve_serving(self.budget)  # the KV pool and workspace admit() planned
@@ -132,6 +138,19 @@ class Runtime:
         else:
             self.model.params = _prepare_decoder(self.model.params, native)
             self.engine = Engine(self.model.cfg, self.model.params, engine)
+        self.cluster = distributed.joined()
+        if self.cluster is not None and self.engine is None:
+            raise UnsupportedModelError("several processes serve generative models only; run an encoder "
+                                        "(embeddings, classification) in one process")
+
+    @property
+    def follower(self) -> bool:
+        """One process of a cluster that runs the leader's steps and takes no requests of its own."""
+        return self.cluster is not None and not self.cluster.leader
+
+    def follow(self) -> int:
+        """A follower's whole life: the leader's program calls, until the leader leaves (their count)."""
+        return self.engine.follow()
 
     def warmup(self, report: Callable[[str, int, int], None] | None = None) -> None:
         """Compiles what a first short request with default sampling runs (the smallest prefill bucket and the
@@ -224,6 +243,9 @@ class Runtime:
 
         Runs as one request of the scheduler's batch: other streams may share every decode step. `tag`
         names the request for cancel(); closing the iterator cancels it too."""
+        if self.follower:
+            raise InvalidParameterError(f"process {self.cluster.process_id} of the cluster follows process 0: "
+                                        "send requests to process 0")
         if self.engine is None:
             raise UnsupportedModelError(
                 f"{self.model.info.get('name')} is an encoder: it embeds and classifies but cannot generate text; "

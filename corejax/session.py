@@ -54,7 +54,7 @@ def _text_batches(texts: list[str]) -> Iterator[list[str]]:
 
 
 SANDBOX_LAYERS = ("network_namespace", "rlimits", "capabilities", "no_new_privs", "landlock", "landlock_network",
-                  "seccomp")
+                  "seccomp", "network_closed")  # network_closed: only a process of a cluster has it
 
 
 def _sandbox_require(require: Any) -> dict[str, bool]:
@@ -99,6 +99,10 @@ class Session:
         and case folding); a hit ends the generation before the match with finish_reason "content_filter".
     devices: split the model tensor-parallel over this many devices (GPUs, or host devices forced with
         XLA_FLAGS=--xla_force_host_platform_device_count=N on a CPU; corejax/sharding.py); float weights.
+    cluster: one process of several, each on its own host, serving one model split over all their devices
+        (corejax.distributed.Cluster(coordinator="HOST:PORT", num_processes=N, process_id=I), or the same as a
+        dict): process 0 takes the requests and schedules; every other process calls follow(), which returns
+        when process 0 closes. Start them all with the same model and options (docs/DISTRIBUTED.md).
     Thread-safe and concurrent: requests from several threads or asyncio tasks run batched together in the
     worker (continuous batching), each streaming its own tokens.
     """
@@ -110,7 +114,8 @@ class Session:
                  kv_cache_tokens: int | None = None, prefix_cache: bool = True, progress: bool = True,
                  speculative: Any = None, warmup: bool = False,
                  start_timeout: float = 600.0, sandbox_require: Mapping[str, bool] | None = None,
-                 output_filter: Blocklist | None = None, devices: int = 1, _pythonpath: Sequence[str] = ()):
+                 output_filter: Blocklist | None = None, devices: int = 1, cluster: Any = None,
+                 _pythonpath: Sequence[str] = ()):
         if memory_limit is not None:
             from corejax.memory import parse_size
 
@@ -127,9 +132,11 @@ class Session:
             raise InvalidParameterError("output_filter must be a corejax.Blocklist, e.g. Blocklist(['word']); "
                                         f"got {type(output_filter).__name__}")
         self.output_filter = output_filter
+        self.cluster = _cluster(cluster)
         self._options = {"weights": weights, "engine": dataclasses.asdict(engine), "memory_limit": memory_limit,
                          "progress": bool(progress), "warmup": bool(warmup),
-                         "output_filter": None if output_filter is None else output_filter.to_wire()}
+                         "output_filter": None if output_filter is None else output_filter.to_wire(),
+                         "cluster": None if self.cluster is None else self.cluster.to_wire()}
         # Resolving maps a name to a path (pulling it on first use); it never opens the model file itself.
         self.source = hub.resolve(model, progress=progress) if model is not None or not self._testing else None
         self._progress = progress
@@ -344,6 +351,19 @@ class Session:
                                               {n: float(v) for n, v in zip(names, row)}))
         return results[0] if isinstance(texts, str) else results
 
+    def follow(self) -> None:
+        """A follower of a cluster (process_id > 0): blocks while this process runs process 0's steps, and
+        returns when process 0's Session closes (WorkerCrashed if this process's worker failed instead)."""
+        if self.cluster is None or self.cluster.leader:
+            raise InvalidParameterError("follow() is for processes 1.. of a cluster; process 0 takes requests")
+        client = self._current_client()
+        if client.proc is None:
+            client._thread.join()
+            return
+        code = client.proc.wait()
+        if code != 0:
+            raise WorkerCrashed(f"this follower's worker exited with status {code}: {client.log_tail()}")
+
     def info(self) -> dict[str, Any]:
         return self._call(wire.Empty(Kind.INFO)).info
 
@@ -474,3 +494,16 @@ def _close_client(holder: list) -> None:
     if client is not None:
         client.close()
 
+
+def _cluster(cluster: Any) -> Any:
+    """Session(cluster=...) as a corejax.distributed.Cluster (or None)."""
+    from corejax.distributed import Cluster
+
+    if cluster is None or isinstance(cluster, Cluster):
+        return cluster
+    if isinstance(cluster, Mapping):
+        try:
+            return Cluster(**cluster)
+        except TypeError as e:
+            raise InvalidParameterError(f"cluster: {e}; give coordinator, num_processes and process_id") from None
+    raise InvalidParameterError(f"cluster must be a corejax.distributed.Cluster or a dict; got {type(cluster).__name__}")

@@ -18,6 +18,7 @@ the figures then show the layout works, not a speed-up; on GPUs each device is a
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -63,7 +64,7 @@ def kv_spec(cfg: ModelConfig, n: int) -> P:
 def shard_decoder(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     """The decoder's params (layers stacked: models/stack.py) placed over the mesh."""
     n = mesh.devices.size
-    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    put = functools.partial(_put, mesh)
     replicate = lambda tree: jax.tree.map(lambda x: put(x, P()), tree)  # noqa: E731
     layers = params["layers"]
     if not isinstance(layers, StackedLayers):
@@ -86,6 +87,16 @@ def shard_decoder(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh) -> dict[
                 w.shape[axis] % n == 0 else P()
             out[key] = put(w, spec)
     return out
+
+
+def _put(mesh: Mesh, x: Any, spec: P) -> jax.Array:
+    """x (the whole array, on the host or this process's device) laid out over the mesh. Over several processes
+    each makes only the shards its own devices hold, from its own copy (every process loaded the same file)."""
+    sharding = NamedSharding(mesh, spec)
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -14,6 +14,7 @@ import resource
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from corejax.sandbox.layer import CLONE_NEWNET, CLONE_NEWUSER, Layer
 
@@ -154,7 +155,7 @@ _FS_REFER, _FS_TRUNCATE, _FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 _NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
 _SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1
 _FILE_ONLY = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
-_RULE_PATH_BENEATH = 1
+_RULE_PATH_BENEATH, _RULE_NET_PORT = 1, 2
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -167,6 +168,10 @@ class _PathBeneath(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
+class _NetPort(ctypes.Structure):
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
+
+
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version (0: Landlock is absent or disabled at boot)."""
     v = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
@@ -174,9 +179,11 @@ def landlock_abi() -> int:
 
 
 def landlock(read: Iterable[str | os.PathLike], write: Iterable[str | os.PathLike],
-             devices: Iterable[str | os.PathLike] = (), list_only: Iterable[str | os.PathLike] = ()) -> list[Layer]:
+             devices: Iterable[str | os.PathLike] = (), list_only: Iterable[str | os.PathLike] = (),
+             bind_ports: Iterable[int] | None = None) -> list[Layer]:
     """Read-only `read`, read-write `write`, read-write + ioctl `devices`, `list_only` folders listed but their
-    files unread; nothing else, and no TCP."""
+    files unread; nothing else, and no TCP. bind_ports (a process of a cluster, corejax/distributed.py): TCP
+    connect is left to seccomp (close_network), and bind is allowed on these ports only (0: an ephemeral one)."""
     abi = landlock_abi()
     if abi == 0:
         return [Layer("landlock", False, "the kernel has no Landlock (needs Linux 5.13+ with lsm=landlock)",
@@ -184,7 +191,7 @@ def landlock(read: Iterable[str | os.PathLike], write: Iterable[str | os.PathLik
                 Layer("landlock_network", False, "no Landlock", available=False)]
     fs = _FS_ALL_V1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0) | (
         _FS_IOCTL_DEV if abi >= 5 else 0)
-    net = _NET_BIND_TCP | _NET_CONNECT_TCP if abi >= 4 else 0
+    net = (_NET_BIND_TCP | (_NET_CONNECT_TCP if bind_ports is None else 0)) if abi >= 4 else 0
     scoped = _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL if abi >= 6 else 0
     attr = _RulesetAttr(fs, net, scoped)
     size = 8 if abi < 4 else 16 if abi < 6 else 24
@@ -213,13 +220,21 @@ def landlock(read: Iterable[str | os.PathLike], write: Iterable[str | os.PathLik
                         granted.append(p)
                 finally:
                     os.close(fd)
+        for port in (bind_ports or ()) if net else ():
+            rule = _NetPort(_NET_BIND_TCP, port)
+            if _libc.syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(rs), ctypes.c_int(_RULE_NET_PORT),
+                             ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
+                return [Layer("landlock", False, _err("add_rule(net port)")), Layer("landlock_network", False, "")]
         if _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(rs), ctypes.c_uint32(0)) != 0:
             return [Layer("landlock", False, _err("landlock_restrict_self")), Layer("landlock_network", False, "")]
     finally:
         os.close(rs)
     fs_detail = f"ABI {abi}: {len(granted)} paths granted" + (", scoped signals/abstract sockets" if scoped else "")
+    net_detail = "TCP bind and connect denied" if bind_ports is None else (
+        f"TCP bind only on port(s) {', '.join(map(str, bind_ports)) or 'none'} (0: ephemeral); connect until "
+        "the cluster has joined, then none (seccomp)")
     return [Layer("landlock", True, fs_detail),
-            Layer("landlock_network", bool(net), "TCP bind and connect denied" if net else
+            Layer("landlock_network", bool(net), net_detail if net else
                   f"Landlock ABI {abi} has no network rules (needs 4)", available=bool(net))]
 
 
@@ -257,6 +272,11 @@ SYSTEM_READ = ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/e
                "/sys/devices/system/cpu", "/sys/fs/cgroup", "/sys/devices/system/node", "/dev/urandom", "/dev/random")
 
 
+# A process of a cluster resolves the coordinator's host name, and gloo reads its interface's PCI device.
+NETWORK_READ = ("/etc/hosts", "/etc/host.conf", "/etc/nsswitch.conf", "/etc/resolv.conf", "/etc/gai.conf",
+                "/sys/class/net", "/sys/bus/pci", "/sys/devices")
+
+
 def own_proc() -> list[str]:
     return [f"/proc/{os.getpid()}"]
 DEVICES = ("/dev/null", "/dev/zero")
@@ -268,26 +288,46 @@ def gpu_devices() -> list[str]:
 
 def apply(*, model_paths: Iterable[str], private_dirs: Iterable[str], extra_read: Iterable[str] = (),
           network_namespace: bool = True, max_file_bytes: int = 16 << 30, max_open_files: int = 4096,
-          extra_tasks: int = 1024) -> list[Layer]:
-    """Restricts the calling process for good. Call while it has one thread (Landlock binds only the caller)."""
+          extra_tasks: int = 1024, cluster: Any = None) -> list[Layer]:
+    """Restricts the calling process for good. Call while it has one thread (Landlock binds only the caller).
+
+    cluster (a corejax.distributed.Cluster): the process is one of several serving a model. It keeps the host's
+    network (no namespace: the coordinator and the other processes must be reachable), may bind only the
+    coordinator's port (process 0 listens there) or an ephemeral port (the collectives' listener), and may
+    make TCP sockets and connections until close_network(), which the worker calls once it has joined
+    (corejax/distributed.py: join) and before it opens the model."""
     layers = []
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         layers.append(Layer("single_thread", False, f"{threads} threads existed before the policy"))
+    if cluster is not None:
+        network_namespace = False
     layers.append(new_network_namespace() if network_namespace else
-                  Layer("network_namespace", False, "off (network_namespace=False)", available=False))
+                  Layer("network_namespace", False, "off (one process of a cluster: it needs the host's network)"
+                        if cluster is not None else "off (network_namespace=False)", available=False))
     layers.append(set_rlimits(max_file_bytes=max_file_bytes, max_open_files=max_open_files, extra_tasks=extra_tasks))
     layers.append(drop_capabilities())
     layers.append(set_no_new_privs())
     python_read, python_list = python_paths()
-    read = [*python_read, *SYSTEM_READ, *own_proc(), *model_paths, *extra_read]
+    read = [*python_read, *SYSTEM_READ, *own_proc(), *model_paths, *extra_read,
+            *(NETWORK_READ if cluster is not None else ())]
     gpus = gpu_devices()  # listed before Landlock hides /dev
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1 and not any(layer.name == "single_thread" for layer in layers):
         layers.append(Layer("single_thread", False, f"{threads} threads started while the policy was prepared"))
-    layers += landlock(read, private_dirs, [*DEVICES, *gpus], list_only=python_list)
+    bind_ports = None if cluster is None else [cluster.port, 0] if cluster.leader else [0]
+    layers += landlock(read, private_dirs, [*DEVICES, *gpus], list_only=python_list, bind_ports=bind_ports)
     from corejax.sandbox.seccomp import seccomp  # its own module: the filter is the largest layer
 
-    layers.append(seccomp(any_ioctl=bool(gpus)))
+    layers.append(seccomp(any_ioctl=bool(gpus), network=cluster is not None))
     return layers
+
+
+def close_network() -> Layer:
+    """A process of a cluster, once joined: no new socket, connection, bind, listen or accept on any thread
+    from now on. It keeps the connections it holds (to the coordinator, and the collectives' to the other
+    processes) and can make no other."""
+    from corejax.sandbox.seccomp import deny
+
+    return deny("network_closed", ("socket", "socketpair", "connect", "bind", "listen", "accept", "accept4"))
 

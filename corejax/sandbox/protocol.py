@@ -145,9 +145,14 @@ def _read_head(head: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
     return dtype, tuple(shape), math.prod(shape) * dtype.itemsize  # Python integers: no int64 wrap-around
 
 
+def pack(payload: Mapping[str, Any]) -> bytes:
+    """A payload's msgpack bytes (arrays as extension values); decode_payload reads them back."""
+    return msgpack.packb(payload, default=_default, use_bin_type=True)
+
+
 def encode(kind: Kind, rid: int, payload: Mapping[str, Any] | None = None, flags: int = 0) -> bytes:
     """One frame as bytes."""
-    body = msgpack.packb(payload or {}, default=_default, use_bin_type=True)
+    body = pack(payload or {})
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"a {Kind(kind).name} payload of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
     return HEADER.pack(MAGIC, VERSION, kind, flags, rid, len(body)) + body

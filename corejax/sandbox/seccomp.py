@@ -111,13 +111,15 @@ _SCMP_ACT_LOG = 0x7FFC0000
 _SCMP_CMP_EQ = 4
 
 
-def seccomp(*, any_ioctl: bool = False) -> Layer:
-    """An allow-list filter on every thread (TSYNC): ALLOWED, clone for threads only, scheduling, limits and
-    signals on the worker itself, the ioctl requests above; EPERM for DENIED, ENOSYS for everything else.
-    COREJAX_SECCOMP_LOG=1 (measurement only) allows and logs what the list lacks instead of refusing it."""
-    lib = _libseccomp()
-    if lib is None:
-        return Layer("seccomp", False, "libseccomp.so.2 not found (apt-get install libseccomp2)", available=False)
+# One process of a cluster (corejax/distributed.py) joins the others over TCP after this filter is loaded: it
+# may make IPv4/IPv6 (and netlink) sockets, connect, bind, listen and accept until policy.close_network() stacks a filter
+# that refuses them all.
+# (seccomp itself too: the second filter is loaded with it; a filter can only ever narrow what is allowed).
+_NETWORK = ("connect", "bind", "listen", "accept", "accept4", "seccomp")
+_AF_INET, _AF_INET6, _AF_NETLINK = 2, 10, 16  # netlink: getifaddrs (gloo finds its interface by address)
+
+
+def _bind(lib: ctypes.CDLL) -> None:
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
@@ -126,6 +128,18 @@ def seccomp(*, any_ioctl: bool = False) -> Layer:
     lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
     lib.seccomp_load.argtypes = [ctypes.c_void_p]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
+
+
+def seccomp(*, any_ioctl: bool = False, network: bool = False) -> Layer:
+    """An allow-list filter on every thread (TSYNC): ALLOWED, clone for threads only, scheduling, limits and
+    signals on the worker itself, the ioctl requests above; EPERM for DENIED, ENOSYS for everything else.
+    network: TCP sockets and connections too (_NETWORK), for a process of a cluster until close_network
+    (sockets of other families fall to the default, ENOSYS).
+    COREJAX_SECCOMP_LOG=1 (measurement only) allows and logs what the list lacks instead of refusing it."""
+    lib = _libseccomp()
+    if lib is None:
+        return Layer("seccomp", False, "libseccomp.so.2 not found (apt-get install libseccomp2)", available=False)
+    _bind(lib)
     logging = os.environ.get("COREJAX_SECCOMP_LOG") == "1"
     default = _SCMP_ACT_LOG if logging else _scmp_errno(errno.ENOSYS)
     ctx = lib.seccomp_init(default)
@@ -152,7 +166,13 @@ def seccomp(*, any_ioctl: bool = False) -> Layer:
         for name in ALLOWED:
             rule(_SCMP_ACT_ALLOW, name)
         for name in DENIED:
-            rule(eperm, name)
+            if not (network and name == "socket"):
+                rule(eperm, name)
+        if network:
+            for name in _NETWORK:
+                rule(_SCMP_ACT_ALLOW, name)
+            for family in (_AF_INET, _AF_INET6, _AF_NETLINK):
+                rule(_SCMP_ACT_ALLOW, "socket", (0, _SCMP_CMP_EQ, family, 0))
         rule(_SCMP_ACT_ALLOW, "prlimit64", (2, _SCMP_CMP_EQ, 0, 0))  # reading limits
         rule(eperm, "prlimit64", (2, _SCMP_CMP_NE, 0, 0))  # a new limit
         ns = 0
@@ -194,4 +214,30 @@ def seccomp(*, any_ioctl: bool = False) -> Layer:
                      "allow-list are allowed and logged, not refused", available=False)
     return Layer("seccomp", True, f"allow-list filter, {count} rules (ENOSYS otherwise; EPERM for exec, fork, "
                  f"memfd, namespaces; scheduling and signals only on itself; {len(_IOCTLS)} ioctl requests"
-                 f"{' + device ioctls' if any_ioctl else ''}){note}")
+                 f"{' + device ioctls' if any_ioctl else ''}"
+                 f"{'; TCP sockets until the cluster has joined' if network else ''}){note}")
+
+
+def deny(name: str, calls: tuple[str, ...]) -> Layer:
+    """A second filter stacked on the first, on every thread (TSYNC): `calls` fail with EPERM from now on,
+    everything else is as the first filter decides."""
+    lib = _libseccomp()
+    if lib is None:
+        return Layer(name, False, "libseccomp.so.2 not found", available=False)
+    _bind(lib)
+    ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
+    if not ctx:
+        return Layer(name, False, "seccomp_init failed")
+    try:
+        for call in calls:
+            nr = lib.seccomp_syscall_resolve_name(call.encode())
+            if nr >= 0 and lib.seccomp_rule_add_array(ctx, _scmp_errno(errno.EPERM), nr, 0, None) != 0:
+                return Layer(name, False, f"seccomp_rule_add({call}) failed")
+        if lib.seccomp_attr_set(ctx, _SCMP_FLTATR_CTL_TSYNC, 1) != 0:
+            return Layer(name, False, "libseccomp cannot synchronise threads (SCMP_FLTATR_CTL_TSYNC)")
+        rc = lib.seccomp_load(ctx)
+        if rc != 0:
+            return Layer(name, False, f"seccomp_load failed: {os.strerror(-rc)}")
+    finally:
+        lib.seccomp_release(ctx)
+    return Layer(name, True, f"EPERM on every thread for {', '.join(calls)}")

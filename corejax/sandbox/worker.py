@@ -189,6 +189,27 @@ def _reporter(conn: Any) -> Callable[[str, int, int], None]:
     return lambda stage, done, total: conn.send(Kind.PROGRESS, 0, {"stage": stage, "done": done, "total": total})
 
 
+def _join(options: dict) -> bool:
+    """One process of a cluster (options["cluster"]): joins the others before anything else touches JAX."""
+    from corejax import distributed
+
+    cluster = distributed.Cluster.from_wire(options.get("cluster"))
+    if cluster is not None:
+        distributed.join(cluster)
+    return cluster is not None
+
+
+def _serve(conn, runtime: Any, **loop: Any) -> None:
+    """The request loop; a follower of a cluster instead runs the leader's steps until the leader leaves."""
+    from corejax import distributed
+
+    if runtime is not None and getattr(runtime, "follower", False):
+        runtime.follow()
+    else:
+        WorkerLoop(conn, runtime, **loop).serve()
+    distributed.leave()
+
+
 def serve_in_process(sock, source, on_loaded: Callable[[Any], None] | None = None,
                      options: dict | None = None) -> None:
     """Session(sandbox=False): the same loop on a thread of this process, with no policy."""
@@ -197,6 +218,7 @@ def serve_in_process(sock, source, on_loaded: Callable[[Any], None] | None = Non
     conn = Connection(sock)
     try:
         conn.send(Kind.READY, 0, {"pid": os.getpid(), "report": [], "stage": "policy"})
+        _join(options or {})
         runtime = (load_runtime(source.name, source.format, str(source.path), options, _reporter(conn))
                    if source is not None else None)
         if on_loaded is not None:
@@ -208,7 +230,7 @@ def serve_in_process(sock, source, on_loaded: Callable[[Any], None] | None = Non
         finally:
             conn.close()
         return
-    WorkerLoop(conn, runtime).serve()
+    _serve(conn, runtime)
     conn.close()
 
 
@@ -236,8 +258,12 @@ def main(argv: list[str] | None = None) -> None:
 
     sock = socket.socket(fileno=args.fd)
     model_paths = [args.model[2]] if args.model else []
+    options = json.loads(args.options)
+    from corejax.distributed import Cluster
+
     layers = policy.apply(model_paths=model_paths, private_dirs=[args.private, *args.writable],
-                          extra_read=args.read, network_namespace=not args.no_netns)
+                          extra_read=args.read, network_namespace=not args.no_netns,
+                          cluster=Cluster.from_wire(options.get("cluster")))
     # From here on the process is restricted; only now may numpy, JAX and the model code be imported.
     from corejax.kernels import ffi
 
@@ -245,14 +271,21 @@ def main(argv: list[str] | None = None) -> None:
     from corejax.sandbox.protocol import Connection, Kind
 
     conn = Connection(sock)
-    report = [layer.as_dict() for layer in layers]
-    conn.send(Kind.READY, 0, {"pid": os.getpid(), "report": report, "stage": "policy"})
     if any(layer.name == "single_thread" for layer in layers):
+        conn.send(Kind.READY, 0, {"pid": os.getpid(), "report": [lay.as_dict() for lay in layers], "stage": "policy"})
         conn.send(Kind.ERROR, 0, {"type": "SandboxError", "message": (
             "the worker had several threads before its policy was applied, so Landlock would bind only one; "
             "refusing to open the model")})
         os._exit(2)
-    options = json.loads(args.options)
+    try:
+        if _join(options):  # a cluster's connections are all open now: no new one from here on
+            layers.append(policy.close_network())
+    except Exception as e:  # noqa: BLE001
+        conn.send(Kind.READY, 0, {"pid": os.getpid(), "report": [lay.as_dict() for lay in layers], "stage": "policy"})
+        conn.send(Kind.ERROR, 0, _error_payload(e))
+        conn.close()
+        os._exit(3)
+    conn.send(Kind.READY, 0, {"pid": os.getpid(), "report": [lay.as_dict() for lay in layers], "stage": "policy"})
     describe = args.model[2] if args.model and options.get("describe") else None
     try:
         runtime = load_runtime(*args.model, options, _reporter(conn)) if args.model and not describe else None
@@ -261,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         conn.close()
         os._exit(3)
     conn.send(Kind.READY, 0, {"pid": os.getpid(), "stage": "loaded"})
-    WorkerLoop(conn, runtime, testing=args.testing, poll_s=0.001, describe=describe).serve()
+    _serve(conn, runtime, testing=args.testing, poll_s=0.001, describe=describe)
     conn.close()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown: JAX's threads can make a normal exit slow
