@@ -152,6 +152,16 @@ def _token_logprobs(params: Any, tokens: jax.Array, cfg: ModelConfig) -> jax.Arr
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
+# The programs that write KV pages in place and then read them (attention) in the same layer loop. XLA:CPU's
+# default copy insertion keeps the in-place update only when no fusion reads the pool before the write; in
+# the partitioned (devices > 1) programs the fuser folds the V write into the attention's first page gather,
+# and copy insertion then copied the whole pool twice per layer per step (SmolLM2 on 2 forced devices, 8k-token
+# pool: 0.6 tok/s, against 33 on one device on the same XLA ops). Region analysis proves the reads come first
+# and drops the copies: 25 tok/s, one device unchanged (benchmarks/sharded.py, docs/DISTRIBUTED.md;
+# tests/test_sharding.py checks the HLO). The option is XLA:CPU's; other backends ignore it.
+CACHE_WRITER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
 def _jit(fn: Any, **options: Any) -> Any:
     # A fresh callable per jit: JAX keys its trace and executable caches on the function, weakly, so the
     # programs compiled for this wrapper are freed when it is.
@@ -168,9 +178,11 @@ class Programs:
     same model recompiles, served by the persistent compilation cache."""
 
     def __init__(self) -> None:
-        self.prefill = _jit(_prefill, static_argnames=("cfg",), donate_argnames=("cache",))
-        self.decode_step = _jit(_decode_step, static_argnames=("cfg",), donate_argnames=("cache", "penalties"))
-        self.copy_page = _jit(_copy_page, donate_argnames=("cache",))
+        self.prefill = _jit(_prefill, static_argnames=("cfg",), donate_argnames=("cache",),
+                            compiler_options=CACHE_WRITER_OPTIONS)
+        self.decode_step = _jit(_decode_step, static_argnames=("cfg",), donate_argnames=("cache", "penalties"),
+                                compiler_options=CACHE_WRITER_OPTIONS)
+        self.copy_page = _jit(_copy_page, donate_argnames=("cache",), compiler_options=CACHE_WRITER_OPTIONS)
         self.full_logits = _jit(_full_logits, static_argnames=("cfg",))
         self.encode = _jit(_encode, static_argnames=("cfg", "output", "normalize", "scores"))
         self.token_logprobs = _jit(_token_logprobs, static_argnames=("cfg",))

@@ -17,6 +17,7 @@ to cancel; tests drive `step()` with `background=False`."""
 
 from __future__ import annotations
 
+import atexit
 import collections
 import threading
 import time
@@ -36,6 +37,28 @@ from corejax.speculative import Proposer, Speculation, SpeculativeConfig
 from corejax.structured import FINISH_UNSATISFIABLE, step_masks, trim_drafts
 
 GREEDY_ROW = SamplingParams(temperature=0.0)
+
+# The background schedulers and their threads (a thread outlives its scheduler by up to one wait), so that
+# interpreter exit can end the threads first (_end_loops).
+_LIVE: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+_THREADS: set[threading.Thread] = set()
+_EXITING = threading.Event()
+
+
+@atexit.register
+def _end_loops() -> None:
+    """Ends every scheduler thread before the interpreter finalizes. A daemon thread still inside XLA then (a
+    step, or a compile the last request left behind: likely with a cold compilation cache) is ended by
+    pthread_exit as it takes the GIL back, and the forced unwind through XLA's C++ frames aborts the process
+    ("terminate called after throwing ... FATAL: exception not rethrown"), after the script's work was done.
+    Each thread finishes the call it is in (bounded: 30 s in all) and returns; queued requests stay unfinished."""
+    _EXITING.set()
+    for sched in list(_LIVE):
+        with sched._cv:
+            sched._cv.notify_all()
+    deadline = time.monotonic() + 30
+    for thread in list(_THREADS):
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 class Scheduler:
@@ -79,6 +102,8 @@ class Scheduler:
             if self.background and self._thread is None:
                 self._thread = threading.Thread(target=Scheduler._loop, args=(weakref.ref(self),),
                                                 name="corejax-scheduler", daemon=True)
+                _LIVE.add(self)
+                _THREADS.add(self._thread)
                 self._thread.start()
             self._cv.notify()
         return req
@@ -98,13 +123,20 @@ class Scheduler:
     def _loop(ref: weakref.ref) -> None:
         """The background thread. It holds its scheduler only while stepping, never while it waits, so a
         Runtime nobody references any more is freed — weights, KV pool and all — and the thread ends."""
-        while True:
+        try:
+            Scheduler._serve(ref)
+        finally:
+            _THREADS.discard(threading.current_thread())
+
+    @staticmethod
+    def _serve(ref: weakref.ref) -> None:
+        while not _EXITING.is_set():
             sched = ref()
             if sched is None:
                 return
             cv = sched._cv
             with cv:  # submit() appends and notifies under this lock: no wake-up is lost between check and wait
-                idle = sched.idle
+                idle = sched.idle or _EXITING.is_set()
                 if idle:
                     del sched
                     cv.wait(timeout=0.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,41 @@ def test_smollm2_sharded_equals_one_device(smollm2_gguf):
 @pytest.mark.slow
 def test_gemma3_sharded_equals_one_device(gemma3_gguf):
     check(run_sharded("gemma3", gemma3_gguf))  # its 4 query heads split, its one KV head replicated
+
+
+POOL_COPY_SCRIPT = """
+import re, sys
+from pathlib import Path
+from corejax.config import EngineConfig
+from corejax.hub import ModelSource
+from corejax.options import SamplingParams
+from corejax.runtime import Runtime
+rt = Runtime(ModelSource("tiny", "gguf", Path(sys.argv[1])), progress=False,
+             engine=EngineConfig(devices=2, kv_cache_tokens=1024))
+*_, last = rt.stream("the cat sat", None, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+pool = rt.engine.cache.k_pages
+print("pool", "f32[" + ",".join(map(str, pool.shape)) + "]", len(pool.sharding.device_set))
+"""
+
+
+def test_partitioned_decode_updates_the_pool_in_place(tmp_path):
+    """The 2-device decode program writes the KV pool in place: no whole-pool copy in the optimized HLO. Without
+    engine.py's CACHE_WRITER_OPTIONS, XLA:CPU copied the pool twice per layer per step (decode 40x slower)."""
+    # 4 query heads, 1 KV head: attention and the pool replicated, as for both real models at N = 2 and 4.
+    path = write_tiny_llama(tmp_path / "tiny.gguf", context=128, heads=4, kv_heads=1, hidden=64, ffn=128,
+                            quantize=None)
+    dump = tmp_path / "hlo"
+    env = dict(os.environ, COREJAX_NATIVE="0", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 --xla_dump_to={dump} --xla_dump_hlo_as_text "
+                         "--xla_dump_hlo_module_re=decode_step")
+    out = subprocess.run([sys.executable, "-c", POOL_COPY_SCRIPT, str(path)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, shape, devices = out.stdout.split()[-3:]
+    assert devices == "2"
+    programs = list(dump.glob("*decode_step*after_optimizations.txt"))
+    assert programs, sorted(p.name for p in dump.iterdir())
+    for program in programs:
+        copies = [line for line in program.read_text().splitlines()
+                  if re.search(rf"= {re.escape(shape)}\{{[0-9,]*\}} copy\(", line)]
+        assert not copies, f"{program.name} copies the KV pool:\n" + "\n".join(copies[:4])
