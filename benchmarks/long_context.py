@@ -57,7 +57,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2], args.decode_tokens)))
         return
-    from corejax.bench.machine import fingerprint
+    from corejax.bench.record import write_rows
 
     rows = []
     for ctx in args.contexts:
@@ -75,11 +75,7 @@ def main() -> None:
         print(f"{r['kv_dtype']:<8}{r['prompt_tokens']:>7}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>13.1f}"
               f"{r['peak_rss'] / mb:>12.0f}{r['weight_bytes'] / mb:>11.0f}{r['kv_pool_bytes'] / mb:>11.0f}"
               f"{r['dense_scores_bytes'] / mb:>16.0f}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python benchmarks/long_context.py " + " ".join(sys.argv[1:]),
-                               "fingerprint": fingerprint(), "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_rows(args.json, "benchmarks/long_context.py", sys.argv[1:], rows)
 
 
 if __name__ == "__main__":

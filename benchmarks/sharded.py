@@ -56,7 +56,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.kv_cache_tokens, args.decode_tokens)))
         return
-    from corejax.bench.machine import fingerprint
+    from corejax.bench.record import write_rows
 
     runs = [(n, True) for n in args.devices] + ([(1, False)] if 1 in args.devices else [])
     rows = []
@@ -82,11 +82,7 @@ def main() -> None:
             same = "-" if one is None else "yes" if r["tokens"] == one["tokens"] else "NO"
             print(f"{model:<24}{label:>9}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>13.1f}{vs[0]:>9}{vs[1]:>7}"
                   f"{same:>12}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python benchmarks/sharded.py " + " ".join(sys.argv[1:]),
-                               "fingerprint": fingerprint(), "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_rows(args.json, "benchmarks/sharded.py", sys.argv[1:], rows)
 
 
 if __name__ == "__main__":

@@ -125,3 +125,16 @@ def fingerprint_differences(old: dict[str, Any], new: dict[str, Any]) -> list[st
 
 def regressions(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r["status"] == "regression"]
+
+
+def write_rows(path: str | Path, script: str, argv: Sequence[str], rows: list[dict[str, Any]]) -> Path:
+    """A stand-alone benchmark's rows (benchmarks/*.py) as JSON beside the command that made them and this
+    machine's fingerprint; prints where it went."""
+    from corejax.bench.machine import fingerprint
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": f"python {script} " + " ".join(argv), "fingerprint": fingerprint(),
+                               "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return out
