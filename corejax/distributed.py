@@ -84,6 +84,19 @@ class Cluster:
         return None if d is None else cls(**d)
 
     @classmethod
+    def of(cls, value: Any) -> Cluster | None:
+        """Session(cluster=...)'s argument as a Cluster: None, a Cluster, or a dict of its fields."""
+        if value is None or isinstance(value, Cluster):
+            return value
+        if isinstance(value, Mapping):
+            try:
+                return cls(**value)
+            except TypeError as e:
+                raise InvalidParameterError(f"cluster: {e}; give coordinator, num_processes and process_id") from None
+        raise InvalidParameterError(
+            f"cluster must be a corejax.distributed.Cluster or a dict; got {type(value).__name__}")
+
+    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Cluster | None:
         """The cluster the environment names (COREJAX_COORDINATOR, COREJAX_NUM_PROCESSES, COREJAX_PROCESS_ID,
         or JAX's JAX_* names), or None when it names none."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from corejax import hub, native
 from corejax.config import WEIGHT_MODES, EngineConfig
+from corejax.distributed import Cluster
 from corejax.options import SamplingParams, SpeculativeConfig
 from corejax.errors import CorejaxError, InvalidParameterError, RequestTimeout, WorkerCrashed
 from corejax.filter import Blocklist
@@ -132,7 +133,7 @@ class Session:
             raise InvalidParameterError("output_filter must be a corejax.Blocklist, e.g. Blocklist(['word']); "
                                         f"got {type(output_filter).__name__}")
         self.output_filter = output_filter
-        self.cluster = _cluster(cluster)
+        self.cluster = Cluster.of(cluster)
         self._options = {"weights": weights, "engine": dataclasses.asdict(engine), "memory_limit": memory_limit,
                          "progress": bool(progress), "warmup": bool(warmup),
                          "output_filter": None if output_filter is None else output_filter.to_wire(),
@@ -493,17 +494,3 @@ def _close_client(holder: list) -> None:
     client = holder[0]
     if client is not None:
         client.close()
-
-
-def _cluster(cluster: Any) -> Any:
-    """Session(cluster=...) as a corejax.distributed.Cluster (or None)."""
-    from corejax.distributed import Cluster
-
-    if cluster is None or isinstance(cluster, Cluster):
-        return cluster
-    if isinstance(cluster, Mapping):
-        try:
-            return Cluster(**cluster)
-        except TypeError as e:
-            raise InvalidParameterError(f"cluster: {e}; give coordinator, num_processes and process_id") from None
-    raise InvalidParameterError(f"cluster must be a corejax.distributed.Cluster or a dict; got {type(cluster).__name__}")
