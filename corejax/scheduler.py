@@ -38,26 +38,27 @@ from corejax.structured import FINISH_UNSATISFIABLE, step_masks, trim_drafts
 
 GREEDY_ROW = SamplingParams(temperature=0.0)
 
-# The background schedulers and their threads (a thread outlives its scheduler by up to one wait), so that
-# interpreter exit can end the threads first (_end_loops).
-_LIVE: weakref.WeakSet[Scheduler] = weakref.WeakSet()
-_THREADS: set[threading.Thread] = set()
+# Each live scheduler thread and the condition it waits on (a thread outlives its scheduler by up to one
+# wait), so that interpreter exit can end the threads first (_end_loops).
+_LOOPS: dict[threading.Thread, threading.Condition] = {}
 _EXITING = threading.Event()
 
 
 @atexit.register
 def _end_loops() -> None:
-    """Ends every scheduler thread before the interpreter finalizes. A daemon thread still inside XLA then (a
-    step, or a compile the last request left behind: likely with a cold compilation cache) is ended by
-    pthread_exit as it takes the GIL back, and the forced unwind through XLA's C++ frames aborts the process
-    ("terminate called after throwing ... FATAL: exception not rethrown"), after the script's work was done.
-    Each thread finishes the call it is in (bounded: 30 s in all) and returns; queued requests stay unfinished."""
+    """Ends every scheduler thread before the interpreter finalizes. Left running, a daemon thread that drops
+    the last reference to a JAX array during finalization aborts the process after the script's work is done:
+    the array's C++ destructor releases the GIL, taking it back then ends the thread with pthread_exit, and the
+    forced unwind through that noexcept destructor calls std::terminate ("FATAL: exception not rethrown"; seen
+    in a core dump, about 1 exit in 10 with a cold compilation cache). Each thread finishes the call it is in
+    (bounded: 30 s in all) and returns; queued requests stay unfinished."""
     _EXITING.set()
-    for sched in list(_LIVE):
-        with sched._cv:
-            sched._cv.notify_all()
+    loops = list(_LOOPS.items())
+    for _, cv in loops:
+        with cv:
+            cv.notify_all()
     deadline = time.monotonic() + 30
-    for thread in list(_THREADS):
+    for thread, _ in loops:
         thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
@@ -102,8 +103,7 @@ class Scheduler:
             if self.background and self._thread is None:
                 self._thread = threading.Thread(target=Scheduler._loop, args=(weakref.ref(self),),
                                                 name="corejax-scheduler", daemon=True)
-                _LIVE.add(self)
-                _THREADS.add(self._thread)
+                _LOOPS[self._thread] = self._cv
                 self._thread.start()
             self._cv.notify()
         return req
@@ -126,7 +126,7 @@ class Scheduler:
         try:
             Scheduler._serve(ref)
         finally:
-            _THREADS.discard(threading.current_thread())
+            _LOOPS.pop(threading.current_thread(), None)
 
     @staticmethod
     def _serve(ref: weakref.ref) -> None:
