@@ -158,7 +158,8 @@ def _token_logprobs(params: Any, tokens: jax.Array, cfg: ModelConfig) -> jax.Arr
 # and copy insertion then copied the whole pool twice per layer per step (SmolLM2 on 2 forced devices, 8k-token
 # pool: 0.6 tok/s, against 33 on one device on the same XLA ops). Region analysis proves the reads come first
 # and drops the copies: 25 tok/s, one device unchanged (benchmarks/sharded.py, docs/DISTRIBUTED.md;
-# tests/test_sharding.py checks the HLO). The option is XLA:CPU's; other backends ignore it.
+# tests/test_sharding.py checks the HLO; figures on a 2-core EPYC, AVX-512). It is an XLA:CPU setting in the
+# DebugOptions every backend parses; no GPU compile has been run with it yet.
 CACHE_WRITER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
