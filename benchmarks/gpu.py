@@ -41,7 +41,6 @@ import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
@@ -54,7 +53,6 @@ import tempfile
 import threading
 import time
 import traceback
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,20 +159,11 @@ def smoke_case(case: FlashCase | PagedCase) -> FlashCase | PagedCase:
 
 
 def import_corejax() -> None:
-    """corejax and corejax.kernels as packages over this checkout, without corejax/__init__.py (the Session
-    stack and its imports are not needed here), so the script runs from a copied working tree."""
-    if "corejax.kernels" in sys.modules:
-        return
-    package = types.ModuleType("corejax")
-    package.__path__ = [str(ROOT / "corejax")]
-    package.__file__ = str(ROOT / "corejax" / "__init__.py")
-    sys.modules["corejax"] = package
-    spec = importlib.util.spec_from_file_location("corejax.kernels", ROOT / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "kernels")])
-    kernels = importlib.util.module_from_spec(spec)
-    sys.modules["corejax.kernels"] = kernels
-    package.kernels = kernels
-    spec.loader.exec_module(kernels)
+    """corejax from this checkout (the script runs from a copied working tree, installed or not): its __init__
+    maps corejax.kernels to the tree's kernels/ folder."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import corejax  # noqa: F401
 
 
 def clip(text: str) -> str:
@@ -311,7 +300,7 @@ def paged_inputs(case: PagedCase, rng) -> tuple[tuple, dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from corejax.kernels import quantize_kv
+    from corejax.kernels.kv_quant import quantize_kv
 
     pps = case.context // PAGE
     pages = case.b * pps + 1
@@ -342,7 +331,8 @@ def kernel_case(case: FlashCase | PagedCase, interpret: bool, iters: int) -> dic
     """Pallas against the float32 reference (highest matmul precision), then Pallas and lax timed."""
     import jax
     import numpy as np
-    from corejax.kernels import flash_attention, flash_attention_reference, paged_attention, paged_attention_reference
+    from corejax.kernels.flash_attention import flash_attention, flash_attention_reference
+    from corejax.kernels.paged_attention import paged_attention, paged_attention_reference
     from corejax.kernels.flash_attention import BlockSizes as FlashBlocks
     from corejax.kernels.paged_attention import BlockSizes as PagedBlocks
 

@@ -8,6 +8,10 @@ Public API (everything else is internal):
     and the exceptions below.
 """
 
+from corejax import paths as _paths
+
+_paths.map_source_tree_kernels()  # run from a source tree, corejax.kernels is the top-level kernels/ folder
+
 from corejax import native as _native
 
 _native.cap_xla_isa()  # COREJAX_ISA=avx2 on a wider CPU: XLA generates AVX2 code too (before any backend starts)

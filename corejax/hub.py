@@ -310,7 +310,10 @@ def _gguf_hint(folder: Path) -> str:
 def resolve(model: str | os.PathLike | None, *, pull: bool = True, progress: bool = True) -> ModelSource:
     """A registry name (pulled on first use, unless pull=False), a .gguf file, or an HF folder -> ModelSource.
 
-    None means DEFAULT_MODEL. Registry names win over same-named relative paths."""
+    None means DEFAULT_MODEL. Registry names win over same-named relative paths. A ModelSource is returned as it is
+    (a kept server opens the model its client resolved)."""
+    if isinstance(model, ModelSource):
+        return model
     if model is None:
         model = DEFAULT_MODEL
     if isinstance(model, str) and model in REGISTRY:

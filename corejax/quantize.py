@@ -279,19 +279,8 @@ def _requantize(t: SourceTensor, qtype: str) -> tuple[np.ndarray, tuple[float, f
     return out, (e_max, e_sum, e_sq, v_sq, rows * cols)
 
 
-def add_parser(sub: Any) -> None:
-    """`corejax quantize SOURCE OUTPUT [-t Q8_0|Q4_0|Q4_1]` on the CLI's subparsers."""
-    p = sub.add_parser("quantize", help="write a GGUF model with its matrices quantized to Q8_0, Q4_0 or Q4_1")
-    p.add_argument("source", help="a .gguf model (F32/F16/BF16, or already quantized: it is re-quantized), "
-                                  "or a registry name")
-    p.add_argument("output", help="the .gguf file to write")
-    p.add_argument("-t", "--type", default="Q8_0",
-                   help="Q8_0 (int8, default), Q4_0 (symmetric 4-bit) or Q4_1 (int4: 4-bit with block minimums)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_quantize)
-
-
-def _cmd_quantize(args: Any) -> int:
+def cmd_quantize(args: Any) -> int:
+    """`corejax quantize SOURCE OUTPUT [-t TYPE]` (its flags: corejax/cli.py)."""
     from corejax import hub
 
     source = Path(args.source)

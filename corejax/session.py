@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from corejax import hub, native
@@ -17,6 +17,7 @@ from corejax.distributed import Cluster
 from corejax.options import SamplingParams, SpeculativeConfig
 from corejax.errors import CorejaxError, InvalidParameterError, RequestTimeout, WorkerCrashed
 from corejax.filter import Blocklist
+from corejax.keepalive import KeptServer, parse_duration
 from corejax.options import check_prompt
 from corejax.results import Chunk, Classification, GenerationResult
 from corejax.sandbox import messages as wire
@@ -104,6 +105,11 @@ class Session:
         (corejax.distributed.Cluster(coordinator="HOST:PORT", num_processes=N, process_id=I), or the same as a
         dict): process 0 takes the requests and schedules; every other process calls follow(), which returns
         when process 0 closes. Start them all with the same model and options (docs/DISTRIBUTED.md).
+    keep_alive: seconds (or "30s", "5m", "1h"; default $COREJAX_KEEP_ALIVE, else 5 minutes) the sandboxed worker
+        stays loaded in a background process after the last Session using it closes, as `corejax generate`
+        keeps its model (corejax/keepalive.py): a Session in a new process with the same model and options
+        finds it loaded and starts in a fraction of a second. The sandbox, results and errors are the same; 0
+        starts a worker of this Session's own, which leaves with it. sandbox=False and clusters never keep one.
     Thread-safe and concurrent: requests from several threads or asyncio tasks run batched together in the
     worker (continuous batching), each streaming its own tokens.
     """
@@ -116,7 +122,8 @@ class Session:
                  speculative: Any = None, warmup: bool = False,
                  start_timeout: float = 600.0, sandbox_require: Mapping[str, bool] | None = None,
                  output_filter: Blocklist | None = None, devices: int = 1, cluster: Any = None,
-                 _pythonpath: Sequence[str] = ()):
+                 keep_alive: float | str | None = None, _pythonpath: Sequence[str] = (),
+                 _on_progress: Callable[[dict], None] | None = None):
         if memory_limit is not None:
             from corejax.memory import parse_size
 
@@ -144,13 +151,16 @@ class Session:
         self.speculative = self._speculative(speculative)
         if self.speculative is not None and self.speculative.draft_model is not None:
             self._options["draft_read"] = self.speculative.draft_model  # the sandbox may read the draft's file
-        if sandbox and (kernel := native.build()) is not None:
-            self._options["native_kernels"] = str(kernel)  # built here: the sandboxed worker cannot compile
         self.sandbox = bool(sandbox)
         self.memory_limit = memory_limit
         self.timeout = timeout
+        self.keep_alive = parse_duration(keep_alive)
+        self._kept = self._kept_server(engine)
+        if sandbox and self._kept is None and (kernel := native.build()) is not None:
+            self._options["native_kernels"] = str(kernel)  # built here: the sandboxed worker cannot compile
         self._start_timeout = start_timeout
         self._pythonpath = tuple(str(p) for p in _pythonpath)
+        self._on_progress = _on_progress
         self._client_lock = threading.Lock()
         self._closed = False
         self._client: WorkerClient | None = None
@@ -159,10 +169,27 @@ class Session:
 
     # --- the worker ----------------------------------------------------------------------------------------
 
+    def _kept_server(self, engine: EngineConfig) -> KeptServer | None:
+        """The kept server this Session's model runs in (corejax/keepalive.py), or None for a worker of its own:
+        keep_alive=0, sandbox=False (the model runs in this process), a cluster, or a test harness."""
+        if not self.sandbox or self.keep_alive <= 0 or self.cluster is not None or self._testing:
+            return None
+        spec = self.speculative
+        settings = {"memory_limit": self.memory_limit, "timeout": self.timeout, "weights": self._options["weights"],
+                    "kv_dtype": engine.kv_dtype, "kv_cache_tokens": engine.kv_cache_tokens,
+                    "prefix_cache": engine.prefix_cache, "devices": engine.devices,
+                    "speculative": None if spec is None else spec.to_wire(), "sandbox_require": self._require,
+                    "output_filter": None if self.output_filter is None else list(self.output_filter.patterns)}
+        server = KeptServer(self.source, settings)
+        return server if server.usable else None
+
     def _new_client(self) -> WorkerClient:
+        if self._kept is not None:
+            return self._kept.connect(self.keep_alive, progress=self._progress, warmup=self._options["warmup"],
+                                      start_timeout=self._start_timeout)
         return WorkerClient(self.source, sandbox=self.sandbox, memory_limit=self.memory_limit, timeout=self.timeout,
                             testing=self._testing, pythonpath=self._pythonpath, start_timeout=self._start_timeout,
-                            options=self._options, require=self._require)
+                            options=self._options, require=self._require, on_progress=self._on_progress)
 
     def _current_client(self) -> WorkerClient:
         with self._client_lock:
@@ -229,6 +256,14 @@ class Session:
                 if not done:
                     client.forget(req)
         raise AssertionError("unreachable")
+
+    def open_request(self, kind: Kind, payload: dict) -> RawRequest:
+        """One request frame sent to the worker as it is (a dead worker is replaced first); the handle yields the
+        worker's reply frames, then a messages.Terminal if the worker never finished it. The kept server
+        (corejax/daemon.py) relays other processes' requests through it; callers of this process use the typed
+        methods below."""
+        client = self._current_client()
+        return RawRequest(client, client.submit(kind, payload))
 
     def _call(self, msg: Any) -> Any:
         """Sends one typed request (corejax/sandbox/messages.py) and returns its typed result."""
@@ -440,7 +475,8 @@ class Session:
     # --- lifetime ------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stops the worker (requests still running fail with WorkerCrashed) and removes its temp folder."""
+        """Stops the worker (requests still running fail with WorkerCrashed) and removes its temp folder; a kept
+        worker (keep_alive) only loses this Session's connection, and its requests are cancelled."""
         with self._client_lock:
             self._closed = True
             client, self._client = self._client, None
@@ -459,6 +495,28 @@ class Session:
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.close)
+
+
+class RawRequest:
+    """Session.open_request's handle: iterate for the reply frames; cancel() (any thread) stops the request and
+    ends the iteration; close() after the last frame."""
+
+    def __init__(self, client: WorkerClient, req: Any):
+        self.client, self.req = client, req
+        self.done = False
+
+    def __iter__(self) -> Iterator[Any]:
+        while not self.done:
+            event = self.client.wait(self.req)
+            self.done = isinstance(event, wire.Terminal) or event.kind in (Kind.RESULT, Kind.ERROR)
+            yield event
+
+    def cancel(self) -> None:
+        _Cancel._stop(self.client, self.req)
+
+    def close(self) -> None:
+        if not self.done:
+            self.client.forget(self.req)
 
 
 class _Cancel:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -124,8 +127,9 @@ def test_a_peer_that_cannot_run_is_skipped_with_its_reason(tmp_path):
     spec = {"model": str(gguf), "prompts": [{"tokens": 2, "text": "The", "ids": [1, 2]}], "decode_tokens": 2,
             "reps": 1, "threads": 1, "weights": "f32", "sandbox": False, "file_weight_bytes": 1}
     # In a fresh process, as the bench runs it; without llama-cpp-python the reason says that instead.
-    with pytest.raises(PeerMissing, match="llama"):
+    with pytest.raises(PeerMissing, match="llama") as e:
         run_child("corejax.bench.generation:run_llama_cpp", spec)
+    assert e.value.status in ("missing", "unsupported")
 
 
 def test_micro_cases_run(tmp_path):
@@ -228,3 +232,205 @@ def test_bad_options_get_a_sentence_not_a_traceback(capsys):
     assert "--reps must be at least 1" in capsys.readouterr().err
     assert main(["bench", "--input", "/nonexistent/record.json"]) == 1
     assert "no bench record" in capsys.readouterr().err
+
+
+# --- peers that crash, hang or fail to import: a real child process each, through a fake llama_cpp package ----
+
+def fake_llama_cpp(tmp_path: Path, monkeypatch, body: str) -> Path:
+    """A `llama_cpp` package that the bench's child processes import instead of any real one (PYTHONPATH)."""
+    folder = tmp_path / "fake_peer"
+    (folder / "llama_cpp").mkdir(parents=True)
+    (folder / "llama_cpp" / "__init__.py").write_text(body)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    return folder
+
+
+def bench_generation(tmp_path: Path, capsys, *extra: str) -> tuple[int, dict, str]:
+    """The cheapest generation run: the tiny model, one prompt of 2 tokens, 1 rep, 2 decoded tokens."""
+    gguf = write_tiny_llama(tmp_path / "tiny.gguf")
+    out = tmp_path / "gen.json"
+    rc = main(["bench", "--model", str(gguf), "--quick", "--prompt-lengths", "2", "--decode-tokens", "2",
+               "--json", str(out), "--plots", str(tmp_path / "plots"), "--no-progress", *extra])
+    record = json.loads(out.read_text())
+    assert validate(record) == []
+    jsonschema = require("jsonschema")
+    jsonschema.validate(record, SCHEMA)
+    return rc, record, capsys.readouterr().out
+
+
+def skipped(record: dict, runtime: str) -> dict:
+    (entry,) = [s for s in record["skipped"] if s["runtime"] == runtime]
+    return entry
+
+
+SEGFAULT_ON_FIRST_PROMPT = """
+import os, signal
+__version__ = "0-fake"
+class Llama:
+    def __init__(self, *args, **kwargs):
+        pass
+    def reset(self):
+        pass
+    def eval(self, tokens):
+        os.kill(os.getpid(), signal.SIGSEGV)  # as ggml-cpu's default build does on the first prompt here
+"""
+
+
+def test_a_crashing_peer_gets_a_row_with_the_signal_and_a_build_that_runs(tmp_path, monkeypatch, capsys):
+    fake_llama_cpp(tmp_path, monkeypatch, SEGFAULT_ON_FIRST_PROMPT)
+    rc, record, text = bench_generation(tmp_path, capsys, "--runtimes", "corejax", "llama.cpp", "--no-sandbox")
+    assert rc == 0  # a peer's crash is not corejax's failure
+    label = "corejax (in-process)"
+    assert {e["metric"] for e in record["results"] if e["runtime"] == label} >= {"prefill_tok_s", "decode_tok_s"}
+    assert not [e for e in record["results"] if e["runtime"] == "llama.cpp"]
+    crash = skipped(record, "llama.cpp")
+    assert crash["status"] == "crashed" and crash["signal"] == "SIGSEGV" and crash["returncode"] == -11
+    assert crash["reason"].startswith("killed by SIGSEGV (segmentation fault)")
+    assert "Segmentation fault" in crash["output_tail"] and " in eval" in crash["output_tail"]  # faulthandler's
+    advice = crash["advice"]
+    assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF ' in advice and "-DGGML_AMX_TILE=OFF" in advice
+    assert "pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python" in advice
+    assert "== not measured ==" in text and "generation  llama.cpp  crashed  killed by SIGSEGV" in text
+    assert "what to do about llama.cpp (generation)" in text and "\n  CMAKE_ARGS=" in text
+    assert (tmp_path / "plots" / "bench_generation.png").exists()
+
+
+def test_a_hung_peer_is_killed_at_the_timeout_with_what_it_started(tmp_path, monkeypatch, capsys):
+    pids = tmp_path / "pids"
+    fake_llama_cpp(tmp_path, monkeypatch, f"""
+import os, subprocess, sys, time
+class Llama:
+    def __init__(self, *args, **kwargs):
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        open({str(pids)!r}, "w").write(f"{{os.getpid()}} {{helper.pid}}")
+        print("fake llama.cpp: hanging", file=sys.stderr, flush=True)
+        time.sleep(600)
+""")
+    t0 = time.monotonic()
+    rc, record, text = bench_generation(tmp_path, capsys, "--runtimes", "llama.cpp", "--peer-timeout", "2")
+    assert rc == 0 and time.monotonic() - t0 < 60
+    hung = skipped(record, "llama.cpp")
+    assert hung["status"] == "timeout" and hung["reason"].startswith("made no progress for 2 s and was killed")
+    assert "--peer-timeout" in hung["advice"] and "CMAKE_ARGS=" in hung["advice"]
+    assert "generation  llama.cpp  timeout" in text and record["config"]["peer_timeout_s"] == 2
+    if pids.exists():  # it got as far as the fake's constructor before the timeout (it does unless very loaded)
+        assert "fake llama.cpp: hanging" in hung["output_tail"]
+        assert "in __init__" in hung["output_tail"]  # where it hung: its stack, dumped before the kill
+        deadline = time.monotonic() + 5
+        while any(_alive(int(p)) for p in pids.read_text().split()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(int(p)) for p in pids.read_text().split())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie is dead, awaiting a reaper that may not reap here
+
+
+def test_a_peer_whose_import_fails_is_failed_not_missing(tmp_path, monkeypatch, capsys):
+    fake_llama_cpp(tmp_path, monkeypatch,
+                   'raise ImportError("libllama.so: undefined symbol: ggml_backend_cpu_init")\n')
+    rc, record, text = bench_generation(tmp_path, capsys, "--runtimes", "llama.cpp")
+    assert rc == 0
+    broken = skipped(record, "llama.cpp")
+    assert broken["status"] == "failed" and "installed but `import llama_cpp` fails" in broken["reason"]
+    assert "undefined symbol" in broken["reason"] and "CMAKE_ARGS=" in broken["advice"]
+    assert "generation  llama.cpp  failed" in text
+
+
+def test_corejax_crashing_fails_the_run_where_a_peer_crashing_does_not(tmp_path, monkeypatch, fp):
+    import argparse
+
+    from corejax.bench.command import Context
+
+    fake_llama_cpp(tmp_path, monkeypatch, SEGFAULT_ON_FIRST_PROMPT)
+    spec = {"model": str(tmp_path / "x.gguf"), "prompts": [{"tokens": 2, "text": "The", "ids": [1, 2]}],
+            "decode_tokens": 2, "reps": 1, "threads": 1, "file_weight_bytes": 1}
+    args = argparse.Namespace(quick=True, reps=None, model="m", embedding_model="e", prompt_lengths=None,
+                              decode_tokens=None, threads=1, weights=None, sandbox=True, peer_timeout=60.0,
+                              runtimes=None)
+
+    class Bar:
+        def write(self, text: str) -> None:
+            pass
+
+        def update(self, n: int) -> None:
+            pass
+
+        def set_postfix_str(self, text: str) -> None:
+            pass
+
+    # The same crashing child, under a peer's label and under corejax's: only corejax's fails the run.
+    for label, fails in (("llama.cpp", False), ("corejax", True)):
+        ctx = Context(args, new_record("corejax bench", {}, fp), Bar())
+        assert ctx.child("corejax.bench.generation:run_llama_cpp", spec, "generation", label, steps=2) is None
+        assert ctx.failed is fails and ctx.record["skipped"][0]["status"] == "crashed"
+        assert ("corejax failure" in ctx.record["skipped"][0]["advice"]) is fails
+
+
+def test_llama_cpp_build_flags_follow_the_cpu():
+    from corejax.bench.advice import llama_cpp_cmake_args, llama_cpp_rebuild_command
+
+    zen1 = {"sse4_2", "avx", "avx2", "bmi2", "fma", "f16c"}  # ../shared/PERF-NOTES.md's AVX2-only machine
+    args = llama_cpp_cmake_args(zen1, "x86_64").split()
+    assert args[0] == "-DGGML_NATIVE=OFF"
+    assert {"-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_AVX512=OFF",
+            "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_INT8=OFF"} <= set(args)
+    sapphire = zen1 | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni",
+                       "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"}
+    args = set(llama_cpp_cmake_args(sapphire, "x86_64").split())
+    assert {"-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
+            "-DGGML_AVX_VNNI=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"} <= args
+    assert "-DGGML_AVX512_VNNI=OFF" in llama_cpp_cmake_args(zen1 | {"avx512_vnni"}, "x86_64")  # needs AVX-512
+    assert llama_cpp_cmake_args(sapphire, "aarch64") == "-DGGML_NATIVE=OFF"
+    assert llama_cpp_rebuild_command(zen1, "0.3.36", "x86_64").endswith(
+        "pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python==0.3.36")
+
+
+def test_an_in_process_peer_that_raises_gets_a_failed_row_not_a_failed_suite(tmp_path, monkeypatch, capsys):
+    transformers = require("transformers")
+
+    def broken(*args, **kwargs):  # as transformers importing a shadowed or half-installed dependency does
+        raise ImportError("cannot import name 'CUDAProperties' from 'kernels'")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
+    gguf = write_tiny_llama(tmp_path / "tiny.gguf")
+    out = tmp_path / "tok.json"
+    assert main(["bench", "--suite", "tokenizer", "--model", str(gguf), "--quick", "--runtimes", "corejax",
+                 "hf-tokenizers", "--json", str(out), "--no-progress"]) == 0
+    record = json.loads(out.read_text())
+    assert validate(record) == [] and any(e["runtime"] == "corejax" for e in record["results"])
+    row = skipped(record, "hf-tokenizers")
+    assert row["status"] == "failed" and row["reason"] == (
+        "raised ImportError: cannot import name 'CUDAProperties' from 'kernels'")
+    assert "in broken" in row["output_tail"] and "--runtimes corejax llama.cpp" in row["advice"]
+    assert "tokenizer  hf-tokenizers  failed  raised ImportError" in capsys.readouterr().out
+
+
+def _result(record: dict, suite: str, case: str, runtime: str, name: str) -> dict:
+    (entry,) = [r for r in record["results"] if (r["suite"], r["case"], r["runtime"], r["metric"]) ==
+                (suite, case, runtime, name)]
+    return entry
+
+
+def test_startup_suite_measures_a_new_process_kept_and_not(tmp_path):
+    """Fresh processes with the model kept and with a worker of their own: both measured, and the kept path's
+    client imported no JAX (the record says so, from inside the script)."""
+    gguf = write_tiny_llama(tmp_path / "tiny.gguf", context=128)
+    out = tmp_path / "startup.json"
+    assert main(["bench", "--suite", "startup", "--model", str(gguf), "--quick", "--json", str(out),
+                 "--no-progress"]) == 0
+    record = json.loads(out.read_text())
+    assert validate(record) == [] and not record["skipped"]
+    for runtime in ("corejax (kept)", "corejax (own worker)"):
+        assert _result(record, "startup", "corejax generate -n 16", runtime, "wall_s")["median"] > 0
+        assert _result(record, "startup", "script: Session + stream 16", runtime, "first_piece_s")["median"] > 0
+        assert 10 < _result(record, "startup", "corejax generate -n 16", runtime, "client_peak_rss_mb")["median"] < 400
+    assert _result(record, "startup", "script: Session + stream 16", "corejax (kept)",
+                  "client_imported_jax")["samples"] == [0]
+    from corejax import keepalive
+
+    assert not [s for s in keepalive.running() if s["path"] == str(gguf)]  # the suite stops what it kept

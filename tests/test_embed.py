@@ -31,7 +31,7 @@ VARIED = [
 @pytest.mark.parametrize("t,block", [(16, 8), (37, 16)])
 def test_flash_attention_non_causal_matches_dense_softmax(impl, t, block):
     import jax.numpy as jnp
-    from corejax.kernels import flash_attention
+    from corejax.kernels.flash_attention import flash_attention
     from corejax.kernels.flash_attention import BlockSizes
 
     rng = np.random.default_rng(0)
@@ -50,7 +50,7 @@ def test_flash_attention_non_causal_matches_dense_softmax(impl, t, block):
 
 def test_flash_attention_rejects_window_without_causal():
     import jax.numpy as jnp
-    from corejax.kernels import flash_attention
+    from corejax.kernels.flash_attention import flash_attention
 
     x = jnp.zeros((1, 4, 1, 8))
     pos = jnp.zeros((1, 4), jnp.int32)

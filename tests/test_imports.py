@@ -7,6 +7,8 @@ functions too: a lazy import still makes a dependency."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,3 +132,30 @@ def test_the_checker_sees_a_cycle_and_an_upward_import():
     planted["corejax.errors"].add("corejax.session")
     assert any("corejax.errors" in c for c in _cycles(planted))
     assert _layer("corejax.models.llama") < _layer("corejax.engine")
+
+
+def test_the_source_tree_imports_from_its_root():
+    """In the repository's root (first on sys.path under `python -c` and `python -m`), corejax and its kernels
+    import from the tree, and the top-level kernels/ folder never hides the PyPI package `kernels` (a
+    dependency of transformers): it is a namespace package, which any regular package on the path outranks."""
+    code = ("import sys, corejax, corejax.kernels.ffi, kernels; "
+            "assert corejax.__file__.startswith(sys.argv[1]), corejax.__file__; "
+            "assert not (getattr(kernels, '__file__', None) or '').startswith(sys.argv[1]), kernels.__file__")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_child_processes_import_their_parents_corejax(tmp_path):
+    """What corejax starts (the kept server, benchmark children) never imports a corejax/ of the folder it is
+    started from: here a decoy that fails on import."""
+    from corejax.paths import python_command
+
+    (tmp_path / "corejax").mkdir()
+    (tmp_path / "corejax" / "__init__.py").write_text("raise SystemExit('the decoy corejax was imported')\n")
+    out = subprocess.run(python_command("corejax.cli", "ps", "--json"), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    plain = subprocess.run([sys.executable, "-m", "corejax.cli", "ps"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert "decoy" in plain.stderr  # the check can fail: a plain `-m` takes the folder's corejax

@@ -74,6 +74,16 @@ def test_llama_rope_scaling_and_tied_embeddings(tmp_path):
     np.testing.assert_allclose(np.asarray(full_logits(params, ids, cfg=cfg)), _hf_logits(model, ids), atol=2e-4)
 
 
+def test_gemma3_rope_scaling_applies_to_global_layers_only(tmp_path):
+    """Gemma 3 4B+ scale RoPE on their global layers; the sliding-window layers keep plain frequencies (the
+    local layers once got the scaling too: logits 1.27 off)."""
+    model, folder = tiny_gemma3(tmp_path, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    cfg, params, _ = load_hf_folder(folder, progress=False)
+    assert cfg.rope_scaling is not None and cfg.rope_scaling.kind == "linear"
+    ids = np.random.default_rng(5).integers(0, VOCAB, size=(1, 40)).astype(np.int32)
+    np.testing.assert_allclose(np.asarray(full_logits(params, ids, cfg=cfg)), _hf_logits(model, ids), atol=2e-4)
+
+
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_gemma3])
 def test_cached_prefill_then_decode_equals_full_forward(builder, tmp_path):
     """Prefill 9 tokens (padded to 16), then decode 11 one at a time: past Gemma's 6-token window."""

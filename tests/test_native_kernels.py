@@ -201,7 +201,7 @@ def test_bfloat16_blocked_weights_multiply_bfloat16_rows(rows):
 def test_encoder_attention_matches_flash_attention(b, t, n, h):
     """kernels/encoder_attention.cc over the fused [q | k | v] rows vs the tiled flash kernel (non-causal,
     padding keys at position -1): real query rows agree, padding rows are zero, an empty sequence too."""
-    from corejax.kernels import flash_attention
+    from corejax.kernels.flash_attention import flash_attention
     from corejax.kernels.encoder_attention import encoder_attention
 
     rng = np.random.default_rng(t)

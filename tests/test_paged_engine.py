@@ -16,7 +16,7 @@ from corejax.cache import DenseKVCache
 from corejax.config import EngineConfig
 from corejax.options import SamplingParams
 from corejax.hub import ModelSource
-from corejax.kernels import dequantize_kv
+from corejax.kernels.kv_quant import dequantize_kv
 from corejax.runtime import Runtime
 from tiny_model import write_tiny_llama
 

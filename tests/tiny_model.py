@@ -39,8 +39,12 @@ def vocab() -> tuple[list[str], list[int]]:
 def write_tiny_llama(path: Path, *, arch: str = "llama", context: int = 64, layers: int = 2, hidden: int = 32,
                      heads: int = 4, kv_heads: int = 2, ffn: int = 64, quantize: str | None = "Q8_0",
                      seed: int = 0, chat_template: str | None = CHATML, unsupported_type: bool = False,
-                     tie_embeddings: bool = True, name: str | None = None) -> Path:
-    """A llama-architecture GGUF whose FFN matrices are stored quantized (Q8_0 by default)."""
+                     tie_embeddings: bool = True, name: str | None = None,
+                     extra_tensors: dict[str, tuple[int, ...]] | None = None,
+                     extra_metadata: dict[str, str | int | float] | None = None) -> Path:
+    """A llama-architecture GGUF whose FFN matrices are stored quantized (Q8_0 by default). extra_tensors
+    (name -> shape, random float32) and extra_metadata (full key -> str, bool, int (uint32) or float (float32))
+    plant what a loader must refuse."""
     rng = np.random.default_rng(seed)
     tokens, types = vocab()
     v = len(tokens)
@@ -65,6 +69,15 @@ def write_tiny_llama(path: Path, *, arch: str = "llama", context: int = 64, laye
     w.add_add_bos_token(False)
     if chat_template:
         w.add_chat_template(chat_template)
+    for key, value in (extra_metadata or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_float32(key, value)
 
     def add(name: str, shape: tuple[int, ...], scale: float = 0.2) -> None:
         x = (rng.standard_normal(shape) * scale).astype(np.float32)
@@ -94,6 +107,8 @@ def write_tiny_llama(path: Path, *, arch: str = "llama", context: int = 64, laye
         add(f"blk.{i}.ffn_gate.weight", (ffn, hidden))
         add(f"blk.{i}.ffn_up.weight", (ffn, hidden))
         add(f"blk.{i}.ffn_down.weight", (hidden, ffn))
+    for name, shape in (extra_tensors or {}).items():
+        add(name, shape)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

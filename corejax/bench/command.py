@@ -1,6 +1,8 @@
 """`corejax bench`: arguments, the run (suites, progress bar, skips), the table, JSON, plots, save and compare.
 
-Exit status: 0; 1 when a suite failed or when --compare flags a regression (the table says which).
+Exit status: 0, also when a peer is missing, crashes or times out (its row in the table and its `skipped` entry
+say what happened and what to do: a peer's crash is not corejax's); 1 when corejax itself fails (a suite
+raises, or corejax's own child crashes or times out) or when --compare flags a regression.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-SUITES = ("generation", "embedding", "ipc", "tokenizer", "concurrency", "speculative", "micro")
+SUITES = ("generation", "embedding", "ipc", "startup", "tokenizer", "concurrency", "speculative", "micro")
+PEER_TIMEOUT_S = 300.0  # a runtime's child without a finished step for this long is killed (--peer-timeout)
 RUNTIMES = {
     "generation": ("corejax", "llama.cpp", "transformers"),
     "embedding": ("corejax", "corejax (in-process)", "onnxruntime", "sentence-transformers"),
     "ipc": ("corejax", "corejax (in-process)"),
+    "startup": ("corejax (kept)", "corejax (own worker)"),
     "tokenizer": ("corejax", "hf-tokenizers", "llama.cpp"),
     "concurrency": ("corejax",),
     "speculative": ("corejax",),
@@ -33,9 +37,11 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmark corejax beside llama.cpp, transformers, ONNX Runtime ...",
                        description="Benchmarks corejax beside its peers on the same model in the same run; prints a "
                                    "table, writes a JSON record (--json), plots (--plots), saves and compares "
-                                   "baselines. Peers come from `pip install 'corejax[bench]'`; a missing one is "
-                                   "skipped with its reason. Exit status 1 when a suite fails or --compare finds a "
-                                   "regression.")
+                                   "baselines. Peers come from `pip install 'corejax[bench]'`. A peer that is "
+                                   "missing, crashes, hangs past --peer-timeout or fails to import gets a row saying "
+                                   "what happened and what to do, and the run goes on. Exit status: 0, also when a "
+                                   "peer crashed; 1 when corejax itself fails (a suite, or corejax's own process "
+                                   "crashing or timing out) or --compare finds a regression.")
     p.add_argument("--suite", nargs="+", default=["generation"], choices=SUITES + ("all",),
                    metavar="SUITE", help=f"what to measure: {', '.join(SUITES)} or all (default: generation)")
     p.add_argument("-m", "--model", default=hub.DEFAULT_MODEL, help="generative model: registry name or .gguf path "
@@ -51,6 +57,10 @@ def add_parser(sub: Any) -> None:
                    help="generation prompt lengths in tokens (default 32 128 512)")
     p.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded per request (default 64)")
     p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp and torch (default: usable cores)")
+    p.add_argument("--peer-timeout", type=float, default=PEER_TIMEOUT_S, metavar="SECONDS",
+                   help="generation: kill a runtime's process (corejax's too) when it finishes no step — loading, "
+                        "or one request — for this long, and report it as a timeout "
+                        f"(default {PEER_TIMEOUT_S:g})")
     p.add_argument("--weights", choices=["f32", "native", "int8", "int4"], default=None,
                    help="corejax weight mode in the generation suite (default: the Session's own choice — a "
                         "quantized GGUF stays quantized where the native kernel is loaded)")
@@ -86,6 +96,7 @@ class Context:
         self.decode_tokens = args.decode_tokens or (16 if args.quick else 64)
         self.threads = args.threads or usable_cores()
         self.weights, self.sandbox = args.weights, args.sandbox
+        self.peer_timeout = args.peer_timeout
         self.failed = False
         self._bandwidth: float | None = None
 
@@ -102,10 +113,41 @@ class Context:
 
         self.record["results"].append(metric(suite, case, runtime, name, samples, unit, better))
 
-    def skip(self, suite: str, runtime: str, reason: str, steps: int = 0) -> None:
-        self.record["skipped"].append({"suite": suite, "runtime": runtime, "reason": reason})
-        self.bar.write(f"skipped {runtime} ({suite}): {reason}")
+    def skip(self, suite: str, runtime: str, reason: str, steps: int = 0, status: str = "missing",
+             **details: Any) -> None:
+        """Records that `runtime` was not measured in `suite`: reason, status (see schema.py's SKIPPED_SCHEMA)
+        and any of signal, returncode, output_tail, advice."""
+        from corejax.bench.report import STATUS_WORDS
+
+        entry = {"suite": suite, "runtime": runtime, "reason": reason, "status": status}
+        entry.update((k, v) for k, v in details.items() if v is not None and v != "")
+        self.record["skipped"].append(entry)
+        self.bar.write(f"{runtime} ({suite}) {STATUS_WORDS[status]}: {reason}" if status in STATUS_WORDS else
+                       f"skipped {runtime} ({suite}): {reason}")
+        if entry.get("output_tail"):
+            self.bar.write("\n".join(["  its last output:"] + ["    " + x for x in entry["output_tail"].splitlines()]))
+        if entry.get("advice"):
+            self.bar.write("  what to do: " + entry["advice"].replace("\n", "\n    "))
         self.step(steps)
+
+    def peer_raised(self, suite: str, runtime: str, error: Exception, steps: int = 0) -> None:
+        """A peer that raised in this process (the in-process suites load theirs here), e.g. an ImportError from
+        deep inside the library: a "failed" row for it, not a failed suite."""
+        from corejax.bench.child import TAIL_LINES
+
+        text = str(error).strip()
+        tail = "".join(traceback.format_exception(error)).strip().splitlines()[-TAIL_LINES:]
+        self.skip(suite, runtime, f"raised {type(error).__name__}: {text.splitlines()[0][:200] if text else ''}",
+                  steps=steps, status="failed", output_tail="\n".join(tail),
+                  advice=self.advice(suite, runtime, "failed"))
+
+    def advice(self, suite: str, runtime: str, status: str) -> str | None:
+        from corejax.bench.advice import advice
+        from corejax.bench.machine import cpu_flags
+
+        others = [r.split(" (")[0] for r in RUNTIMES[suite] if r.split(" (")[0] != runtime.split(" (")[0]]
+        version = self.record["fingerprint"].get("packages", {}).get("llama_cpp_python")
+        return advice(runtime, status, others=others, flags=cpu_flags(), version=version, timeout=self.peer_timeout)
 
     def describe(self, suite: str, runtime: str, details: dict[str, Any]) -> None:
         """How `runtime` was set up in `suite`: record["runtimes"][runtime][suite]."""
@@ -115,7 +157,9 @@ class Context:
         self.bar.update(n)
 
     def child(self, target: str, spec: dict[str, Any], suite: str, runtime: str, steps: int) -> dict | None:
-        """Runs a runner in a fresh process; a missing peer or a crash becomes a skip (a crash also fails)."""
+        """Runs a runner in a fresh process, killed past --peer-timeout without a step. A peer that is missing,
+        crashes, hangs or fails becomes a skip saying what happened and what to do; corejax doing so also
+        fails the run."""
         from corejax.bench.child import ChildFailed, PeerMissing, run_child
 
         self.bar.set_postfix_str(f"{suite}: {runtime}")
@@ -127,13 +171,14 @@ class Context:
                 self.step()
 
         try:
-            return run_child(target, spec, on_step)
+            return run_child(target, spec, on_step, timeout=self.peer_timeout)
         except PeerMissing as e:
-            self.skip(suite, runtime, str(e))
+            self.skip(suite, runtime, str(e), status=e.status, advice=self.advice(suite, runtime, e.status))
         except ChildFailed as e:
-            self.failed = True
-            self.skip(suite, runtime, f"failed: {str(e).splitlines()[0]}")
-            self.bar.write(str(e))
+            self.failed |= runtime.startswith("corejax")
+            self.skip(suite, runtime, f"{e.what}; {e.steps} of {steps} steps done", status=e.status,
+                      signal=e.signal, returncode=e.returncode, output_tail=e.output_tail,
+                      advice=self.advice(suite, runtime, e.status))
         finally:
             self.step(steps - done[0])
         return None
@@ -155,11 +200,13 @@ class Context:
 def _config(ctx: Context, suites: list[str]) -> dict[str, Any]:
     return {"suites": suites, "model": ctx.model, "embedding_model": ctx.embedding_model, "reps": ctx.reps,
             "quick": ctx.quick, "prompt_lengths": ctx.prompt_lengths, "decode_tokens": ctx.decode_tokens,
-            "threads": ctx.threads, "weights": ctx.weights, "sandbox": ctx.sandbox, "runtimes": ctx.args.runtimes}
+            "threads": ctx.threads, "weights": ctx.weights, "sandbox": ctx.sandbox, "runtimes": ctx.args.runtimes,
+            "peer_timeout_s": ctx.peer_timeout}
 
 
 def measure(args: argparse.Namespace, command: str) -> tuple[dict[str, Any], bool]:
-    """Runs the chosen suites; returns the record and whether every suite completed."""
+    """Runs the chosen suites; returns the record and whether corejax's part completed (a peer that did not
+    run is in record["skipped"], and does not count)."""
     from tqdm.auto import tqdm
 
     from corejax.bench.machine import fingerprint, load_average
@@ -187,7 +234,8 @@ def measure(args: argparse.Namespace, command: str) -> tuple[dict[str, Any], boo
             except Exception as e:  # noqa: BLE001 - one suite's failure is reported; the others still run
                 ctx.failed = True
                 bar.write(traceback.format_exc())
-                ctx.skip(suite, "*", f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                ctx.skip(suite, "*", f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                         status="failed")
             bar.update(max(0, before + module.steps(ctx) - bar.n))
     record["fingerprint"]["load_average_end"] = load_average()
     return record, not ctx.failed
@@ -210,6 +258,7 @@ def _check(args: argparse.Namespace) -> None:
          "at least 1 token each"),
         ("--threads", args.threads, args.threads is None or args.threads >= 1, "at least 1"),
         ("--threshold", args.threshold, args.threshold is None or args.threshold >= 0, "0 or more"),
+        ("--peer-timeout", args.peer_timeout, args.peer_timeout > 0, "more than 0 seconds"),
     ) if not ok]
     if bad:
         name, value, rule = bad[0]

@@ -59,7 +59,7 @@ def run(ctx: Any) -> None:
     import corejax
 
     tokens = ctx.decode_tokens
-    with corejax.Session(ctx.model, progress=False, prefix_cache=False) as session:
+    with corejax.Session(ctx.model, progress=False, prefix_cache=False, keep_alive=0) as session:
         ctx.describe("concurrency", "corejax", {"sandbox": True, "streams": "threads on one Session"})
         base = None
         for n in LEVELS:

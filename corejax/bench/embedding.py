@@ -127,21 +127,24 @@ def _runtime(ctx: Any, label: str, source: Any, labels: list[str], sessions: lis
     import corejax
 
     if label.startswith("corejax"):
-        s = corejax.Session(ctx.embedding_model, sandbox=label == "corejax", progress=False)
+        s = corejax.Session(ctx.embedding_model, sandbox=label == "corejax", progress=False, keep_alive=0)
         sessions.append(s)
         w, b = _head(s.embed, len(labels))
         ctx.describe("embedding", label, {"sandbox": label == "corejax", "weights": s.info()["weights"]})
         return s.embed, lambda texts: s.classify(texts, labels=labels, head=(w, b))
     if source.format != "hf":
-        ctx.skip("embedding", label, "needs an HF folder model", steps=ctx.reps)
+        ctx.skip("embedding", label, "needs an HF folder model", steps=ctx.reps, status="unsupported")
         return None
     make = onnx_embedder if label == "onnxruntime" else sentence_transformers_embedder
     try:
         embed = make(source.path)
+        w, b = _head(embed, len(labels))
     except PeerMissing as e:
-        ctx.skip("embedding", label, str(e), steps=ctx.reps)
+        ctx.skip("embedding", label, str(e), steps=ctx.reps, status=e.status)
         return None
-    w, b = _head(embed, len(labels))
+    except Exception as e:  # noqa: BLE001 - a peer's own failure is its row, not the suite's
+        ctx.peer_raised("embedding", label, e, steps=ctx.reps)
+        return None
     ctx.describe("embedding", label, {"head": "numpy matmul over the embeddings"})
     return embed, lambda texts: embed(texts) @ w + b
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from corejax.bench.child import PeerMissing
+from corejax.bench.child import PeerMissing, import_peer
 from corejax.bench.machine import peak_rss_bytes
 
 Step = Callable[[], None]
@@ -50,7 +50,7 @@ def run_corejax(spec: dict[str, Any], step: Step) -> dict[str, Any]:
     t0 = time.perf_counter()
     # Prefix caching off: every request computes its whole prompt, so prefill is measured, not the cache.
     session = corejax.Session(spec["model"], sandbox=spec["sandbox"], weights=spec["weights"], prefix_cache=False,
-                              progress=False)
+                              progress=False, keep_alive=0)  # its own worker: a cold start and RSS of its own
     load_s = time.perf_counter() - t0
     cases, cold = [], None
     try:
@@ -107,10 +107,7 @@ def _greedy_runs(ids: list[int], spec: dict[str, Any], step: Step, evaluate: Cal
 
 def run_llama_cpp(spec: dict[str, Any], step: Step) -> dict[str, Any]:
     """llama.cpp on the same file: prefill = one eval of the prompt ids; decode = greedy sample + eval."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise PeerMissing("llama-cpp-python is not installed (pip install 'corejax[bench]')") from None
+    llama_cpp = import_peer("llama_cpp", "llama-cpp-python")
     threads = spec["threads"]
     n_ctx = max(len(p["ids"]) for p in spec["prompts"]) + spec["decode_tokens"] + 16
     t0 = time.perf_counter()
@@ -118,7 +115,7 @@ def run_llama_cpp(spec: dict[str, Any], step: Step) -> dict[str, Any]:
         llm = llama_cpp.Llama(model_path=spec["model"], n_ctx=max(n_ctx, 512), n_threads=threads,
                               n_threads_batch=threads, n_batch=512, verbose=False)
     except ValueError as e:
-        raise PeerMissing(f"llama.cpp cannot load this file ({e})") from None
+        raise PeerMissing(f"llama.cpp cannot load this file ({e})", status="unsupported") from None
     load_s = time.perf_counter() - t0
 
     def evaluate(ids: list[int]) -> None:
@@ -144,21 +141,18 @@ def run_llama_cpp(spec: dict[str, Any], step: Step) -> dict[str, Any]:
 
 def run_transformers(spec: dict[str, Any], step: Step) -> dict[str, Any]:
     """HF transformers loading the same GGUF (`gguf_file=`, dequantized to float32), greedy with its KV cache."""
-    try:
-        import torch
-        import transformers
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise PeerMissing("transformers/torch are not installed (pip install 'corejax[bench]')") from None
+    torch = import_peer("torch", "torch")
+    transformers = import_peer("transformers", "transformers")
     threads = spec["threads"]
     torch.set_num_threads(threads)
     transformers.utils.logging.disable_progress_bar()
     t0 = time.perf_counter()
     folder, name = os.path.split(spec["model"])
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     except (ValueError, KeyError, NotImplementedError, ImportError, OSError) as e:
-        raise PeerMissing(f"transformers cannot load this GGUF: {str(e).splitlines()[0][:160]}") from None
+        raise PeerMissing(f"transformers cannot load this GGUF: {str(e).splitlines()[0][:160]}",
+                          status="unsupported") from None
     load_s = time.perf_counter() - t0
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     state: dict[str, Any] = {}
@@ -219,7 +213,8 @@ def run(ctx: Any) -> None:
     for label in ctx.runtimes("generation"):
         name, runs = "corejax" if label.startswith("corejax") else label, len(prompts) * (ctx.reps + 1)
         if name != "corejax" and source.format != "gguf":
-            ctx.skip("generation", label, "needs a GGUF file (the model is an HF folder)", steps=runs)
+            ctx.skip("generation", label, "needs a GGUF file (the model is an HF folder)", steps=runs,
+                     status="unsupported")
             continue
         out = ctx.child(f"corejax.bench.generation:{RUNNERS[name].__name__}", spec, "generation", label, steps=runs)
         if out is None:

@@ -50,7 +50,7 @@ def run(ctx: Any) -> None:
     import corejax
 
     pings = 500 if ctx.quick else 2000
-    sessions = {label: corejax.Session(ctx.model, sandbox=sandboxed, progress=False)
+    sessions = {label: corejax.Session(ctx.model, sandbox=sandboxed, progress=False, keep_alive=0)
                 for label, sandboxed in LABELS.items()}
     try:
         for label, s in sessions.items():

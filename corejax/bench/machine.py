@@ -15,7 +15,7 @@ import numpy as np
 
 # /proc/cpuinfo flags that decide which kernels XLA, oneDNN, ggml and torch can use.
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-              "avx512_bf16", "avx512_fp16", "avx512_vbmi", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
+              "avx512_bf16", "avx512_fp16", "avx512vbmi", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
               "asimd", "asimddp", "sve", "sve2", "i8mm", "bf16")
 PEER_PACKAGES = ("llama_cpp_python", "transformers", "torch", "onnxruntime", "sentence-transformers",
                  "tokenizers", "gguf", "matplotlib", "pytest-benchmark")
@@ -28,7 +28,8 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _cpuinfo() -> tuple[str, list[str]]:
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The CPU's model name and every flag /proc/cpuinfo lists (empty where there is none)."""
     model, flags = platform.processor() or "unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -40,7 +41,12 @@ def _cpuinfo() -> tuple[str, list[str]]:
                 flags.update(value.split())
     except OSError:
         pass
-    return model, [f for f in SIMD_FLAGS if f in flags]
+    return model, flags
+
+
+def cpu_flags() -> set[str]:
+    """Every flag of /proc/cpuinfo (x86 `flags`, Arm `Features`)."""
+    return _cpuinfo()[1]
 
 
 def _memory_bytes() -> int | None:
@@ -64,7 +70,8 @@ def fingerprint() -> dict[str, Any]:
     """Every field the schema requires. Imports JAX to ask for its backend and devices."""
     import corejax
 
-    cpu, flags = _cpuinfo()
+    cpu, all_flags = _cpuinfo()
+    flags = [f for f in SIMD_FLAGS if f in all_flags]
     try:
         import jax
 

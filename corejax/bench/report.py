@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+# How a line says a skipped entry's status; "missing" and "unsupported" read as "skipped".
+STATUS_WORDS = {"crashed": "crashed", "timeout": "timed out", "failed": "failed"}
 SUITE_ORDER = ("machine", "generation", "embedding", "ipc", "tokenizer", "concurrency", "speculative", "micro")
 
 
@@ -23,11 +25,12 @@ def cell(entry: dict[str, Any]) -> str:
     return f"{_num(entry['median'])} [{_num(entry['min'])}-{_num(entry['max'])}]"
 
 
-def _render(header: list[str], rows: list[list[str]]) -> list[str]:
+def _render(header: list[str], rows: list[list[str]], labels: int = 3) -> list[str]:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
 
-    def fmt(row: list[str]) -> str:  # labels left, figures right
-        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    def fmt(row: list[str]) -> str:  # the first `labels` columns left, figures right
+        return "  ".join(c.ljust(w) if i < labels else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
 
     return [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
 
@@ -74,8 +77,14 @@ def record_table(record: dict[str, Any]) -> str:
     for suite in _suites(record):
         lines += ["", f"== {suite}: median [min-max] =="]
         lines += _render(*suite_rows([e for e in record["results"] if e["suite"] == suite]))
-    for s in record["skipped"]:
-        lines.append(f"skipped {s['runtime']} ({s['suite']}): {s['reason']}")
+    if record["skipped"]:
+        lines += ["", "== not measured =="]
+        lines += _render(["suite", "runtime", "status", "what happened"],
+                         [[s["suite"], s["runtime"], s.get("status", "missing"), s["reason"]]
+                          for s in record["skipped"]], labels=4)
+        for s in record["skipped"]:
+            if s.get("advice"):
+                lines.append(f"what to do about {s['runtime']} ({s['suite']}): " + s["advice"].replace("\n", "\n  "))
     return "\n".join(lines)
 
 
@@ -126,7 +135,9 @@ def markdown(record: dict[str, Any], plots: dict[str, str] | None = None) -> str
     lines += [f"- **{name}** ({suite}): " + ", ".join(f"{k}={v}" for k, v in details.items())
               for name, suites in record["runtimes"].items() for suite, details in suites.items()]
     for s in record["skipped"]:
-        lines.append(f"- skipped {s['runtime']} ({s['suite']}): {s['reason']}")
+        head = STATUS_WORDS.get(s.get("status", "missing"), "skipped")
+        lines.append(f"- {head} {s['runtime']} ({s['suite']}): {s['reason']}"
+                     + (f"; what to do: {s['advice']}".replace("\n", " ") if s.get("advice") else ""))
     for suite in _suites(record):
         header, rows = suite_rows([e for e in record["results"] if e["suite"] == suite])
         lines += ["", f"## {suite}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -21,7 +21,7 @@ RESULT_SCHEMA: dict[str, Any] = {
     "required": ["suite", "case", "runtime", "metric", "unit", "better", "median", "min", "max", "n", "samples"],
     "additionalProperties": False,
     "properties": {
-        "suite": {"type": "string", "enum": ["machine", "generation", "embedding", "ipc", "tokenizer",
+        "suite": {"type": "string", "enum": ["machine", "generation", "embedding", "ipc", "startup", "tokenizer",
                                               "concurrency", "speculative", "micro"]},
         "case": {"type": "string", "description": "the workload, e.g. 'prompt=128' or 'streams=4'"},
         "runtime": {"type": "string", "description": "e.g. 'corejax', 'llama.cpp', 'transformers'"},
@@ -34,6 +34,28 @@ RESULT_SCHEMA: dict[str, Any] = {
         "max": _NUMBER,
         "n": {"type": "integer", "minimum": 1, "description": "number of samples"},
         "samples": {"type": "array", "minItems": 1, "items": _NUMBER},
+    },
+}
+
+SKIPPED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["suite", "runtime", "reason"],
+    "additionalProperties": False,
+    "description": "a runtime that was not measured in a suite ('*': the whole suite failed), and why",
+    "properties": {
+        "suite": _STRING,
+        "runtime": _STRING,
+        "reason": {"type": "string", "description": "what happened, in one line"},
+        "status": {"type": "string", "enum": ["missing", "unsupported", "crashed", "timeout", "failed"],
+                   "description": "missing: not installed; unsupported: cannot run this model or format; crashed: "
+                                  "its process was killed by a signal; timeout: it finished no step within "
+                                  "--peer-timeout and was killed; failed: it raised, exited with an error or "
+                                  "fails to import (absent in records before this field: read as missing)"},
+        "signal": {"type": "string", "description": "crashed: the signal's name, e.g. 'SIGSEGV'"},
+        "returncode": {"type": "integer", "description": "its process's exit status (negative: -signal number)"},
+        "output_tail": {"type": "string", "description": "the last lines of its process's stderr and stdout"},
+        "advice": {"type": "string", "description": "what to do, e.g. for llama.cpp the CMAKE_ARGS of a "
+                                                    "llama-cpp-python build that runs on this CPU"},
     },
 }
 
@@ -92,11 +114,7 @@ SCHEMA: dict[str, Any] = {
             "description": "runtime label -> suite -> how it was set up there (threads, weights, build, flags)",
             "additionalProperties": {"type": "object", "additionalProperties": {"type": "object"}},
         },
-        "skipped": {
-            "type": "array",
-            "items": {"type": "object", "required": ["suite", "runtime", "reason"], "additionalProperties": False,
-                      "properties": {"suite": _STRING, "runtime": _STRING, "reason": _STRING}},
-        },
+        "skipped": {"type": "array", "items": SKIPPED_SCHEMA},
         "results": {"type": "array", "items": RESULT_SCHEMA},
     },
 }

@@ -62,7 +62,7 @@ def run(ctx: Any) -> None:
     import corejax
 
     tokens = ctx.decode_tokens
-    with corejax.Session(ctx.model, progress=False) as session:
+    with corejax.Session(ctx.model, progress=False, keep_alive=0) as session:
         ctx.describe("speculative", "corejax", {"sandbox": True, "sampling": "greedy",
                                                 "methods": {k: v for k, v in _methods(ctx).items()}})
         for workload, prompts in WORKLOADS.items():

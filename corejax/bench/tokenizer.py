@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from corejax.bench.child import PeerMissing
+from corejax.bench.child import PeerMissing, import_peer
 
 Encoder = tuple[Callable[[str], list[int]], Callable[[list[int]], str]]
 
@@ -32,12 +32,12 @@ def hf_tokenizer(source: Any) -> Encoder:
         try:
             hf = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name).backend_tokenizer
         except (ValueError, KeyError, NotImplementedError, TypeError) as e:
-            raise PeerMissing(f"transformers cannot convert this GGUF vocabulary: {str(e).splitlines()[0][:160]}") \
-                from None
+            raise PeerMissing(f"transformers cannot convert this GGUF vocabulary: {str(e).splitlines()[0][:160]}",
+                              status="unsupported") from None
     else:
         path = source.path / "tokenizer.json"
         if not path.exists():
-            raise PeerMissing(f"no tokenizer.json in {source.path}")
+            raise PeerMissing(f"no tokenizer.json in {source.path}", status="unsupported")
         hf = Tokenizer.from_file(str(path))
     return (lambda text: hf.encode(text, add_special_tokens=False).ids,
             lambda ids: hf.decode(ids, skip_special_tokens=True))
@@ -45,15 +45,12 @@ def hf_tokenizer(source: Any) -> Encoder:
 
 def llama_cpp_tokenizer(source: Any) -> Encoder:
     if source.format != "gguf":
-        raise PeerMissing("llama.cpp reads GGUF files only")
-    try:
-        import llama_cpp
-    except ImportError:
-        raise PeerMissing("llama-cpp-python is not installed (pip install 'corejax[bench]')") from None
+        raise PeerMissing("llama.cpp reads GGUF files only", status="unsupported")
+    llama_cpp = import_peer("llama_cpp", "llama-cpp-python")
     try:
         llm = llama_cpp.Llama(model_path=str(source.path), vocab_only=True, verbose=False)
     except ValueError as e:
-        raise PeerMissing(f"llama.cpp cannot load this file ({e})") from None
+        raise PeerMissing(f"llama.cpp cannot load this file ({e})", status="unsupported") from None
     return (lambda text: llm.tokenize(text.encode(), add_bos=False, special=False),
             lambda ids: llm.detokenize(ids).decode("utf-8", errors="replace"))
 
@@ -84,7 +81,12 @@ def run(ctx: Any) -> None:
         try:
             encode, decode = PEERS[label](source)
         except PeerMissing as e:
-            ctx.skip("tokenizer", label, str(e), steps=ctx.reps)
+            ctx.skip("tokenizer", label, str(e), steps=ctx.reps, status=e.status)
+            continue
+        except Exception as e:  # noqa: BLE001 - a peer's own failure is its row, not the suite's
+            if label == "corejax":
+                raise
+            ctx.peer_raised("tokenizer", label, e, steps=ctx.reps)
             continue
         ids = [encode(d) for d in docs]  # warm-up (and the ids compared below)
         enc, dec = [], []

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from corejax import quant
+from corejax import quant, support
 from corejax.config import WEIGHT_MODES, ModelConfig  # noqa: F401 - WEIGHT_MODES re-exported
 from corejax.hostmem import aligned_empty, to_device
 from corejax.errors import ModelFormatError, ModelNotFoundError
@@ -261,6 +261,7 @@ def load_gguf_params(gguf: Any, cfg: ModelConfig, *, weights: str = "native",
                      progress: bool = True) -> dict[str, Any]:
     """`gguf` is an open corejax.loading.gguf.GGUFFile. weights: one of WEIGHT_MODES."""
     names = gguf_names(cfg)
+    support.check_unread_tensors(gguf.tensors, set(names.values()), support.GGUF_UNREAD, str(gguf.path))
     missing = [n for n in names.values() if n not in gguf.tensors and n != "output.weight"]
     if missing:
         raise ModelFormatError(f"{gguf.path}: missing tensors {missing[:4]}{'...' if len(missing) > 4 else ''}")
@@ -280,6 +281,19 @@ def hf_names(cfg: ModelConfig, prefix: str) -> dict[str, str]:
             hf = hf[cfg.arch] if isinstance(hf, dict) else hf
             names[f"{i}.{key}"] = f"{prefix}layers.{i}.{hf}.weight"
     return names
+
+
+def check_hf_tensors(folder: Path, cfg: ModelConfig, names: dict[str, str], present: dict[str, Any],
+                     read: Callable[[str], np.ndarray]) -> None:
+    """Every tensor in the folder is one the model reads or one support.HF_DECODER_UNREAD allows; a tied model's
+    stored lm_head.weight must be its embedding, since transformers 4 then uses the embedding and 5 the head."""
+    lm_head = names["lm_head"]
+    support.check_unread_tensors(present, set(names.values()), support.HF_DECODER_UNREAD, str(folder))
+    if cfg.tie_embeddings and lm_head in present and not np.array_equal(read(lm_head), read(names["embed"])):
+        raise ModelFormatError(
+            f"{folder}: config.json sets tie_word_embeddings, but the folder's {lm_head} differs from the embedding "
+            "(transformers 4 would use the embedding, 5 the stored head); set tie_word_embeddings to false in "
+            f"config.json to use {lm_head}, or delete that tensor to use the embedding")
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -340,6 +354,7 @@ def load_hf_folder(folder: Path, *, weights: str = "f32",
             handles[path] = safe_open(str(path), framework="flax")
         return np.asarray(handles[path].get_tensor(key), dtype=np.float32)
 
+    check_hf_tensors(folder, cfg, names, where, get)
     params = build_params(cfg, get, names, source=str(folder), weights=weights, permuted_qk=False,
                           norm_offset=1.0 if cfg.arch == "gemma3" else 0.0, progress=progress)
     return cfg, params, raw

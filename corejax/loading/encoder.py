@@ -13,6 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from corejax import support
 from corejax.config import EncoderConfig
 from corejax.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from corejax.loading.convert import iter_safetensors, safetensors_files
@@ -92,10 +93,12 @@ def load_encoder_folder(folder: Path, raw: dict, weights: str = "f32") -> tuple[
         raise UnsupportedModelError(f"{folder}: a classifier without BERT's pooler is not supported")
     cfg = EncoderConfig.from_hf(raw, with_head=with_head)
     handles: dict[Path, Any] = {}
+    read: set[str] = set()  # what the model took, so every other tensor can be checked against ENCODER_UNREAD
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in where:
             raise ModelFormatError(f"{folder}: missing tensor {name!r}")
+        read.add(name)
         path, key = where[name]
         if path not in handles:
             handles[path] = safe_open(str(path), framework="flax")
@@ -141,6 +144,7 @@ def load_encoder_folder(folder: Path, raw: dict, weights: str = "f32") -> tuple[
         cw, cb = linear("classifier", d, cfg.num_labels)
         params["head"] = {k: jnp.asarray(v) for k, v in
                           {"pooler_w": pw, "pooler_b": pb, "classifier_w": cw, "classifier_b": cb}.items()}
+    support.check_unread_tensors(where, read, support.ENCODER_UNREAD, str(folder))
     return cfg, params
 
 

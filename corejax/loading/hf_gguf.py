@@ -17,7 +17,14 @@ import numpy as np
 
 from corejax.config import ModelConfig
 from corejax.errors import ModelFormatError, UnsupportedModelError
-from corejax.loading.convert import LAYER_NAMES, expected_shapes, hf_names, iter_safetensors, safetensors_files
+from corejax.loading.convert import (
+    LAYER_NAMES,
+    check_hf_tensors,
+    expected_shapes,
+    hf_names,
+    iter_safetensors,
+    safetensors_files,
+)
 
 # gguf's GGUFValueType and TokenType numbers (stable parts of the format).
 _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY = 4, 5, 6, 7, 8, 9
@@ -171,6 +178,7 @@ class hf_as_gguf:
             return np.asarray(self.handles[path].get_tensor(key), dtype=np.float32)
 
         ours = hf_names(cfg, prefix)
+        check_hf_tensors(folder, cfg, ours, where, read)
         gguf = {"final_norm": "output_norm.weight", "embed": "token_embd.weight", "lm_head": "output.weight"}
         shapes = expected_shapes(cfg)
         for i in range(cfg.num_layers):

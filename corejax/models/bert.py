@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from corejax.config import EncoderConfig
-from corejax.kernels import ffi, flash_attention
+from corejax.kernels import ffi
+from corejax.kernels.flash_attention import flash_attention
 from corejax.kernels.encoder_attention import encoder_attention
 from corejax.kernels.small_matmul import BlockedWeight, fused_matmul_add_norm, fused_matmul_bias_act
 from corejax.models.layers import dense

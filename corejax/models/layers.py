@@ -135,8 +135,11 @@ def layer_theta(cfg: ModelConfig, index: int) -> float:
 
 
 def layer_at(cfg: ModelConfig, index: int) -> LayerAt:
+    # Gemma 3's RoPE scaling is its global layers' (HF's rope_parameters["full_attention"], llama.cpp's
+    # freq_scale_swa = 1): the local layers keep unscaled frequencies of their own base.
+    local = cfg.layer_windows[index] > 0 and bool(cfg.rope_local_theta)
     return LayerAt(index, cfg.layer_windows[index], rope_inv_freq(cfg.head_dim, layer_theta(cfg, index),
-                                                                   cfg.rope_scaling))
+                                                                   None if local else cfg.rope_scaling))
 
 
 def run_layers(

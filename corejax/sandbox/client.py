@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,30 +85,13 @@ class WorkerClient:
     def __init__(self, source: Any, *, sandbox: bool = True, memory_limit: int | None = None,
                  timeout: float | None = None, testing: bool = False, pythonpath: tuple[str, ...] = (),
                  start_timeout: float = 600.0, network_namespace: bool = True, options: dict | None = None,
-                 require: dict[str, bool] | None = None):
-        self.source = source
-        self.options = dict(options or {})  # how the worker loads the model (weights, engine config): plain data
+                 require: dict[str, bool] | None = None,
+                 on_progress: Callable[[dict], None] | None = None):
+        self._init_state(source, options, require, on_progress)
         self.sandbox = sandbox
         self.memory_limit = memory_limit
         self.timeout = timeout
         self.testing = testing
-        self.require = dict(require or {})
-        self.pid: int | None = None
-        self.report: list[dict] = []
-        self.proc: subprocess.Popen | None = None
-        self.dead = False
-        self._death: str | None = None
-        self._kill_reason: str | None = None
-        self._timed_out: int | None = None
-        self._lock = threading.Lock()
-        self._pending: dict[int, Mailbox] = {}
-        self._lead_mu = threading.Lock()  # guards _leading and _waiting (WorkerClient.wait)
-        self._leading = False  # a caller is reading the socket
-        self._waiting: set[Mailbox] = set()  # callers blocked on their mailbox while another reads
-        self._next_rid = 1
-        self._startup: queue.Queue = queue.Queue()
-        self._started = False  # the worker said it is ready: frames for id 0 are dropped from then on
-        self._private: Path | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.conn = Connection(parent)
         try:
@@ -128,8 +112,35 @@ class WorkerClient:
         finally:
             if child is not None:
                 child.close()  # the worker holds its own copy; ours would hide the worker's death
+        self._begin(start_timeout, monitor=sandbox)
+
+    def _init_state(self, source: Any, options: dict | None, require: dict[str, bool] | None,
+                    on_progress: Callable[[dict], None] | None) -> None:
+        self.source = source
+        self.options = dict(options or {})  # how the worker loads the model (weights, engine config): plain data
+        self.require = dict(require or {})
+        self._on_progress = on_progress or self._show_progress
+        self.pid: int | None = None
+        self.report: list[dict] = []
+        self.proc: subprocess.Popen | None = None
+        self.dead = False
+        self._death: str | None = None
+        self._kill_reason: str | None = None
+        self._timed_out: int | None = None
+        self._lock = threading.Lock()
+        self._pending: dict[int, Mailbox] = {}
+        self._lead_mu = threading.Lock()  # guards _leading and _waiting (WorkerClient.wait)
+        self._leading = False  # a caller is reading the socket
+        self._waiting: set[Mailbox] = set()  # callers blocked on their mailbox while another reads
+        self._next_rid = 1
+        self._startup: queue.Queue = queue.Queue()
+        self._started = False  # the worker said it is ready: frames for id 0 are dropped from then on
+        self._private: Path | None = None
+
+    def _begin(self, start_timeout: float, monitor: bool) -> None:
+        """Reads the worker's start-up frames until it is ready (or raises and closes)."""
         threading.Thread(target=self._read_startup, name="corejax-sandbox-startup", daemon=True).start()
-        if sandbox:
+        if monitor:
             threading.Thread(target=self._monitor, name="corejax-sandbox-monitor", daemon=True).start()
         try:
             self._wait_ready(start_timeout)
@@ -203,7 +214,7 @@ class WorkerClient:
                 self.kill("it failed to start")
                 raise error_from_wire(frame.payload, " while loading the model")
             if frame.kind == Kind.PROGRESS:
-                self._show_progress(frame.payload)
+                self._on_progress(frame.payload)
                 continue
             self._close_bars()
             if frame.kind == Kind.READY and frame.payload.get("stage") == "policy":
@@ -218,7 +229,11 @@ class WorkerClient:
                         + "), so the model was not opened. Fix the system, or accept the risk with Session(..., "
                         f"sandbox_require={{{', '.join(repr(str(layer.get('name'))) + ': False' for layer in missing)}}})")
             elif frame.kind == Kind.READY:
+                self._ready(frame.payload)
                 return
+
+    def _ready(self, payload: dict) -> None:
+        """The worker's last start-up frame (a kept server's carries its worker's pid)."""
 
     def _show_progress(self, p: dict) -> None:
         """The worker's startup stages ("loading weights", "compiling") as progress bars here."""

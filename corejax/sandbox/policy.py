@@ -254,8 +254,8 @@ def python_paths() -> tuple[list[str], list[str]]:
     prefixes = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
     real = [os.path.realpath(p) for p in prefixes]
     read = [*prefixes, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # corejax/
-    if kernels is not None and kernels.origin:
-        read.append(os.path.dirname(os.path.abspath(kernels.origin)))
+    if kernels is not None and kernels.submodule_search_locations:  # a namespace package: no origin
+        read.extend(os.path.abspath(p) for p in kernels.submodule_search_locations)
     list_only = []
     for p in sys.path:
         if p and os.path.isabs(p):

@@ -13,12 +13,10 @@ _PROGRAM_FILE_CAP = 256 << 20  # one compiled program; JAX's entries here are 0.
 _PROGRAM_DIR_CAP = 2 << 30  # a model's whole folder
 
 
-def program_cache_dir(source: Any, native_kernels: str | None) -> Path:
-    """The persistent XLA cache of sandboxed workers for one model file (its path and identity: a file replaced
-    or rewritten gets a new folder) and one native-kernel build."""
+def source_identity(source: Any) -> str:
+    """A model's path and file identity (device, inode, size, modification time of each file): a file replaced
+    or rewritten gets a new identity."""
     import hashlib
-
-    from corejax.paths import cache_dir
 
     h = hashlib.sha256()
     if source is not None:
@@ -30,7 +28,15 @@ def program_cache_dir(source: Any, native_kernels: str | None) -> Path:
                 h.update(f"{f.name}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode())
             except OSError:
                 pass
-    key = f"{source.name if source is not None else 'no-model'}-{h.hexdigest()[:16]}"
+    return h.hexdigest()
+
+
+def program_cache_dir(source: Any, native_kernels: str | None) -> Path:
+    """The persistent XLA cache of sandboxed workers for one model file (source_identity) and one native-kernel
+    build."""
+    from corejax.paths import cache_dir
+
+    key = f"{source.name if source is not None else 'no-model'}-{source_identity(source)[:16]}"
     key = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     root = cache_dir() / "xla-sandbox" / (Path(native_kernels).stem if native_kernels else "xla")
     folder = root / key

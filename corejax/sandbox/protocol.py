@@ -66,12 +66,13 @@ class Kind(enum.IntEnum):
     RESULT = 35  # {result} / {value}: the request is complete
     ERROR = 36  # {type, message}: the request (id 0: the worker) failed
     PROGRESS = 37  # {stage, done, total}: startup progress (id 0): "loading weights", "compiling"
+    ENDED = 38  # {ended, message}: a kept server's worker never finished this request (messages.Terminal)
 
 
 # Per-kind payload caps for what a worker sends (the parent bounds what a hostile worker can make it hold);
 # the other kinds get the connection's max_frame.
-KIND_LIMITS = {Kind.STARTED: 256, Kind.PROGRESS: 4 << 10, Kind.ERROR: 64 << 10, Kind.READY: 1 << 20,
-               Kind.CHUNK: 1 << 20}
+KIND_LIMITS = {Kind.STARTED: 256, Kind.PROGRESS: 4 << 10, Kind.ERROR: 64 << 10, Kind.ENDED: 64 << 10,
+               Kind.READY: 1 << 20, Kind.CHUNK: 1 << 20}
 
 
 class ProtocolError(Exception):

@@ -53,7 +53,7 @@ def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 
     served: list[ServedModel] = []
     try:
         for name in models or [None]:
-            session = Session(name, warmup=True, **(session_options or {}))
+            session = Session(name, warmup=True, keep_alive=0, **(session_options or {}))  # the server keeps them
             model_id = name if name is not None and "/" not in name and not name.endswith(".gguf") \
                 else session.source.name
             if any(m.id == model_id for m in served):
