@@ -25,7 +25,7 @@ from corejax.kernels.paged_attention import paged_attention, paged_attention_ref
 from jax import lax
 
 from corejax.bench.machine import fingerprint
-from corejax.cache import dense_attention
+from corejax.kernels.flash_attention import flash_attention_reference as dense_attention
 
 N, K, H, PAGE = 32, 4, 64, 16
 

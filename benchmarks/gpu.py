@@ -310,7 +310,7 @@ def paged_inputs(case: PagedCase, rng) -> tuple[tuple, dict]:
     kp = rng.standard_normal(shape, "float32")
     vp = rng.standard_normal(shape, "float32")
     k_scales = v_scales = None
-    if case.kv == "bf16":  # bf16 pages as their bit patterns, as corejax/cache.py stores them
+    if case.kv == "bf16":  # bf16 pages as their bit patterns, as corejax/engine/cache.py stores them
         kp, vp = (jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.bfloat16), jnp.uint16) for x in (kp, vp))
     elif case.kv == "int8":
         (kp, k_scales), (vp, v_scales) = quantize_kv(jnp.asarray(kp), "int8"), quantize_kv(jnp.asarray(vp), "int8")
@@ -429,7 +429,7 @@ def decode_bytes(shape: ModelShape, weight_bytes: int, rows: int) -> float:
 
 
 def model_config(shape: ModelShape):
-    from corejax.config import ModelConfig, RopeScaling
+    from corejax.types.config import ModelConfig, RopeScaling
 
     return ModelConfig(arch="llama", vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers,
                        num_heads=shape.heads, num_kv_heads=shape.kv_heads, head_dim=shape.head_dim,
@@ -475,43 +475,37 @@ def save_params(params: dict, cfg, folder: Path) -> None:
         np.save(folder / f"{name}.npy", host.view(np.uint16) if host.dtype.itemsize == 2 else host)
 
 
-def set_attention_policy(policy: str, interpret: bool) -> None:
-    """Pins which paged-attention implementation the engine's cache calls (corejax/cache.py imports
-    paged_attention by name and passes neither impl nor tiles; "shipped" leaves it so)."""
-    from corejax.kernels.paged_attention import BlockSizes, paged_attention
+def attention_policy(policy: str, interpret: bool):
+    """The kernel policy (kernels/policy.py Kernels) a policy name runs: "shipped" is what a runner on this
+    device picks (Kernels.detect), "xla" attention through lax only, "pallas" decode attention as Pallas."""
+    import jax
 
-    from corejax import cache
+    from corejax.kernels.policy import Kernels
 
     if policy == "shipped":
-        return
-
-    def attention(q, *args, **kwargs):
-        if policy == "xla" or q.shape[1] > 1:
-            return paged_attention(q, *args, impl="lax", **kwargs)
-        return paged_attention(q, *args, impl="pallas", interpret=interpret, block_sizes=BlockSizes(128), **kwargs)
-
-    cache.paged_attention = attention
+        return Kernels.detect()
+    return Kernels(platform=jax.default_backend(), pallas=policy == "pallas", interpret=interpret)
 
 
 class EngineRun:
-    """Drives one Engine's jitted programs as corejax/scheduler.py does (prefill chunk with the final chunk's
+    """Drives one Engine's jitted programs as corejax/serving/scheduler.py does (prefill chunk with the final chunk's
     greedy sample, then decode steps), each row on its own pages: row r holds pages r·W + 1 .. (r + 1)·W."""
 
-    def __init__(self, shape: ModelShape, params: dict, cfg):
-        from corejax.config import EngineConfig
-        from corejax.batch import bucket
-        from corejax.engine import Engine
+    def __init__(self, shape: ModelShape, params: dict, cfg, kernels):
+        from corejax.types.config import EngineConfig
+        from corejax.serving.batch import bucket
+        from corejax.serving.runner import ModelRunner
 
         self.shape, self.cfg = shape, cfg
         self.width = bucket(-(-(shape.prompt + shape.new_tokens) // PAGE), 16)  # the scheduler's table width
-        self.engine = Engine(cfg, params, EngineConfig(page_size=PAGE, kv_dtype="bf16", prefix_cache=False,
-                                                       kv_cache_tokens=shape.batch * self.width * PAGE))
+        self.engine = ModelRunner(cfg, params, EngineConfig(page_size=PAGE, kv_dtype="bf16", prefix_cache=False,
+                                                            kv_cache_tokens=shape.batch * self.width * PAGE), kernels)
 
     def _sampling(self, rows: int):
         import numpy as np
 
-        from corejax.options import SamplingParams
-        from corejax.sampling import SamplingTensors
+        from corejax.types.options import SamplingParams
+        from corejax.engine.sampling import SamplingTensors
 
         greedy = SamplingTensors.from_params([SamplingParams(temperature=0.0)] * rows, self.cfg.vocab_size,
                                              batch_size=rows)
@@ -526,7 +520,7 @@ class EngineRun:
         """One prompt in one chunk into row `row`'s pages -> its first greedy token."""
         import numpy as np
 
-        from corejax.batch import MIN_PREFILL_BUCKET, bucket
+        from corejax.serving.batch import MIN_PREFILL_BUCKET, bucket
 
         n = len(prompt)
         t = bucket(n, MIN_PREFILL_BUCKET)
@@ -537,7 +531,8 @@ class EngineRun:
         eng = self.engine
         cache = eng.cache.with_rows(self._table([row]), np.array([n], np.int32))
         out, eng.cache = eng.programs.prefill(eng.params, tokens, positions, np.array([n - 1], np.int32), cache,
-                                              cfg=self.cfg, sampling=sampling, keys=keys, penalties=None)
+                                              cfg=self.cfg, kernels=eng.kernels, sampling=sampling, keys=keys,
+                                              penalties=None)
         return int(np.asarray(out.tokens)[0])
 
     def decode(self, first: list[int], start: int, steps: int, chained: bool):
@@ -562,7 +557,8 @@ class EngineRun:
             lengths = np.full((b,), pos + 1, np.int32)
             out, eng.cache, _ = eng.programs.decode_step(eng.params, tokens, np.full((b, 1), pos, np.int32),
                                                          eng.cache.with_rows(table, lengths), sampling, None, keys,
-                                                         np.full((b,), i + 1, np.int32), cfg=self.cfg)
+                                                         np.full((b,), i + 1, np.int32), cfg=self.cfg,
+                                                         kernels=eng.kernels)
             tokens = out.tokens if chained else jax.device_put(np.asarray(out.tokens), device)
             out_tokens.append(tokens)
         jax.block_until_ready(tokens)
@@ -575,14 +571,14 @@ def engine_part(args, record: Record) -> None:
     import numpy as np
 
     import_corejax()
-    from corejax.engine import programs_built
+    from corejax.engine.programs import programs_built
 
     smoke, policy = args.smoke, args.child.split(":", 1)[1]
     f32_weights = policy.endswith("-f32")
     policy = policy.removesuffix("-f32")
     shape = SMOKE_MODEL if smoke else LLAMA_1B
     interpret = jax.default_backend() != "gpu"
-    set_attention_policy(policy, interpret)
+    kernels = attention_policy(policy, interpret)
     cfg = model_config(shape)
     record.set("shape", dataclasses.asdict(shape))
     record.set("policy", policy)
@@ -597,7 +593,7 @@ def engine_part(args, record: Record) -> None:
     if args.handoff and args.save_weights:
         with watchdog(record, "saving weights for hf", 120):
             save_params(params, cfg, Path(args.handoff) / "weights")
-    run = EngineRun(shape, params, cfg)
+    run = EngineRun(shape, params, cfg, kernels)
     record.set("kv_pool_bytes", run.engine.kv_cache_bytes)
     prompts = np.random.default_rng(1).integers(0, shape.vocab, (shape.batch, shape.prompt)).astype(np.int32)
     built = programs_built()

@@ -62,12 +62,12 @@ def mlp_stack(reps: int) -> dict:
 def decode_steps(reps: int) -> dict:
     import numpy as np
 
-    from corejax.options import SamplingParams
+    from corejax.types.options import SamplingParams
     from corejax.hub import resolve
-    from corejax.runtime import Runtime
-    from corejax.sampling import SamplingTensors
+    from corejax.worker.start import open_runtime
+    from corejax.engine.sampling import SamplingTensors
 
-    eng = Runtime(resolve("smollm2-135m-instruct"), progress=False).engine
+    eng = open_runtime(resolve("smollm2-135m-instruct"), progress=False).engine
     out = {}
     for b, length, width in ((1, 100, 16), (8, 100, 16), (1, 500, 64), (8, 500, 64)):
         sampling = SamplingTensors.from_params([SamplingParams(temperature=0.0)] * b, eng.cfg.vocab_size)

@@ -85,7 +85,8 @@ def _summary(engine: str, model: str, compile_s: float, steps: list[float], ok: 
 def engines_part(model: str) -> list[dict]:
     import numpy as np
 
-    from corejax.structured import Constraint, GrammarVocab, mask_words
+    from corejax.serving.structured import GrammarVocab, mask_words
+    from corejax.types.constraints import Constraint
 
     tok = _tokenizer(model)
     ids = tok.encode(FORCED, add_special=False)

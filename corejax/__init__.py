@@ -5,19 +5,19 @@ Public API (everything else is internal):
     embed(texts, model="all-minilm-l6-v2") -> np.ndarray  classify(texts, model=None, labels=...) -> Classification
     Session(model) -> .generate() -> GenerationResult, .stream(), .info()
     pull(name), list_models(), SamplingParams, SpeculativeConfig, Blocklist (Session(output_filter=...)),
-    and the exceptions below.
+    Cluster (Session(cluster=...)), and the exceptions below.
+
+The layout draws the two processes: client/ is the caller's side (never imports JAX), worker/ holds the model in
+the sandboxed subprocess, wire/ is what crosses between them, types/ the plain data both sides share;
+serving/ schedules requests in the worker and engine/ holds the compiled programs (docs/ARCHITECTURE.md).
 """
 
 from corejax import paths as _paths
 
 _paths.map_source_tree_kernels()  # run from a source tree, corejax.kernels is the top-level kernels/ folder
 
-from corejax import native as _native
-
-_native.cap_xla_isa()  # COREJAX_ISA=avx2 on a wider CPU: XLA generates AVX2 code too (before any backend starts)
-
 from corejax.api import DEFAULT_EMBEDDING_MODEL, classify, embed, generate, stream
-from corejax.options import SamplingParams, SpeculativeConfig
+from corejax.types.options import SamplingParams, SpeculativeConfig
 from corejax.errors import (
     CacheFullError,
     ContextLengthError,
@@ -32,10 +32,11 @@ from corejax.errors import (
     UnsupportedModelError,
     WorkerCrashed,
 )
-from corejax.filter import Blocklist
+from corejax.types.cluster import Cluster
+from corejax.types.filter import Blocklist
 from corejax.hub import DEFAULT_MODEL, list_models, pull
-from corejax.results import Classification, GenerationResult, Timings, TokenLogprob
-from corejax.session import Session
+from corejax.types.results import Classification, GenerationResult, Timings, TokenLogprob
+from corejax.client.session import Session
 from corejax.version import __version__
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "Blocklist",
     "Classification",
+    "Cluster",
     "ContextLengthError",
     "CacheFullError",
     "CorejaxError",

@@ -2,7 +2,7 @@
 reload.
 
 The model runs in a sandboxed worker subprocess by default (corejax/sandbox/), kept loaded in a background
-process for keep_alive seconds (corejax/keepalive.py: the next script on the same model starts at once);
+process for keep_alive seconds (corejax/client/keepalive.py: the next script on the same model starts at once);
 sandbox=False runs it in this process (no isolation from the model file).
 """
 
@@ -12,8 +12,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from corejax.results import Classification
-from corejax.session import Session
+from corejax.types.results import Classification
+from corejax.client.session import Session
 
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 

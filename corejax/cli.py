@@ -12,6 +12,7 @@ from typing import Any
 
 from corejax import hub
 from corejax.errors import CorejaxError, InvalidParameterError, SandboxError
+from corejax.types.config import ENCODER_WEIGHTS, KV_DTYPES, WEIGHT_MODES
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -19,10 +20,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help=f"registry name, .gguf file or HF folder (default: {hub.DEFAULT_MODEL})")
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
                    help="run the model in this process instead of the sandboxed worker")
-    p.add_argument("--weights", choices=["f32", "f16", "bf16", "native", "int8", "int4"], default=None,
+    p.add_argument("--weights", choices=WEIGHT_MODES, default=None,
                    help="default: a quantized GGUF stays quantized (native) and an encoder loads as bf16 or f16 "
                         "where the native kernels build, else f32; int8/int4: quantize float weights at load")
-    p.add_argument("--kv-dtype", choices=["float32", "bf16", "int8", "int4"], default="float32")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")
     p.add_argument("--blocklist", metavar="FILE", default=None,
                    help="output filter: one blocked word or phrase per line (# comments); matched after Unicode "
                         "NFC and case folding, a hit ends the generation (finish reason content_filter)")
@@ -31,13 +32,13 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _output_filter(args: argparse.Namespace) -> Any:
     if args.blocklist is None:
         return None
-    from corejax.filter import Blocklist
+    from corejax.types.filter import Blocklist
 
     return Blocklist.from_file(args.blocklist)
 
 
 def _session(args: argparse.Namespace, progress: bool) -> Any:
-    from corejax.session import Session
+    from corejax.client.session import Session
 
     return Session(args.model, sandbox=args.sandbox, weights=args.weights, kv_dtype=args.kv_dtype,
                    progress=progress, warmup=progress, output_filter=_output_filter(args),
@@ -64,7 +65,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, dest="seed")
     g.add_argument("--stop", action="append", dest="stop", help="stop string (repeatable)")
     g.add_argument("--greedy", action="store_true", help="same as --temperature 0")
-    g = p.add_argument_group("structured output (at most one; corejax/structured.py)")
+    g = p.add_argument_group("structured output (at most one; corejax/serving/structured.py)")
     g.add_argument("--json-schema", metavar="SCHEMA", default=None,
                    help="the output is JSON matching this schema: JSON text, or the path of a .json file")
     g.add_argument("--json", dest="json_object", action="store_true", help="the output is a JSON object")
@@ -180,7 +181,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _cluster(args: argparse.Namespace) -> Any:
     """--coordinator/--num-processes/--process-id, else COREJAX_COORDINATOR/... (or JAX_...), else None."""
-    from corejax.distributed import Cluster
+    from corejax.types.cluster import Cluster
 
     given = [args.coordinator, args.num_processes, args.process_id]
     if all(v is None for v in given):
@@ -199,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cluster is not None and not cluster.leader:  # a follower: process 0 takes the HTTP requests
         print(f"corejax: process {cluster.process_id} of {cluster.num_processes}, following process 0 "
               f"(coordinator {cluster.coordinator})", file=sys.stderr, flush=True)
-        from corejax.session import Session
+        from corejax.client.session import Session
 
         with Session((args.models or [None])[0], sandbox=args.sandbox, weights=args.weights,
                      kv_dtype=args.kv_dtype, memory_limit=args.memory_limit, cluster=cluster) as session:
@@ -229,8 +230,8 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
                    help="run the models on threads of the server process instead of sandboxed workers")
-    p.add_argument("--weights", choices=["f32", "f16", "bf16", "native", "int8", "int4"], default=None)
-    p.add_argument("--kv-dtype", choices=["float32", "bf16", "int8", "int4"], default="float32")
+    p.add_argument("--weights", choices=WEIGHT_MODES, default=None)
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")
     p.add_argument("--blocklist", metavar="FILE", default=None, help="output filter (see `corejax generate -h`)")
     p.add_argument("--max-tokens", type=int, default=4096,
                    help="the most tokens one choice may generate, and the chat default (default 4096)")
@@ -287,13 +288,13 @@ def _kernel_path() -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     source = hub.resolve(args.model)
     if source.format != "gguf":
-        from corejax.config import ModelConfig
+        from corejax.types.config import ModelConfig
 
         cfg = ModelConfig.from_hf(json.loads((source.path / "config.json").read_text()))
         print(json.dumps({"path": str(source.path), "format": "hf", "config": cfg.__dict__}, indent=2, default=str))
         return 0
     if args.sandbox:  # the header is parsed by a sandboxed worker, like the model itself (its answer is untrusted)
-        from corejax.sandbox.client import describe
+        from corejax.client.workers import describe
 
         info = describe(source)
     else:
@@ -332,7 +333,7 @@ def _info_lines(info: dict) -> list[str]:
 def cmd_embed(args: argparse.Namespace) -> int:
     """One JSON array per text on stdout (texts from the arguments, or one per line of stdin)."""
     from corejax.api import DEFAULT_EMBEDDING_MODEL
-    from corejax.session import Session
+    from corejax.client.session import Session
 
     texts = list(args.texts) if args.texts else [line.rstrip("\n") for line in sys.stdin]
     with Session(args.model or DEFAULT_EMBEDDING_MODEL, sandbox=args.sandbox, progress=not args.quiet,
@@ -344,7 +345,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    from corejax.keepalive import running
+    from corejax.client.keepalive import running
 
     servers = running()
     if args.json:
@@ -358,7 +359,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from corejax.keepalive import stop
+    from corejax.client.keepalive import stop
 
     for s in stop(args.models or None):
         print(f"stopped {s['model']} (pid {s['pid']})")
@@ -395,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
                    help="run the model in this process instead of the sandboxed worker")
     p.add_argument("--no-truncate", action="store_true", help="fail on texts longer than the model's maximum")
-    p.add_argument("--weights", choices=["f32", "f16", "bf16"], default=None,
+    p.add_argument("--weights", choices=ENCODER_WEIGHTS, default=None,
                    help="the encoder's matrices: bf16 (the default where the CPU has AVX512_BF16), f16 (the "
                         "default elsewhere the native kernels build) or exact f32")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

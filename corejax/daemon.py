@@ -1,6 +1,6 @@
 """The kept server: a background process that holds one Session and lends its sandboxed worker to the Sessions of
 other processes over a Unix socket, so a new `corejax generate` or Python script finds the model loaded (Ollama's
-keep_alive; corejax/keepalive.py starts it and is the other side).
+keep_alive; corejax/client/keepalive.py starts it and is the other side).
 
 `python -m corejax.daemon --socket PATH --idle-exit SECONDS --launch JSON` binds its socket before it opens the
 model, so the process that started it shows the model's loading progress. Each connection then gets what a worker
@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corejax.filter import Blocklist
+from corejax.types.filter import Blocklist
 from corejax.hub import ModelSource
-from corejax.sandbox.messages import Terminal, error_to_wire
-from corejax.sandbox.protocol import Connection, Kind, ProtocolError
-from corejax.session import Session
+from corejax.wire.messages import Terminal, error_to_wire
+from corejax.wire.protocol import Connection, Kind, ProtocolError
+from corejax.client.session import Session
 
-# What a connection may ask of the worker; RUN_TEST and DESCRIBE never cross a kept server.
+# What a connection may ask of the worker; PROBE (tests only) and DESCRIBE never cross a kept server.
 _RELAYED = frozenset({Kind.GENERATE, Kind.TOKENIZE, Kind.DETOKENIZE, Kind.INFO, Kind.PING, Kind.EMBED,
                       Kind.CLASSIFY})
 

@@ -91,8 +91,9 @@ def isa_target(isa: str | None = None) -> tuple[list[str], str | None]:
 
 
 def cap_xla_isa() -> None:
-    """With a narrower COREJAX_ISA, XLA generates code for that ISA too (before any backend starts). A bad
-    COREJAX_ISA is left for build() to refuse, with its sentence, when kernels are first needed."""
+    """With a narrower COREJAX_ISA, XLA generates code for that ISA too: called by the worker before its JAX
+    backend starts (worker/main.py; worker/start.py for in-process runtimes, where it takes effect only if the
+    process has not started JAX yet). A bad COREJAX_ISA is left for build() to refuse, with its sentence."""
     try:
         _, xla = isa_target()
     except Exception:

@@ -2,9 +2,9 @@
 file with its matrices in Q8_0, Q4_0 or Q4_1, every metadata key (architecture, tokenizer, chat template)
 carried over or converted (loading/hf_gguf.py), so the result is a complete model for corejax and llama.cpp alike.
 
-The block math is llama.cpp's reference quantizers (ggml-quants.c quantize_row_q8_0_ref, q4_0_ref, q4_1_ref),
-vectorised in numpy over blocks of 32 and bit-exact with gguf-py's gguf.quants.quantize (tests/test_quantize.py);
-gguf-py's GGUFWriter writes the file. The source is read with corejax's bounds-checked reader, not gguf-py's.
+The block math (llama.cpp's reference quantizers, bit-exact with gguf-py's) lives beside its dequantizers in
+corejax/loading/ggml_quants.py, the one home of ggml's block formats; gguf-py's GGUFWriter writes the file.
+The source is read with corejax's bounds-checked reader, not gguf-py's.
 Which tensors: every 2-D matrix whose rows split into blocks of 32 (token embedding and output head included,
 as llama.cpp's Q8_0 does); 1-D tensors (norms) stay float32, as in llama.cpp.
 """
@@ -20,85 +20,11 @@ from typing import Any
 import numpy as np
 
 from corejax.errors import InvalidParameterError, UnsupportedModelError
+from corejax.loading.ggml_quants import QK, bytes_per_block, normalize_type, quantize_tensor
 from corejax.loading.hf_gguf import SourceTensor
 
-QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1")
-# "int8"/"int4" mean what weights="int8"/"int4" mean when a model loads (corejax/quant.py): Q8_0, and 4-bit
-# codes with a scale and a minimum per 32 weights, which is Q4_1.
-_ALIASES = {"int8": "Q8_0", "q8_0": "Q8_0", "int4": "Q4_1", "q4_0": "Q4_0", "q4_1": "Q4_1"}
-QK = 32  # values per block
-_BYTES_PER_BLOCK = {"Q8_0": 2 + QK, "Q4_0": 2 + QK // 2, "Q4_1": 4 + QK // 2}
 _FILE_TYPE = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 _QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
-_CHUNK_BLOCKS = 1 << 16  # blocks per vectorised step: bounded float32 temporaries (8 MiB) on any tensor
-
-
-def _roundf(x: np.ndarray) -> np.ndarray:
-    """C's roundf (half away from zero) in float32; floor(|x| + 0.5) would round 0.49999997 up."""
-    a = np.abs(x)
-    f = np.floor(a)
-    return np.copysign(f + (a - f >= 0.5), x)
-
-
-def _f16_bytes(x: np.ndarray) -> np.ndarray:
-    """[n, 1] float32 -> [n, 2] uint8, little-endian IEEE half (ggml's GGML_FP32_TO_FP16: round to nearest)."""
-    return x.astype("<f2").view(np.uint8)
-
-
-def _inverse(d: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-
-
-def _nibbles(q: np.ndarray) -> np.ndarray:
-    """[n, 32] uint8 in [0, 15] -> [n, 16]: element j in the low nibble of byte j, element j + 16 in its high."""
-    return q[:, :QK // 2] | (q[:, QK // 2:] << np.uint8(4))
-
-
-def quantize_blocks(x: np.ndarray, qtype: str) -> np.ndarray:
-    """[n, 32] float32 blocks -> [n, bytes per block] uint8 in ggml's layout for `qtype`."""
-    x = np.asarray(x, np.float32)
-    if qtype == "Q8_0":
-        d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
-        q = _roundf(x * _inverse(d)).astype(np.int8).view(np.uint8)
-        return np.concatenate([_f16_bytes(d), q], axis=1)
-    if qtype == "Q4_0":
-        # The signed value of largest magnitude (the first one, as ggml's strict `<` keeps) maps to -8.
-        big = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
-        d = big / np.float32(-8)
-        q = np.minimum(np.trunc(x * _inverse(d) + np.float32(8.5)), 15).astype(np.uint8)
-        return np.concatenate([_f16_bytes(d), _nibbles(q)], axis=1)
-    if qtype == "Q4_1":
-        lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
-        d = (hi - lo) / np.float32(15)
-        q = np.minimum(np.trunc((x - lo) * _inverse(d) + np.float32(0.5)), 15).astype(np.uint8)
-        return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _nibbles(q)], axis=1)
-    raise InvalidParameterError(f"quantization type must be one of {', '.join(QUANT_TYPES)}; got {qtype!r}")
-
-
-def quantize_tensor(w: np.ndarray, qtype: str) -> np.ndarray:
-    """A float [..., in] tensor (in % 32 == 0) -> uint8 [..., in // 32 * bytes per block], ggml's row layout."""
-    w = np.asarray(w, np.float32)
-    if qtype not in QUANT_TYPES:
-        raise InvalidParameterError(f"quantization type must be one of {', '.join(QUANT_TYPES)}; got {qtype!r}")
-    if w.shape[-1] % QK:
-        raise InvalidParameterError(f"rows of {w.shape[-1]} values do not split into blocks of {QK}")
-    blocks = w.reshape(-1, QK)
-    out = np.empty((blocks.shape[0], _BYTES_PER_BLOCK[qtype]), np.uint8)
-    with np.errstate(invalid="ignore", over="ignore"):
-        for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-            out[start:start + _CHUNK_BLOCKS] = quantize_blocks(blocks[start:start + _CHUNK_BLOCKS], qtype)
-    return out.reshape(*w.shape[:-1], -1)
-
-
-def normalize_type(qtype: str) -> str:
-    """"Q8_0" | "Q4_0" | "Q4_1", also from "int8" (Q8_0) and "int4" (Q4_1), any case."""
-    name = _ALIASES.get(str(qtype).lower(), str(qtype).upper())
-    if name not in QUANT_TYPES:
-        raise InvalidParameterError(
-            f"quantization type must be one of {', '.join(QUANT_TYPES)} (or int8 = Q8_0, int4 = Q4_1); got {qtype!r}")
-    return name
-
 
 @dataclasses.dataclass
 class QuantizeReport:
@@ -220,7 +146,7 @@ def _write(tmp: Path, arch: str, metadata: list, tensors: list[SourceTensor], qt
     for t in tensors:
         lead = int(np.prod(t.shape[:-1]))
         if len(t.shape) == 2 and t.shape[-1] % QK == 0 and t.stored_type != GGMLType[qtype]:
-            row_bytes, dtype, how = t.shape[-1] // QK * _BYTES_PER_BLOCK[qtype], target, "quantize"
+            row_bytes, dtype, how = t.shape[-1] // QK * bytes_per_block(qtype), target, "quantize"
         elif t.stored_type is not None:
             row_bytes = None
             dtype, how = gguf.GGMLQuantizationType(int(t.stored_type)), "copy"
@@ -263,7 +189,7 @@ def _requantize(t: SourceTensor, qtype: str) -> tuple[np.ndarray, tuple[float, f
     from corejax.loading.ggml_quants import GGMLType, dequantize
 
     rows, cols = t.shape
-    out = np.empty((rows, cols // QK * _BYTES_PER_BLOCK[qtype]), np.uint8)
+    out = np.empty((rows, cols // QK * bytes_per_block(qtype)), np.uint8)
     step = max(1, (1 << 20) // cols)
     e_max, e_sum, e_sq, v_sq = 0.0, 0.0, 0.0, 0.0
     with np.errstate(invalid="ignore", over="ignore"):

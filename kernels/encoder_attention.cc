@@ -5,7 +5,7 @@
 //
 // Why it exists: for a sentence (8-64 tokens, 12 heads of 32) XLA:CPU runs the same attention as ~10 ops per
 // layer: three transposes of q, k and v into head-major order, two batched dots, the softmax pieces and the
-// transpose back, ~50 us per layer here where the arithmetic is ~5 us. This kernel reads q, k and v where
+// transpose back, about ten times the arithmetic's time (docs/MEASUREMENTS.md). This kernel reads q, k and v where
 // the projection put them, one (sequence, head) pair per task on XLA's pool (kernels/parallel.h).
 //
 // Per pair: the head's keys are transposed once into kt[H][S] so that one query's scores against 16 keys
@@ -80,8 +80,8 @@ static ffi::Error EncoderAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F3
   const float* x = qkv.typed_data();
   const int32_t* lens = lengths.typed_data();
   float* y = out->typed_data();
-  // A sentence's attention (12 heads x 16 tokens: ~0.2 M multiply-adds, ~30 us) is cheaper on this thread
-  // than with a pool thread woken for it (36 vs 44 us measured); longer inputs are split over the pool.
+  // A sentence's attention (12 heads x 16 tokens: ~0.2 M multiply-adds) is cheaper on this thread than with a
+  // pool thread woken for it (docs/MEASUREMENTS.md); longer inputs are split over the pool.
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = std::clamp<int64_t>(lens[b], 0, T);

@@ -69,7 +69,7 @@ def library_key() -> str:
 
 def available() -> bool:
     """The library is loaded and serves this process: a CPU backend with one device (the kernels are
-    single-device custom calls; a model sharded over devices runs XLA's own ops, corejax/sharding.py)."""
+    single-device custom calls; a model sharded over devices runs XLA's own ops, corejax/engine/sharding.py)."""
     return bool(_loaded) and jax.default_backend() == "cpu" and jax.device_count() == 1
 
 

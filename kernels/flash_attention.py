@@ -32,16 +32,16 @@ _FAR = 2**30  # a position no real token has; marks empty tiles in the band comp
 class BlockSizes:
     """Query and key tile lengths (tokens). Tiles larger than T or S shrink to them.
 
-    CPU default from benchmarks/attention.py (prefill 2k, 32/4 heads, 2 cores): 128x128 1.47 s and 8.6 MB
-    of XLA temporaries, 256x256 1.60 s / 30 MB, 512x512 1.94 s / 110 MB (dense reference 6.5 s / 1.6 GB).
+    CPU default: 128x128 was the fastest of the square tiles measured for a 2k prefill (benchmarks/attention.py)
+    and held the fewest XLA temporaries; 256 and 512 were slower and bigger (docs/MEASUREMENTS.md).
     For the Pallas GPU kernel powers of two of 64-128 are the usual choice."""
 
     block_q: int = 128
     block_k: int = 128
 
 
-# On an H200 (Triton; benchmarks/results/gpu-2026-12-04-h200.json) 128x128 tiles at head_dim 128 exceed the
-# shared memory; 64x64 compile and run (0.23 ms for 1k tokens, 32 heads, vs lax's 1.76 ms).
+# On an H200 (Triton) 128x128 tiles at head_dim 128 exceed the shared memory; 64x64 compile and run, several
+# times faster than lax (docs/MEASUREMENTS.md).
 GPU_BLOCK_SIZES = BlockSizes(64, 64)
 
 

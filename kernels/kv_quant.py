@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-KV_FORMATS = ("float", "int8", "int4")  # how pages are stored (kv_format); the user-facing kv_dtype names are cache.KV_DTYPES
+KV_FORMATS = ("float", "int8", "int4")  # how pages are stored (kv_format); the user-facing kv_dtype names are corejax/types/config.py KV_DTYPES
 _QMAX = {"int8": 127.0, "int4": 7.0}
 
 

@@ -2,7 +2,7 @@
 //
 // Why it exists: the pool is sized for the model's whole context (up to EngineConfig.kv_cache_max_bytes), and
 // XLA fills a jnp.zeros array by writing every byte, so the process became resident for the whole pool before
-// the first token (SmolLM2: 377 MB of zeros, a third of a second to write). Here the output's whole pages are
+// the first token (hundreds of MB of zeros for SmolLM2, and time to write them). Here the output's whole pages are
 // handed back to the kernel with madvise(MADV_DONTNEED), which for private anonymous memory means "reads as
 // zero, allocated on first write"; the partial pages at either end are cleared with memset. Resident memory
 // then grows with the KV actually written, as llama.cpp's does. If madvise fails, the buffer is memset.

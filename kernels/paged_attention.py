@@ -2,8 +2,8 @@
 
 Layout (one layer): k_pages, v_pages [K, P, page_size, H], kv head major as JAX's Pallas paged attention,
 so the GPU kernel's BlockSpecs select one head's pool, a page of one head is one contiguous page_size·H run
-and the per-head score einsum needs no transpose; it was 10-30% faster than token-major [P, page_size, K, H]
-on a CPU (docs/ARCHITECTURE.md, "Measurements behind the code").
+and the per-head score einsum needs no transpose; it was faster than token-major [P, page_size, K, H] on a
+CPU in most paired runs (docs/MEASUREMENTS.md).
 
 Quantized pages (kernels/kv_quant.py): int8 [K, P, page_size, H] or packed int4 uint8 [K, P, page_size, H // 2], with f32 scales [K, P, page_size] (one per token and kv head),
 dequantized per tile inside the loop: scores are (q·k_int)·k_scale, values (p·v_scale)·v_int.
@@ -83,7 +83,7 @@ def _scores(qs, kt, fmt, spec):
 
 
 def _bits_as_bf16(x):
-    """bfloat16 pages may come as their uint16 bit patterns (corejax/cache.py stores them so): viewed back after
+    """bfloat16 pages may come as their uint16 bit patterns (corejax/engine/cache.py stores them so): viewed back after
     the gather, so XLA never converts (or copies) the whole cache."""
     return lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
@@ -267,19 +267,25 @@ def _paged_pallas(
     return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, t, n, h)
 
 
-# The Pallas kernel holds all G·T query rows of a KV head in one program. Measured on an H200 (jax 0.11.2,
-# Triton; benchmarks/gpu.py, benchmarks/results/gpu-2026-12-04-h200.json): with 128-token key tiles decode
-# (T = 1) and a 16-token chunk (64 rows) compile and beat lax (0.09-0.22 vs 0.16-0.47 ms); 1024-token tiles
-# exceed the 227 KiB of shared memory, and a 512-token prefill chunk (2048 rows) exceeds Triton's 2^20-element
-# tensor limit. So on a GPU: Pallas with 128-token tiles up to 64 rows (decode, speculative verification), lax
-# for prefill chunks (there XLA's fused dots run at HF's prefill speed: 38.8k vs 39.5k tok/s for a 1B model).
+# The Pallas kernel holds all G·T query rows of a KV head in one program. On an H200 (Triton; benchmarks/gpu.py,
+# docs/MEASUREMENTS.md) with 128-token key tiles decode (T = 1) and a 16-token chunk (64 rows) compile and beat
+# lax; 1024-token tiles exceed the 227 KiB of shared memory, and a 512-token prefill chunk (2048 rows) exceeds
+# Triton's 2^20-element tensor limit. So on a GPU: Pallas with 128-token tiles up to 64 rows (decode, speculative
+# verification), lax for prefill chunks (there XLA's fused dots run at HF's prefill speed).
 GPU_BLOCK_KV = 128
 PALLAS_MAX_ROWS = 64
 
 
+def paged_impl(rows: int, pallas: bool) -> str:
+    """The implementation for `rows` = T·G query rows per KV head: Pallas where the policy runs Pallas and the
+    rows fit its tiles, lax above (prefill chunks) and on CPUs."""
+    return "pallas" if pallas and rows <= PALLAS_MAX_ROWS else "lax"
+
+
 def default_paged_impl(rows: int) -> str:
-    """The implementation paged_attention picks for `rows` = T·G query rows per KV head on this backend."""
-    return "pallas" if default_impl() == "pallas" and rows <= PALLAS_MAX_ROWS else "lax"
+    """paged_attention's choice when the caller names none: by this process's default backend (standalone
+    calls; corejax's programs pass the kernel policy's, corejax/engine/cache.py)."""
+    return paged_impl(rows, default_impl() == "pallas")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "block_sizes", "impl", "interpret"))
@@ -308,8 +314,8 @@ def _paged_attention(
     chunk whose keys were written first. A query that sees nothing returns zeros.
 
     Quantized KV, relative L2 norm of the output error vs f32 pages (random normal q/k/v, head_dim
-    64-256, 61-2048 tokens, windows 0-128; per-(token, head) absmax scales): int8 0.7-0.95% (tests assert
-    < 1.5%), int4 15-17% (tests assert < 20%). Normal data is the hard case for absmax int4 (step ≈
+    64-256, 61-2048 tokens, windows 0-128; per-(token, head) absmax scales): the tests assert int8 < 1.5% and
+    int4 < 20% (the observed errors: docs/MEASUREMENTS.md). Normal data is the hard case for absmax int4 (step ≈
     0.4σ); measure a real model's logits before choosing int4. Recompiles per shape, KV format and static argument.
 
     With `layer` (an int32, traced in a layer loop), k_pages/v_pages (and scales) are the whole cache [L, K, P,

@@ -3,9 +3,9 @@
 //
 // Why it exists: the lax path (kernels/paged_attention.py) gathers each row's pages into a dense tile
 // before its dots; for a batch of decode rows those gathers — and the tile rounded up to 1024 tokens —
-// cost more than the attention math (SmolLM2, 8 rows at ~100 tokens: 20 of a 49 ms decode step). Here each
-// (row, kv head) walks its page table and reads every key and value once, straight from the cache, for
-// all G query heads that share it; online softmax, no score matrix, no copies.
+// cost more than the attention math (for SmolLM2, a large share of a batched decode step;
+// docs/MEASUREMENTS.md). Here each (row, kv head) walks its page table and reads every key and value once,
+// straight from the cache, for all G query heads that share it; online softmax, no score matrix, no copies.
 //
 // Operands: q [B, T, N, H]; k_pages, v_pages [L, K, P, page_size, H] — the whole cache, `layer` picks the
 // slice, so XLA never copies a layer out; page_table [B, W] int32; lengths [B]; q_positions [B, T].
@@ -30,8 +30,8 @@ typedef uint16_t v16u16 __attribute__((vector_size(32)));
 typedef uint32_t v16u32 __attribute__((vector_size(64)));
 
 // KV elements as float: float32 pages as they are; bfloat16 pages (kv_dtype="bf16") widened as they are read,
-// a bfloat16 being the top half of a float32 (XLA:CPU's own bfloat16 path ran SmolLM2's decode at 1.4 tok/s
-// against 24 with float32 pages, on AVX2).
+// a bfloat16 being the top half of a float32 (XLA:CPU's own bfloat16 path rewrote the whole cache on every
+// write and ran decode many times slower than float32 pages: docs/MEASUREMENTS.md).
 struct Bf16 {
   uint16_t bits;
 };

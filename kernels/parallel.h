@@ -1,10 +1,10 @@
 // parallel_for over XLA's own intra-op thread pool, for the native kernels' FFI handlers.
 //
-// Why XLA's pool and not threads of our own: on this 2-core machine, threads started per call cost ~30 us
-// each (90 calls per decode step), and helper threads kept between calls had to spin to wake fast, fighting
-// XLA's pool for the same two cores (some runs fell to 4-14 tok/s). The pool XLA hands a handler
-// (ffi::Ctx<ffi::ThreadPool>) is the one that runs XLA's own kernels: its threads are already awake while a
-// program runs, and there are no more of them than cores.
+// Why XLA's pool and not threads of our own: on a 2-core machine, threads started per call cost too much at
+// dozens of calls per decode step, and helper threads kept between calls had to spin to wake fast, fighting
+// XLA's pool for the same two cores (some runs fell to a fraction of the speed; docs/MEASUREMENTS.md). The
+// pool XLA hands a handler (ffi::Ctx<ffi::ThreadPool>) is the one that runs XLA's own kernels: its threads are
+// already awake while a program runs, and there are no more of them than cores.
 //
 // Deadlock-free by construction: the n chunks are claimed from an atomic counter by the calling thread and by
 // every helper task, so the caller never waits for a task that has not started; it waits only for chunks

@@ -11,10 +11,10 @@
 //
 // Unlike llama.cpp, each activation is rounded twice — x, then what that rounding left, in steps 256 times
 // finer — and both int8 codes meet the same weight vector (two vpdpbusd chains per row, combined as
-// 256 q + r in int32 at each block's end, so the float work per block stays one scale per row). One rounding (llama.cpp's) left SmolLM2's last-token logits 1.6-19%
-// (relative RMS) from the exact dequantized model and flipped on float noise, so batched and paged runs
-// parted from single ones and the 135M model stopped answering "Paris"; two leave 0.01-0.04%, greedy text
-// identical to the exact model on 8/8 prompts, for 128 instead of 142 tok/s decode (SmolLM2 Q4_1, in-process).
+// 256 q + r in int32 at each block's end, so the float work per block stays one scale per row). One rounding
+// (llama.cpp's) left SmolLM2's logits far enough from the exact dequantized model to flip on float noise, so
+// batched and paged runs parted from single ones and the 135M model stopped answering "Paris"; two keep the
+// exact model's greedy text, for about a tenth of decode speed (docs/MEASUREMENTS.md).
 //
 // Layout (built once at load by quant.py): columns in groups of 16, so one 64-byte vector holds 4
 // consecutive k of 16 columns, which is vpdpbusd's operand shape and keeps all 16 outputs in the lanes of
@@ -30,16 +30,15 @@
 // sums of 4-bit codes and of 8-bit codes <= 127 — Q5_0, Q6_K — add over chunks of steps before one vpmaddwd
 // widens them, bounded so they cannot saturate; full-range bytes such as Q8_0's are multiplied as signed
 // bytes, one step at a time), sdot on NEON (four passes of 4), plain C++ as the reference. Every path computes
-// the same integer sums; only float summation order differs. On AVX2 the chunks took Gemma-3-270M's 128-token
-// prefill from 423 to 511 tok/s (its FFN is Q5_0) and SmolLM2's decode from 77 to 88 tok/s; keeping each
-// step's sums in order (isa::order: GCC hoisted all products of a chunk ahead of their sums and spilled)
-// then to 610 and 97 tok/s (in-process, COREJAX_ISA=avx2).
+// the same integer sums; only float summation order differs. On AVX2 both the chunks and keeping each step's
+// sums in order (isa::order: GCC hoisted all products of a chunk ahead of their sums and spilled) sped up
+// prefill and decode (docs/MEASUREMENTS.md).
 //
 // Rows: up to kRows (8; 4 on AVX2's 16 registers) share one pass over a column group (their int32 and float
 // accumulators stay in registers); more rows loop over the group while it is in L1/L2 (prefill). Chunks of column groups are split over the
 // caller and XLA's own intra-op pool (kernels/parallel.h), at most `threads` (from Python) workers. Threads
-// started per call (~30 us each) and helper threads of our own spinning between calls (fighting XLA's pool
-// for the two cores) were both slower than one thread; the pool's threads are awake while a program runs.
+// started per call and helper threads of our own spinning between calls (fighting XLA's pool for the two
+// cores) were both slower than one thread; the pool's threads are awake while a program runs.
 //
 // Built by corejax/native.py with the other kernels; registered as "corejax_quant_matmul".
 
@@ -61,7 +60,7 @@ namespace {
 
 constexpr int64_t kG = 16;      // columns per group
 constexpr int64_t kQBlock = 32;  // activation values per int8 scale
-constexpr int64_t kPrefetch = 8192;  // bytes ahead: one core's DRAM stream 15 -> 20-25 GB/s here (4-32 KiB tried)
+constexpr int64_t kPrefetch = 8192;  // bytes ahead, of 4-32 KiB tried (docs/MEASUREMENTS.md)
 
 struct Weights {
   const uint8_t* codes;
@@ -94,7 +93,7 @@ inline void store_block_sums(float* ds_row, int64_t b, int64_t B, float unit, co
 }
 
 #if defined(__AVX512F__) && !defined(COREJAX_SCALAR)
-// quantize_rows, 16 lanes at a time (the scalar loop cost ~2.7 ns per value: ~5% of a decode step).
+// quantize_rows, 16 lanes at a time (the scalar loop cost a visible share of a decode step; docs/MEASUREMENTS.md).
 bool quantize_rows_avx512(const float* x, int64_t M, int64_t K, int64_t B, int8_t* q, int8_t* r, float* d,
                           float* ds) {
   if (B != kQBlock && B != 16) return false;

@@ -1,6 +1,6 @@
 """The quantized matmul's native kernel (kernels/quant_matmul.cc) as a JAX function: float rows times a
 matrix kept in column groups of 4- or 8-bit codes with per-block scales (and minimums), the activations
-quantized to int8 per row inside the kernel, as llama.cpp does. corejax/quant.py owns the weight format
+quantized to int8 per row inside the kernel, as llama.cpp does. corejax/weights/quant.py owns the weight format
 (QuantArray) and the XLA fallback that is also this kernel's reference (tests/test_quant.py compares them)."""
 
 from __future__ import annotations
@@ -11,14 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from corejax.kernels import ffi
-
 TARGET = "corejax_quant_matmul"
 GROUP = 16  # columns per group (kG in quant_matmul.cc)
-
-
-def available() -> bool:
-    return ffi.available()
 
 
 def _threads() -> int:

@@ -4,16 +4,17 @@
 //
 // Why it exists: XLA:CPU runs a one-row dot as a GEMV that streams the weights once, but sends 2-16 rows
 // (a batch of decode steps, a speculative verify) to a GEMM that repacks the weight matrix on every call,
-// so a decode step of 8 rows cost ~1.9x a step of one (kernels/small_matmul.py has the figures). Here
-// every row shares one pass over the weights: the M x 32 accumulators of a column block stay in vector
-// registers while the block — K x 128 contiguous bytes — streams through once. The blocked layout is what
-// makes that stream sequential: over a row-major [K, N] matrix the same walk jumps N floats per row, into
-// a new page each time, where the hardware prefetcher does not follow (10 vs 24-27 GB/s on one core here).
+// so a decode step of 8 rows cost far more than a step of one, capping what batching gains
+// (docs/MEASUREMENTS.md). Here every row shares one pass over the weights: the M x 32 accumulators of a
+// column block stay in vector registers while the block — K x 128 contiguous bytes — streams through once.
+// The blocked layout is what makes that stream sequential: over a row-major [K, N] matrix the same walk jumps
+// N floats per row, into a new page each time, where the hardware prefetcher does not follow (less than half
+// the bandwidth).
 //
 // Column blocks are split over the cores through XLA's own intra-op thread pool (kernels/parallel.h): no
 // threads of our own to start per call or to keep spinning next to XLA's. The weights are prefetched 128 rows
-// ahead (16 KiB of float32): measured on a 24-matmul encoder stack at 8 rows, 2.29 -> 2.00 ms (float32) and
-// 1.98 -> 1.40 ms (float16); the hardware prefetcher alone restarts at every block.
+// ahead (16 KiB of float32), faster for float32 and float16 weights alike (docs/MEASUREMENTS.md): the hardware
+// prefetcher alone restarts at every block.
 //
 // Three entry points share the loop: the plain product, act(y + bias), and LayerNorm(y + bias + residual)
 // (BERT's dense + GELU and dense + add + norm), the epilogues running on each finished column block while it
@@ -165,8 +166,8 @@ extern "C" int corejax_bf16_dot() { return kBf16Dot; }  // weights="bf16" runs h
 // Rows [0, M) of column block b, in as few strips as the register budget allows (kStripRows), of balanced
 // sizes: 15 rows run as 8 + 7, not 8 + 4 + 2 + 1. Every strip re-reads the block's weights ([K, 32], e.g.
 // 24 KiB of float16 at K = 384; from memory for the first strip, from L2 after) and widens them again, so
-// fewer strips are cheaper: a sentence of 15 tokens cost more than one of 16 with power-of-two strips
-// (4.31 vs 3.93 ms).
+// fewer strips are cheaper: with power-of-two strips a sentence of 15 tokens cost more than one of 16
+// (docs/MEASUREMENTS.md).
 template <typename W>
 static void block_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t b) {
   const W* wb = w + b * K * kBlock;
@@ -216,7 +217,7 @@ static void matmul_rows(Pool& pool, const float* x, const W* w, const int32_t* v
       block_rows(xr, w, yr, R, K, N, b);
     epi.block(yr, R, N, b * kBlock, rows.data());
   });
-  // Row pass (layer norm, ~3 N flops a row): a sentence's 16 rows of 384 take ~2 us on this thread, less than
+  // Row pass (layer norm, ~3 N flops a row): a sentence's 16 rows of 384 cost less on this thread than
   // waking a pool thread for them; a batch's hundreds of rows are split.
   if (Epilogue::kRowPass)
     corejax::parallel_for(pool, (R + 63) / 64, R * N >= (1 << 16) ? threads : 1, [&](int64_t c) {

@@ -4,8 +4,8 @@ speculative verifies, prefill chunks, encoder batches — when it is loaded, XLA
 
 The kernel shares one pass over the weights among all rows (8-row register tiles, each column block read from
 memory once and from L2 after) and splits column blocks over the cores through XLA's own thread pool
-(kernels/parallel.h); it beats XLA's dot at every row count measured (docs/ARCHITECTURE.md, "Measurements
-behind the code"; `python benchmarks/native_kernels.py --part mlp`).
+(kernels/parallel.h); it beats XLA's dot at every row count measured (docs/MEASUREMENTS.md;
+`python benchmarks/native_kernels.py --part mlp`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 from flax import struct
 
 from corejax.hostmem import aligned_empty, to_device
-from corejax.kernels import ffi
 
 TARGET = "corejax_small_matmul"
 BLOCK = 32  # columns per block (kernels/small_matmul.cc kBlock)
@@ -70,18 +69,20 @@ def to_blocked(w: jax.Array | np.ndarray) -> BlockedWeight:
     return BlockedWeight(to_device(blocked))
 
 
-def blockable(w) -> bool:
-    """bfloat16 only where the kernel multiplies it (ffi.bf16_dot()); elsewhere it stays for XLA's dot."""
+def blockable(w, bf16_dot: bool) -> bool:
+    """bfloat16 only where the kernel multiplies it (bf16_dot: the kernel policy's); elsewhere it stays for XLA's
+    dot."""
     if not (isinstance(w, jax.Array) and w.ndim == 2 and w.shape[1] % BLOCK == 0):
         return False
     if w.dtype == jnp.bfloat16:
-        return ffi.bf16_dot() and w.shape[0] % 2 == 0
+        return bf16_dot and w.shape[0] % 2 == 0
     return w.dtype in (jnp.float32, jnp.float16)
 
 
 def blocked_matmul(x: jax.Array, w: BlockedWeight, valid: jax.Array | None = None,
                    layer: jax.Array | int | None = None) -> jax.Array:
-    """x [..., K] @ w -> [..., N] float32: the native kernel when loaded, XLA's dot otherwise.
+    """x [..., K] @ w -> [..., N] float32 through the native kernel (the model's dense() calls it where the kernel
+    policy runs the native kernels, blocked_matmul_reference elsewhere).
 
     valid (bool, x.shape[:-1]), optional: rows that are padding (False) may be skipped, their outputs zero
     (the kernel skips them; XLA's dot computes them anyway). A stacked w (data [L, N / 32, K, 32]) takes
@@ -93,10 +94,6 @@ def blocked_matmul(x: jax.Array, w: BlockedWeight, valid: jax.Array | None = Non
         raise ValueError(f"blocked_matmul: a stacked weight needs a layer index and only it takes one: "
                          f"{w.data.shape=} {layer=}")
     x2, flags = _rows(x, k, valid)
-    if not ffi.available():
-        data = w if layer is None else BlockedWeight(w.data[layer])
-        y = jnp.einsum("mk,bkc->mbc", x2, data.unpaired(), preferred_element_type=jnp.float32)
-        return y.reshape(*x.shape[:-1], n)
     y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))(
         x2, w.data, flags, jnp.asarray(0 if layer is None else layer, jnp.int32), threads=np.int32(THREADS))
     return y.reshape(*x.shape[:-1], n)
@@ -114,7 +111,7 @@ def _rows(x: jax.Array, k: int, valid: jax.Array | None) -> tuple[jax.Array, jax
 def fused_matmul_bias_act(x: jax.Array, w: BlockedWeight, bias: jax.Array, act: str,
                           valid: jax.Array | None = None) -> jax.Array:
     """act(x @ w + bias) in one native call (the activation runs on each column block while it is in cache).
-    Native only: callers check ffi.available() (corejax/models/layers.py composes XLA ops otherwise)."""
+    Native only: callers check the kernel policy (corejax/models/bert.py composes XLA ops otherwise)."""
     k, n = w.shape
     x2, flags = _rows(x, k, valid)
     y = jax.ffi.ffi_call("corejax_matmul_bias_act", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))(
@@ -134,7 +131,10 @@ def fused_matmul_add_norm(x: jax.Array, w: BlockedWeight, bias: jax.Array, resid
     return y.reshape(*x.shape[:-1], n)
 
 
-def blocked_matmul_reference(x: jax.Array, w: BlockedWeight) -> jax.Array:
+def blocked_matmul_reference(x: jax.Array, w: BlockedWeight, layer: jax.Array | int | None = None) -> jax.Array:
+    """XLA's dot over the same blocks: the kernel's reference, and the path where the policy runs XLA's ops."""
+    if layer is not None:
+        w = BlockedWeight(w.data[layer])
     k, n = w.shape
     dense = jnp.transpose(w.unpaired(), (1, 0, 2)).reshape(k, n).astype(jnp.float32)
     return jnp.einsum("...d,de->...e", x.astype(jnp.float32), dense, preferred_element_type=jnp.float32)

@@ -2,9 +2,9 @@
 // and tanh form), ReLU and a row's layer norm, written with GCC vector extensions so they compile to AVX-512
 // here and to narrower SIMD elsewhere.
 //
-// Why: XLA:CPU runs an exact GELU over [16, 1536] in 58-77 us and a layer norm over [16, 384] in 65-83 us on
-// this machine (an add of the same size: 7 us): its erf and its row reductions are not vectorized well. Fused
-// into the matmul that produced the values, while they are still in cache, both cost a few microseconds.
+// Why: XLA:CPU runs an exact GELU or a layer norm over a sentence's rows about ten times slower than an add of
+// the same size (docs/MEASUREMENTS.md): its erf and its row reductions are not vectorized well. Fused into the
+// matmul that produced the values, while they are still in cache, both cost a few microseconds.
 //
 // Accuracy (checked against the float64 functions over [-10, 10] by tests/test_native_kernels.py):
 // exp within ~2e-7 relative (Cody-Waite reduction by ln 2, a degree-6 Taylor polynomial on |r| <= ln 2 / 2);

@@ -23,7 +23,7 @@ def right_padded(id_lists: Sequence[Sequence[int]]) -> np.ndarray:
 
 def prompt_logits(params: Any, cfg: Any, id_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """Each prompt's logits [len, V] from one forward over the prompts right-padded to one length."""
-    from corejax.engine import full_logits
+    from corejax.engine.programs import full_logits
 
     out = np.asarray(full_logits(params, jnp.asarray(right_padded(id_lists)), cfg=cfg))
     return [out[r, :len(ids)] for r, ids in enumerate(id_lists)]

@@ -7,7 +7,7 @@ import json
 import sys
 
 from corejax import Session
-from corejax.distributed import Cluster
+from corejax.types.cluster import Cluster
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):")
 

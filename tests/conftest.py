@@ -65,7 +65,7 @@ def _parse_each_real_gguf_once():
 def _free_compiled_programs():
     """After each test module, drop the programs compiled through jit sites shared across tests (the module-
     level ones and test helpers): each keeps its machine code mapped, and one process may hold 65,530
-    mappings (corejax/engine.py Programs)."""
+    mappings (corejax/engine/programs.py Programs)."""
     yield
     import gc
 

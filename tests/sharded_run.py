@@ -12,11 +12,11 @@ import numpy as np
 def main(name: str, path: str, counts: list[int], sandboxed: bool) -> None:
     import jax
 
-    from corejax import sharding
-    from corejax.config import EngineConfig
+    from corejax.engine import sharding
+    from corejax.types.config import EngineConfig
     from corejax.hub import ModelSource
-    from corejax.options import SamplingParams
-    from corejax.runtime import Runtime
+    from corejax.types.options import SamplingParams
+    from corejax.worker.start import open_runtime
 
     from pathlib import Path
 
@@ -25,18 +25,18 @@ def main(name: str, path: str, counts: list[int], sandboxed: bool) -> None:
     out = {"devices_seen": jax.device_count(), "runs": {}}
     reference = None
     for n in counts:
-        rt = Runtime(source, progress=False, engine=EngineConfig(devices=n, kv_cache_tokens=1024))
+        rt = open_runtime(source, progress=False, engine=EngineConfig(devices=n, kv_cache_tokens=1024))
         ids = np.asarray([rt.tokenizer.encode(prompt)], np.int32)
-        logits = np.asarray(rt.engine.programs.full_logits(rt.engine.params, ids, cfg=rt.model.cfg))
+        logits = np.asarray(rt.runner.full_logits(ids))
         *_, last = rt.stream(prompt, None, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         reference = logits if reference is None else reference
-        pages = rt.engine.cache.k_pages
+        pages = rt.runner.cache.k_pages
         out["runs"][n] = {
             "tokens": list(last.result.tokens),
             "max_abs_logit_diff": float(np.abs(logits - reference).max()),
             "max_abs_logit": float(np.abs(reference).max()),
-            "weight_bytes_per_device": sharding.bytes_per_device(rt.engine.params),
-            "layer_bytes_per_device": sharding.bytes_per_device(rt.engine.params["layers"]),
+            "weight_bytes_per_device": sharding.bytes_per_device(rt.runner.params),
+            "layer_bytes_per_device": sharding.bytes_per_device(rt.runner.params["layers"]),
             "kv_bytes_per_device": sharding.bytes_per_device(pages),
             "kv_devices": len(pages.sharding.device_set),
             "native_kernels": rt.info()["native_kernels"],

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from corejax.config import EngineConfig
-from corejax.options import SamplingParams, SpeculativeConfig
-from corejax.engine import Engine
+from corejax.types.config import EngineConfig
+from corejax.types.options import SamplingParams, SpeculativeConfig
+from corejax.serving.runner import ModelRunner
 from corejax.hub import ModelSource
-from corejax.runtime import Runtime
-from corejax.scheduler import Scheduler
+from corejax.worker.generator import Generator
+from corejax.worker.start import open_runtime
+from corejax.serving.scheduler import Scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +27,9 @@ REPEAT = ("Rewrite the list with numbers.\nApples, pears, plums, cherries, grape
 N = 32
 
 
-def tokens_of(runtime: Runtime, prompts: list[str], spec: SpeculativeConfig | None = None,
+def tokens_of(runtime: Generator, prompts: list[str], spec: SpeculativeConfig | None = None,
               draft: bool = False) -> list[list[int]]:
-    sch = Scheduler(Engine(runtime.model.cfg, runtime.model.params, EngineConfig()), background=False,
+    sch = Scheduler(ModelRunner(runtime.model.cfg, runtime.model.params, EngineConfig()), background=False,
                     draft_loader=runtime._load_draft if draft else None)
     sp = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)
     reqs = [sch.submit(runtime.tokenizer.encode(p), sp, frozenset(), spec) for p in prompts]
@@ -39,7 +40,7 @@ def tokens_of(runtime: Runtime, prompts: list[str], spec: SpeculativeConfig | No
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def runtime(request, smollm2_gguf, gemma3_gguf):
     path = smollm2_gguf if request.param == "smollm2" else gemma3_gguf
-    return Runtime(ModelSource(request.param, "gguf", path), progress=False)
+    return open_runtime(ModelSource(request.param, "gguf", path), progress=False)
 
 
 def test_batched_greedy_equals_alone(runtime):

@@ -431,6 +431,6 @@ def test_startup_suite_measures_a_new_process_kept_and_not(tmp_path):
         assert 10 < _result(record, "startup", "corejax generate -n 16", runtime, "client_peak_rss_mb")["median"] < 400
     assert _result(record, "startup", "script: Session + stream 16", "corejax (kept)",
                   "client_imported_jax")["samples"] == [0]
-    from corejax import keepalive
+    from corejax.client import keepalive
 
     assert not [s for s in keepalive.running() if s["path"] == str(gguf)]  # the suite stops what it kept

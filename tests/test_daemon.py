@@ -1,4 +1,4 @@
-"""Keep-alive (corejax/keepalive.py, corejax/daemon.py): a Session in a new process finds its model loaded in the
+"""Keep-alive (corejax/client/keepalive.py, corejax/daemon.py): a Session in a new process finds its model loaded in the
 kept server and gets what a worker of its own gives (results, logprobs, errors, the sandbox report) without
 importing JAX; a killed server is replaced; an idle one leaves; `corejax generate` uses the same servers."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import corejax
-from corejax import keepalive
+from corejax.client import keepalive
 from tiny_model import write_tiny_llama
 
 # One request, run in a fresh process: what a script sees, and whether it imported JAX.

@@ -1,4 +1,4 @@
-"""Several processes through jax.distributed (corejax/distributed.py): two sandboxed processes on loopback, CPU
+"""Several processes through jax.distributed (corejax/engine/distributed.py): two sandboxed processes on loopback, CPU
 collectives over gloo, give the same greedy tokens as one process."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from corejax import Session
-from corejax.distributed import Cluster
+from corejax.types.cluster import Cluster
 from corejax.errors import InvalidParameterError
 
 HERE = Path(__file__).parent

@@ -11,6 +11,7 @@ from tiny_model import write_tiny_llama
 import corejax
 from references import require
 from corejax.kernels import ffi
+from corejax.kernels.policy import Kernels
 from corejax.kernels.small_matmul import BlockedWeight
 
 VARIED = [
@@ -102,7 +103,7 @@ def test_embed_argument_errors(tiny_encoder):
 def test_length_buckets_limit_compiles(tiny_encoder):
     """Lengths 3..40 and batch sizes 1..40 compile only power-of-two (batch, length) buckets."""
     _, session = tiny_encoder
-    encode = session._runtime.encoder.programs.encode
+    encode = session._runtime.encoder.runner.programs.encode
     before = encode._cache_size()
     for n in (1, 2, 3, 5, 7):
         session.embed(["the " * (i % 38 + 1) for i in range(n)])
@@ -139,7 +140,7 @@ def test_encoder_weights_16_bit_by_default_f32_on_request(tiny_encoder, monkeypa
             np.testing.assert_allclose(s.embed(texts), want, atol=atol)
     monkeypatch.setattr(ffi, "bf16_dot", lambda: False)  # a CPU without AVX512_BF16: bf16 goes to XLA's dot
     with corejax.Session(str(folder), sandbox=False, progress=False, weights="bf16") as s:
-        assert not any(isinstance(w, BlockedWeight) for w in s._runtime.encoder.params["layers"][0].values())
+        assert not any(isinstance(w, BlockedWeight) for w in s._runtime.encoder.runner.params["layers"][0].values())
         np.testing.assert_allclose(s.embed(texts), want, atol=1e-3)
 
 
@@ -173,7 +174,7 @@ def test_minilm_matches_sentence_transformers(minilm, sandbox):
 def test_minilm_token_ids_match_hf_tokenizer(minilm):
     from transformers import AutoTokenizer
 
-    from corejax.encode import Encoder
+    from corejax.serving.encode import Encoder
     from corejax.hub import ModelSource
     from corejax.loading.loader import load_model
 
@@ -206,7 +207,6 @@ def test_encoder_without_native_kernels_matches_native(tiny_encoder, monkeypatch
     """The XLA path (dense + layer norm + GELU ops, the tiled flash kernel) and the native path (fused
     epilogues, encoder_attention.cc) give the same hidden states on the same weights, padding included.
     float16 weights: both paths widen them exactly (bf16 would also round the kernel's inputs, by design)."""
-    import functools
 
     import jax
 
@@ -216,14 +216,19 @@ def test_encoder_without_native_kernels_matches_native(tiny_encoder, monkeypatch
         pytest.skip("the native kernels could not be built here: there is only the XLA path")
     folder, _ = tiny_encoder
     with corejax.Session(str(folder), sandbox=False, progress=False, weights="f16") as session:
-        enc = session._runtime.encoder
+        runner = session._runtime.encoder.runner
         tokens = np.array([[2, 5, 9, 7, 3, 0, 0, 0], [2, 11, 3, 0, 0, 0, 0, 0]], np.int32)
         lengths = np.array([5, 3], np.int32)
-        def run() -> np.ndarray:  # a fresh jit each time: ffi.available() is read while tracing
-            return np.asarray(jax.jit(functools.partial(bert.encode, cfg=enc.cfg))(enc.params, tokens, lengths))
 
-        native = run()
-        monkeypatch.setattr(ffi, "available", lambda: False)
-        xla = run()
+        def run(kernels: Kernels) -> np.ndarray:  # the kernel policy decides while tracing
+            def encode(params, tokens, lengths):
+                with kernels.active():
+                    return bert.encode(params, tokens, lengths, runner.cfg)
+
+            return np.asarray(jax.jit(encode)(runner.params, tokens, lengths))
+
+        assert runner.kernels.native
+        native = run(runner.kernels)
+        xla = run(Kernels.xla())
         real = np.arange(8)[None, :] < lengths[:, None]
         np.testing.assert_allclose(native[real], xla[real], atol=2e-5)

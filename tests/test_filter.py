@@ -1,4 +1,4 @@
-"""The output filter (corejax/filter.py): NFC + case-folded matching, streamed without leaking a blocked word,
+"""The output filter (corejax/types/filter.py): NFC + case-folded matching, streamed without leaking a blocked word,
 and in a real Session (sandboxed worker) ending a generation with finish_reason "content_filter"."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from corejax.kernels.flash_attention import (
     flash_attention_reference,
 )
 
-from corejax.cache import dense_attention
+from corejax.kernels.flash_attention import flash_attention_reference as dense_attention
 
 
 def _inputs(rng, *, b, t, s, n, kv_heads, h, lengths, offset=0):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import corejax
-from corejax.engine import full_logits
+from corejax.engine.programs import full_logits
 from tiny_model import write_tiny_llama
 
 PROMPT = "the cat sat on the mat and then"

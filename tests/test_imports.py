@@ -1,5 +1,7 @@
-"""The import graph stays one-way: kernels <- models <- engine <- scheduler <- runtime <- worker <- session <- api/cli,
-no cycles anywhere, no private names imported across modules, and the kernel layer never reaching the hub.
+"""The import graph stays one-way, and every module has a place in it: the layers below, lowest first; a module
+imports from its own layer and the ones before it, never a later one; no cycles; no private names imported
+across modules; the kernels reach only the base modules; the parent's side (client/) never reaches what
+imports JAX, but for the one in-process worker (sandbox=False).
 
 Read from the source with ast (nothing is imported), so the check is fast and sees lazy imports inside
 functions too: a lazy import still makes a dependency."""
@@ -12,18 +14,28 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The layers, lowest first: a module may import from its own layer and the ones before it, never a later one.
+# The layers, lowest first. A module that matches none fails test_every_module_has_a_layer.
 CHAIN = [
+    # plain data and the leaves everything may use: no JAX
+    ("corejax.errors", "corejax.version", "corejax.paths", "corejax.hostmem", "corejax.native", "corejax.types"),
+    # what crosses the process boundary; where models come from; the sandbox's layer report
+    ("corejax.wire", "corejax.hub", "corejax.sandbox.layer"),
     ("corejax.kernels",),
-    ("corejax.models",),
-    ("corejax.engine",),
-    ("corejax.scheduler", "corejax.speculative"),
-    ("corejax.runtime",),
-    ("corejax.sandbox.worker",),
-    ("corejax.session",),
-    ("corejax.api", "corejax.cli", "corejax.server", "corejax.daemon", "corejax.bench"),
+    ("corejax.weights", "corejax.tokenizer"),
+    ("corejax.models", "corejax.loading"),
+    ("corejax.engine",),  # the jit sites, sampler, KV cache, sharding
+    ("corejax.serving",),  # scheduler, runner, requests, speculative decoding (in the worker)
+    ("corejax.worker", "corejax.sandbox"),  # the worker process and the policy it applies to itself
+    ("corejax.client",),  # the parent process
+    ("corejax", "corejax.api", "corejax.cli", "corejax.daemon", "corejax.quantize", "corejax.server",
+     "corejax.bench"),  # what users call
 ]
 KERNEL_MAY_USE = {"corejax.native", "corejax.hostmem", "corejax.paths", "corejax.errors"}
+# The parent's side may reach only these (and itself): nothing that imports JAX.
+CLIENT_MAY_USE = ("corejax.errors", "corejax.version", "corejax.paths", "corejax.native", "corejax.types",
+                  "corejax.wire", "corejax.hub", "corejax.sandbox.layer", "corejax.client")
+# Session(sandbox=False) runs the worker loop on a thread of the caller's process, by design.
+IN_PROCESS_WORKER = ("corejax.client.workers", "corejax.worker.main")
 
 
 def _modules() -> dict[str, Path]:
@@ -56,10 +68,13 @@ def _graph() -> tuple[dict[str, set[str]], list[tuple[str, str, str]]]:
 
 
 def _layer(module: str) -> int | None:
+    """The layer of the longest name in CHAIN that is the module or a package above it."""
+    best = None
     for i, group in enumerate(CHAIN):
-        if any(module == p or module.startswith(p + ".") for p in group):
-            return i
-    return None
+        for p in group:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    return None if best is None else best[0]
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -102,6 +117,28 @@ def test_no_import_cycles():
     assert _cycles(edges) == []
 
 
+def test_every_module_has_a_layer():
+    edges, _ = _graph()
+    assert sorted(m for m in edges if _layer(m) is None) == []
+
+
+def test_the_parent_never_reaches_jax():
+    """client/'s modules, and everything they import transitively, are the no-JAX ones (CLIENT_MAY_USE)."""
+    edges, _ = _graph()
+    seen, todo = set(), [m for m in edges if m.startswith("corejax.client")]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(d for d in edges[m] if (m, d) != IN_PROCESS_WORKER)
+    assert sorted(m for m in seen if not any(m == p or m.startswith(p + ".") for p in CLIENT_MAY_USE)) == []
+    code = ("import sys, corejax, corejax.client.session, corejax.client.keepalive, corejax.cli, corejax.daemon; "
+            "corejax.cli.build_parser(); assert 'jax' not in sys.modules and 'jaxlib' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.startswith('jax'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
 def test_imports_run_down_the_layers():
     edges, _ = _graph()
     upward = [(m, d) for m, deps in edges.items() for d in deps
@@ -129,9 +166,9 @@ def test_the_checker_sees_a_cycle_and_an_upward_import():
     """The checks can fail: a planted cycle and a planted upward edge are found."""
     edges, _ = _graph()
     planted = {k: set(v) for k, v in edges.items()}
-    planted["corejax.errors"].add("corejax.session")
+    planted["corejax.errors"].add("corejax.client.session")
     assert any("corejax.errors" in c for c in _cycles(planted))
-    assert _layer("corejax.models.llama") < _layer("corejax.engine")
+    assert _layer("corejax.models.llama") < _layer("corejax.engine.programs")
 
 
 def test_the_source_tree_imports_from_its_root():

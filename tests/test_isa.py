@@ -9,6 +9,8 @@ import os
 import numpy as np
 import pytest
 
+from corejax.kernels.policy import Kernels
+
 from corejax import native
 from corejax.errors import InvalidParameterError
 from corejax.loading.loader import default_weights
@@ -86,7 +88,7 @@ def test_every_isa_path_is_exact_at_the_int16_bounds(paths, code):
     """The worst case for AVX2's int16 pair sums (kernels/isa.h): every code at its class's maximum and every
     activation rounded to +-127 (a constant row), so each chunk of steps sums to exactly its bound. A
     saturated or wrapped sum would be off by thousands of units, not float noise."""
-    from corejax import quant
+    from corejax.weights import quant
 
     d_out, d_in = 32, 256
     codes = np.full((d_out, d_in), code, np.int16)
@@ -167,8 +169,8 @@ def test_weights_default_to_float32_without_a_fast_quantized_path(tmp_path):
 
     path = write_tiny_llama(tmp_path / "m.gguf", quantize="Q8_0")
     source = ModelSource(name="tiny", format="gguf", path=path)
-    assert default_weights(source, quant_kernel=True) == "native"
-    assert default_weights(source, quant_kernel=False, float_kernel=True) == "f32"
+    assert default_weights(source, Kernels(native=True, isa="avx2")) == "native"
+    assert default_weights(source, Kernels(native=True, isa="scalar")) == "f32"
 
 
 def _aarch64_tools():

@@ -11,16 +11,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from corejax import models, quant
-from corejax.cache import DenseKVCache, PagedKVCache
+from corejax.kernels.policy import Kernels
+from corejax import models
+from corejax.weights import quant
+from corejax.engine.cache import DenseKVCache, PagedKVCache
 from corejax.models.stack import StackedLayers, stack_layers
 
 PAGE = 16
 
 
+def _forward(params, tokens, positions, cache, cfg, kernels):
+    with kernels.active():
+        return models.forward(params, tokens, positions, cache, cfg)
+
+
 def _logits(params, tokens, positions, cache, cfg):
-    hidden, cache = models.forward(params, tokens, positions, cache, cfg)
-    return models.lm_head(params, hidden, cfg), cache
+    with Kernels.detect().active():  # what a jit site passes: this process's kernels
+        hidden, cache = models.forward(params, tokens, positions, cache, cfg)
+        return models.lm_head(params, hidden, cfg), cache
 
 
 def _greedy_run(params, cfg, prompt: np.ndarray, steps: int, kv_dtype: str = "float32"):
@@ -118,9 +126,9 @@ REAL = ["smollm2-135m-instruct", "gemma3-270m"]
 
 def _runtime(name, weights=None):
     from corejax.hub import resolve
-    from corejax.runtime import Runtime
+    from corejax.worker.start import open_runtime
 
-    return Runtime(resolve(name, progress=False), progress=False, weights=weights)
+    return open_runtime(resolve(name, progress=False), progress=False, weights=weights)
 
 
 @pytest.fixture(scope="module", params=REAL)
@@ -137,9 +145,9 @@ def test_real_model_loop_equals_unrolled(name):
     """Float32 weights (the native float kernel) stacked vs the same weights unrolled: logits within 1e-5 (of
     the largest) over a prefill and 8 greedy steps, same tokens."""
     rt = _runtime(name, "f32")
-    stacked = rt.engine.params
+    stacked = rt.runner.params
     unrolled = dict(stacked, layers=stacked["layers"].unstacked())
-    _assert_same(unrolled, stacked, rt.engine.cfg, _real_prompt(rt))
+    _assert_same(unrolled, stacked, rt.runner.cfg, _real_prompt(rt))
 
 
 def test_real_quantized_model_loop_equals_unrolled(real_runtime):
@@ -149,12 +157,12 @@ def test_real_quantized_model_loop_equals_unrolled(real_runtime):
     order (XLA fuses the unrolled program differently) can flip a rounding step, and the flip propagates (one
     layer alone is bit-equal; measured up to 1.1e-4 of the largest logit on SmolLM2)."""
     rt = real_runtime
-    stacked = rt.engine.params
+    stacked = rt.runner.params
     assert isinstance(stacked["layers"], StackedLayers)
-    if rt.engine.cfg.arch == "gemma3":  # its Q4_K_M file mixes Q6_K and Q4_K w_down layers
+    if rt.runner.cfg.arch == "gemma3":  # its Q4_K_M file mixes Q6_K and Q4_K w_down layers
         assert len(stacked["layers"].groups["w_down"]) == 2
     unrolled = dict(stacked, layers=stacked["layers"].unstacked())
-    _assert_same(unrolled, stacked, rt.engine.cfg, _real_prompt(rt), tol=QUANTIZED_TOL)
+    _assert_same(unrolled, stacked, rt.runner.cfg, _real_prompt(rt), tol=QUANTIZED_TOL)
 
 
 _SIZES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
@@ -206,11 +214,11 @@ def test_no_weight_or_cache_sized_copies(real_runtime, kv_dtype):
     (or a layer of the KV cache) out every step. In the loop, each layer's weights are read in place by the
     kernels: no data-moving op in the loop may output one layer of a stacked weight or of the KV pool."""
     rt = real_runtime
-    cfg, params = rt.engine.cfg, rt.engine.params
-    cache = PagedKVCache.create(cfg, 256, PAGE, kv_dtype)
+    cfg, params = rt.runner.cfg, rt.runner.params
+    cache = PagedKVCache.create(cfg, 256, PAGE, kv_dtype, kernels=rt.kernels)
     stacks = jax.tree.leaves((params["layers"].groups, cache.k_pages))
     shapes = {tuple(d for d in a.shape[1:] if d != 1) for a in stacks if a.ndim >= 3}  # one layer of each
-    f = jax.jit(lambda p, t, pos, c: models.forward(p, t, pos, c, cfg), donate_argnums=(3,))
+    f = jax.jit(lambda p, t, pos, c: _forward(p, t, pos, c, cfg, rt.kernels), donate_argnums=(3,))
     for t in (1, 16):
         c = cache.with_rows(jnp.zeros((1, 8), jnp.int32), jnp.array([t], jnp.int32))
         text = f.lower(params, jnp.zeros((1, t), jnp.int32), jnp.arange(t, dtype=jnp.int32)[None], c).compile().as_text()
@@ -223,13 +231,13 @@ def test_no_weight_or_cache_sized_copies(real_runtime, kv_dtype):
 def test_programs_per_workload(tmp_path):
     """A default request builds two programs (a prefill chunk and the decode step); greedy and other sampling
     values reuse them; only the documented variants (top_k = 0 with top_p < 1, logprobs) build new ones."""
-    from corejax.engine import programs_built
+    from corejax.engine.programs import programs_built
     from corejax.hub import ModelSource
-    from corejax.runtime import Runtime
-    from corejax.options import SamplingParams
+    from corejax.worker.start import open_runtime
+    from corejax.types.options import SamplingParams
     from tiny_model import write_tiny_llama
 
-    rt = Runtime(ModelSource("tiny", "gguf", write_tiny_llama(tmp_path / "t.gguf", layers=6)), progress=False)
+    rt = open_runtime(ModelSource("tiny", "gguf", write_tiny_llama(tmp_path / "t.gguf", layers=6)), progress=False)
 
     def new_programs(**kw) -> dict[str, int]:
         before = programs_built()

@@ -10,8 +10,8 @@ import pytest
 from tiny_model import write_tiny_llama
 
 import corejax
-from corejax import memory
-from corejax.config import EngineConfig
+from corejax.worker import memory
+from corejax.types.config import EngineConfig
 from corejax.errors import InvalidParameterError, MemoryBudgetError
 from corejax.hub import ModelSource
 
@@ -59,23 +59,23 @@ def test_weights_are_sized_from_the_header_before_loading(tmp_path, weights, var
 
 
 def test_too_small_a_budget_fails_before_anything_is_allocated(tiny, monkeypatch):
-    import corejax.runtime as rt
+    from corejax.worker import generator, start
 
     def never(*a, **k):
         raise AssertionError("the model was loaded despite a budget it cannot fit")
 
-    monkeypatch.setattr(rt, "load_model", never)
-    monkeypatch.setattr(rt, "Engine", never)
+    monkeypatch.setattr(start, "load_model", never)
+    monkeypatch.setattr(generator, "ModelRunner", never)
     with pytest.raises(MemoryBudgetError) as e:
-        rt.Runtime(ModelSource("tiny", "gguf", tiny), engine=EngineConfig(kv_cache_tokens=256), progress=False,
-                   memory_limit="200MiB")
+        start.open_runtime(ModelSource("tiny", "gguf", tiny), engine=EngineConfig(kv_cache_tokens=256),
+                           progress=False, memory_limit="200MiB")
     msg = str(e.value)
     assert "loading tiny needs" in msg and "memory_limit is 200.0 MiB" in msg
     for part in ("runtime", "tokenizer", "weights", "kv_pool", "workspace", "kv_cache_tokens", "raise memory_limit"):
         assert part in msg, part
 
 
-def test_native_weights_are_offered_only_when_they_shrink_the_total(tiny, monkeypatch):
+def test_native_weights_are_offered_only_when_they_shrink_the_total(tiny):
     import dataclasses
 
     from corejax.loading.loader import plan_weights
@@ -86,12 +86,9 @@ def test_native_weights_are_offered_only_when_they_shrink_the_total(tiny, monkey
         memory.admit(memory.MemoryBudget("1GiB"), big, EngineConfig(kv_cache_tokens=256))
     # Without the quantized kernel, the tiny model's native blocks save 35 KiB but compile to bigger programs
     # (XLA's dequantize loops): not worth offering. With it, a matmul is one call either way: offered.
-    from corejax.kernels import ffi
-
     for kernel in (False, True):
-        monkeypatch.setattr(ffi, "available", lambda: kernel)
         with pytest.raises(MemoryBudgetError) as e:
-            memory.admit(memory.MemoryBudget("300MiB"), plan, EngineConfig(kv_cache_tokens=256))
+            memory.admit(memory.MemoryBudget("300MiB"), plan, EngineConfig(kv_cache_tokens=256), native=kernel)
         assert ("native" in str(e.value)) == kernel
 
 
@@ -111,35 +108,35 @@ def test_reservations_are_reported_and_match_what_was_allocated(tiny):
     assert mem["limit"] == 1 << 30
     assert set(mem["reservations"]) == {"runtime", "tokenizer", "weights", "kv_pool", "workspace"}
     assert mem["reservations"]["weights"]["bytes"] == info["weight_bytes"]
-    assert mem["reservations"]["kv_pool"]["bytes"] == info["kv_cache_bytes"] == runtime.engine.kv_cache_bytes
+    assert mem["reservations"]["kv_pool"]["bytes"] == info["kv_cache_bytes"] == runtime.runner.kv_cache_bytes
     assert mem["used"] == sum(r["bytes"] for r in mem["reservations"].values()) <= mem["limit"]
     assert mem["peak"] >= mem["used"]
 
 
 def test_without_a_limit_reservations_are_recorded_never_refused(tiny):
-    from corejax.runtime import Runtime
+    from corejax.worker.start import open_runtime
 
-    r = Runtime(ModelSource("tiny", "gguf", tiny), progress=False)
+    r = open_runtime(ModelSource("tiny", "gguf", tiny), progress=False)
     report = r.budget.report()
     assert report["limit"] is None and report["available"] is None
-    assert report["reservations"]["kv_pool"]["bytes"] == r.engine.kv_cache_bytes
+    assert report["reservations"]["kv_pool"]["bytes"] == r.runner.kv_cache_bytes
 
 
 def test_kv_pool_is_sized_to_what_the_limit_leaves(tmp_path):
-    from corejax.runtime import Runtime
+    from corejax.worker.start import open_runtime
 
     # 2 layers x 2 KV heads x 64 dims: 2 KiB of float32 KV per token, 64k tokens of context (128 MiB).
     path = write_tiny_llama(tmp_path / "long.gguf", context=65536, hidden=256, heads=4, kv_heads=2, ffn=512)
     src = ModelSource("long", "gguf", path)
-    full = Runtime(src, progress=False)
+    full = open_runtime(src, progress=False)
     assert full.info()["kv_cache_tokens"] == 65536
     others = sum(r["bytes"] for name, r in full.budget.report()["reservations"].items() if name != "kv_pool")
     limit = others + (40 << 20)  # room for 40 MiB of KV: 20480 tokens minus the padding page
-    r = Runtime(src, progress=False, memory_limit=limit)
-    ec = r.engine.engine_cfg
+    r = open_runtime(src, progress=False, memory_limit=limit)
+    ec = r.runner.engine_cfg
     per_page = ec.kv_bytes_per_token(r.model.cfg) * ec.page_size
     expected = (int((40 << 20) // per_page) - 1) * ec.page_size
     assert r.info()["kv_cache_tokens"] == expected == 20464
     assert r.budget.used <= limit
     with pytest.raises(MemoryBudgetError, match="the smallest useful pool"):
-        Runtime(src, progress=False, memory_limit=others + (256 << 10))
+        open_runtime(src, progress=False, memory_limit=others + (256 << 10))

@@ -11,9 +11,10 @@ from references import require
 torch = require("torch")
 transformers = require("transformers")
 
+from corejax.kernels.policy import Kernels  # noqa: E402
 from corejax import models  # noqa: E402
-from corejax.cache import DenseKVCache  # noqa: E402
-from corejax.engine import full_logits  # noqa: E402
+from corejax.engine.cache import DenseKVCache  # noqa: E402
+from corejax.engine.programs import full_logits  # noqa: E402
 from corejax.loading.convert import load_hf_folder  # noqa: E402
 
 VOCAB = 160
@@ -105,8 +106,9 @@ def test_cached_prefill_then_decode_equals_full_forward(builder, tmp_path):
 
 
 def _logits(params, tokens, positions, cache, cfg):
-    hidden, cache = models.forward(params, tokens, positions, cache, cfg)
-    return models.lm_head(params, hidden, cfg), cache
+    with Kernels.detect().active():  # what a jit site passes: this process's kernels
+        hidden, cache = models.forward(params, tokens, positions, cache, cfg)
+        return models.lm_head(params, hidden, cfg), cache
 
 
 def test_batched_rows_are_independent(tmp_path):

@@ -91,10 +91,10 @@ def test_paged_decode_matches_paged_attention(case, dtype):
 def test_runtime_blocks_decoder_weights(tmp_path):
     from corejax.hub import ModelSource
     from corejax.kernels.small_matmul import BlockedWeight
-    from corejax.runtime import Runtime
+    from corejax.worker.start import open_runtime
     from tiny_model import write_tiny_llama
 
-    rt = Runtime(ModelSource("tiny", "gguf", write_tiny_llama(tmp_path / "t.gguf", quantize=None)), progress=False)
+    rt = open_runtime(ModelSource("tiny", "gguf", write_tiny_llama(tmp_path / "t.gguf", quantize=None)), progress=False)
     assert rt.info()["native_kernels"] is True
     layers = rt.model.params["layers"]  # stacked for the layer loop (corejax/models/stack.py), one group each
     wq, w_down, wk = (layers.groups[key][0] for key in ("wq", "w_down", "wk"))

@@ -12,7 +12,7 @@ from corejax.kernels.paged_attention import (
     paged_attention_reference,
 )
 
-from corejax.cache import dense_attention
+from corejax.kernels.flash_attention import flash_attention_reference as dense_attention
 
 INT8_TOL, INT4_TOL = 0.015, 0.20  # relative L2 norm of the output error, as stated in paged_attention
 

@@ -12,26 +12,28 @@ import numpy as np
 import pytest
 
 from corejax import CacheFullError, models
-from corejax.cache import DenseKVCache
-from corejax.config import EngineConfig
-from corejax.options import SamplingParams
+from corejax.engine.cache import DenseKVCache
+from corejax.types.config import EngineConfig
+from corejax.types.options import SamplingParams
 from corejax.hub import ModelSource
 from corejax.kernels.kv_quant import dequantize_kv
-from corejax.runtime import Runtime
+from corejax.worker.generator import Generator
+from corejax.worker.start import open_runtime
 from tiny_model import write_tiny_llama
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 STORY = "the cat sat on the mat and the dog sat on the log; " * 6
 
 
-def dense_greedy(runtime: Runtime, prompt: list[int], n: int) -> list[int]:
+def dense_greedy(runtime: Generator, prompt: list[int], n: int) -> list[int]:
     """Greedy tokens from the dense reference cache (models.forward over DenseKVCache, no paging)."""
     cfg, params = runtime.model.cfg, runtime.model.params
 
     @jax.jit
     def step(params, tokens, positions, cache):  # params as an argument: never baked into the program
-        hidden, cache = models.forward(params, tokens, positions, cache, cfg)
-        return models.lm_head(params, hidden[:, -1:], cfg)[0, 0], cache
+        with runtime.kernels.active():
+            hidden, cache = models.forward(params, tokens, positions, cache, cfg)
+            return models.lm_head(params, hidden[:, -1:], cfg)[0, 0], cache
 
     cache = DenseKVCache.create(cfg, 1, len(prompt) + n)
     logits, cache = step(params, jnp.asarray([prompt]), jnp.arange(len(prompt))[None], cache)
@@ -42,7 +44,7 @@ def dense_greedy(runtime: Runtime, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-def run(runtime: Runtime, prompt: str, **kw):
+def run(runtime: Generator, prompt: str, **kw):
     return [c.result for c in runtime.stream(prompt, None, SamplingParams(**kw)) if c.result][0]
 
 
@@ -53,20 +55,20 @@ def tiny_path(tmp_path_factory):
 
 @pytest.mark.parametrize("page_size,chunk", [(16, 512), (8, 16), (32, 24)])
 def test_paged_greedy_equals_dense_reference(tiny_path, page_size, chunk):
-    rt = Runtime(ModelSource("tiny", "gguf", tiny_path), progress=False,
+    rt = open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False,
                  engine=EngineConfig(page_size=page_size, prefill_chunk=chunk))
     r = run(rt, STORY, max_tokens=30, **GREEDY)
     assert list(r.tokens) == dense_greedy(rt, list(r.prompt_tokens), 30)
 
 
 def test_prefix_reuse_across_calls(tiny_path):
-    rt = Runtime(ModelSource("tiny", "gguf", tiny_path), progress=False, engine=EngineConfig(page_size=16))
+    rt = open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False, engine=EngineConfig(page_size=16))
     first = run(rt, STORY + "first", max_tokens=10, **GREEDY)
     second = run(rt, STORY + "second", max_tokens=10, **GREEDY)
     assert first.timings.cached_prompt_tokens == 0
     shared = len(rt.tokenizer.encode(STORY))
     assert second.timings.cached_prompt_tokens == (shared - 1) // 16 * 16 > 0
-    alone = Runtime(ModelSource("tiny", "gguf", tiny_path), progress=False)
+    alone = open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False)
     assert run(alone, STORY + "second", max_tokens=10, **GREEDY).tokens == second.tokens
     # The same prompt again reuses all its full pages (stopping one token short of the end).
     again = run(rt, STORY + "second", max_tokens=10, **GREEDY)
@@ -75,7 +77,7 @@ def test_prefix_reuse_across_calls(tiny_path):
 
 
 def test_pool_too_small_is_a_clear_error(tiny_path):
-    rt = Runtime(ModelSource("tiny", "gguf", tiny_path), progress=False,
+    rt = open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False,
                  engine=EngineConfig(page_size=16, kv_cache_tokens=32))
     with pytest.raises(CacheFullError, match="raise the KV cache size"):
         run(rt, STORY, max_tokens=4, **GREEDY)
@@ -96,15 +98,15 @@ def _layer0_pages(cache) -> tuple[np.ndarray, np.ndarray | None]:
 
 @pytest.mark.parametrize("kv_dtype,ratio", [("bf16", 2), ("int8", 3), ("int4", 5)])
 def test_quantized_kv_pools_are_smaller_and_hold_the_same_keys(tiny_path, kv_dtype, ratio):
-    f32 = Runtime(ModelSource("tiny", "gguf", tiny_path), progress=False)
-    rt = Runtime(ModelSource("tiny", "gguf", tiny_path), progress=False, engine=EngineConfig(kv_dtype=kv_dtype))
-    assert rt.engine.kv_cache_bytes * ratio <= f32.engine.kv_cache_bytes * 1.3
+    f32 = open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False)
+    rt = open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False, engine=EngineConfig(kv_dtype=kv_dtype))
+    assert rt.runner.kv_cache_bytes * ratio <= f32.runner.kv_cache_bytes * 1.3
     run(f32, STORY, max_tokens=1, **GREEDY)  # the prompt's keys only (the first token comes from the prefill)
     run(rt, STORY, max_tokens=1, **GREEDY)
     # Layer 0's keys of the prompt depend on the tokens alone, so the quantized pool holds the float pool's
     # keys up to its rounding: half a step per value for int8/int4, bfloat16's relative 2^-8 for bf16.
-    exact, _ = _layer0_pages(f32.engine.cache)
-    got, half_step = _layer0_pages(rt.engine.cache)
+    exact, _ = _layer0_pages(f32.runner.cache)
+    got, half_step = _layer0_pages(rt.runner.cache)
     assert np.abs(exact).max() > 0
     bound = np.abs(exact) * 2.0 ** -8 if half_step is None else half_step * 1.001
     assert (np.abs(got - exact) <= bound + 1e-6).all(), np.abs(got - exact).max()
@@ -121,7 +123,7 @@ def test_real_model_greedy_under_quantized_kv(smollm2_gguf):
                "Once upon a time, in a land far away,", "Water boils at"]
     outs = {}
     for kv in ("float32", "bf16", "int8"):
-        rt = Runtime(ModelSource("smollm2", "gguf", smollm2_gguf), weights="f32", progress=False,
+        rt = open_runtime(ModelSource("smollm2", "gguf", smollm2_gguf), weights="f32", progress=False,
                      engine=EngineConfig(kv_dtype=kv))
         outs[kv] = [run(rt, p, max_tokens=32, **GREEDY).tokens for p in prompts]
     assert outs["bf16"] == outs["float32"]
@@ -132,7 +134,7 @@ def test_real_model_greedy_under_quantized_kv(smollm2_gguf):
 @pytest.mark.parametrize("fixture", ["smollm2_gguf", "gemma3_gguf"])
 def test_real_models_paged_equals_dense(request, fixture):
     path = request.getfixturevalue(fixture)
-    rt = Runtime(ModelSource(path.stem, "gguf", path), progress=False)
+    rt = open_runtime(ModelSource(path.stem, "gguf", path), progress=False)
     long_prompt = "The lighthouse keeper wrote down the weather, the ships and the birds. " * 40
     for prompt in ("The old lighthouse keeper", long_prompt):  # the long one passes Gemma's 512 window
         r = run(rt, prompt, max_tokens=32, **GREEDY)
@@ -155,7 +157,7 @@ def test_dropped_runtime_frees_its_compiled_programs(tiny_path):
 
     gc.collect()
     before = mappings()
-    rt = Runtime(ModelSource("tiny", "gguf", tiny_path), progress=False,
+    rt = open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False,
                  engine=EngineConfig(page_size=8, prefill_chunk=24))  # programs no other test compiled
     run(rt, STORY, max_tokens=4, **GREEDY)
     live = mappings() - before

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corejax.errors import CacheFullError, MemoryBudgetError
-from corejax.paging import PageAllocator, PageCopy
+from corejax.serving.paging import PageAllocator, PageCopy
 
 
 def test_allocate_append_free_table():

@@ -18,11 +18,12 @@ from batched import right_padded  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from corejax.kernels.policy import Kernels  # noqa: E402
 from corejax import models  # noqa: E402
-from corejax.cache import DenseKVCache  # noqa: E402
-from corejax.options import SamplingParams
+from corejax.engine.cache import DenseKVCache  # noqa: E402
+from corejax.types.options import SamplingParams
 from corejax.hub import ModelSource  # noqa: E402
-from corejax.runtime import Runtime  # noqa: E402
+from corejax.worker.start import open_runtime  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ LOGIT_TOL = 1e-3
 
 
 def _load(path):
-    rt = Runtime(ModelSource(path.stem, "gguf", path), weights="f32", progress=False)  # the exact model math
+    rt = open_runtime(ModelSource(path.stem, "gguf", path), weights="f32", progress=False)  # the exact model math
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     return rt, hf
@@ -53,8 +54,9 @@ def _logits_at(params, tokens, keep, cfg):
     the LM head only where compared (Gemma's 262k vocabulary over every position would be GBs)."""
     batch, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
-    hidden, _ = models.forward(params, tokens, positions, DenseKVCache.create(cfg, batch, t), cfg)
-    return models.lm_head(params, jnp.take_along_axis(hidden, keep[..., None], axis=1), cfg)
+    with Kernels.detect().active():  # this process's kernels, as the runtime that loaded the params uses
+        hidden, _ = models.forward(params, tokens, positions, DenseKVCache.create(cfg, batch, t), cfg)
+        return models.lm_head(params, jnp.take_along_axis(hidden, keep[..., None], axis=1), cfg)
 
 
 def _our_logits(rt, id_lists, keeps):

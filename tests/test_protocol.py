@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corejax.options import SamplingParams
-from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
-from corejax.sandbox import messages as m
-from corejax.sandbox import protocol as p
-from corejax.sandbox.protocol import HEADER, MAGIC, VERSION, Connection, Kind, ProtocolError
+from corejax.types.options import SamplingParams
+from corejax.types.results import Chunk, GenerationResult, Timings, TokenLogprob
+from corejax.wire import codec
+from corejax.wire import messages as m
+from corejax.wire import protocol as p
+from corejax.wire.protocol import HEADER, MAGIC, VERSION, Connection, Kind, ProtocolError
 
 
 def _result(logprobs=True) -> GenerationResult:
@@ -76,7 +77,6 @@ REQUESTS = [
     m.Generate(None, [{"role": "user", "content": "hi"}], SamplingParams()),
     m.Tokenize("héllo", False), m.Embed(["a", "b"], False),
     m.Classify(["x"], ["pos", "neg"], (np.ones((3, 2), np.float32), np.zeros(2, np.float32)), True, None, True),
-    m.RunTest("os:getpid", [1, "a"]),
 ]
 
 
@@ -105,12 +105,12 @@ def test_malformed_requests_are_protocol_errors(kind, payload):
 
 @pytest.mark.parametrize("kind, result", [
     (Kind.TOKENIZE, m.Tokens([1, 2, 3])), (Kind.DETOKENIZE, m.Text("abc")), (Kind.INFO, m.Info({"a": 1})),
-    (Kind.RUN_TEST, m.Value([1, 2])),
+    (Kind.PROBE, m.Value([1, 2])),
 ])
 def test_results_round_trip_and_reject_the_wrong_shape(kind, result):
     assert m.read_result(kind, p.decode(p.encode(Kind.RESULT, 1, result.to_wire())).payload) == result
     with pytest.raises(ProtocolError, match="result"):
-        m.read_result(kind, {"unexpected": True} if kind != Kind.RUN_TEST else [])
+        m.read_result(kind, {"unexpected": True} if kind != Kind.PROBE else [])
 
 
 @pytest.mark.parametrize("frame, match", [
@@ -246,7 +246,7 @@ def test_only_plain_types_and_bounded_lengths_are_decoded():
     past the caps are refused before the unpacker allocates for them; each kind a worker sends has its cap."""
     body = msgpack.packb({"t": msgpack.Timestamp(5, 7)})
     assert p.decode(_header(length=len(body)) + body).payload == {"t": 5_000_000_007}
-    for payload in ({"m": {str(i): 0 for i in range(p.MAX_MAP_LEN + 1)}}, {"a": [0] * (p.MAX_ARRAY_LEN + 1)}):
+    for payload in ({"m": {str(i): 0 for i in range(codec.MAX_MAP_LEN + 1)}}, {"a": [0] * (codec.MAX_ARRAY_LEN + 1)}):
         body = msgpack.packb(payload)
         with pytest.raises(ProtocolError, match="undecodable"):
             p.decode(_header(length=len(body)) + body)

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 import corejax
-from corejax import quant
+from corejax.kernels.policy import Kernels
+from corejax.weights import quant
 from corejax.errors import InvalidParameterError
 from corejax.loading.ggml_quants import BLOCK_SIZES, UNPACKERS, GGMLType, dequantize
 from gguf_factory import finite_blocks
@@ -40,6 +41,15 @@ def test_gguf_blocks_dequantize_bit_exactly(fmt, d_out, d_in):
     assert (qa.bits == 4) == packed or fmt in ("Q2_K", "Q3_K")  # 2/3-bit codes also fit a nibble
 
 
+def _matmul(kernels: Kernels):
+    """quant.matmul as a jit site calls it: under a kernel policy."""
+    def run(x, w):
+        with kernels.active():
+            return quant.matmul(x, w)
+
+    return run
+
+
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q2_K", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 13, 40])
 def test_native_quantized_matmul(fmt, rows):
@@ -53,7 +63,7 @@ def test_native_quantized_matmul(fmt, rows):
     for d_out, d_in in ((96, 512), (40, 256)):
         qa, ref = _gguf_matrix(fmt, d_out, d_in, seed=3)
         x = np.random.default_rng(rows).standard_normal((rows, d_in)).astype(np.float32)
-        got = np.asarray(jax.jit(lambda x, w: quant.matmul(x, w))(jnp.asarray(x), qa))  # a fresh trace
+        got = np.asarray(jax.jit(_matmul(Kernels.detect()))(jnp.asarray(x), qa))
         assert got.shape == (rows, d_out)
         exact = x @ ref.T
         np.testing.assert_allclose(got, exact, rtol=0, atol=2e-4 * np.abs(exact).max())
@@ -62,14 +72,11 @@ def test_native_quantized_matmul(fmt, rows):
 
 
 @pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0", "Q4_K", "Q6_K"])
-def test_xla_fallback_matmul_matches_dequantized_f32(fmt, monkeypatch):
+def test_xla_fallback_matmul_matches_dequantized_f32(fmt):
     """Without the native kernels (GPUs, no compiler): float activations, dequantized weights, exact."""
-    from corejax.kernels import ffi
-
-    monkeypatch.setattr(ffi, "available", lambda: False)
     qa, ref = _gguf_matrix(fmt, 96, 512, seed=3)
     x = np.random.default_rng(4).standard_normal((3, 5, 512)).astype(np.float32)
-    got = np.asarray(jax.jit(lambda x, w: quant.matmul(x, w))(jnp.asarray(x), qa))  # a fresh trace
+    got = np.asarray(jax.jit(_matmul(Kernels.xla()))(jnp.asarray(x), qa))
     want = x @ ref.T
     assert got.shape == (3, 5, 96)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
@@ -106,7 +113,7 @@ def test_model_logits_quantized_vs_f32(tmp_path, weights, tol):
     from corejax.kernels import ffi
 
     ffi.ensure()
-    from corejax.engine import full_logits
+    from corejax.engine.programs import full_logits
     from corejax.hub import ModelSource
     from corejax.loading.loader import load_model
 
@@ -127,13 +134,13 @@ def test_session_with_native_weights_generates_the_same_greedy_text(tmp_path, mo
     path = write_tiny_llama(tmp_path / "tiny.gguf", context=64)
     from corejax.hub import ModelSource
     from corejax.kernels import ffi
-    from corejax.runtime import Runtime
+    from corejax.worker.start import open_runtime
 
     monkeypatch.setattr(ffi, "available", lambda: False)
     monkeypatch.setattr(ffi, "ensure", lambda path=None: False)
     outs = []
     for weights in ("f32", "native"):
-        rt = Runtime(ModelSource("tiny", "gguf", path), weights=weights, progress=False)
+        rt = open_runtime(ModelSource("tiny", "gguf", path), weights=weights, progress=False)
         chunks = list(rt.stream("the cat", None, corejax.SamplingParams(temperature=0, max_tokens=20,
                                                                          ignore_eos=True)))
         outs.append(chunks[-1].result.tokens)

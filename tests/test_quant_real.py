@@ -14,11 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from corejax.kernels.policy import Kernels
+
 import corejax
 from batched import concurrently, prompt_logits
 from corejax.hub import ModelSource
 from corejax.kernels import ffi
-from corejax.runtime import Runtime
+from corejax.worker.start import open_runtime
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +38,7 @@ def test_native_weights_vs_the_exact_model(model, max_rel, argmax, greedy, reque
     sp = corejax.SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     logits, tokens = {}, {}
     for weights in ("f32", "native"):
-        rt = Runtime(source, weights=weights, progress=False)
+        rt = open_runtime(source, weights=weights, progress=False)
         assert rt.model.info["weights"] == weights
         ids = [rt.prompt_ids(p, None) for p in PROMPTS]
         logits[weights] = [x[-1] for x in prompt_logits(rt.model.params, rt.model.cfg, ids)]
@@ -54,5 +56,5 @@ def test_default_weights_keep_a_quantized_gguf_quantized(smollm2_gguf):
     from corejax.loading.loader import default_weights
 
     source = ModelSource(smollm2_gguf.stem, "gguf", smollm2_gguf)
-    assert default_weights(source, quant_kernel=True) == "native"
-    assert default_weights(source, quant_kernel=False) == "f32"
+    assert default_weights(source, Kernels(native=True, isa="avx2")) == "native"
+    assert default_weights(source, Kernels.xla()) == "f32"

@@ -16,7 +16,8 @@ from corejax.errors import InvalidParameterError, UnsupportedModelError
 from corejax.hub import ModelSource
 from corejax.loading.ggml_quants import GGMLType, dequantize
 from corejax.loading.gguf import read_gguf
-from corejax.quantize import QUANT_TYPES, quantize_gguf, quantize_tensor
+from corejax.loading.ggml_quants import QUANT_TYPES, quantize_tensor
+from corejax.quantize import quantize_gguf
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three laws of thermodynamics are"]
@@ -163,7 +164,7 @@ def _hf_folder_from_gguf(src: Path, folder: Path) -> Path:
     from tiny_model import MERGES, SPECIALS, vocab
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from corejax.config import ModelConfig
+    from corejax.types.config import ModelConfig
     from corejax.loading.convert import _unpermute_rope, gguf_names, hf_names
 
     folder.mkdir()

@@ -17,9 +17,9 @@ torch = require("torch")
 transformers = require("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from corejax import support  # noqa: E402
-from corejax.config import EncoderConfig, ModelConfig  # noqa: E402
-from corejax.engine import full_logits  # noqa: E402
+from corejax.types import support  # noqa: E402
+from corejax.types.config import EncoderConfig, ModelConfig  # noqa: E402
+from corejax.engine.programs import full_logits  # noqa: E402
 from corejax.errors import ModelFormatError, UnsupportedModelError  # noqa: E402
 from corejax.hub import ModelSource  # noqa: E402
 from corejax.loading.convert import load_hf_folder  # noqa: E402

@@ -1,4 +1,4 @@
-"""Tests of corejax.sampling: parameters, the sampler's properties and its distribution."""
+"""Tests of corejax.engine.sampling: parameters, the sampler's properties and its distribution."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from corejax.errors import InvalidParameterError
-from corejax.sampling import PenaltyState, SamplingTensors, apply_penalties, penalty_state, request_key, request_keys, sample, update_penalty_state
-from corejax.options import MAX_LOGPROBS, SamplingParams
+from corejax.engine.sampling import PenaltyState, SamplingTensors, apply_penalties, penalty_state, request_key, request_keys, sample, update_penalty_state
+from corejax.types.options import MAX_LOGPROBS, SamplingParams
 
 jsample = jax.jit(sample)
 
@@ -356,7 +356,7 @@ def test_from_kwargs_rejects_unknown_names():
 
 
 # --------------------------------------------------------------------------------------------------
-# Timing (prints the numbers the module docstring quotes; run with COREJAX_BENCH=1 -s)
+# Timing (prints the sampler's costs, as docs/MEASUREMENTS.md records them; run with COREJAX_BENCH=1 -s)
 
 
 @pytest.mark.skipif(not os.environ.get("COREJAX_BENCH"), reason="benchmark; set COREJAX_BENCH=1")

@@ -15,7 +15,8 @@ import pytest
 
 import corejax
 from corejax.errors import ContextLengthError, InvalidParameterError, ModelFormatError, SandboxError
-from corejax.sandbox import messages as m
+from corejax.wire import messages as m
+from corejax.wire.protocol import Kind
 from tiny_model import write_tiny_llama
 
 LAYERS = {"network_namespace", "rlimits", "capabilities", "no_new_privs", "landlock", "landlock_network", "seccomp"}
@@ -123,9 +124,12 @@ def test_a_hostile_model_file_fails_in_the_worker(tmp_path):
         corejax.Session(str(bad), progress=False)
 
 
-def test_run_test_frames_are_refused_by_a_normal_worker(sandboxed):
-    with pytest.raises(SandboxError, match="not started through corejax.sandbox.testing"):
-        sandboxed._call(m.RunTest("os:getpid", []))
+def test_probe_frames_are_refused_by_a_normal_worker(sandboxed):
+    """Only the test suite's worker (tests/probe_worker.py) runs functions by name; corejax's refuses the kind."""
+    frames = list(sandboxed.open_request(Kind.PROBE, {"target": "os:getpid", "args": []}))
+    assert frames[-1].kind == Kind.ERROR
+    with pytest.raises(SandboxError, match="does not accept PROBE"):
+        raise m.error_from_wire(frames[-1].payload)
 
 
 def test_threads_share_a_session(sandboxed, in_process):
@@ -259,7 +263,7 @@ def test_real_model_sandboxed_equals_in_process(smollm2_gguf):
 
 def test_startup_progress_crosses_the_sandbox_and_warmup_compiles(tiny, monkeypatch):
     """The worker reports loading and the warm-up compile as PROGRESS frames; the parent draws them as bars."""
-    from corejax.sandbox.client import WorkerClient
+    from corejax.client.workers import WorkerClient
 
     seen = []
     original = WorkerClient._show_progress

@@ -1,4 +1,4 @@
-"""Escape attempts made from inside a sandboxed worker (through corejax.sandbox.testing), each one denied.
+"""Escape attempts made from inside a sandboxed worker (through tests/probes.py's ProbeSession), each one denied.
 
 The probes below run in the worker: this module is imported there by name. Each returns "ALLOWED" when the
 attempt worked, else the errno it failed with; a probe killed by SIGSYS would surface as WorkerCrashed."""
@@ -197,9 +197,9 @@ def probe_network_interfaces():
 
 @pytest.fixture(scope="module")
 def sandbox():
-    from corejax.sandbox.testing import TestingSession
+    from probes import ProbeSession
 
-    with TestingSession(pythonpath=[str(Path(__file__).parent)], timeout=60) as session:
+    with ProbeSession(pythonpath=[str(Path(__file__).parent)], timeout=60) as session:
         yield session
 
 
@@ -328,7 +328,7 @@ def test_the_sandbox_fails_closed():
     """Finding 6: a layer the kernel offers that did not engage stops the worker before a model is opened;
     sandbox_require insists on or waives layers by name."""
     from corejax.errors import InvalidParameterError, SandboxError
-    from corejax.sandbox.client import WorkerClient
+    from corejax.client.workers import WorkerClient
     from corejax.sandbox.layer import missing_layers
 
     report = [{"name": "landlock", "engaged": False, "detail": "x", "available": True},
@@ -364,31 +364,31 @@ def probe_poison_program_cache():
 
 
 def test_a_worker_cannot_poison_another_models_programs(tmp_path):
-    from corejax.sandbox.programs import program_cache_dir
-    from corejax.sandbox.testing import TestingSession
+    from corejax.client.programs import program_cache_dir
+    from probes import ProbeSession
     from tiny_model import write_tiny_llama
 
     a = write_tiny_llama(tmp_path / "a.gguf", context=64)
     b = write_tiny_llama(tmp_path / "b.gguf", context=64, seed=1)
     here = [str(Path(__file__).parent)]
-    with TestingSession(str(a), pythonpath=here) as sa:
+    with ProbeSession(str(a), pythonpath=here) as sa:
         sa.generate("hi", max_tokens=2)  # compiles, so a-programs exist after a clean exit
         shared_a = program_cache_dir(sa.source, sa._options.get("native_kernels"))
-    with TestingSession(str(b), pythonpath=here) as sb:
+    with ProbeSession(str(b), pythonpath=here) as sb:
         shared_b = program_cache_dir(sb.source, sb._options.get("native_kernels"))
     assert shared_a != shared_b
     before = {p.name: p.read_bytes() for p in shared_a.iterdir() if not p.name.startswith(".")}
     assert before, "the first worker's programs were merged after its clean exit"
-    with TestingSession(str(b), pythonpath=here) as sb:
+    with ProbeSession(str(b), pythonpath=here) as sb:
         got = sb.run(f"{__name__}:probe_poison_program_cache")
         assert Path(got["folder"]).parent.name.startswith("corejax-worker-")  # its private copy, not the shared one
         assert not set(got["names"]) & set(before)  # model b's worker never saw model a's programs
-    with TestingSession(str(a), pythonpath=here) as sa:
+    with ProbeSession(str(a), pythonpath=here) as sa:
         got = sa.run(f"{__name__}:probe_poison_program_cache")  # a worker of model a poisons its own copy...
         assert set(before) <= set(got["names"])
     after = {p.name: p.read_bytes() for p in shared_a.iterdir() if not p.name.startswith(".")}
     assert {k: after[k] for k in before} == before  # ...but never replaces a program
-    with TestingSession(str(a), pythonpath=here) as sa:
+    with ProbeSession(str(a), pythonpath=here) as sa:
         assert len(sa.generate("hi", max_tokens=2, temperature=0).tokens) == 2  # still loads and runs
 
 
@@ -402,7 +402,7 @@ def test_the_read_grant_is_the_files_the_worker_needs(tmp_path, monkeypatch):
     """Finding 10: LD_LIBRARY_PATH grants its shared libraries, not its folders; a source checkout (editable
     install) grants corejax's packages, not the whole repository."""
     import corejax
-    from corejax.sandbox.testing import TestingSession
+    from probes import ProbeSession
 
     libs = tmp_path / "libs"
     libs.mkdir()
@@ -410,7 +410,7 @@ def test_the_read_grant_is_the_files_the_worker_needs(tmp_path, monkeypatch):
     (libs / "secret.txt").write_text("hunter2")
     monkeypatch.setenv("LD_LIBRARY_PATH", str(libs))
     repo = Path(corejax.__file__).resolve().parent.parent
-    with TestingSession(pythonpath=[str(Path(__file__).parent)], timeout=60) as s:
+    with ProbeSession(pythonpath=[str(Path(__file__).parent)], timeout=60) as s:
         assert run(s, "probe_read", str(libs / "secret.txt")) in DENIED
         assert run(s, "probe_read", str(libs / "libdemo.so.1")) == "ALLOWED"
         if (repo / "pyproject.toml").exists() and (repo / "corejax").is_dir():  # a source checkout
@@ -425,7 +425,7 @@ def test_nothing_from_a_model_or_worker_reaches_the_terminal_raw(tmp_path, monke
 
     from corejax import cli
     from corejax.loading import loader
-    from corejax.sandbox.client import WorkerClient
+    from corejax.client.workers import WorkerClient
     from tiny_model import write_tiny_llama
 
     path = write_tiny_llama(tmp_path / "evil.gguf", name="\x1b]0;pwned\x07\x1b[2Jevil\rname")

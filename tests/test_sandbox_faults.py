@@ -66,7 +66,7 @@ def probe_huge_sparse_log_then_exit():
 
 def probe_stray_frames(n):
     """Frames for request 0 after start-up (nobody waits for them) and for requests that never existed."""
-    from corejax.sandbox.protocol import Kind, encode
+    from corejax.wire.protocol import Kind, encode
 
     fd = _worker_socket()
     data = encode(Kind.PROGRESS, 0, {"stage": "x" * 1000, "done": 1, "total": 2})
@@ -85,9 +85,9 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def session(tiny):
-    from corejax.sandbox.testing import TestingSession
+    from probes import ProbeSession
 
-    with TestingSession(str(tiny), pythonpath=[TESTS], timeout=20) as s:
+    with ProbeSession(str(tiny), pythonpath=[TESTS], timeout=20) as s:
         yield s
 
 
@@ -121,9 +121,9 @@ def test_segfault_and_abort(session, target, args, signame):
 
 
 def test_hang_times_out_and_queued_requests_are_not_lost(tiny):
-    from corejax.sandbox.testing import TestingSession
+    from probes import ProbeSession
 
-    with TestingSession(str(tiny), pythonpath=[TESTS], timeout=6) as s:
+    with ProbeSession(str(tiny), pythonpath=[TESTS], timeout=6) as s:
         results, errors = {}, {}
 
         def gen(i):
@@ -164,18 +164,18 @@ def test_hang_times_out_and_queued_requests_are_not_lost(tiny):
 
 
 def test_memory_limit_stops_the_worker(tiny):
-    from corejax.sandbox.testing import TestingSession
+    from probes import ProbeSession
 
-    with TestingSession(str(tiny), pythonpath=[TESTS], memory_limit=1 << 30, timeout=30) as s:
+    with ProbeSession(str(tiny), pythonpath=[TESTS], memory_limit=1 << 30, timeout=30) as s:
         with pytest.raises(WorkerCrashed, match="memory_limit"):
             run(s, "probe_hold_memory", 1536 << 20, 20)
         _alive(s)
 
 
 def test_memory_limit_counts_files_in_the_private_temp(tiny):
-    from corejax.sandbox.testing import TestingSession
+    from probes import ProbeSession
 
-    with TestingSession(str(tiny), pythonpath=[TESTS], memory_limit="700MiB", timeout=30) as s:
+    with ProbeSession(str(tiny), pythonpath=[TESTS], memory_limit="700MiB", timeout=30) as s:
         start = time.monotonic()
         with pytest.raises(WorkerCrashed, match="memory_limit"):
             run(s, "probe_fill_private_temp", 800 << 20, 20)

@@ -1,4 +1,4 @@
-"""Continuous batching (corejax/scheduler.py) on the tiny model: batched == alone, preemption, cancellation,
+"""Continuous batching (corejax/serving/scheduler.py) on the tiny model: batched == alone, preemption, cancellation,
 FIFO admission, and property tests under random arrivals and cancellations."""
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import corejax
-from corejax.engine import programs_built
-from corejax.config import EngineConfig
-from corejax.options import SamplingParams
+from corejax.engine.programs import programs_built
+from corejax.types.config import EngineConfig
+from corejax.types.options import SamplingParams
 from corejax.errors import CacheFullError
 from corejax.hub import ModelSource
-from corejax.runtime import Runtime
-from corejax.scheduler import Scheduler
+from corejax.worker.generator import Generator
+from corejax.worker.start import open_runtime
+from corejax.serving.scheduler import Scheduler
 from tiny_model import write_tiny_llama
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -31,18 +32,18 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runtime(tiny_path):
-    return Runtime(ModelSource("tiny", "gguf", tiny_path), progress=False)
+    return open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False)
 
 
-def scheduler(runtime: Runtime, **engine_kw) -> Scheduler:
+def scheduler(runtime: Generator, **engine_kw) -> Scheduler:
     """A fresh engine (page pool) over the runtime's params, stepped by the test itself."""
-    from corejax.engine import Engine
+    from corejax.serving.runner import ModelRunner
 
-    engine = Engine(runtime.model.cfg, runtime.model.params, EngineConfig(**engine_kw))
+    engine = ModelRunner(runtime.model.cfg, runtime.model.params, EngineConfig(**engine_kw))
     return Scheduler(engine, background=False)
 
 
-def alone(runtime: Runtime, prompt: list[int], sp: SamplingParams = GREEDY) -> list[int]:
+def alone(runtime: Generator, prompt: list[int], sp: SamplingParams = GREEDY) -> list[int]:
     sch = scheduler(runtime)
     req = sch.submit(prompt, sp, frozenset())
     sch.run_until_idle()
@@ -50,7 +51,7 @@ def alone(runtime: Runtime, prompt: list[int], sp: SamplingParams = GREEDY) -> l
 
 
 def assert_pool_clean(sch: Scheduler) -> None:
-    alloc = sch.engine.allocator
+    alloc = sch.runner.allocator
     assert not alloc._seqs, "a sequence was left allocated"
     assert int(alloc.refcount.sum()) == 0, "a page is still referenced"
     assert alloc.num_available == alloc.num_pages - 1, "a page was lost"
@@ -130,11 +131,11 @@ def test_cancel_frees_pages_at_the_next_step(runtime):
                       frozenset())
     for _ in range(4):
         sch.step()
-    assert sch.engine.allocator._seqs
+    assert sch.runner.allocator._seqs
     long.close()
     sch.step()
     assert 0 < len(list(long)) < 200 and list(long) == []
-    assert not sch.engine.allocator._seqs
+    assert not sch.runner.allocator._seqs
     assert_pool_clean(sch)
 
 
@@ -180,7 +181,7 @@ def test_random_arrivals_and_cancellations(runtime, plan, pool):
         try:
             got = [e.token for e in req]
         except CacheFullError:
-            assert page_size * (sch.engine.allocator.num_pages - 1) < len(tok.encode(PROMPTS[prompt_i])) + max_tokens
+            assert page_size * (sch.runner.allocator.num_pages - 1) < len(tok.encode(PROMPTS[prompt_i])) + max_tokens
             continue
         if not cancel:
             sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -228,7 +229,7 @@ def test_batch_sizes_are_bucketed(runtime):
     sch.run_until_idle()
     assert all(len(list(r)) == 6 for r in reqs)
     assert programs_built()["_decode_step"] - before <= 3  # B in {1, 2, 4}: at most one program per bucket
-    assert np.all(sch.engine.allocator.refcount == 0)
+    assert np.all(sch.runner.allocator.refcount == 0)
 
 
 EXIT_SCRIPT = """
@@ -237,10 +238,11 @@ import atexit, sys, threading
 atexit.register(lambda: print("scheduler threads at exit:",
                               sum(t.name == "corejax-scheduler" for t in threading.enumerate()), flush=True))
 from corejax.hub import ModelSource
-from corejax.options import SamplingParams
-from corejax.runtime import Runtime
+from corejax.types.options import SamplingParams
+from corejax.worker.generator import Generator
+from corejax.worker.start import open_runtime
 from pathlib import Path
-rt = Runtime(ModelSource("tiny", "gguf", Path(sys.argv[1])), progress=False)
+rt = open_runtime(ModelSource("tiny", "gguf", Path(sys.argv[1])), progress=False)
 stream = rt.stream("the cat sat", None, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
 next(iter(stream))  # the scheduler thread is mid-request, holding device arrays, when the script ends
 print("exiting", flush=True)

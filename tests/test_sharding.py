@@ -1,4 +1,4 @@
-"""Tensor-parallel models (corejax/sharding.py) on forced host devices: the same greedy tokens and logits as
+"""Tensor-parallel models (corejax/engine/sharding.py) on forced host devices: the same greedy tokens and logits as
 one device, the weights split (per-device bytes), the KV pages split by KV head where the heads divide."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corejax.config import EngineConfig
+from corejax.types.config import EngineConfig
 from corejax.errors import InvalidParameterError
 from tiny_model import write_tiny_llama
 
@@ -60,7 +60,7 @@ def test_tiny_model_splits_everything(tmp_path):
 def test_devices_are_validated_and_counted():
     with pytest.raises(InvalidParameterError, match="devices"):
         EngineConfig(devices=0)
-    from corejax.sharding import make_mesh
+    from corejax.engine.sharding import make_mesh
 
     with pytest.raises(InvalidParameterError, match="xla_force_host_platform_device_count=64"):
         make_mesh(64)
@@ -81,14 +81,14 @@ def test_gemma3_sharded_equals_one_device(gemma3_gguf):
 POOL_COPY_SCRIPT = """
 import re, sys
 from pathlib import Path
-from corejax.config import EngineConfig
+from corejax.types.config import EngineConfig
 from corejax.hub import ModelSource
-from corejax.options import SamplingParams
-from corejax.runtime import Runtime
-rt = Runtime(ModelSource("tiny", "gguf", Path(sys.argv[1])), progress=False,
+from corejax.types.options import SamplingParams
+from corejax.worker.start import open_runtime
+rt = open_runtime(ModelSource("tiny", "gguf", Path(sys.argv[1])), progress=False,
              engine=EngineConfig(devices=2, kv_cache_tokens=1024))
 *_, last = rt.stream("the cat sat", None, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-pool = rt.engine.cache.k_pages
+pool = rt.runner.cache.k_pages
 print("pool", "f32[" + ",".join(map(str, pool.shape)) + "]", len(pool.sharding.device_set))
 """
 

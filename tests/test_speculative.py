@@ -1,4 +1,4 @@
-"""Speculative decoding (corejax/speculative.py): proposers, rollback, identity with plain decoding, and a
+"""Speculative decoding (corejax/serving/speculative.py): proposers, rollback, identity with plain decoding, and a
 chi-square test that speculative sampling follows the target model's distribution."""
 
 from __future__ import annotations
@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 
 import corejax
-from corejax.config import EngineConfig
-from corejax.options import SamplingParams, SpeculativeConfig
-from corejax.engine import Engine, full_logits
+from corejax.types.config import EngineConfig
+from corejax.types.options import SamplingParams, SpeculativeConfig
+from corejax.engine.programs import full_logits
+from corejax.serving.runner import ModelRunner
 from corejax.errors import InvalidParameterError
 from corejax.hub import ModelSource
-from corejax.paging import PageAllocator
-from corejax.runtime import Runtime
-from corejax.scheduler import Scheduler
-from corejax.speculative import best_k, ngram_propose
+from corejax.serving.paging import PageAllocator
+from corejax.worker.generator import Generator
+from corejax.worker.start import open_runtime
+from corejax.serving.scheduler import Scheduler
+from corejax.serving.speculative import best_k, ngram_propose
 from tiny_model import write_tiny_llama
 
 REPEATING = ["def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return",
@@ -35,11 +37,11 @@ def paths(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runtime(paths):
-    return Runtime(ModelSource("target", "gguf", paths[0]), progress=False)
+    return open_runtime(ModelSource("target", "gguf", paths[0]), progress=False)
 
 
-def run(runtime: Runtime, prompt: str, spec: dict | None, **sampling) -> tuple[list[int], Scheduler]:
-    sch = Scheduler(Engine(runtime.model.cfg, runtime.model.params, EngineConfig()), background=False,
+def run(runtime: Generator, prompt: str, spec: dict | None, **sampling) -> tuple[list[int], Scheduler]:
+    sch = Scheduler(ModelRunner(runtime.model.cfg, runtime.model.params, EngineConfig()), background=False,
                     draft_loader=runtime._load_draft)
     sp = SamplingParams(**{"temperature": 0.0, "max_tokens": 32, "ignore_eos": True, **sampling})
     req = sch.submit(runtime.tokenizer.encode(prompt), sp, frozenset(), SpeculativeConfig.from_user(spec))
@@ -122,7 +124,7 @@ def test_draft_model_greedy_is_plain_greedy(runtime, paths, prompt):
     assert spec == plain
     assert req.times.drafted > 0
     proposer = next(iter(sch.speculation.proposers.values()))
-    assert not proposer.engine.allocator._seqs  # the draft's sequence was released with the request
+    assert not proposer.runner.allocator._seqs  # the draft's sequence was released with the request
 
 
 def test_same_model_lower_precision_draft(runtime):
@@ -167,7 +169,7 @@ def test_speculative_sampling_follows_the_target_distribution(runtime, paths):
                 exact[(t1, t2, t3)] = p1 * p2 * p3
 
     n = 1200
-    sch = Scheduler(Engine(cfg, params, EngineConfig()), background=False, draft_loader=runtime._load_draft)
+    sch = Scheduler(ModelRunner(cfg, params, EngineConfig()), background=False, draft_loader=runtime._load_draft)
     spec = SpeculativeConfig(method="draft", draft_weights="int8", k=2, adaptive=False)
     reqs = [sch.submit(prompt, SamplingParams(temperature=1.0, top_k=top_k, top_p=1.0, min_p=0.0, seed=s,
                                               max_tokens=3, ignore_eos=True), frozenset(), spec) for s in range(n)]

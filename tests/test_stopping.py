@@ -1,4 +1,4 @@
-"""Tests of corejax.stopping.StopMatcher."""
+"""Tests of corejax.serving.stopping.StopMatcher."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corejax.stopping import StopMatcher
+from corejax.serving.stopping import StopMatcher
 
 
 def _feed(stop, pieces):

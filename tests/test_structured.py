@@ -1,4 +1,4 @@
-"""Structured output (corejax/structured.py): every output parses and matches, on a random tiny model (where only
+"""Structured output (corejax/serving/structured.py): every output parses and matches, on a random tiny model (where only
 the mask can make it so) and on both real models, greedy and sampled, alone and batched, with speculative decoding
 and logprobs; bad schemas and grammars fail before any token; an unsatisfiable grammar ends with its own reason."""
 
@@ -12,17 +12,19 @@ import jsonschema
 import numpy as np
 import pytest
 
-from corejax.config import EngineConfig
-from corejax.options import SamplingParams, SpeculativeConfig
-from corejax.engine import Engine
+from corejax.types.config import EngineConfig
+from corejax.types.options import SamplingParams, SpeculativeConfig
+from corejax.serving.runner import ModelRunner
 from corejax.errors import InvalidParameterError
 from corejax.hub import ModelSource
 from corejax.loading.gguf import read_gguf
-from corejax.runtime import Runtime
-from corejax.sampling import SamplingTensors, allowed, penalty_state, request_keys, sample
-from corejax.sandbox import messages
-from corejax.scheduler import Scheduler
-from corejax.structured import FINISH_UNSATISFIABLE, Constraint, GrammarVocab, mask_words
+from corejax.worker.generator import Generator
+from corejax.worker.start import open_runtime
+from corejax.engine.sampling import SamplingTensors, allowed, penalty_state, request_keys, sample
+from corejax.wire import messages
+from corejax.serving.scheduler import Scheduler
+from corejax.serving.structured import FINISH_UNSATISFIABLE, GrammarVocab, mask_words
+from corejax.types.constraints import Constraint
 from corejax.tokenizer.gguf import tokenizer_from_gguf_metadata
 from tiny_model import write_tiny_llama
 
@@ -188,10 +190,10 @@ def test_nonconforming_tokens_are_masked(vocab):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = write_tiny_llama(tmp_path_factory.mktemp("structured") / "tiny.gguf", context=256)
-    return Runtime(ModelSource("tiny", "gguf", path), progress=False)
+    return open_runtime(ModelSource("tiny", "gguf", path), progress=False)
 
 
-def run(runtime: Runtime, prompt: str, **kw):
+def run(runtime: Generator, prompt: str, **kw):
     spec = kw.pop("speculative", None)
     *_, last = runtime.stream(prompt, None, SamplingParams.from_kwargs(**kw), spec)
     return last.result
@@ -242,7 +244,7 @@ def test_constrained_logprobs_and_mask_time(tiny):
 
 
 def test_constrained_and_free_rows_share_a_batch(tiny):
-    sch = Scheduler(Engine(tiny.model.cfg, tiny.model.params, EngineConfig()), background=False)
+    sch = Scheduler(ModelRunner(tiny.model.cfg, tiny.model.params, EngineConfig()), background=False)
     prompt = tiny.tokenizer.encode("hello there")
     free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     alone = sch.submit(prompt, free, frozenset())
@@ -268,12 +270,12 @@ WHAT = {"person": "a 30-year-old person called Alice", "nested": "the city of Pa
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def real(request, smollm2_gguf, gemma3_gguf):
     path = smollm2_gguf if request.param == "smollm2" else gemma3_gguf
-    return Runtime(ModelSource(request.param, "gguf", path), progress=False)
+    return open_runtime(ModelSource(request.param, "gguf", path), progress=False)
 
 
-def generate_batch(runtime: Runtime, jobs: list[tuple[str, SamplingParams]], spec=None,
+def generate_batch(runtime: Generator, jobs: list[tuple[str, SamplingParams]], spec=None,
                    drafted: list | None = None) -> list[list[int]]:
-    sch = Scheduler(Engine(runtime.model.cfg, runtime.model.params, EngineConfig()), background=False)
+    sch = Scheduler(ModelRunner(runtime.model.cfg, runtime.model.params, EngineConfig()), background=False)
     reqs = [sch.submit(runtime.tokenizer.encode(p), sp, runtime.tokenizer.eos_ids, spec,
                        runtime.matcher(sp.constraint)) for p, sp in jobs]
     sch.run_until_idle()

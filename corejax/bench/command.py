@@ -17,6 +17,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from corejax.types.config import DECODER_WEIGHTS
+
 SUITES = ("generation", "embedding", "ipc", "startup", "tokenizer", "concurrency", "speculative", "micro")
 PEER_TIMEOUT_S = 300.0  # a runtime's child without a finished step for this long is killed (--peer-timeout)
 RUNTIMES = {
@@ -61,7 +63,7 @@ def add_parser(sub: Any) -> None:
                    help="generation: kill a runtime's process (corejax's too) when it finishes no step — loading, "
                         "or one request — for this long, and report it as a timeout "
                         f"(default {PEER_TIMEOUT_S:g})")
-    p.add_argument("--weights", choices=["f32", "native", "int8", "int4"], default=None,
+    p.add_argument("--weights", choices=DECODER_WEIGHTS, default=None,
                    help="corejax weight mode in the generation suite (default: the Session's own choice — a "
                         "quantized GGUF stays quantized where the native kernel is loaded)")
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
@@ -242,8 +244,10 @@ def measure(args: argparse.Namespace, command: str) -> tuple[dict[str, Any], boo
 
 
 def _command_line() -> str:
-    prog = Path(sys.argv[0]).name
-    head = "corejax" if prog == "corejax" else f"python {sys.argv[0]}"
+    prog = Path(sys.argv[0])
+    # `python -m corejax.cli` runs corejax/cli.py: the same command as the `corejax` script
+    is_cli = prog.name == "corejax" or (prog.name == "cli.py" and prog.parent.name == "corejax")
+    head = "corejax" if is_cli else f"python {sys.argv[0]}"
     return " ".join([head] + [shlex.quote(a) for a in sys.argv[1:]])
 
 

@@ -151,7 +151,8 @@ def _runtime(ctx: Any, label: str, source: Any, labels: list[str], sessions: lis
 
 def run(ctx: Any) -> None:
     """Every runtime is loaded first; each repetition then measures them in turn (the order rotating), so a
-    drift of the shared machine's speed over minutes (20-30% here) lands on all of them alike."""
+    drift of the shared machine's speed over minutes (tens of percent; docs/MEASUREMENTS.md) lands on all of
+    them alike."""
     from corejax import hub
 
     source = hub.resolve(ctx.embedding_model, progress=False)

@@ -38,10 +38,10 @@ def time_per_call(fn: Case, *, batches: int = 5, min_batch_s: float = 0.05) -> l
 
 
 def codec_cases() -> dict[str, Case]:
-    from corejax.results import Chunk, GenerationResult, Timings, TokenLogprob
-    from corejax.sandbox import messages as m
-    from corejax.sandbox import protocol as p
-    from corejax.sandbox.protocol import Kind
+    from corejax.types.results import Chunk, GenerationResult, Timings, TokenLogprob
+    from corejax.wire import messages as m
+    from corejax.wire import protocol as p
+    from corejax.wire.protocol import Kind
 
     timings = Timings(**{f.name: 1 for f in dataclasses.fields(Timings)})
     lp = tuple(TokenLogprob(i, "tok", -0.5, ((i, -0.5), (i + 1, -1.0)), ("tok", "tok2")) for i in range(32))
@@ -60,7 +60,7 @@ def codec_cases() -> dict[str, Case]:
 
 
 def allocator_cases() -> dict[str, Case]:
-    from corejax.paging import PageAllocator
+    from corejax.serving.paging import PageAllocator
 
     alloc = PageAllocator(num_pages=4096, page_size=16)
     prompt = list(range(1000, 1512))
@@ -89,8 +89,8 @@ def sampler_cases(vocab_size: int = 49152) -> dict[str, Case]:
     import jax
     import numpy as np
 
-    from corejax.options import SamplingParams
-    from corejax.sampling import SamplingTensors, request_keys, sample
+    from corejax.types.options import SamplingParams
+    from corejax.engine.sampling import SamplingTensors, request_keys, sample
 
     logits = jax.device_put(np.random.default_rng(0).standard_normal((1, vocab_size)).astype(np.float32))
     jitted = jax.jit(sample)

@@ -51,7 +51,8 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
 
 
 def run(ctx: Any) -> None:
-    from corejax import hub, keepalive
+    from corejax import hub
+    from corejax.client import keepalive
     from corejax.paths import python_command
 
     path = str(hub.resolve(ctx.model, progress=False).path)

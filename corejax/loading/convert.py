@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from corejax import quant, support
-from corejax.config import WEIGHT_MODES, ModelConfig  # noqa: F401 - WEIGHT_MODES re-exported
+from corejax.weights import quant
+from corejax.types import support
+from corejax.types.config import QUANTIZED_WEIGHTS, WEIGHT_MODES, ModelConfig  # noqa: F401 - WEIGHT_MODES re-exported
 from corejax.hostmem import aligned_empty, to_device
 from corejax.errors import ModelFormatError, ModelNotFoundError
 from corejax.loading.ggml_quants import BLOCK_SIZES, UNPACKERS, GGMLType
@@ -107,7 +108,7 @@ def _matrix(w: np.ndarray | Blocks, weights: str) -> Any:
         if quant.supported(w.shape, w.shape[1] // w.scales.shape[1]):
             return quant.from_blocks(w.codes, w.scales, w.mins, fmt=w.fmt)
         w = w.dense()  # a shape the quantized layout cannot hold: float32 like weights="f32"
-    if weights in ("int8", "int4"):
+    if weights in QUANTIZED_WEIGHTS:
         return quant.quantize(w, 8 if weights == "int8" else 4)
     out = aligned_empty(w.T.shape, w.dtype)
     out[...] = w.T
@@ -139,7 +140,7 @@ def matrix_bytes(shape: tuple[int, ...], fmt: str | None, weights: str) -> int:
             has_mins = UNPACKERS[GGMLType[fmt]](np.zeros((1, BLOCK_SIZES[GGMLType[fmt]][1]), np.uint8)).mins is not None
             return quant.layout_bytes(shape, 4 if fmt in _PACKED_4BIT else 8, block,
                                       2 if fmt in _F16_SCALES else 4, has_mins)
-    if weights in ("int8", "int4") and len(shape) == 2:  # quant.quantize: f16 scales per 32 (and mins for int4)
+    if weights in QUANTIZED_WEIGHTS and len(shape) == 2:  # quant.quantize: f16 scales per 32 (and mins for int4)
         return quant.layout_bytes(shape, 8 if weights == "int8" else 4, 32, 2, weights == "int4")
     return n * 4
 
@@ -151,8 +152,7 @@ def weight_bytes(cfg: ModelConfig, names: dict[str, str], tensors: dict[str, tup
 
     The transient: a tensor kept in its blocks unpacks to int8 codes, int16 while packing nibbles, and a tiled
     copy (about 4 bytes per value); any other is dequantized to float32 and then transposed or quantized (two
-    float32 copies, 8 bytes per value; measured: Gemma 3's 168M-value embedding, f32, peaked 870 MiB above its
-    steady state)."""
+    float32 copies, 8 bytes per value; Gemma 3's embedding's measured peak: docs/MEASUREMENTS.md)."""
     total, transient = 0, 0
     for key, name in names.items():
         if name not in tensors or (key == "lm_head" and cfg.tie_embeddings):
@@ -165,7 +165,7 @@ def weight_bytes(cfg: ModelConfig, names: dict[str, str], tensors: dict[str, tup
         transient = max(transient, n * (4 if blocks else 8))
         if len(shape) == 1:
             total += n * 4
-        elif key == "embed" and not cfg.tie_embeddings and weights not in ("int8", "int4") and (
+        elif key == "embed" and not cfg.tie_embeddings and weights not in QUANTIZED_WEIGHTS and (
                 fmt is None or weights != "native"):
             total += n * 4  # an untied embedding stays a float table
         else:
@@ -208,7 +208,7 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
         params["lm_head"] = _matrix(fetch("embed", (v, d)), weights)
     else:
         embed = fetch("embed", (v, d))
-        params["embed"] = (jnp.asarray(embed) if isinstance(embed, np.ndarray) and weights not in ("int8", "int4")
+        params["embed"] = (jnp.asarray(embed) if isinstance(embed, np.ndarray) and weights not in QUANTIZED_WEIGHTS
                            else _matrix(embed, weights))
         params["lm_head"] = _matrix(fetch("lm_head", (v, d)), weights)
     layers = []

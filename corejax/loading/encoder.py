@@ -13,8 +13,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from corejax import support
-from corejax.config import EncoderConfig
+from corejax.types import support
+from corejax.types.config import EncoderConfig
 from corejax.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from corejax.loading.convert import iter_safetensors, safetensors_files
 
@@ -79,9 +79,9 @@ def load_encoder_folder(folder: Path, raw: dict, weights: str = "f32") -> tuple[
     each token streams; the native kernel widens them to float32 as it reads, and every sum, norm and
     activation stays float32). "bf16": the same matrices as bfloat16, and the kernel rounds each matmul's
     input rows to bfloat16 too, so one vdpbf16ps does two float32 FMAs' work (sums, norms, activations,
-    attention stay float32). all-MiniLM-L6-v2 against sentence-transformers' float32, min cosine over the
-    parity texts: f16 0.9999998, bf16 0.99997; sandboxed sentence latency, f16 vs bf16 in one run: P50
-    3.76 vs 2.88 ms. Embeddings, biases, norms and the classification head stay float32."""
+    attention stay float32). Both keep all-MiniLM-L6-v2's embeddings within the parity bar of
+    sentence-transformers' float32, and bf16 is the faster (docs/MEASUREMENTS.md). Embeddings, biases, norms and
+    the classification head stay float32."""
     from safetensors import safe_open
 
     where = dict(iter_safetensors(safetensors_files(folder)))

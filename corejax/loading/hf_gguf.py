@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from corejax.config import ModelConfig
+from corejax.types.config import ModelConfig
 from corejax.errors import ModelFormatError, UnsupportedModelError
 from corejax.loading.convert import (
     LAYER_NAMES,

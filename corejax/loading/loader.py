@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from corejax.config import WEIGHT_MODES, ModelConfig
+from corejax.types.config import ENCODER_WEIGHTS, WEIGHT_MODES, ModelConfig
 from corejax.errors import InvalidParameterError, ModelFormatError
 from corejax.hub import ModelSource
+from corejax.kernels.policy import Kernels
 from corejax.loading.convert import load_gguf_params, load_hf_folder
 from corejax.loading.ggml_quants import UNPACKERS
 from corejax.loading.gguf import read_gguf
@@ -71,20 +72,18 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def default_weights(source: ModelSource, quant_kernel: bool, bf16_dot: bool = False,
-                    float_kernel: bool | None = None) -> str:
-    """The weights mode when none is asked for, from what the loaded kernels do fast on this CPU: a GGUF file
+def default_weights(source: ModelSource, kernels: Kernels) -> str:
+    """The weights mode when none is asked for, from what the kernel policy runs fast on this CPU: a GGUF file
     whose matrices are quantized stays quantized ("native") where the quantized matmul has a SIMD path
-    (quant_kernel: kernels/quant_matmul.cc on AVX-512 VNNI, AVX-VNNI, AVX2 or NEON, faster than float32 and
+    (kernels.fast_quant: kernels/quant_matmul.cc on AVX-512 VNNI, AVX-VNNI, AVX2 or NEON, faster than float32 and
     ~file-size memory; its scalar reference path is slower than XLA's float dot, so not there); everything
-    else loads as float32 (XLA:CPU's own float dot beats its dequantize-then-dot; corejax/quant.py). An
-    encoder's matrices load as bfloat16 where the kernel multiplies them natively (bf16_dot: AVX512_BF16),
-    else as float16 where the native float kernel is loaded (float_kernel, default quant_kernel;
-    loading/encoder.py has the figures for both)."""
-    float_kernel = quant_kernel if float_kernel is None else float_kernel
-    if float_kernel and source.format == "hf" and _is_encoder_folder(source.path):
-        return "bf16" if bf16_dot else "f16"
-    if not quant_kernel or source.format != "gguf":
+    else loads as float32 (XLA:CPU's own float dot beats its dequantize-then-dot; corejax/weights/quant.py). An
+    encoder's matrices load as bfloat16 where the kernel multiplies them natively (kernels.bf16_dot:
+    AVX512_BF16), else as float16 where the native float kernel runs (loading/encoder.py says why;
+    docs/MEASUREMENTS.md has the figures)."""
+    if kernels.native and source.format == "hf" and _is_encoder_folder(source.path):
+        return "bf16" if kernels.bf16_dot else "f16"
+    if not kernels.fast_quant or source.format != "gguf":
         return "f32"
     with read_gguf(source.path) as f:
         quantized = any(t.ggml_type in UNPACKERS and len(t.shape) == 2 for t in f.tensors.values())
@@ -122,7 +121,7 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
         from corejax.loading.encoder import load_encoder_folder, read_hf_config, read_sentence_config
         from corejax.tokenizer import tokenizer_from_files
 
-        if weights not in ("f32", "f16", "bf16"):
+        if weights not in ENCODER_WEIGHTS:
             raise InvalidParameterError(f"encoder models load as f32, f16 or bf16; got weights={weights!r}")
         raw = read_hf_config(source.path)
         cfg, params = load_encoder_folder(source.path, raw, weights)
@@ -183,7 +182,7 @@ def plan_weights(source: ModelSource, weights: str | None = None) -> WeightPlan:
     elif source.format == "hf":
         table, file_bytes = _safetensors_table(source.path)
         if _is_encoder_folder(source.path):
-            from corejax.config import EncoderConfig
+            from corejax.types.config import EncoderConfig
             from corejax.loading.encoder import read_hf_config
 
             cfg = EncoderConfig.from_hf(read_hf_config(source.path), with_head=False)
@@ -230,7 +229,7 @@ def _safetensors_table(folder: Path) -> tuple[dict[str, tuple[tuple[int, ...], N
 
 
 def _is_encoder_folder(folder: Path) -> bool:
-    from corejax.config import is_encoder_config
+    from corejax.types.config import is_encoder_config
     from corejax.loading.encoder import read_hf_config
 
     return is_encoder_config(read_hf_config(folder))
@@ -242,14 +241,14 @@ DECODER_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 ENCODER_MATRICES = ("wqkv", "wo", "w_in", "w_out")
 
 
-def block_params(params: dict, keys: tuple[str, ...] = DECODER_MATRICES) -> dict:
-    """The float32 matrices named `keys` in each layer (and a decoder's LM head) in the native float kernel's
+def block_params(params: dict, kernels: Kernels, keys: tuple[str, ...] = DECODER_MATRICES) -> dict:
+    """The float matrices named `keys` in each layer (and a decoder's LM head) in the native float kernel's
     column blocks (BlockedWeight), converted one at a time with each original freed at once, so loading never
-    holds two copies of the model."""
+    holds two copies of the model. bfloat16 ones only where the kernels multiply them (kernels.bf16_dot)."""
     from corejax.kernels.small_matmul import blockable, to_blocked
 
     def convert(w):
-        if not blockable(w):
+        if not blockable(w, kernels.bf16_dot):
             return w
         blocked = to_blocked(w)
         w.delete()

@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from corejax.config import ModelConfig
+from corejax.types.config import ModelConfig
 from corejax.models import gemma3, llama
 from corejax.models.layers import Params, embed, lm_head, run_layers
 

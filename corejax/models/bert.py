@@ -18,8 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from corejax.config import EncoderConfig
-from corejax.kernels import ffi
+from corejax.types.config import EncoderConfig
+from corejax.kernels.policy import current
 from corejax.kernels.flash_attention import flash_attention
 from corejax.kernels.encoder_attention import encoder_attention
 from corejax.kernels.small_matmul import BlockedWeight, fused_matmul_add_norm, fused_matmul_bias_act
@@ -45,7 +45,7 @@ def _act(x: jax.Array, kind: str) -> jax.Array:
 
 
 def _fused(w) -> bool:
-    return isinstance(w, BlockedWeight) and ffi.available()
+    return isinstance(w, BlockedWeight) and current().native
 
 
 def dense_act(x: jax.Array, w, b: jax.Array, act: str, valid: jax.Array | None = None) -> jax.Array:
@@ -70,10 +70,12 @@ def attention(qkv: jax.Array, lengths: jax.Array, positions: jax.Array, key_posi
     The native kernel reads q, k, v in place (kernels/encoder_attention.cc); otherwise the tiled flash kernel,
     non-causal, where padding keys carry position -1 and are never visible. Padding query rows are unread."""
     b, t, _ = qkv.shape
-    if ffi.available():
+    kernels = current()
+    if kernels.native:
         return encoder_attention(qkv, lengths, cfg.num_heads)
     qkv = qkv.reshape(b, t, 3, cfg.num_heads, cfg.head_dim)
-    a = flash_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], positions, key_positions, causal=False)
+    a = flash_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], positions, key_positions, causal=False,
+                        impl=kernels.attention_impl, interpret=kernels.interpret)
     return a.reshape(b, t, cfg.hidden_size)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from corejax.config import ModelConfig
+from corejax.types.config import ModelConfig
 from corejax.models.layers import LayerAt, Params, gated_mlp, rms_norm
 from corejax.models.llama import attention_block
 

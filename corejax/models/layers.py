@@ -9,19 +9,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from corejax import quant
-from corejax.config import ModelConfig, RopeScaling
-from corejax.kernels.small_matmul import BlockedWeight, blocked_matmul
+from corejax.weights import quant
+from corejax.types.config import ModelConfig, RopeScaling
+from corejax.kernels.policy import current
+from corejax.kernels.small_matmul import BlockedWeight, blocked_matmul, blocked_matmul_reference
 from corejax.models.stack import LayerWeight, StackedLayers
-from corejax.quant import QuantArray
+from corejax.weights.quant import QuantArray
 
 Params = dict[str, Any]
 
 
 def dense(x: jax.Array, w: jax.Array | QuantArray | BlockedWeight | LayerWeight,
           valid: jax.Array | None = None, layer: jax.Array | int | None = None) -> jax.Array:
-    """x [..., D_in] @ w [D_in, D_out] -> float32. Float weights are stored [in, out]: XLA's CPU GEMV is ~5x
-    faster that way than contracting the trailing axis of an [out, in] matrix (docs/ARCHITECTURE.md, measurements).
+    """x [..., D_in] @ w [D_in, D_out] -> float32. Float weights are stored [in, out]: XLA's CPU GEMV is several
+    times faster that way than contracting the trailing axis of an [out, in] matrix (docs/MEASUREMENTS.md).
     Quantized weights go through the one quantized matmul; column-blocked ones (when the native kernel is
     loaded) through the native float kernel (kernels/small_matmul.py). `valid` (bool, x.shape[:-1])
     marks padding rows the native float kernel may skip (their outputs are then zero).
@@ -33,13 +34,15 @@ def dense(x: jax.Array, w: jax.Array | QuantArray | BlockedWeight | LayerWeight,
     if isinstance(w, QuantArray):
         return quant.matmul(x, w, layer)
     if isinstance(w, BlockedWeight):
-        return blocked_matmul(x, w, valid, layer)
+        if current().native:
+            return blocked_matmul(x, w, valid, layer)
+        return blocked_matmul_reference(x, w, layer)
     if layer is not None:
         w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
-    if w.dtype != x.dtype and jnp.dtype(w.dtype).itemsize < 4 and jax.default_backend() == "gpu":
+    if w.dtype != x.dtype and jnp.dtype(w.dtype).itemsize < 4 and current().platform == "gpu":
         # bf16/f16 weights on a GPU: the inputs rounded to the weights' type (as HF's bf16 models run), products
         # summed in float32 by the tensor cores. Without the cast XLA converts every weight to float32 each
-        # step. On XLA's CPU backend bf16 dots are slower than float32 (docs/ARCHITECTURE.md): promote there.
+        # step. On XLA's CPU backend bf16 dots are slower than float32 (docs/MEASUREMENTS.md): promote there.
         x = x.astype(w.dtype)
     return jnp.einsum("...d,de->...e", x, w, preferred_element_type=jnp.float32)
 
@@ -152,7 +155,7 @@ def run_layers(
 ) -> tuple[jax.Array, Any]:
     """Applies block(layer_params, x, positions, cache, at: LayerAt, cfg) for each layer, then the final norm.
 
-    Stacked layers (models/stack.py; what the Engine runs) go through a `fori_loop`: one compiled layer, the
+    Stacked layers (models/stack.py; what a ModelRunner runs) go through a `fori_loop`: one compiled layer, the
     weights read in place by the kernels at the loop's index, window and RoPE frequencies as per-layer data, so
     a program's size and compile time do not grow with the layer count. A list of per-layer dicts is unrolled
     (the reference the loop is tested against)."""

@@ -8,8 +8,8 @@ the program's size and compile time no longer grow with the layer count.
 
 The matmul kernels (through models/layers.py `dense`) take the whole stack and the layer index and read that layer in place (kernels/
 quant_matmul.cc, kernels/small_matmul.cc): slicing a layer out in XLA copies it, every layer of every step
-(a lax.scan over stacked weights decoded 3x slower for that reason). Per-layer vectors (norm scales) are small
-and are sliced.
+(a lax.scan over stacked weights decoded several times slower for that reason; docs/MEASUREMENTS.md).
+Per-layer vectors (norm scales) are small and are sliced.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from jax import lax
 
 from corejax.hostmem import aligned_empty, to_device
 from corejax.kernels.small_matmul import BlockedWeight
-from corejax.quant import QuantArray
+from corejax.weights.quant import QuantArray
 
 Matrix = (QuantArray, BlockedWeight)
 

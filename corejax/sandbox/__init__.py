@@ -1,3 +1,3 @@
-"""The sandboxed executor: the worker process that alone opens model files and runs JAX, the policy it
-applies to itself first (policy.py), the wire protocol to it (protocol.py) and the parent's client (client.py).
-corejax.Session is the public face; corejax.sandbox.testing runs probes inside a worker for containment tests."""
+"""The OS policy a sandboxed worker applies to itself before it reads a byte of the model: no_new_privs, seccomp
+(seccomp.py), Landlock, a network namespace and rlimits (policy.py), and the report of which layers engaged
+(layer.py), which the parent checks against what it requires."""

@@ -182,7 +182,7 @@ def landlock(read: Iterable[str | os.PathLike], write: Iterable[str | os.PathLik
              devices: Iterable[str | os.PathLike] = (), list_only: Iterable[str | os.PathLike] = (),
              bind_ports: Iterable[int] | None = None) -> list[Layer]:
     """Read-only `read`, read-write `write`, read-write + ioctl `devices`, `list_only` folders listed but their
-    files unread; nothing else, and no TCP. bind_ports (a process of a cluster, corejax/distributed.py): TCP
+    files unread; nothing else, and no TCP. bind_ports (a process of a cluster, corejax/engine/distributed.py): TCP
     connect is left to seccomp (close_network), and bind is allowed on these ports only (0: an ephemeral one)."""
     abi = landlock_abi()
     if abi == 0:
@@ -291,11 +291,11 @@ def apply(*, model_paths: Iterable[str], private_dirs: Iterable[str], extra_read
           extra_tasks: int = 1024, cluster: Any = None) -> list[Layer]:
     """Restricts the calling process for good. Call while it has one thread (Landlock binds only the caller).
 
-    cluster (a corejax.distributed.Cluster): the process is one of several serving a model. It keeps the host's
+    cluster (a corejax.Cluster): the process is one of several serving a model. It keeps the host's
     network (no namespace: the coordinator and the other processes must be reachable), may bind only the
     coordinator's port (process 0 listens there) or an ephemeral port (the collectives' listener), and may
     make TCP sockets and connections until close_network(), which the worker calls once it has joined
-    (corejax/distributed.py: join) and before it opens the model."""
+    (corejax/engine/distributed.py: join) and before it opens the model."""
     layers = []
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:

@@ -111,7 +111,7 @@ _SCMP_ACT_LOG = 0x7FFC0000
 _SCMP_CMP_EQ = 4
 
 
-# One process of a cluster (corejax/distributed.py) joins the others over TCP after this filter is loaded: it
+# One process of a cluster (corejax/engine/distributed.py) joins the others over TCP after this filter is loaded: it
 # may make IPv4/IPv6 (and netlink) sockets, connect, bind, listen and accept until policy.close_network() stacks a filter
 # that refuses them all.
 # (seccomp itself too: the second filter is loaded with it; a filter can only ever narrow what is allowed).

@@ -42,7 +42,7 @@ def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 
     (the keep-alive server of corejax/daemon.py)."""
     import uvicorn
 
-    from corejax.session import Session
+    from corejax.client.session import Session
 
     limits = limits or ServerLimits()
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s",

@@ -24,11 +24,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from corejax import errors
-from corejax.results import Chunk, GenerationResult
+from corejax.types.results import Chunk, GenerationResult
 from corejax.server import schema
 from corejax.server.metrics import CONTENT_TYPE, Metrics
 from corejax.server.schema import ApiError, GenerationRequest
-from corejax.session import Session
+from corejax.client.session import Session
 from corejax.version import __version__
 
 log = logging.getLogger("corejax.server")

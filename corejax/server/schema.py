@@ -16,9 +16,9 @@ import uuid
 from typing import Any
 
 from corejax.errors import InvalidParameterError
-from corejax.options import MAX_LOGPROBS
-from corejax.results import GenerationResult, TokenLogprob
-from corejax.structured import Constraint
+from corejax.types.options import MAX_LOGPROBS
+from corejax.types.results import GenerationResult, TokenLogprob
+from corejax.types.constraints import Constraint
 
 MAX_CHOICES = 16  # n: each choice is one request of the continuous batch
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
@@ -168,7 +168,7 @@ def generation_request(body: dict, *, chat: bool, max_tokens_limit: int) -> Gene
         include_usage=bool(options.get("include_usage")), top_logprobs=top_logprobs)
 
 
-# Structured output (corejax/structured.py): OpenAI's response_format, the request fields vLLM (guided_*) and
+# Structured output (corejax/serving/structured.py): OpenAI's response_format, the request fields vLLM (guided_*) and
 # llama.cpp's server (json_schema, grammar) take for the same thing, and corejax's own names (regex, choice).
 _CONSTRAINT_FIELDS = {"response_format": "response_format", "guided_json": "response_format",
                       "json_schema": "response_format", "guided_regex": "regex", "guided_choice": "choice",

@@ -1,0 +1,132 @@
+"""The model runners: the only callers of the compiled programs (corejax/engine/programs.py).
+
+A ModelRunner holds one decoder's params, its KV page pool and the host allocator that assigns the pages, and
+runs the programs over them: the scheduler, the draft-model proposer and zero-shot scoring hand it host batches
+(serving/batch.py StepBatch, engine/sampling.py SamplingBatch) and get the step's outputs; nobody else touches
+the pool. Pages of finished requests stay cached, so a prompt that starts like an earlier one reuses that KV
+(prefix caching). An EncoderRunner does the same for an encoder, which has no cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from corejax.engine import distributed, sharding
+from corejax.engine.cache import PagedKVCache
+from corejax.kernels.policy import Kernels
+from corejax.engine.programs import Programs
+from corejax.engine.sampling import SampleOutput, SamplingBatch
+from corejax.errors import ContextLengthError, InvalidParameterError
+from corejax.models.stack import stack_layers
+from corejax.serving.batch import StepBatch
+from corejax.serving.paging import PageAllocator
+from corejax.types.config import EncoderConfig, EngineConfig, ModelConfig
+
+
+class ModelRunner:
+    """One decoder: params, KV page pool, page allocator, and its own compiled programs (freed with it)."""
+
+    def __init__(self, cfg: ModelConfig, params: Any, engine_cfg: EngineConfig | None = None,
+                 kernels: Kernels | None = None):
+        self.cfg = cfg
+        self.kernels = kernels if kernels is not None else Kernels.detect()
+        # Layers stacked (models/stack.py) so each program holds one compiled layer run in a loop; a caller's
+        # list of per-layer dicts is copied, not consumed (Runtime stacks its own params in place first).
+        self.params = stack_layers(params)
+        self.engine_cfg = engine_cfg or EngineConfig()
+        ec = self.engine_cfg
+        kv_place = None
+        self.mesh = None
+        if ec.devices > 1:  # tensor-parallel: the same programs, partitioned by XLA (corejax/engine/sharding.py)
+            self.mesh = sharding.make_mesh(ec.devices)
+            self.params = sharding.shard_decoder(self.params, cfg, self.mesh)
+            kv_place = NamedSharding(self.mesh, sharding.kv_spec(cfg, ec.devices))
+        num_pages = ec.num_pages(cfg)
+        self.allocator = PageAllocator(num_pages, ec.page_size)
+        self.cache = PagedKVCache.create(cfg, num_pages, ec.page_size, ec.kv_dtype, kv_place, self.kernels)
+        self.programs: Any = Programs()
+        cluster = distributed.joined()
+        if cluster is not None:  # one process of several (corejax/engine/distributed.py)
+            if ec.devices != jax.device_count():
+                raise InvalidParameterError(
+                    f"a model served by {cluster.num_processes} processes spans all {jax.device_count()} devices "
+                    f"of the cluster; got devices={ec.devices}")
+            if cluster.leader:  # every program call is published to the followers, then run
+                self.programs = distributed.Leader(self.programs, self.params, self.cache, cfg)
+
+    # --- the programs --------------------------------------------------------------------------------------
+
+    def prefill(self, batch: StepBatch, sampling: SamplingBatch | None = None,
+                mask: np.ndarray | None = None) -> SampleOutput | None:
+        """One prompt chunk per row written to the cache; with `sampling` (rows whose prompt it finishes), the
+        first new token sampled from each row's last position, under the token bitmask `mask` [B, W]."""
+        extra = {} if sampling is None else dict(sampling=sampling.tensors, keys=sampling.keys,
+                                                 penalties=sampling.penalties, mask=mask)
+        out, self.cache = self.programs.prefill(self.params, batch.tokens, batch.positions, batch.last,
+                                                batch.cache(self.cache), cfg=self.cfg, kernels=self.kernels,
+                                                **extra)
+        return out
+
+    def decode(self, batch: StepBatch, sampling: SamplingBatch, steps: np.ndarray,
+               mask: np.ndarray | None = None) -> SampleOutput:
+        """One decode step ([B, T]: each row's last token, then its drafts); the sampling batch's penalty state
+        is updated on the device."""
+        out, self.cache, sampling.penalties = self.programs.decode_step(
+            self.params, batch.tokens, batch.positions, batch.cache(self.cache), sampling.tensors,
+            sampling.penalties, sampling.keys, steps, cfg=self.cfg, kernels=self.kernels, mask=mask)
+        return out
+
+    def copy_pages(self, copies: Any) -> None:
+        """Copy-on-write (serving/paging.py PageCopy): each shared page about to change gets a private copy."""
+        for c in copies:
+            self.cache = self.programs.copy_page(self.cache, np.int32(c.src), np.int32(c.dst))
+
+    def token_logprobs(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens [B, T] -> [B, T - 1] log p(tokens[:, t + 1] | tokens[:, :t + 1]) from a fresh forward."""
+        return np.asarray(self.programs.token_logprobs(self.params, tokens, cfg=self.cfg, kernels=self.kernels))
+
+    def full_logits(self, tokens: np.ndarray) -> jax.Array:
+        """tokens [B, T] -> logits [B, T, V] from a fresh forward (tests, scoring)."""
+        return self.programs.full_logits(self.params, tokens, cfg=self.cfg, kernels=self.kernels)
+
+    # --- the pool ------------------------------------------------------------------------------------------
+
+    def follow(self) -> int:
+        """A follower of a cluster: runs the leader's program calls on this process's shards until it leaves."""
+        cache, self.cache = self.cache, None
+        return distributed.follow(self.programs, self.params, cache, self.cfg)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        leaves = jax.tree_util.tree_leaves((self.cache.k_pages, self.cache.v_pages, self.cache.k_scales,
+                                            self.cache.v_scales))
+        return sum(int(x.size) * x.dtype.itemsize for x in leaves)
+
+    def check_fits(self, prompt_len: int) -> None:
+        if prompt_len == 0:
+            raise ContextLengthError("the prompt is empty after tokenization; give at least one token")
+        if prompt_len >= self.cfg.max_context:
+            raise ContextLengthError(
+                f"the prompt is {prompt_len} tokens but the model's context is {self.cfg.max_context}; "
+                "shorten the prompt (leave room for the answer)"
+            )
+
+
+class EncoderRunner:
+    """One encoder's params and its own compiled programs: embeddings and classifier scores per batch."""
+
+    def __init__(self, cfg: EncoderConfig, params: Any, kernels: Kernels | None = None):
+        self.cfg, self.params = cfg, params
+        self.kernels = kernels if kernels is not None else Kernels.detect()
+        self.programs = Programs()
+
+    def encode(self, tokens: np.ndarray, lengths: np.ndarray, output: str, normalize: bool, head: Any = None,
+               scores: str | None = None) -> jax.Array:
+        """tokens [B, T], lengths [B] -> [B, D] pooled vectors or [B, L] logits/scores (engine/programs.py
+        _encode), dispatched without waiting for the result."""
+        return self.programs.encode(self.params, tokens, lengths, cfg=self.cfg, kernels=self.kernels, output=output,
+                                    normalize=normalize, head=head, scores=scores)

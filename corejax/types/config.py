@@ -1,0 +1,389 @@
+"""Frozen configs with no JAX in them: ModelConfig and EncoderConfig (jit statics, read from GGUF or HF
+metadata) and EngineConfig (the KV pool and prefill chunking). Per-request options (SamplingParams,
+SpeculativeConfig) live in corejax/types/options.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from corejax.types import support
+from corejax.errors import (
+    InvalidParameterError,
+    ModelFormatError,
+    UnsupportedModelError,
+)
+
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+# How weights are held: f32 (dequantized at load), native (GGUF blocks kept quantized), int8/int4 (quantized).
+# The one home of the weight modes and KV cache types every layer names (Session, CLI, loaders, cache, budget).
+DECODER_WEIGHTS = ("f32", "native", "int8", "int4")  # native: a quantized GGUF's blocks kept as they are
+ENCODER_WEIGHTS = ("f32", "f16", "bf16")  # f16, bf16: encoders only (loading/encoder.py)
+WEIGHT_MODES = ("f32", "f16", "bf16", "native", "int8", "int4")
+QUANTIZED_WEIGHTS = ("int8", "int4")  # float checkpoints quantized at load
+KV_DTYPES = ("float32", "bf16", "int8", "int4")
+QUANTIZED_KV = ("int8", "int4")  # pages of integers with a float32 scale per (token, KV head)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. kind: "linear" (positions / factor) or "llama3" (Llama 3.1's smooth band)."""
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the pure model functions need besides the weights. Changing any field recompiles."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_size: int
+    norm_eps: float
+    rope_theta: float
+    max_context: int
+    tie_embeddings: bool = True
+    rope_scaling: RopeScaling | None = None
+    # One entry per layer: 0 for global attention, else the sliding window length (keys within it, self included).
+    layer_windows: tuple[int, ...] = ()
+    # RoPE base for sliding-window layers (Gemma 3 uses 1e4 there and rope_theta on global layers).
+    rope_local_theta: float | None = None
+    query_scale: float = 0.0  # 0 means 1/sqrt(head_dim)
+    embed_scale: float = 1.0
+    activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    qk_norm: bool = False
+    sandwich_norms: bool = False  # Gemma's extra norms after attention and after the MLP
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {self.arch!r} is not supported; corejax runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "ffn_size", "max_context"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelFormatError(f"model config field {name} must be a positive integer; got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelFormatError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ModelFormatError(f"head_dim must be even for RoPE; got {self.head_dim}")
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
+        if len(self.layer_windows) != self.num_layers:
+            raise ModelFormatError(
+                f"{len(self.layer_windows)} layer windows given for {self.num_layers} layers"
+            )
+        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
+            raise ModelFormatError(f"norm epsilon must be positive and finite; got {self.norm_eps}")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ModelFormatError(f"RoPE base must be positive and finite; got {self.rope_theta}")
+
+    @property
+    def attention_scale(self) -> float:
+        return self.query_scale or self.head_dim**-0.5
+
+    @property
+    def queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_gguf(cls, meta: Mapping[str, Any], *, tie_embeddings: bool) -> ModelConfig:
+        """Reads llama.cpp's `{arch}.*` keys; gemma3 constants llama.cpp hard-codes are applied here. A key that
+        needs a feature corejax lacks (support.GGUF_FAMILIES) refuses the model."""
+        arch = meta.get("general.architecture")
+        if not isinstance(arch, str):
+            raise ModelFormatError("the GGUF file has no general.architecture string")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"GGUF architecture {arch!r} is not supported; corejax runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+
+        def get(key: str, default: Any = None, kind: type = int) -> Any:
+            value = meta.get(f"{arch}.{key}", default)
+            if value is None:
+                raise ModelFormatError(f"the GGUF file lacks the metadata key {arch}.{key}")
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ModelFormatError(f"GGUF key {arch}.{key} must be an integer; got {value!r}")
+            if kind is float and not isinstance(value, (int, float)):
+                raise ModelFormatError(f"GGUF key {arch}.{key} must be a number; got {value!r}")
+            return kind(value)
+
+        hidden = get("embedding_length")
+        heads = get("attention.head_count")
+        head_dim = get("attention.key_length", hidden // heads if heads else 0)
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = get("vocab_size", len(tokens) if tokens is not None else None)
+        scaling = None
+        if meta.get(f"{arch}.rope.scaling.type") == "linear":  # the other types are refused below
+            scaling = RopeScaling("linear", get("rope.scaling.factor", kind=float))
+        common = dict(
+            arch=arch,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_layers=get("block_count"),
+            num_heads=heads,
+            num_kv_heads=get("attention.head_count_kv", heads),
+            head_dim=head_dim,
+            ffn_size=get("feed_forward_length"),
+            norm_eps=get("attention.layer_norm_rms_epsilon", kind=float),
+            rope_theta=get("rope.freq_base", 10000.0, kind=float),
+            max_context=get("context_length"),
+            tie_embeddings=tie_embeddings,
+            rope_scaling=scaling,
+        )
+        if arch == "gemma3":
+            window = get("attention.sliding_window")
+            layers = common["num_layers"]
+            # llama.cpp scales queries by 1/sqrt(hidden / heads) for the 62-layer (27B) model, whose
+            # query_pre_attn_scalar is 168, not its head_dim of 128; by 1/sqrt(head_dim) at every other size.
+            query_dim = hidden // heads if layers == 62 else head_dim
+            # llama.cpp and HF both fix Gemma 3's pattern: five sliding-window layers, then one global layer.
+            common.update(
+                layer_windows=tuple(0 if (i + 1) % 6 == 0 else window for i in range(layers)),
+                rope_local_theta=get("rope.freq_base_swa", 10000.0, kind=float),
+                query_scale=query_dim**-0.5,
+                embed_scale=float(hidden) ** 0.5,
+                activation="gelu_tanh",
+                qk_norm=True,
+                sandwich_norms=True,
+            )
+        support.check_config(support.GGUF_FAMILIES[arch], support.gguf_view(meta, arch), "the GGUF metadata")
+        return cls(**common)
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any]) -> ModelConfig:
+        """Reads a transformers config.json; only the keys its family honours are read (support.HF_FAMILIES), and
+        a key that needs a feature corejax lacks refuses the model."""
+        model_type = config.get("model_type")
+        family = support.HF_FAMILIES.get(model_type) if isinstance(model_type, str) else None
+        if family is None:
+            raise UnsupportedModelError(
+                f"HF model_type {model_type!r} is not supported; corejax runs "
+                f"{', '.join(t for t, f in support.HF_FAMILIES.items() if f.always is None)} checkpoints")
+        arch = family.arch
+        if model_type == "gemma3":
+            config = config.get("text_config", config)
+        try:
+            hidden = int(config["hidden_size"])
+            heads = int(config["num_attention_heads"])
+            layers = int(config["num_hidden_layers"])
+            common = dict(
+                arch=arch,
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=hidden,
+                num_layers=layers,
+                num_heads=heads,
+                num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                ffn_size=int(config["intermediate_size"]),
+                norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(_rope_param(config, "rope_theta", 10000.0)),
+                max_context=int(config.get("max_position_embeddings", 4096)),
+                tie_embeddings=bool(config.get("tie_word_embeddings", arch == "gemma3")),
+                rope_scaling=_hf_rope_scaling(config),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, UnsupportedModelError):
+                raise
+            raise ModelFormatError(f"config.json is missing or has a bad value for {e}") from None
+        support.check_config(family, config, "config.json")
+        if arch == "gemma3":
+            if _hf_rope_scaling(config, "sliding_attention") is not None:
+                raise support.refusal("config.json", ["RoPE scaling on Gemma 3's sliding-window layers"])
+            window = int(config.get("sliding_window") or 4096)
+            types = config.get("layer_types")
+            if types is None:
+                pattern = int(config.get("sliding_window_pattern", 6))
+                types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+            common.update(
+                layer_windows=tuple(window if t == "sliding_attention" else 0 for t in types),
+                rope_local_theta=float(_rope_param(config, "rope_local_base_freq", 10000.0, "sliding_attention")),
+                query_scale=float(config.get("query_pre_attn_scalar", common["head_dim"])) ** -0.5,
+                embed_scale=float(hidden) ** 0.5,
+                activation="gelu_tanh",
+                qk_norm=True,
+                sandwich_norms=True,
+                attn_softcap=float(config.get("attn_logit_softcapping") or 0.0),
+                final_softcap=float(config.get("final_logit_softcapping") or 0.0),
+            )
+        return cls(**common)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine lays out the KV cache and splits prompts (per Session).
+
+    kv_dtype: "float32" | "bf16" | "int8" | "int4" pages (int8/int4 dequantized inside the attention kernel).
+    kv_cache_tokens: the page pool's capacity in tokens, shared by all sequences and the prefix cache;
+    None = the model's full context, capped at `kv_cache_max_bytes`.
+    prefill_chunk: prompts run through the model in chunks of at most this many tokens, so attention's
+    working set stays bounded however long the prompt.
+    prefix_cache: reuse the KV pages of earlier prompts that start the same way (off: every prompt is
+    computed in full — for measuring prefill).
+    devices: split the model over this many devices, tensor-parallel (corejax/engine/sharding.py); 1 = one device."""
+
+    page_size: int = 16
+    kv_dtype: str = "float32"
+    kv_cache_tokens: int | None = None
+    kv_cache_max_bytes: int = 1 << 30
+    prefill_chunk: int = 512
+    prefix_cache: bool = True
+    devices: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefix_cache, bool):
+            raise InvalidParameterError(f"prefix_cache must be True or False; got {self.prefix_cache!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise InvalidParameterError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {self.kv_dtype!r}")
+        for name in ("page_size", "prefill_chunk", "kv_cache_max_bytes", "devices"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InvalidParameterError(f"{name} must be a positive integer; got {value!r}")
+        if self.kv_cache_tokens is not None and (not isinstance(self.kv_cache_tokens, int)
+                                                 or self.kv_cache_tokens < self.page_size):
+            raise InvalidParameterError(
+                f"kv_cache_tokens must be an integer >= page_size ({self.page_size}); got {self.kv_cache_tokens!r}")
+
+    def kv_bytes_per_token(self, cfg: ModelConfig) -> float:
+        per_value = {"float32": 4, "bf16": 2, "int8": 1, "int4": 0.5}[self.kv_dtype]
+        scales = 4 if self.kv_dtype in QUANTIZED_KV else 0  # one f32 per (token, kv head)
+        return 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim * per_value + scales)
+
+    def num_pages(self, cfg: ModelConfig) -> int:
+        """Pages in the pool (page 0, the padding target, included)."""
+        tokens = self.kv_cache_tokens
+        if tokens is None:
+            tokens = min(cfg.max_context, int(self.kv_cache_max_bytes // self.kv_bytes_per_token(cfg)))
+        return max(2, -(-tokens // self.page_size) + 1)
+
+
+def _rope_param(config: Mapping[str, Any], key: str, default: float, layer_type: str = "full_attention") -> Any:
+    """transformers 5 nests RoPE settings in rope_parameters (per layer type for Gemma 3); 4.x kept them flat."""
+    params = config.get("rope_parameters")
+    if isinstance(params, Mapping):
+        params = params.get(layer_type, params)
+        if isinstance(params, Mapping) and "rope_theta" in params:
+            return params["rope_theta"]
+    return config.get(key, default)
+
+
+def _hf_rope_scaling(config: Mapping[str, Any], layer_type: str = "full_attention") -> RopeScaling | None:
+    """The RoPE scaling of `layer_type` layers: transformers 4.x's flat rope_scaling (global layers only where
+    the family has sliding ones), or 5.x's rope_parameters (per layer type for Gemma 3)."""
+    params = config.get("rope_parameters")
+    if isinstance(params, Mapping):
+        scaling = params.get(layer_type, params if "full_attention" not in params else None)
+    else:
+        scaling = config.get("rope_scaling") if layer_type == "full_attention" else None
+    if not isinstance(scaling, Mapping):
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in support.HF_ROPE_TYPES:
+        raise support.refusal("config.json", [f"{kind!r} RoPE scaling ({', '.join(support.HF_ROPE_TYPES[1:])} "
+                                              "are implemented)"])
+    factor = scaling.get("partial_rotary_factor")
+    if factor is not None and float(factor) != 1.0:
+        raise support.refusal("config.json", [f"partial rotary embeddings (partial_rotary_factor = {factor!r})"])
+    if kind == "default":
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", float(scaling["factor"]))
+    return RopeScaling(  # llama3, the last of support.HF_ROPE_TYPES
+        "llama3",
+        float(scaling["factor"]),
+        float(scaling.get("low_freq_factor", 1.0)),
+        float(scaling.get("high_freq_factor", 4.0)),
+        int(scaling.get("original_max_position_embeddings", 8192)),
+    )
+
+
+# Temperatures below this are greedy; vLLM uses the same epsilon.
+ENCODER_MODEL_TYPES = tuple(support.ENCODER_FAMILIES)
+_ENCODER_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def is_encoder_config(config: Mapping[str, Any]) -> bool:
+    """Whether a transformers config.json describes an encoder corejax runs (BERT family)."""
+    return config.get("model_type") in ENCODER_MODEL_TYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """A BERT-family encoder (models/bert.py): post-norm layers, learned absolute positions, optional
+    sequence-classification head. A jit static like ModelConfig: changing any field recompiles."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    ffn_size: int
+    max_context: int  # learned position rows
+    type_vocab_size: int = 2
+    norm_eps: float = 1e-12
+    activation: str = "gelu"  # "gelu" (erf, BERT's), "gelu_tanh" or "relu"
+    labels: tuple[str, ...] = ()  # id2label of a *ForSequenceClassification head; () for a bare encoder
+    multi_label: bool = False  # problem_type == "multi_label_classification": sigmoid per label, not softmax
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any], *, with_head: bool) -> EncoderConfig:
+        """Reads a transformers BERT config.json; `with_head` when the checkpoint carries classifier weights."""
+        if not is_encoder_config(config):
+            raise UnsupportedModelError(f"HF model_type {config.get('model_type')!r} is not an encoder corejax runs "
+                                        f"({', '.join(ENCODER_MODEL_TYPES)})")
+        act = config.get("hidden_act", "gelu")
+        if act not in _ENCODER_ACTIVATIONS:
+            raise UnsupportedModelError(f"hidden_act {act!r} is not supported; corejax's encoder runs "
+                                        f"{', '.join(_ENCODER_ACTIVATIONS)}")
+        support.check_config(support.ENCODER_FAMILIES[config["model_type"]], config, "config.json")
+        labels: tuple[str, ...] = ()
+        try:
+            if with_head:
+                id2label = config.get("id2label") or {}
+                n = int(config.get("num_labels") or len(id2label) or 2)
+                labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n))
+            hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            if hidden % heads:
+                raise ModelFormatError(f"config.json: hidden_size {hidden} is not a multiple of {heads} heads")
+            return cls(
+                arch="bert",
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=hidden,
+                num_layers=int(config["num_hidden_layers"]),
+                num_heads=heads,
+                ffn_size=int(config["intermediate_size"]),
+                max_context=int(config.get("max_position_embeddings", 512)),
+                type_vocab_size=int(config.get("type_vocab_size", 2)),
+                norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                activation=_ENCODER_ACTIVATIONS[act],
+                labels=labels,
+                multi_label=config.get("problem_type") == "multi_label_classification",
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ModelFormatError):
+                raise
+            raise ModelFormatError(f"config.json is missing or has a bad value for {e}") from None

@@ -1,0 +1,1 @@
+"""Weight containers the matmuls understand: quantized arrays and their one matmul."""

@@ -1,0 +1,1 @@
+"""The parent <-> worker protocol: frames (protocol.py) and the typed messages they carry (messages.py)."""
