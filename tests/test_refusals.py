@@ -61,14 +61,6 @@ def _edit_config(folder, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def test_qwen2_folder_is_refused_for_its_attention_biases(tmp_path):
-    _, folder = _build(transformers.Qwen2Config, tmp_path)
-    raw = json.loads((folder / "config.json").read_text())
-    assert raw["model_type"] == "qwen2" and "attention_bias" not in raw  # as real Qwen2.5 folders
-    with pytest.raises(UnsupportedModelError, match=r"q/k/v projection biases.*corejax does not implement"):
-        load_hf_folder(folder, progress=False)
-
-
 def test_qwen2_weights_under_a_llama_config_are_refused_by_their_tensors(tmp_path):
     """The tensor check alone catches the biases: the same weights labelled llama."""
     _, folder = _build(transformers.Qwen2Config, tmp_path)
@@ -80,10 +72,10 @@ def test_qwen2_weights_under_a_llama_config_are_refused_by_their_tensors(tmp_pat
     assert "(biases)" in message and ", ..." in message and len(message) < 700
 
 
-def test_mistral_sliding_window_is_refused(tmp_path):
+def test_mistral_sliding_window_is_honoured(tmp_path):
     _, folder = _build(transformers.MistralConfig, tmp_path, sliding_window=8)
-    with pytest.raises(UnsupportedModelError, match=r"sliding-window attention \(sliding_window = 8\)"):
-        load_hf_folder(folder, progress=False)
+    cfg, _, _ = load_hf_folder(folder, progress=False)
+    assert cfg.layer_windows == (8, 8)  # tests/test_families.py checks the logits against transformers'
 
 
 def test_mistral_without_a_window_loads_and_matches_transformers(tmp_path):
@@ -93,9 +85,7 @@ def test_mistral_without_a_window_loads_and_matches_transformers(tmp_path):
     ours, ref = np.asarray(full_logits(params, ids, cfg=cfg)), _logits(model, ids)
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=0)
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
-    # A window as long as the context never drops a key: accepted too.
-    raw = json.loads((folder / "config.json").read_text())
-    assert ModelConfig.from_hf({**raw, "sliding_window": 64}).layer_windows == (0, 0)
+    assert cfg.layer_windows == (0, 0)
 
 
 @pytest.fixture
@@ -175,14 +165,13 @@ GEMMA3 = {**LLAMA, "model_type": "gemma3_text", "head_dim": 16, "num_hidden_laye
     (LLAMA, "final_logit_softcapping", 30.0, "final logit soft-capping"),
     (LLAMA, "rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25},
      "partial rotary embeddings"),
-    ({**LLAMA, "model_type": "mistral"}, "sliding_window", 16, "sliding-window attention"),
     ({**LLAMA, "model_type": "qwen2"}, "use_sliding_window", True, "sliding-window attention"),
     (GEMMA3, "use_bidirectional_attention", True, "bidirectional attention"),
     (GEMMA3, "hidden_activation", "gelu", "the activation 'gelu'"),
     (GEMMA3, "layer_types", ["chunked_attention"] * 6, "attention layer types"),
     (GEMMA3, "rope_parameters", {"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
                                  "full_attention": {"rope_type": "default", "rope_theta": 1e6}},
-     "RoPE scaling on Gemma 3's sliding-window layers"),
+     "RoPE scaling on Gemma's sliding-window layers"),
 ])
 def test_hf_config_key_needing_a_feature_is_refused(base, key, value, words):
     with pytest.raises(UnsupportedModelError, match=r"corejax does not implement") as e:
@@ -198,7 +187,7 @@ def test_hf_config_key_needing_a_feature_is_refused(base, key, value, words):
 ])
 def test_hf_config_key_at_an_implemented_value_is_accepted(base, key, value):
     """transformers' Llama ignores sliding_window (only Mistral's honours it), so a llama-type one passes."""
-    assert ModelConfig.from_hf({**base, key: value}).arch in ("llama", "gemma3")
+    assert ModelConfig.from_hf({**base, key: value}).arch == support.HF_FAMILIES[base["model_type"]].arch
 
 
 class Recording(Mapping):
@@ -294,11 +283,21 @@ def test_gguf_with_an_attention_bias_tensor_is_refused(tmp_path):
         load_model(ModelSource("bias", "gguf", path), progress=False)
 
 
-def test_gguf_with_rope_freqs_is_refused(tmp_path):
-    """llama.cpp stores Llama 3.1's RoPE scaling as this tensor; corejax's GGUF path does not apply it."""
-    path = write_tiny_llama(tmp_path / "freqs.gguf", extra_tensors={"rope_freqs.weight": (4,)})
-    with pytest.raises(UnsupportedModelError, match=r"'rope_freqs.weight' \(RoPE frequency factors"):
-        load_model(ModelSource("freqs", "gguf", path), progress=False)
+def test_gguf_rope_freqs_divide_the_frequencies(tmp_path):
+    """llama.cpp stores Llama 3.1's RoPE scaling as this tensor (tests/test_families.py checks a converted Llama
+    3 against transformers); factors of 1 change nothing, other factors change the logits."""
+    ids = np.arange(3, 20, dtype=np.int32)[None]
+    plain = load_model(ModelSource("p", "gguf", write_tiny_llama(tmp_path / "p.gguf", quantize=None)),
+                       weights="f32", progress=False)
+    logits = {}
+    for name, value in (("ones", 1.0), ("fours", 4.0)):
+        path = write_tiny_llama(tmp_path / f"{name}.gguf", quantize=None,
+                                extra_tensors={"rope_freqs.weight": ((4,), value)})
+        m = load_model(ModelSource(name, "gguf", path), weights="f32", progress=False)
+        assert m.cfg.rope_factors == (value,) * 4
+        logits[name] = np.asarray(full_logits(m.params, ids, cfg=m.cfg))
+    np.testing.assert_allclose(logits["ones"], np.asarray(full_logits(plain.params, ids, cfg=plain.cfg)), atol=1e-5)
+    assert np.abs(logits["fours"] - logits["ones"]).max() > 1e-3
 
 
 def test_gguf_with_unimplemented_rope_scaling_type_is_refused(tmp_path):

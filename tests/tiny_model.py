@@ -40,10 +40,10 @@ def write_tiny_llama(path: Path, *, arch: str = "llama", context: int = 64, laye
                      heads: int = 4, kv_heads: int = 2, ffn: int = 64, quantize: str | None = "Q8_0",
                      seed: int = 0, chat_template: str | None = CHATML, unsupported_type: bool = False,
                      tie_embeddings: bool = True, name: str | None = None,
-                     extra_tensors: dict[str, tuple[int, ...]] | None = None,
+                     extra_tensors: dict[str, tuple] | None = None,
                      extra_metadata: dict[str, str | int | float] | None = None) -> Path:
     """A llama-architecture GGUF whose FFN matrices are stored quantized (Q8_0 by default). extra_tensors
-    (name -> shape, random float32) and extra_metadata (full key -> str, bool, int (uint32) or float (float32))
+    (name -> shape, random float32; or -> (shape, value), a constant) and extra_metadata (full key -> str, bool, int (uint32) or float (float32))
     plant what a loader must refuse."""
     rng = np.random.default_rng(seed)
     tokens, types = vocab()
@@ -107,8 +107,11 @@ def write_tiny_llama(path: Path, *, arch: str = "llama", context: int = 64, laye
         add(f"blk.{i}.ffn_gate.weight", (ffn, hidden))
         add(f"blk.{i}.ffn_up.weight", (ffn, hidden))
         add(f"blk.{i}.ffn_down.weight", (hidden, ffn))
-    for name, shape in (extra_tensors or {}).items():
-        add(name, shape)
+    for name, spec in (extra_tensors or {}).items():
+        if isinstance(spec[0], tuple):  # (shape, value): a constant tensor
+            w.add_tensor(name, np.full(spec[0], spec[1], np.float32))
+        else:
+            add(name, spec)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

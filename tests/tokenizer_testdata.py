@@ -60,3 +60,20 @@ def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     from corejax.loading.gguf import read_gguf
 
     return dict(read_gguf(path).metadata)
+
+
+def chat_templates_dir() -> Path:
+    """vendor/llama.cpp/models/templates/*.jinja from the same sdist: real chat templates of model families,
+    as their tokenizer_config.json files carry them."""
+    llama_vocab_dir()  # downloads the sdist once
+    out = cache_dir() / f"llama-templates-{LLAMA_CPP_PYTHON}"
+    if any(out.glob("*.jinja")):
+        return out
+    out.mkdir(exist_ok=True)
+    with tarfile.open(sorted(cache_dir().glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))[-1]) as tar:
+        for member in tar.getmembers():
+            name = member.name.split("/")
+            if len(name) >= 2 and name[-2] == "templates" and name[-1].endswith(".jinja") and member.isfile():
+                member.name = name[-1]
+                tar.extract(member, out, filter="data")
+    return out

@@ -47,12 +47,12 @@ def _specs(cfg: ModelConfig, n: int) -> dict[str, P]:
     """PartitionSpec of each stacked layer key [L, in, out] (keys absent here stay replicated)."""
     heads = cfg.num_heads % n == 0
     kv = cfg.num_kv_heads % n == 0 and heads
-    cols, rows = P(None, None, AXIS), P(None, AXIS, None)
+    cols, rows, vector = P(None, None, AXIS), P(None, AXIS, None), P(None, AXIS)
     specs = {"w_gate": cols, "w_up": cols, "w_down": rows}
-    if heads:
-        specs.update(wq=cols, wo=rows)
+    if heads:  # a projection's bias (Qwen2) and whole-projection norm (OLMo 2) split with its columns
+        specs.update(wq=cols, wo=rows, bq=vector)
     if kv:
-        specs.update(wk=cols, wv=cols)
+        specs.update(wk=cols, wv=cols, bk=vector, bv=vector)
     return specs
 
 

@@ -3,7 +3,8 @@
 Params layout (what models/ sees; matrices are [in, out] so decode GEMVs contract the leading axis):
   lm_head [D, V]; embed [V, D] (untied models only); final_norm [D];
   layers[i]: attn_norm, ffn_norm [D]; wq [D, N*H]; wk, wv [D, K*H]; wo [N*H, D];
-             w_gate, w_up [D, F]; w_down [F, D]; Gemma also q_norm, k_norm [H], post_attn_norm, post_ffn_norm [D].
+             w_gate, w_up [D, F]; w_down [F, D]; as the family has them (expected_shapes): bq [N*H], bk, bv [K*H];
+             q_norm, k_norm [H] (per head) or [N*H], [K*H] (whole projection); post_attn_norm, post_ffn_norm [D].
 Norm weights are stored as the multiplier: Gemma's (1 + w) is applied here, never in the model.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from corejax.weights import quant
-from corejax.types import support
+from corejax.types import families, support
 from corejax.types.config import QUANTIZED_WEIGHTS, WEIGHT_MODES, ModelConfig  # noqa: F401 - WEIGHT_MODES re-exported
 from corejax.hostmem import aligned_empty, to_device
 from corejax.errors import ModelFormatError, ModelNotFoundError
@@ -29,35 +30,53 @@ from corejax.loading.ggml_quants import BLOCK_SIZES, UNPACKERS, GGMLType
 
 Getter = Callable[[str], Any]
 
-# Our per-layer name -> (GGUF name, HF name by arch). None: the arch lacks it.
+# Our per-layer name -> (GGUF name, HF name) of its tensor, for the families that have it (expected_shapes says
+# which do). HF names that differ by family: HF_RENAMES.
 LAYER_NAMES = {
-    "attn_norm": ("attn_norm", {"llama": "input_layernorm", "gemma3": "input_layernorm"}),
-    "wq": ("attn_q", "self_attn.q_proj"),
-    "wk": ("attn_k", "self_attn.k_proj"),
-    "wv": ("attn_v", "self_attn.v_proj"),
-    "wo": ("attn_output", "self_attn.o_proj"),
-    "ffn_norm": ("ffn_norm", {"llama": "post_attention_layernorm", "gemma3": "pre_feedforward_layernorm"}),
-    "w_gate": ("ffn_gate", "mlp.gate_proj"),
-    "w_up": ("ffn_up", "mlp.up_proj"),
-    "w_down": ("ffn_down", "mlp.down_proj"),
-    "q_norm": ("attn_q_norm", "self_attn.q_norm"),
-    "k_norm": ("attn_k_norm", "self_attn.k_norm"),
-    "post_attn_norm": ("post_attention_norm", {"gemma3": "post_attention_layernorm"}),
-    "post_ffn_norm": ("post_ffw_norm", {"gemma3": "post_feedforward_layernorm"}),
+    "attn_norm": ("attn_norm.weight", "input_layernorm.weight"),
+    "wq": ("attn_q.weight", "self_attn.q_proj.weight"),
+    "wk": ("attn_k.weight", "self_attn.k_proj.weight"),
+    "wv": ("attn_v.weight", "self_attn.v_proj.weight"),
+    "bq": ("attn_q.bias", "self_attn.q_proj.bias"),
+    "bk": ("attn_k.bias", "self_attn.k_proj.bias"),
+    "bv": ("attn_v.bias", "self_attn.v_proj.bias"),
+    "q_norm": ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+    "k_norm": ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+    "wo": ("attn_output.weight", "self_attn.o_proj.weight"),
+    "post_attn_norm": ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+    "ffn_norm": ("ffn_norm.weight", "post_attention_layernorm.weight"),  # Llama's MLP input norm
+    "w_gate": ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    "w_up": ("ffn_up.weight", "mlp.up_proj.weight"),
+    "w_down": ("ffn_down.weight", "mlp.down_proj.weight"),
+    "post_ffn_norm": ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"),
 }
-_GEMMA_ONLY = ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
+# Gemma's MLP input norm has its own name; its post_attention_layernorm normalizes the attention's output.
+HF_RENAMES = {"gemma2": {"ffn_norm": "pre_feedforward_layernorm.weight"},
+              "gemma3": {"ffn_norm": "pre_feedforward_layernorm.weight"}}
+BIASES = ("bq", "bk", "bv")
+ROPE_FREQS = "rope_freqs.weight"  # read into ModelConfig.rope_factors (loading/loader.py gguf_config)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Checkpoint-order ([out, in]) shapes of each per-layer tensor."""
+    """Checkpoint-order ([out, in]) shapes of each per-layer tensor of this family."""
     d, h, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_size
-    shapes = {
-        "attn_norm": (d,), "ffn_norm": (d,),
-        "wq": (cfg.num_heads * h, d), "wk": (cfg.num_kv_heads * h, d), "wv": (cfg.num_kv_heads * h, d),
-        "wo": (d, cfg.num_heads * h), "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
-    }
-    if cfg.arch == "gemma3":
-        shapes.update(q_norm=(h,), k_norm=(h,), post_attn_norm=(d,), post_ffn_norm=(d,))
+    q, kv = cfg.num_heads * h, cfg.num_kv_heads * h
+    shapes: dict[str, tuple[int, ...]] = {}
+    if cfg.norms != "post":
+        shapes["attn_norm"] = (d,)
+    shapes.update(wq=(q, d), wk=(kv, d), wv=(kv, d))
+    if cfg.qkv_bias:
+        shapes.update(bq=(q,), bk=(kv,), bv=(kv,))
+    if cfg.qk_norm:
+        shapes.update(q_norm=(h,) if cfg.qk_norm == "head" else (q,), k_norm=(h,) if cfg.qk_norm == "head" else (kv,))
+    shapes["wo"] = (d, q)
+    if cfg.norms != "pre":
+        shapes["post_attn_norm"] = (d,)
+    if cfg.norms != "post":
+        shapes["ffn_norm"] = (d,)
+    shapes.update(w_gate=(f, d), w_up=(f, d), w_down=(d, f))
+    if cfg.norms != "pre":
+        shapes["post_ffn_norm"] = (d,)
     return shapes
 
 
@@ -216,14 +235,21 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
         layer = {}
         for key, shape in shapes.items():
             w = fetch(f"{i}.{key}", shape)
-            if len(shape) == 1:
-                layer[key] = norm(w)
-                continue
-            if permuted_qk and key in ("wq", "wk"):
-                heads = cfg.num_heads if key == "wq" else cfg.num_kv_heads
+            if permuted_qk and key in ("wq", "wk", "bq", "bk"):
+                heads = cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads
                 unpermute = functools.partial(_unpermute_rope, heads=heads)
-                w = w.rows(unpermute) if isinstance(w, Blocks) else unpermute(w)
-            layer[key] = _matrix(w, weights)
+                if len(shape) == 1:
+                    w = unpermute(w[:, None])[:, 0]
+                else:
+                    w = w.rows(unpermute) if isinstance(w, Blocks) else unpermute(w)
+            if key in BIASES:
+                if isinstance(w, Blocks):
+                    raise ModelFormatError(f"{source}: a bias is stored quantized ({w.fmt}); expected a float type")
+                layer[key] = jnp.asarray(w)
+            elif len(shape) == 1:
+                layer[key] = norm(w)
+            else:
+                layer[key] = _matrix(w, weights)
         layers.append(layer)
     params["layers"] = layers
     bar.close()
@@ -234,7 +260,7 @@ def gguf_names(cfg: ModelConfig) -> dict[str, str]:
     names = {"final_norm": "output_norm.weight", "embed": "token_embd.weight", "lm_head": "output.weight"}
     for i in range(cfg.num_layers):
         for key in expected_shapes(cfg):
-            names[f"{i}.{key}"] = f"blk.{i}.{LAYER_NAMES[key][0]}.weight"
+            names[f"{i}.{key}"] = f"blk.{i}.{LAYER_NAMES[key][0]}"
     return names
 
 
@@ -261,25 +287,25 @@ def load_gguf_params(gguf: Any, cfg: ModelConfig, *, weights: str = "native",
                      progress: bool = True) -> dict[str, Any]:
     """`gguf` is an open corejax.loading.gguf.GGUFFile. weights: one of WEIGHT_MODES."""
     names = gguf_names(cfg)
-    support.check_unread_tensors(gguf.tensors, set(names.values()), support.GGUF_UNREAD, str(gguf.path))
+    read = set(names.values()) | ({ROPE_FREQS} if cfg.rope_factors else set())
+    support.check_unread_tensors(gguf.tensors, read, support.GGUF_UNREAD, str(gguf.path))
     missing = [n for n in names.values() if n not in gguf.tensors and n != "output.weight"]
     if missing:
         raise ModelFormatError(f"{gguf.path}: missing tensors {missing[:4]}{'...' if len(missing) > 4 else ''}")
     return build_params(
         cfg, _gguf_getter(gguf, weights), names, source=str(gguf.path), weights=weights,
-        # llama.cpp permutes Q/K for llama-arch models only; Gemma's norms are stored as (1 + w) already.
-        permuted_qk=cfg.arch == "llama", norm_offset=0.0, progress=progress,
+        # llama.cpp permutes Q/K for the Llama-derived architectures only; Gemma's norms are stored as (1 + w).
+        permuted_qk=cfg.arch in families.PERMUTED_QK, norm_offset=0.0, progress=progress,
     )
 
 
 def hf_names(cfg: ModelConfig, prefix: str) -> dict[str, str]:
     names = {"final_norm": f"{prefix}norm.weight", "embed": f"{prefix}embed_tokens.weight",
              "lm_head": "lm_head.weight"}
+    renames = HF_RENAMES.get(cfg.arch, {})
     for i in range(cfg.num_layers):
         for key in expected_shapes(cfg):
-            hf = LAYER_NAMES[key][1]
-            hf = hf[cfg.arch] if isinstance(hf, dict) else hf
-            names[f"{i}.{key}"] = f"{prefix}layers.{i}.{hf}.weight"
+            names[f"{i}.{key}"] = f"{prefix}layers.{i}.{renames.get(key, LAYER_NAMES[key][1])}"
     return names
 
 
@@ -356,5 +382,5 @@ def load_hf_folder(folder: Path, *, weights: str = "f32",
 
     check_hf_tensors(folder, cfg, names, where, get)
     params = build_params(cfg, get, names, source=str(folder), weights=weights, permuted_qk=False,
-                          norm_offset=1.0 if cfg.arch == "gemma3" else 0.0, progress=progress)
+                          norm_offset=families.HF_NORM_OFFSET.get(cfg.arch, 0.0), progress=progress)
     return cfg, params, raw

@@ -183,7 +183,7 @@ class hf_as_gguf:
         shapes = expected_shapes(cfg)
         for i in range(cfg.num_layers):
             for key in shapes:
-                gguf[f"{i}.{key}"] = f"blk.{i}.{LAYER_NAMES[key][0]}.weight"
+                gguf[f"{i}.{key}"] = f"blk.{i}.{LAYER_NAMES[key][0]}"
         order = ["embed"] + ([] if cfg.tie_embeddings else ["lm_head"]) + ["final_norm"] + [
             f"{i}.{key}" for i in range(cfg.num_layers) for key in shapes]
         tensors = []

@@ -17,7 +17,7 @@ from corejax.types.config import ENCODER_WEIGHTS, WEIGHT_MODES, ModelConfig
 from corejax.errors import InvalidParameterError, ModelFormatError
 from corejax.hub import ModelSource
 from corejax.kernels.policy import Kernels
-from corejax.loading.convert import load_gguf_params, load_hf_folder
+from corejax.loading.convert import ROPE_FREQS, load_gguf_params, load_hf_folder
 from corejax.loading.ggml_quants import UNPACKERS
 from corejax.loading.gguf import read_gguf
 
@@ -56,6 +56,13 @@ def describe_gguf(path: Path) -> dict[str, Any]:
             "has_chat_template": "tokenizer.chat_template" in f.metadata,
             "metadata": meta,
         }
+
+
+def gguf_config(f: Any, meta: Any) -> ModelConfig:
+    """The model config of an open GGUF file: its metadata, whether it ties the LM head to the embedding, and
+    llama.cpp's rope_freqs tensor where the file has one (how its converter stores Llama 3.1's RoPE scaling)."""
+    factors = f.dequantize(ROPE_FREQS).reshape(-1).tolist() if ROPE_FREQS in f.tensors else None
+    return ModelConfig.from_gguf(meta, tie_embeddings="output.weight" not in f.tensors, rope_factors=factors)
 
 
 def param_bytes(params: Any) -> int:
@@ -113,7 +120,7 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
             # Metadata arrays are views of the mapping; copies let close() unmap the file, whose pages (all of
             # them, once every tensor was read) would otherwise stay resident for the session's life.
             meta = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in f.metadata.items()}
-            cfg = ModelConfig.from_gguf(meta, tie_embeddings="output.weight" not in f.tensors)
+            cfg = gguf_config(f, meta)
             tokenizer = tokenizer_from_gguf_metadata(meta)
             params = load_gguf_params(f, cfg, weights=weights, progress=progress)
         info = describe_gguf(source.path)
@@ -173,7 +180,7 @@ def plan_weights(source: ModelSource, weights: str | None = None) -> WeightPlan:
     weights = weights or "f32"
     if source.format == "gguf":
         with read_gguf(source.path) as f:
-            cfg = ModelConfig.from_gguf(f.metadata, tie_embeddings="output.weight" not in f.tensors)
+            cfg = gguf_config(f, f.metadata)
             table = {name: (t.shape, t.ggml_type.name if t.ggml_type in UNPACKERS else None)
                      for name, t in f.tensors.items()}
         names = gguf_names(cfg)

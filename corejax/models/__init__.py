@@ -6,11 +6,9 @@ from typing import Any
 
 import jax
 
-from corejax.types.config import ModelConfig
-from corejax.models import gemma3, llama
+from corejax.models import decoder
 from corejax.models.layers import Params, embed, lm_head, run_layers
-
-_BLOCKS = {"llama": llama.block, "gemma3": gemma3.block}
+from corejax.types.config import ModelConfig
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Any,
@@ -19,7 +17,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Any,
 
     The LM head is separate (`lm_head`) so prefill computes logits for the last token only."""
     x = embed(params, tokens, cfg)
-    return run_layers(params, x, positions, cache, cfg, _BLOCKS[cfg.arch])
+    return run_layers(params, x, positions, cache, cfg, decoder.block)
 
 
 __all__ = ["forward", "lm_head"]

@@ -117,6 +117,8 @@ def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
 def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """hidden [B, T, D] (already final-normed) -> logits [B, T, V] float32."""
     logits = dense(hidden, params["lm_head"])
+    if cfg.logit_scale != 1.0:  # Granite divides its logits by logits_scaling
+        logits = logits * jnp.float32(cfg.logit_scale)
     if cfg.final_softcap:
         logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     return logits
@@ -141,8 +143,12 @@ def layer_at(cfg: ModelConfig, index: int) -> LayerAt:
     # Gemma 3's RoPE scaling is its global layers' (HF's rope_parameters["full_attention"], llama.cpp's
     # freq_scale_swa = 1): the local layers keep unscaled frequencies of their own base.
     local = cfg.layer_windows[index] > 0 and bool(cfg.rope_local_theta)
-    return LayerAt(index, cfg.layer_windows[index], rope_inv_freq(cfg.head_dim, layer_theta(cfg, index),
-                                                                   None if local else cfg.rope_scaling))
+    inv_freq = rope_inv_freq(cfg.head_dim, layer_theta(cfg, index), None if local else cfg.rope_scaling)
+    if cfg.rope_factors:  # llama.cpp's rope_freqs: theta_i / factor_i
+        inv_freq = inv_freq / jnp.asarray(cfg.rope_factors, jnp.float32)
+    if not cfg.rope_layers[index]:  # no RoPE here (SmolLM3): rotating by angle 0 leaves q and k as they are
+        inv_freq = jnp.zeros_like(inv_freq)
+    return LayerAt(index, cfg.layer_windows[index], inv_freq)
 
 
 def run_layers(

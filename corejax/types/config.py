@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from corejax.types import support
+from corejax.types import families, support
 from corejax.errors import (
     InvalidParameterError,
     ModelFormatError,
     UnsupportedModelError,
 )
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SUPPORTED_ARCHITECTURES = families.ARCHITECTURES
 # How weights are held: f32 (dequantized at load), native (GGUF blocks kept quantized), int8/int4 (quantized).
 # The one home of the weight modes and KV cache types every layer names (Session, CLI, loaders, cache, budget).
 DECODER_WEIGHTS = ("f32", "native", "int8", "int4")  # native: a quantized GGUF's blocks kept as they are
@@ -62,10 +62,17 @@ class ModelConfig:
     query_scale: float = 0.0  # 0 means 1/sqrt(head_dim)
     embed_scale: float = 1.0
     activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
-    qk_norm: bool = False
-    sandwich_norms: bool = False  # Gemma's extra norms after attention and after the MLP
+    qk_norm: str = ""  # "" none, "head" RMSNorm over each head (Qwen3, Gemma 3), "full" over the projection (OLMo 2)
+    norms: str = "pre"  # "pre": norm the block's inputs; "sandwich": also its outputs (Gemma); "post": outputs only
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
+    qkv_bias: bool = False  # Qwen2's q/k/v projection biases
+    residual_scale: float = 1.0  # Granite: each block's output is scaled before it joins the residual stream
+    logit_scale: float = 1.0  # Granite: logits times this (1 / logits_scaling)
+    # One entry per layer: False where the layer applies no RoPE (SmolLM3's every fourth layer); () = all do.
+    rope_layers: tuple[bool, ...] = ()
+    # llama.cpp's rope_freqs: per-dimension divisors of the inverse frequencies (its form of Llama 3.1 scaling).
+    rope_factors: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHITECTURES:
@@ -85,6 +92,15 @@ class ModelConfig:
             raise ModelFormatError(f"head_dim must be even for RoPE; got {self.head_dim}")
         if not self.layer_windows:
             object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
+        if not self.rope_layers:
+            object.__setattr__(self, "rope_layers", (True,) * self.num_layers)
+        if len(self.rope_layers) != self.num_layers:
+            raise ModelFormatError(f"{len(self.rope_layers)} RoPE flags given for {self.num_layers} layers")
+        if self.rope_factors and len(self.rope_factors) != self.head_dim // 2:
+            raise ModelFormatError(f"{len(self.rope_factors)} RoPE frequency factors for a head of {self.head_dim}; "
+                                   f"expected {self.head_dim // 2}")
+        if self.qk_norm not in ("", "head", "full") or self.norms not in ("pre", "sandwich", "post"):
+            raise ModelFormatError(f"unknown qk_norm {self.qk_norm!r} or norms {self.norms!r}")
         if len(self.layer_windows) != self.num_layers:
             raise ModelFormatError(
                 f"{len(self.layer_windows)} layer windows given for {self.num_layers} layers"
@@ -103,25 +119,27 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_gguf(cls, meta: Mapping[str, Any], *, tie_embeddings: bool) -> ModelConfig:
-        """Reads llama.cpp's `{arch}.*` keys; gemma3 constants llama.cpp hard-codes are applied here. A key that
-        needs a feature corejax lacks (support.GGUF_FAMILIES) refuses the model."""
-        arch = meta.get("general.architecture")
-        if not isinstance(arch, str):
+    def from_gguf(cls, meta: Mapping[str, Any], *, tie_embeddings: bool,
+                  rope_factors: Sequence[float] | None = None) -> ModelConfig:
+        """Reads llama.cpp's `{arch}.*` keys, with the constants llama.cpp hard-codes per architecture
+        (types/families.py). rope_factors: the file's rope_freqs tensor, if it has one. A key that needs a feature
+        corejax lacks (support.GGUF_FAMILIES) refuses the model."""
+        name = meta.get("general.architecture")
+        if not isinstance(name, str):
             raise ModelFormatError("the GGUF file has no general.architecture string")
-        if arch not in SUPPORTED_ARCHITECTURES:
+        arch = families.GGUF_ARCH.get(name)
+        if arch is None:
             raise UnsupportedModelError(
-                f"GGUF architecture {arch!r} is not supported; corejax runs {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+                f"GGUF architecture {name!r} is not supported; corejax runs {', '.join(families.GGUF_ARCH)}")
 
         def get(key: str, default: Any = None, kind: type = int) -> Any:
-            value = meta.get(f"{arch}.{key}", default)
+            value = meta.get(f"{name}.{key}", default)
             if value is None:
-                raise ModelFormatError(f"the GGUF file lacks the metadata key {arch}.{key}")
+                raise ModelFormatError(f"the GGUF file lacks the metadata key {name}.{key}")
             if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ModelFormatError(f"GGUF key {arch}.{key} must be an integer; got {value!r}")
+                raise ModelFormatError(f"GGUF key {name}.{key} must be an integer; got {value!r}")
             if kind is float and not isinstance(value, (int, float)):
-                raise ModelFormatError(f"GGUF key {arch}.{key} must be a number; got {value!r}")
+                raise ModelFormatError(f"GGUF key {name}.{key} must be a number; got {value!r}")
             return kind(value)
 
         hidden = get("embedding_length")
@@ -130,7 +148,7 @@ class ModelConfig:
         tokens = meta.get("tokenizer.ggml.tokens")
         vocab = get("vocab_size", len(tokens) if tokens is not None else None)
         scaling = None
-        if meta.get(f"{arch}.rope.scaling.type") == "linear":  # the other types are refused below
+        if meta.get(f"{name}.rope.scaling.type") == "linear":  # the other types are refused below
             scaling = RopeScaling("linear", get("rope.scaling.factor", kind=float))
         common = dict(
             arch=arch,
@@ -146,30 +164,16 @@ class ModelConfig:
             max_context=get("context_length"),
             tie_embeddings=tie_embeddings,
             rope_scaling=scaling,
+            rope_factors=tuple(float(x) for x in rope_factors) if rope_factors is not None else (),
         )
-        if arch == "gemma3":
-            window = get("attention.sliding_window")
-            layers = common["num_layers"]
-            # llama.cpp scales queries by 1/sqrt(hidden / heads) for the 62-layer (27B) model, whose
-            # query_pre_attn_scalar is 168, not its head_dim of 128; by 1/sqrt(head_dim) at every other size.
-            query_dim = hidden // heads if layers == 62 else head_dim
-            # llama.cpp and HF both fix Gemma 3's pattern: five sliding-window layers, then one global layer.
-            common.update(
-                layer_windows=tuple(0 if (i + 1) % 6 == 0 else window for i in range(layers)),
-                rope_local_theta=get("rope.freq_base_swa", 10000.0, kind=float),
-                query_scale=query_dim**-0.5,
-                embed_scale=float(hidden) ** 0.5,
-                activation="gelu_tanh",
-                qk_norm=True,
-                sandwich_norms=True,
-            )
-        support.check_config(support.GGUF_FAMILIES[arch], support.gguf_view(meta, arch), "the GGUF metadata")
+        common.update(families.gguf_extras(arch, get, common))
+        support.check_config(support.GGUF_FAMILIES[arch], support.gguf_view(meta, name), "the GGUF metadata")
         return cls(**common)
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> ModelConfig:
-        """Reads a transformers config.json; only the keys its family honours are read (support.HF_FAMILIES), and
-        a key that needs a feature corejax lacks refuses the model."""
+        """Reads a transformers config.json; only the keys its family honours are read (support.HF_FAMILIES,
+        types/families.py), and a key that needs a feature corejax lacks refuses the model."""
         model_type = config.get("model_type")
         family = support.HF_FAMILIES.get(model_type) if isinstance(model_type, str) else None
         if family is None:
@@ -195,33 +199,21 @@ class ModelConfig:
                 norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(_rope_param(config, "rope_theta", 10000.0)),
                 max_context=int(config.get("max_position_embeddings", 4096)),
-                tie_embeddings=bool(config.get("tie_word_embeddings", arch == "gemma3")),
+                tie_embeddings=bool(config.get("tie_word_embeddings", arch in families.GEMMA)),
                 rope_scaling=_hf_rope_scaling(config),
             )
+            support.check_config(family, config, "config.json")
+            common.update(families.hf_extras(arch, config, common))
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, UnsupportedModelError):
                 raise
             raise ModelFormatError(f"config.json is missing or has a bad value for {e}") from None
-        support.check_config(family, config, "config.json")
-        if arch == "gemma3":
+        if arch in families.GEMMA:
             if _hf_rope_scaling(config, "sliding_attention") is not None:
-                raise support.refusal("config.json", ["RoPE scaling on Gemma 3's sliding-window layers"])
-            window = int(config.get("sliding_window") or 4096)
-            types = config.get("layer_types")
-            if types is None:
-                pattern = int(config.get("sliding_window_pattern", 6))
-                types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
-            common.update(
-                layer_windows=tuple(window if t == "sliding_attention" else 0 for t in types),
-                rope_local_theta=float(_rope_param(config, "rope_local_base_freq", 10000.0, "sliding_attention")),
-                query_scale=float(config.get("query_pre_attn_scalar", common["head_dim"])) ** -0.5,
-                embed_scale=float(hidden) ** 0.5,
-                activation="gelu_tanh",
-                qk_norm=True,
-                sandwich_norms=True,
-                attn_softcap=float(config.get("attn_logit_softcapping") or 0.0),
-                final_softcap=float(config.get("final_logit_softcapping") or 0.0),
-            )
+                raise support.refusal("config.json", ["RoPE scaling on Gemma's sliding-window layers"])
+            if arch == "gemma3":
+                common["rope_local_theta"] = float(_rope_param(config, "rope_local_base_freq", 10000.0,
+                                                               "sliding_attention"))
         return cls(**common)
 
 

@@ -70,11 +70,6 @@ def _only(*values: str) -> Check:
     return lambda value, config: value is None or all(v in values for v in value)
 
 
-def _hf_window_inert(value: Any, config: Mapping[str, Any]) -> bool:
-    """A sliding window at least as long as the context never drops a key (from_hf's max_context default)."""
-    return value is None or int(value) >= int(config.get("max_position_embeddings", 4096))
-
-
 def _gguf_window_inert(value: Any, config: Mapping[str, Any]) -> bool:
     return value is None or value == 0 or int(value) >= int(config["context_length"])
 
@@ -119,24 +114,38 @@ _GEMMA3_KEYS = _HF_SIZES | {
 _GEMMA3 = Family("gemma3", _GEMMA3_KEYS, (
     Unimplemented("attention_bias", "attention projection biases", _is(False)),
     # gelu_new is the same tanh approximation under another name.
-    Unimplemented("hidden_activation", "the activation {value} (corejax's Gemma 3 MLP is GeGLU: gelu_pytorch_tanh)",
+    Unimplemented("hidden_activation", "the activation {value} (corejax's Gemma MLP is GeGLU: gelu_pytorch_tanh)",
                   _is("gelu_pytorch_tanh", "gelu_new")),
     Unimplemented("use_bidirectional_attention", "bidirectional attention (EmbeddingGemma)", _is(False)),
     Unimplemented("layer_types", "attention layer types other than sliding_attention and full_attention",
                   _only("sliding_attention", "full_attention")),
 ))
 
+def _without(unimplemented: tuple[Unimplemented, ...], *keys: str) -> tuple[Unimplemented, ...]:
+    """A family's refusals less those of the keys it honours."""
+    return tuple(u for u in unimplemented if u.key not in keys)
+
+
+# Qwen's and SmolLM3's configs carry sliding-window settings their released models leave off.
+_HF_NO_WINDOW = (
+    Unimplemented("use_sliding_window", "sliding-window attention", _is(False)),
+    Unimplemented("layer_types", "sliding-window attention layers", _only("full_attention")),
+)
+_GRANITE_KEYS = ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
+_GEMMA2 = Family("gemma2", _GEMMA3_KEYS - {"rope_local_base_freq", "sliding_window_pattern", "text_config"},
+                 _GEMMA3.unimplemented)
+
 HF_FAMILIES: dict[str, Family] = {
     "llama": Family("llama", _HF_SIZES, _HF_LLAMA),
-    # HF Mistral honours sliding_window (Mistral 7B v0.1: 4096 of a 32k context); corejax's Llama layers are
-    # all global, so only a window that cannot bite passes.
-    "mistral": Family("llama", _HF_SIZES, _HF_LLAMA + (
-        Unimplemented("sliding_window", "sliding-window attention", _hf_window_inert),)),
-    # Qwen2's config has no attention_bias key: its attention builds q/k/v with biases unconditionally.
-    "qwen2": Family("llama", _HF_SIZES, _HF_LLAMA + (
-        Unimplemented("use_sliding_window", "sliding-window attention", _is(False)),
-        Unimplemented("layer_types", "sliding-window attention layers", _only("full_attention")),
-    ), always="Qwen2's q/k/v projection biases (every Qwen2 attention layer adds them)"),
+    "mistral": Family("mistral", _HF_SIZES | {"sliding_window"}, _HF_LLAMA),
+    # Qwen2's config has no attention_bias key: its attention adds q/k/v biases unconditionally.
+    "qwen2": Family("qwen2", _HF_SIZES, _HF_LLAMA + _HF_NO_WINDOW),
+    "qwen3": Family("qwen3", _HF_SIZES, _HF_LLAMA + _HF_NO_WINDOW),
+    "smollm3": Family("smollm3", _HF_SIZES | {"no_rope_layers", "no_rope_layer_interval"},
+                      _without(_HF_LLAMA, "no_rope_layers") + _HF_NO_WINDOW),
+    "granite": Family("granite", _HF_SIZES | set(_GRANITE_KEYS), _without(_HF_LLAMA, *_GRANITE_KEYS)),
+    "olmo2": Family("olmo2", _HF_SIZES, _HF_LLAMA),
+    "gemma2": _GEMMA2,
     "gemma3_text": _GEMMA3,
     "gemma3": _GEMMA3,  # the multimodal wrapper: ModelConfig.from_hf reads its text_config
 }
@@ -183,9 +192,16 @@ _GGUF_COMMON = (
     Unimplemented("attn_logit_softcapping", "attention logit soft-capping", _is(0.0)),
     Unimplemented("final_logit_softcapping", "final logit soft-capping", _is(0.0)),
 )
+_GGUF_WINDOW = (Unimplemented("attention.sliding_window", "sliding-window attention", _gguf_window_inert),)
+_GGUF_GRANITE = ("attention.scale", "embedding_scale", "residual_scale", "logit_scale")
+_GGUF_SOFTCAP = ("attn_logit_softcapping", "final_logit_softcapping")
 GGUF_FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", _GGUF_SIZES, _GGUF_COMMON + (
-        Unimplemented("attention.sliding_window", "sliding-window attention", _gguf_window_inert),)),
+    **{arch: Family(arch, _GGUF_SIZES, _GGUF_COMMON + _GGUF_WINDOW)
+       for arch in ("llama", "qwen2", "qwen3", "smollm3", "olmo2")},
+    "granite": Family("granite", _GGUF_SIZES | set(_GGUF_GRANITE),
+                      _without(_GGUF_COMMON, *_GGUF_GRANITE) + _GGUF_WINDOW),
+    "gemma2": Family("gemma2", _GGUF_SIZES | {"attention.sliding_window", *_GGUF_SOFTCAP},
+                     _without(_GGUF_COMMON, *_GGUF_SOFTCAP)),
     "gemma3": Family("gemma3", _GGUF_SIZES | {"attention.sliding_window", "rope.freq_base_swa"}, _GGUF_COMMON),
 }
 

@@ -1,0 +1,116 @@
+"""The decoder families corejax runs, as data: what each one changes in the one decoder block (models/decoder.py
+reads the ModelConfig fields these set), read from an HF config.json or from a GGUF file's llama.cpp metadata.
+
+A family is the Llama block plus some of: q/k/v biases (Qwen2), a per-head Q/K RMSNorm (Qwen3, Gemma 3) or one over
+the whole projection (OLMo 2), norms around the block's outputs (Gemma: before and after; OLMo 2: after only),
+sliding-window layers (Mistral, Gemma), logit soft-capping (Gemma 2), layers without RoPE (SmolLM3), Granite's
+multipliers. support.py refuses what a family's checkpoint asks beyond that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "granite", "olmo2")
+# HF model_type -> corejax's architecture.
+HF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+           "gemma3_text": "gemma3", "gemma3": "gemma3", "smollm3": "smollm3", "granite": "granite", "olmo2": "olmo2"}
+# GGUF general.architecture -> corejax's (llama.cpp writes Mistral and Llama 3 as "llama").
+GGUF_ARCH = {a: a for a in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "granite", "olmo2")}
+# llama.cpp's converter permutes the Q/K rows of the Llama-derived architectures for its RoPE layout (its
+# LlamaModel.undo_permute); the loader undoes it.
+PERMUTED_QK = frozenset({"llama", "mistral", "smollm3", "granite"})
+# HF's Gemma RMSNorm multiplies by (1 + w); its checkpoints store w (GGUF files store 1 + w).
+HF_NORM_OFFSET = {"gemma2": 1.0, "gemma3": 1.0}
+GEMMA = ("gemma2", "gemma3")
+
+
+def _windows(layers: int, window: int, types: Any, pattern: Callable[[int], bool]) -> tuple[int, ...]:
+    """Each layer's sliding window (0 = global) from HF's layer_types, else the family's fixed pattern."""
+    if types is not None:
+        return tuple(window if t == "sliding_attention" else 0 for t in types)
+    return tuple(window if pattern(i) else 0 for i in range(layers))
+
+
+def _gemma_query_dim(hidden: int, heads: int, head_dim: int, layers: int, big_layers: int) -> int:
+    """llama.cpp scales Gemma's queries by 1/sqrt(hidden / heads) for the 27B models (46 layers in Gemma 2, 62 in
+    Gemma 3), whose query_pre_attn_scalar is that and not their head_dim; by 1/sqrt(head_dim) at every other size."""
+    return hidden // heads if layers == big_layers else head_dim
+
+
+def hf_extras(arch: str, config: Mapping[str, Any], common: Mapping[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields by which `arch` differs from Llama, from its config.json (only keys support.py
+    lists as honoured)."""
+    layers, hidden, head_dim = common["num_layers"], common["hidden_size"], common["head_dim"]
+    if arch == "qwen2":
+        return {"qkv_bias": True}
+    if arch == "qwen3":
+        return {"qk_norm": "head"}
+    if arch == "mistral":
+        window = config.get("sliding_window")
+        return {"layer_windows": (int(window),) * layers} if window else {}
+    if arch == "smollm3":
+        rope = config.get("no_rope_layers")  # 1: the layer uses RoPE (transformers' naming)
+        return {"rope_layers": tuple(bool(x) for x in rope)} if rope is not None else {}
+    if arch == "granite":
+        return {"embed_scale": float(config.get("embedding_multiplier", 1.0)),
+                "query_scale": float(config.get("attention_multiplier") or 0.0),
+                "residual_scale": float(config.get("residual_multiplier", 1.0)),
+                "logit_scale": 1.0 / float(config.get("logits_scaling", 1.0))}
+    if arch == "olmo2":
+        return {"norms": "post", "qk_norm": "full"}
+    if arch in GEMMA:
+        window = int(config.get("sliding_window") or 4096)
+        # Gemma 2 alternates local and global layers from the first; Gemma 3 has five local, then a global one.
+        period = 2 if arch == "gemma2" else int(config.get("sliding_window_pattern", 6))
+        return {
+            "layer_windows": _windows(layers, window, config.get("layer_types"), lambda i: (i + 1) % period != 0),
+            "query_scale": float(config.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+            "embed_scale": float(hidden) ** 0.5,
+            "activation": "gelu_tanh",
+            "qk_norm": "head" if arch == "gemma3" else "",
+            "norms": "sandwich",
+            "attn_softcap": float(config.get("attn_logit_softcapping") or 0.0),
+            "final_softcap": float(config.get("final_logit_softcapping") or 0.0),
+        }
+    return {}
+
+
+def gguf_extras(arch: str, get: Callable[..., Any], common: Mapping[str, Any]) -> dict[str, Any]:
+    """The same from a GGUF file's `{arch}.*` metadata (`get(key, default, kind)`), with the constants llama.cpp
+    hard-codes per architecture."""
+    layers, hidden, heads = common["num_layers"], common["hidden_size"], common["num_heads"]
+    if arch == "qwen2":
+        return {"qkv_bias": True}
+    if arch == "qwen3":
+        return {"qk_norm": "head"}
+    if arch == "smollm3":  # llama.cpp's smollm3: every fourth layer without RoPE (n_no_rope_layer_step = 4)
+        return {"rope_layers": tuple((i + 1) % 4 != 0 for i in range(layers))}
+    if arch == "granite":
+        scale = get("attention.scale", 0.0, float)
+        return {"embed_scale": get("embedding_scale", 1.0, float), "query_scale": scale,
+                "residual_scale": get("residual_scale", 1.0, float),
+                "logit_scale": 1.0 / get("logit_scale", 1.0, float)}
+    if arch == "olmo2":
+        return {"norms": "post", "qk_norm": "full"}
+    if arch in GEMMA:
+        window = get("attention.sliding_window")
+        gemma2 = arch == "gemma2"
+        query_dim = _gemma_query_dim(hidden, heads, common["head_dim"], layers, 46 if gemma2 else 62)
+        extras = {
+            # llama.cpp's and HF's fixed patterns: Gemma 2 local on even layers, Gemma 3 five local then global.
+            "layer_windows": tuple(window if (i + 1) % (2 if gemma2 else 6) != 0 else 0 for i in range(layers)),
+            "query_scale": query_dim ** -0.5,
+            "embed_scale": float(hidden) ** 0.5,
+            "activation": "gelu_tanh",
+            "qk_norm": "" if gemma2 else "head",
+            "norms": "sandwich",
+        }
+        if gemma2:
+            extras.update(attn_softcap=get("attn_logit_softcapping", 0.0, float),
+                          final_softcap=get("final_logit_softcapping", 0.0, float))
+        else:
+            extras["rope_local_theta"] = get("rope.freq_base_swa", 10000.0, float)
+        return extras
+    return {}
