@@ -6,7 +6,8 @@ The block math (llama.cpp's reference quantizers, bit-exact with gguf-py's) live
 corejax/loading/ggml_quants.py, the one home of ggml's block formats; gguf-py's GGUFWriter writes the file.
 The source is read with corejax's bounds-checked reader, not gguf-py's.
 Which tensors: every 2-D matrix whose rows split into blocks of 32 (token embedding and output head included,
-as llama.cpp's Q8_0 does); 1-D tensors (norms) stay float32, as in llama.cpp.
+as llama.cpp's Q8_0 does) and every 3-D stack of expert matrices (a mixture of experts' [E, out, in]); 1-D
+tensors (norms) stay float32, as in llama.cpp.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def _write(tmp: Path, arch: str, metadata: list, tensors: list[SourceTensor], qt
     plan = []
     for t in tensors:
         lead = int(np.prod(t.shape[:-1]))
-        if len(t.shape) == 2 and t.shape[-1] % QK == 0 and t.stored_type != GGMLType[qtype]:
+        if len(t.shape) in (2, 3) and t.shape[-1] % QK == 0 and t.stored_type != GGMLType[qtype]:
             row_bytes, dtype, how = t.shape[-1] // QK * bytes_per_block(qtype), target, "quantize"
         elif t.stored_type is not None:
             row_bytes = None
@@ -185,9 +186,18 @@ def _write(tmp: Path, arch: str, metadata: list, tensors: list[SourceTensor], qt
 
 def _requantize(t: SourceTensor, qtype: str) -> tuple[np.ndarray, tuple[float, float, float, float, int]]:
     """One [rows, in] tensor -> (its bytes in `qtype`, (max |err|, sum |err|, sum err^2, sum value^2, n)),
-    a slab of rows at a time, so the float32 copies stay small whatever the tensor's size."""
+    a slab of rows at a time, so the float32 copies stay small whatever the tensor's size. A stack of experts
+    [E, out, in] is its E * out rows, read an expert at a time."""
     from corejax.loading.ggml_quants import GGMLType, dequantize
 
+    if len(t.shape) == 3:
+        experts, per, cols = t.shape
+        parts = [_requantize(SourceTensor(t.name, (per, cols), lambda a=0, b=None, e=e: np.asarray(
+            t.rows(e, e + 1), np.float32).reshape(per, cols)[a:b], t.stored_type, t.raw), qtype)
+            for e in range(experts)]
+        stats = [p[1] for p in parts]
+        return (np.concatenate([p[0] for p in parts]),
+                (max(s[0] for s in stats), *(sum(s[i] for s in stats) for i in range(1, 5))))
     rows, cols = t.shape
     out = np.empty((rows, cols // QK * bytes_per_block(qtype)), np.uint8)
     step = max(1, (1 << 20) // cols)

@@ -35,11 +35,17 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, attention_multiplier=0.11,
                                       residual_multiplier=0.22, logits_scaling=8.0)),
     "olmo2": ("Olmo2Config", dict()),
+    # Mixtures of experts: top-2 of 8 (4) experts, renormalised (Qwen3-MoE as released, Mixtral) or not (OLMoE).
+    "qwen3moe": ("Qwen3MoeConfig", dict(head_dim=32, rope_theta=1000000.0, num_experts=8, num_experts_per_tok=2,
+                                        moe_intermediate_size=32, norm_topk_prob=True)),
+    # OLMoE has no grouped-query attention (llama.cpp sizes its K norm by the hidden size).
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2, num_key_value_heads=4)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
 }
 
 
-# corejax's architecture of each family's GGUF (llama.cpp writes Llama 3 and Mistral as "llama").
-ARCH = {family: "llama" if family in ("llama3", "mistral") else family for family in FAMILIES}
+# The architecture each family's GGUF declares (llama.cpp writes Llama 3, Mistral and Mixtral as "llama").
+ARCH = {family: "llama" if family in ("llama3", "mistral", "mixtral") else family for family in FAMILIES}
 
 
 def build(family: str, folder: Path, vocab_size: int, seed: int = 0, **overrides: Any) -> Any:

@@ -136,9 +136,17 @@ def test_quantized_greedy_equals_llama_cpp(family, converted):
     theirs = [int(t) for t in itertools.islice(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0),
                                                 NEW_TOKENS)]
     ours = _greedy(q8.cfg, q8.params, prompt, NEW_TOKENS)
-    # Both quantize the activations to int8 (corejax twice, llama.cpp once): a random model's near ties may
-    # then part after a while, never at the start.
-    assert ours[:8] == theirs[:8]
+    # Both quantize the activations to int8 (corejax twice, llama.cpp once), so a random model's near ties (its
+    # logits are flat: a 49k vocabulary within a few units) may go either way; the sequences then part. Where
+    # they part, the two tokens must be a near tie in corejax's own logits, within llama.cpp's rounding.
+    agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), NEW_TOKENS)
+    if agree < NEW_TOKENS:
+        logits = np.asarray(full_logits(q8.params, np.asarray([prompt + ours[:agree]], np.int32), cfg=q8.cfg))[0, -1]
+        gap = logits[ours[agree]] - logits[theirs[agree]]
+        assert 0 <= gap <= 0.01 * np.abs(logits).max(), (
+            f"corejax and llama.cpp part at token {agree} of {NEW_TOKENS}, and not at a near tie: corejax's logit "
+            f"for its token is {gap:.4f} above llama.cpp's token's")
+    print(f"{family}: greedy equal to llama.cpp's for {agree} of {NEW_TOKENS} tokens")
 
 
 @pytest.mark.slow

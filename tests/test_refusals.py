@@ -149,6 +149,8 @@ def test_llama3_rope_scaling_is_implemented_not_refused(llama_folder):
 LLAMA = {"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 GEMMA3 = {**LLAMA, "model_type": "gemma3_text", "head_dim": 16, "num_hidden_layers": 6, "sliding_window": 8}
+QWEN3_MOE = {**LLAMA, "model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
+             "moe_intermediate_size": 16}
 
 
 @pytest.mark.parametrize("base, key, value, words", [
@@ -167,6 +169,9 @@ GEMMA3 = {**LLAMA, "model_type": "gemma3_text", "head_dim": 16, "num_hidden_laye
      "partial rotary embeddings"),
     ({**LLAMA, "model_type": "qwen2"}, "use_sliding_window", True, "sliding-window attention"),
     (GEMMA3, "use_bidirectional_attention", True, "bidirectional attention"),
+    (QWEN3_MOE, "mlp_only_layers", [0], "dense MLP layers between the expert layers"),
+    (QWEN3_MOE, "decoder_sparse_step", 2, "dense MLP layers between the expert layers"),
+    ({**QWEN3_MOE, "model_type": "olmoe"}, "clip_qkv", 8.0, "clipped Q/K/V projections"),
     (GEMMA3, "hidden_activation", "gelu", "the activation 'gelu'"),
     (GEMMA3, "layer_types", ["chunked_attention"] * 6, "attention layer types"),
     (GEMMA3, "rope_parameters", {"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
@@ -256,7 +261,9 @@ def _gguf_meta(**keys: Any) -> dict[str, Any]:
     ({"rope__scaling__type": "longrope"}, "'longrope' RoPE scaling"),
     ({"rope__dimension_count": 4}, "partial rotary embeddings (RoPE on 4 dimensions"),
     ({"attention__value_length": 16}, "value heads of another size"),
-    ({"expert_count": 8}, "mixture-of-experts layers"),
+    ({"expert_count": 8, "expert_used_count": 2, "expert_shared_count": 1}, "shared experts"),
+    ({"expert_count": 8, "expert_used_count": 2, "expert_gating_func": 2}, "expert gating other than softmax"),
+    ({"expert_count": 8, "expert_used_count": 2, "expert_weights_norm": False}, "unnormalised expert weights"),
     ({"attention__sliding_window": 16}, "sliding-window attention"),
     ({"final_logit_softcapping": 30.0}, "final logit soft-capping"),
     ({"logit_scale": 0.125}, "a logit scale"),

@@ -4,7 +4,9 @@ Params layout (what models/ sees; matrices are [in, out] so decode GEMVs contrac
   lm_head [D, V]; embed [V, D] (untied models only); final_norm [D];
   layers[i]: attn_norm, ffn_norm [D]; wq [D, N*H]; wk, wv [D, K*H]; wo [N*H, D];
              w_gate, w_up [D, F]; w_down [F, D]; as the family has them (expected_shapes): bq [N*H], bk, bv [K*H];
-             q_norm, k_norm [H] (per head) or [N*H], [K*H] (whole projection); post_attn_norm, post_ffn_norm [D].
+             q_norm, k_norm [H] (per head) or [N*H], [K*H] (whole projection); post_attn_norm, post_ffn_norm [D];
+             a mixture of experts in place of w_gate/w_up/w_down: router [D, E]; x_gate, x_up [E, D, F'];
+             x_down [E, F', D] (each expert's matrix [in, out], the experts stacked along a leading axis).
 Norm weights are stored as the multiplier: Gemma's (1 + w) is applied here, never in the model.
 """
 
@@ -49,10 +51,20 @@ LAYER_NAMES = {
     "w_up": ("ffn_up.weight", "mlp.up_proj.weight"),
     "w_down": ("ffn_down.weight", "mlp.down_proj.weight"),
     "post_ffn_norm": ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"),
+    # A mixture of experts: llama.cpp stores each layer's experts as one [E, out, in] tensor; HF one tensor per
+    # expert ("{}" is the expert's index).
+    "router": ("ffn_gate_inp.weight", "mlp.gate.weight"),
+    "x_gate": ("ffn_gate_exps.weight", "mlp.experts.{}.gate_proj.weight"),
+    "x_up": ("ffn_up_exps.weight", "mlp.experts.{}.up_proj.weight"),
+    "x_down": ("ffn_down_exps.weight", "mlp.experts.{}.down_proj.weight"),
 }
+EXPERTS = ("x_gate", "x_up", "x_down")
 # Gemma's MLP input norm has its own name; its post_attention_layernorm normalizes the attention's output.
 HF_RENAMES = {"gemma2": {"ffn_norm": "pre_feedforward_layernorm.weight"},
-              "gemma3": {"ffn_norm": "pre_feedforward_layernorm.weight"}}
+              "gemma3": {"ffn_norm": "pre_feedforward_layernorm.weight"},
+              "mixtral": {"router": "block_sparse_moe.gate.weight", "x_gate": "block_sparse_moe.experts.{}.w1.weight",
+                          "x_up": "block_sparse_moe.experts.{}.w3.weight",
+                          "x_down": "block_sparse_moe.experts.{}.w2.weight"}}
 BIASES = ("bq", "bk", "bv")
 ROPE_FREQS = "rope_freqs.weight"  # read into ModelConfig.rope_factors (loading/loader.py gguf_config)
 
@@ -74,7 +86,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["post_attn_norm"] = (d,)
     if cfg.norms != "post":
         shapes["ffn_norm"] = (d,)
-    shapes.update(w_gate=(f, d), w_up=(f, d), w_down=(d, f))
+    if cfg.num_experts:
+        e, g = cfg.num_experts, cfg.expert_ffn_size
+        shapes.update(router=(e, d), x_gate=(e, g, d), x_up=(e, g, d), x_down=(e, d, g))
+    else:
+        shapes.update(w_gate=(f, d), w_up=(f, d), w_down=(d, f))
     if cfg.norms != "pre":
         shapes["post_ffn_norm"] = (d,)
     return shapes
@@ -134,6 +150,18 @@ def _matrix(w: np.ndarray | Blocks, weights: str) -> Any:
     return to_device(out)
 
 
+def _experts(w: np.ndarray | Blocks, weights: str) -> Any:
+    """[E, out, in] experts -> each one as `_matrix` makes it, stacked along a leading expert axis (one copy)."""
+    from corejax.models.stack import stack_values
+
+    if isinstance(w, Blocks):
+        n = w.codes.shape[0]
+        parts = [Blocks(w.codes[e], w.scales[e], None if w.mins is None else w.mins[e], w.fmt) for e in range(n)]
+    else:
+        parts = list(w)
+    return stack_values([_matrix(part, weights) for part in parts], free=True)
+
+
 # Formats whose codes span fewer than 16 values, so quant.from_blocks packs two per byte; the others hold one
 # int8 per value. Scales and mins: float16 where ggml stores them as f16 (exact), float32 for K-quants' products.
 _PACKED_4BIT = {"Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K"}
@@ -150,6 +178,8 @@ def _sub_block(fmt: str) -> int:
 def matrix_bytes(shape: tuple[int, ...], fmt: str | None, weights: str) -> int:
     """Bytes `_matrix` will hold for a checkpoint [out, in] matrix stored as `fmt` (a GGUF quantized type
     name, or None for a float tensor), computed from the shape alone, before the tensor is read."""
+    if len(shape) == 3:  # a stack of experts: each one a matrix
+        return shape[0] * matrix_bytes(shape[1:], fmt, weights)
     n = 1
     for d in shape:
         n *= d
@@ -180,7 +210,7 @@ def weight_bytes(cfg: ModelConfig, names: dict[str, str], tensors: dict[str, tup
         n = 1
         for d in shape:
             n *= d
-        blocks = weights == "native" and fmt is not None and GGMLType[fmt] in UNPACKERS and len(shape) == 2
+        blocks = weights == "native" and fmt is not None and GGMLType[fmt] in UNPACKERS and len(shape) in (2, 3)
         transient = max(transient, n * (4 if blocks else 8))
         if len(shape) == 1:
             total += n * 4
@@ -248,6 +278,8 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
                 layer[key] = jnp.asarray(w)
             elif len(shape) == 1:
                 layer[key] = norm(w)
+            elif len(shape) == 3:
+                layer[key] = _experts(w, weights)
             else:
                 layer[key] = _matrix(w, weights)
         layers.append(layer)
@@ -269,16 +301,16 @@ def _gguf_getter(gguf: Any, weights: str) -> Getter:
 
     def get(name: str) -> np.ndarray | Blocks:
         info = gguf.tensors[name]
-        if weights != "native" or info.ggml_type not in UNPACKERS or len(info.shape) != 2:
+        if weights != "native" or info.ggml_type not in UNPACKERS or len(info.shape) not in (2, 3):
             w = gguf.dequantize(name)
             # An F32 tensor comes back as a view of the file's mapping; a param holding it would keep the
             # whole mapping (every page read while loading) resident for the session's life.
             return w.copy() if np.may_share_memory(w, gguf.raw(name)) else w
         _, type_size = BLOCK_SIZES[info.ggml_type]
         q = UNPACKERS[info.ggml_type](gguf.raw(name).reshape(-1, type_size))
-        out = info.shape[0]
-        return Blocks(q.codes.reshape(out, -1), q.scales.reshape(out, -1),
-                      None if q.mins is None else q.mins.reshape(out, -1), info.ggml_type.name)
+        lead = tuple(info.shape[:-1])  # [out] or [experts, out]
+        return Blocks(q.codes.reshape(*lead, -1), q.scales.reshape(*lead, -1),
+                      None if q.mins is None else q.mins.reshape(*lead, -1), info.ggml_type.name)
 
     return get
 
@@ -309,12 +341,17 @@ def hf_names(cfg: ModelConfig, prefix: str) -> dict[str, str]:
     return names
 
 
+def _expanded(cfg: ModelConfig, names: dict[str, str]) -> set[str]:
+    """The tensor names `names` stands for, each expert template ("...experts.{}...") once per expert."""
+    return {n.format(e) for n in names.values() for e in (range(cfg.num_experts) if "{}" in n else (0,))}
+
+
 def check_hf_tensors(folder: Path, cfg: ModelConfig, names: dict[str, str], present: dict[str, Any],
                      read: Callable[[str], np.ndarray]) -> None:
     """Every tensor in the folder is one the model reads or one support.HF_DECODER_UNREAD allows; a tied model's
     stored lm_head.weight must be its embedding, since transformers 4 then uses the embedding and 5 the head."""
     lm_head = names["lm_head"]
-    support.check_unread_tensors(present, set(names.values()), support.HF_DECODER_UNREAD, str(folder))
+    support.check_unread_tensors(present, _expanded(cfg, names), support.HF_DECODER_UNREAD, str(folder))
     if cfg.tie_embeddings and lm_head in present and not np.array_equal(read(lm_head), read(names["embed"])):
         raise ModelFormatError(
             f"{folder}: config.json sets tie_word_embeddings, but the folder's {lm_head} differs from the embedding "
@@ -373,6 +410,8 @@ def load_hf_folder(folder: Path, *, weights: str = "f32",
     handles: dict[Path, Any] = {}
 
     def get(name: str) -> np.ndarray:
+        if "{}" in name:  # one tensor per expert: stacked [E, out, in]
+            return np.stack([get(name.format(e)) for e in range(cfg.num_experts)])
         if name not in where:
             raise ModelFormatError(f"{folder}: missing tensor {name!r}")
         path, key = where[name]

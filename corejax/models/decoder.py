@@ -1,5 +1,5 @@
-"""The decoder block every supported family runs (Llama, Mistral, Qwen2/3, Gemma 2/3, SmolLM3, Granite, OLMo 2),
-a pure function over a params pytree. What differs between families is data in ModelConfig (types/families.py):
+"""The decoder block every supported family runs (Llama, Mistral, Qwen2/3, Gemma 2/3, SmolLM3, Granite, OLMo 2,
+and the mixtures of experts Qwen3-MoE, OLMoE, Mixtral), a pure function over a params pytree. What differs between families is data in ModelConfig (types/families.py):
 biases, where the norms sit, Q/K norms, multipliers; what differs between layers is data in LayerAt (the window,
 the RoPE frequencies, zero for a layer without RoPE)."""
 
@@ -10,6 +10,7 @@ from typing import Any
 import jax
 
 from corejax.models.layers import LayerAt, Params, apply_rope, dense, gated_mlp, rms_norm
+from corejax.models.moe import moe_mlp
 from corejax.types.config import ModelConfig
 
 
@@ -50,7 +51,8 @@ def block(layer: Params, x: jax.Array, positions: jax.Array, cache: Any, at: Lay
     if post:
         h = rms_norm(h, layer["post_attn_norm"], eps)
     x = x + (h * cfg.residual_scale if cfg.residual_scale != 1.0 else h)
-    h = gated_mlp(rms_norm(x, layer["ffn_norm"], eps) if pre else x, layer, cfg.activation)
+    h = rms_norm(x, layer["ffn_norm"], eps) if pre else x
+    h = moe_mlp(h, layer, cfg) if cfg.num_experts else gated_mlp(h, layer, cfg.activation)
     if post:
         h = rms_norm(h, layer["post_ffn_norm"], eps)
     return x + (h * cfg.residual_scale if cfg.residual_scale != 1.0 else h), cache

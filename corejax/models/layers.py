@@ -85,15 +85,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (x * cos + rotated * sin).astype(x.dtype)
 
 
+def activate(gate: jax.Array, activation: str) -> jax.Array:
+    """A gated MLP's activation: SiLU (SwiGLU) or tanh-approximated GELU (GeGLU)."""
+    return jax.nn.silu(gate) if activation == "silu" else jax.nn.gelu(gate, approximate=True)
+
+
 def gated_mlp(x: jax.Array, layer: Params, activation: str) -> jax.Array:
-    """x [B, T, D] -> [B, T, D]: down(act(gate(x)) * up(x)), SwiGLU or GeGLU (tanh-approximated GELU)."""
-    gate = dense(x, layer["w_gate"])
-    up = dense(x, layer["w_up"])
-    if activation == "silu":
-        act = jax.nn.silu(gate)
-    else:
-        act = jax.nn.gelu(gate, approximate=True)
-    return dense(act * up, layer["w_down"])
+    """x [B, T, D] -> [B, T, D]: down(act(gate(x)) * up(x)), SwiGLU or GeGLU."""
+    return dense(activate(dense(x, layer["w_gate"]), activation) * dense(x, layer["w_up"]), layer["w_down"])
 
 
 def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:

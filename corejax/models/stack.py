@@ -90,7 +90,7 @@ class LayerView:
     def __getitem__(self, key: str) -> Any:
         groups, slots = self._stacked.groups[key], self._slots[key]
         first = groups[0]
-        if isinstance(first, Matrix) or first.ndim == 3:  # [L, in, out]: a matrix; [L, D]: a vector
+        if isinstance(first, Matrix) or first.ndim >= 3:  # [L, in, out] (or [L, E, in, out]): matrices; [L, D]: a vector
             return LayerWeight(groups, slots, self.index)
         if len(groups) != 1:
             raise ValueError(f"layer parameter {key!r} has per-layer shapes that differ; only matrices may")
@@ -105,7 +105,7 @@ def _signature(v: Any) -> tuple:
     return (type(v).__name__, leaves)
 
 
-def _stack(values: list[Any], free: bool) -> Any:
+def stack_values(values: list[Any], free: bool) -> Any:
     """One stacked value from same-layout values, built in host memory (no compile per shape); with `free`, each
     source array is deleted once copied, so stacking never holds two copies of more than one key."""
     leaves = [jax.tree.leaves(v) for v in values]
@@ -137,6 +137,6 @@ def stack_layers(params: dict, free: bool = False) -> dict:
             signatures.setdefault(_signature(layer[key]), []).append(i)
         members = list(signatures.values())
         where = {i: (g, j) for g, idx in enumerate(members) for j, i in enumerate(idx)}
-        groups[key] = tuple(_stack([layers[i][key] for i in idx], free) for idx in members)
+        groups[key] = tuple(stack_values([layers[i][key] for i in idx], free) for idx in members)
         slots.append((key, tuple(where[i] for i in range(len(layers)))))
     return dict(params, layers=StackedLayers(groups=groups, slots=tuple(slots)))

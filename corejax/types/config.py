@@ -73,6 +73,13 @@ class ModelConfig:
     rope_layers: tuple[bool, ...] = ()
     # llama.cpp's rope_freqs: per-dimension divisors of the inverse frequencies (its form of Llama 3.1 scaling).
     rope_factors: tuple[float, ...] = ()
+    # Mixture of experts (Qwen3-MoE, OLMoE, Mixtral): every layer's MLP is `num_experts` gated MLPs of
+    # `expert_ffn_size`, a router picking `experts_used` per token by softmax, their weights renormalised to sum 1
+    # when `expert_norm`. 0 experts: a dense MLP of ffn_size.
+    num_experts: int = 0
+    experts_used: int = 0
+    expert_ffn_size: int = 0
+    expert_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHITECTURES:
@@ -105,6 +112,9 @@ class ModelConfig:
             raise ModelFormatError(
                 f"{len(self.layer_windows)} layer windows given for {self.num_layers} layers"
             )
+        if self.num_experts and not (0 < self.experts_used <= self.num_experts and self.expert_ffn_size > 0):
+            raise ModelFormatError(f"a mixture of {self.num_experts} experts needs 1 to {self.num_experts} experts "
+                                   f"per token and an expert size; got {self.experts_used} and {self.expert_ffn_size}")
         if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
             raise ModelFormatError(f"norm epsilon must be positive and finite; got {self.norm_eps}")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):

@@ -4,7 +4,8 @@ reads the ModelConfig fields these set), read from an HF config.json or from a G
 A family is the Llama block plus some of: q/k/v biases (Qwen2), a per-head Q/K RMSNorm (Qwen3, Gemma 3) or one over
 the whole projection (OLMo 2), norms around the block's outputs (Gemma: before and after; OLMo 2: after only),
 sliding-window layers (Mistral, Gemma), logit soft-capping (Gemma 2), layers without RoPE (SmolLM3), Granite's
-multipliers. support.py refuses what a family's checkpoint asks beyond that.
+multipliers, and a mixture of experts in place of the MLP (Qwen3-MoE, OLMoE, Mixtral: models/moe.py). support.py
+refuses what a family's checkpoint asks beyond that.
 """
 
 from __future__ import annotations
@@ -12,15 +13,24 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "granite", "olmo2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "granite", "olmo2",
+                 "qwen3moe", "olmoe", "mixtral")
 # HF model_type -> corejax's architecture.
 HF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-           "gemma3_text": "gemma3", "gemma3": "gemma3", "smollm3": "smollm3", "granite": "granite", "olmo2": "olmo2"}
-# GGUF general.architecture -> corejax's (llama.cpp writes Mistral and Llama 3 as "llama").
-GGUF_ARCH = {a: a for a in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "granite", "olmo2")}
+           "gemma3_text": "gemma3", "gemma3": "gemma3", "smollm3": "smollm3", "granite": "granite", "olmo2": "olmo2",
+           "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "mixtral"}
+# GGUF general.architecture -> corejax's (llama.cpp writes Mistral, Llama 3 and Mixtral as "llama": a "llama" file
+# with experts is a Mixtral).
+GGUF_ARCH = {a: a for a in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "granite", "olmo2",
+                            "qwen3moe", "olmoe")}
 # llama.cpp's converter permutes the Q/K rows of the Llama-derived architectures for its RoPE layout (its
 # LlamaModel.undo_permute); the loader undoes it.
-PERMUTED_QK = frozenset({"llama", "mistral", "smollm3", "granite"})
+PERMUTED_QK = frozenset({"llama", "mistral", "smollm3", "granite", "mixtral"})
+MOE = ("qwen3moe", "olmoe", "mixtral")
+# Whether the top-k router weights are renormalised to sum 1: what llama.cpp hard-codes per architecture (its
+# build_moe_ffn norm_w), and HF's default where config.json says nothing (Mixtral always renormalises).
+GGUF_EXPERT_NORM = {"llama": True, "qwen3moe": True, "olmoe": False}
+HF_EXPERT_NORM = {"qwen3moe": False, "olmoe": False}
 # HF's Gemma RMSNorm multiplies by (1 + w); its checkpoints store w (GGUF files store 1 + w).
 HF_NORM_OFFSET = {"gemma2": 1.0, "gemma3": 1.0}
 GEMMA = ("gemma2", "gemma3")
@@ -47,6 +57,19 @@ def hf_extras(arch: str, config: Mapping[str, Any], common: Mapping[str, Any]) -
         return {"qkv_bias": True}
     if arch == "qwen3":
         return {"qk_norm": "head"}
+    if arch in MOE:
+        # transformers 5 writes every family's count as num_local_experts; released Qwen3-MoE / OLMoE configs
+        # say num_experts.
+        experts = config.get("num_local_experts") or config.get("num_experts")
+        moe = {"num_experts": int(experts), "experts_used": int(config["num_experts_per_tok"]),
+               "expert_ffn_size": int(config.get("moe_intermediate_size") or common["ffn_size"]),
+               "expert_norm": bool(config.get("norm_topk_prob", HF_EXPERT_NORM.get(arch, True)))}
+        if arch == "qwen3moe":
+            return {**moe, "qk_norm": "head"}
+        if arch == "olmoe":
+            return {**moe, "qk_norm": "full"}
+        window = config.get("sliding_window")
+        return {**moe, "layer_windows": (int(window),) * layers} if window else moe
     if arch == "mistral":
         window = config.get("sliding_window")
         return {"layer_windows": (int(window),) * layers} if window else {}
@@ -81,6 +104,19 @@ def gguf_extras(arch: str, get: Callable[..., Any], common: Mapping[str, Any]) -
     """The same from a GGUF file's `{arch}.*` metadata (`get(key, default, kind)`), with the constants llama.cpp
     hard-codes per architecture."""
     layers, hidden, heads = common["num_layers"], common["hidden_size"], common["num_heads"]
+    extras: dict[str, Any] = {}
+    if arch in GGUF_EXPERT_NORM and get("expert_count", 0):
+        extras = {"num_experts": get("expert_count"), "experts_used": get("expert_used_count"),
+                  "expert_ffn_size": get("expert_feed_forward_length", common["ffn_size"]),
+                  "expert_norm": GGUF_EXPERT_NORM[arch]}
+        if arch == "llama":
+            extras["arch"] = "mixtral"
+    if arch == "qwen3moe":
+        return {**extras, "qk_norm": "head"}
+    if arch == "olmoe":
+        return {**extras, "qk_norm": "full"}
+    if arch == "llama":
+        return extras
     if arch == "qwen2":
         return {"qkv_bias": True}
     if arch == "qwen3":

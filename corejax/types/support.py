@@ -135,6 +135,13 @@ _GRANITE_KEYS = ("embedding_multiplier", "attention_multiplier", "residual_multi
 _GEMMA2 = Family("gemma2", _GEMMA3_KEYS - {"rope_local_base_freq", "sliding_window_pattern", "text_config"},
                  _GEMMA3.unimplemented)
 
+_HF_QWEN3_MOE = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob")
+_HF_MOE = (
+    Unimplemented("decoder_sparse_step", "dense MLP layers between the expert layers", _is(1)),
+    Unimplemented("mlp_only_layers", "dense MLP layers between the expert layers", lambda v, c: not v),
+    Unimplemented("shared_expert_intermediate_size", "a shared expert", _is(0)),
+)
+
 HF_FAMILIES: dict[str, Family] = {
     "llama": Family("llama", _HF_SIZES, _HF_LLAMA),
     "mistral": Family("mistral", _HF_SIZES | {"sliding_window"}, _HF_LLAMA),
@@ -148,6 +155,12 @@ HF_FAMILIES: dict[str, Family] = {
     "gemma2": _GEMMA2,
     "gemma3_text": _GEMMA3,
     "gemma3": _GEMMA3,  # the multimodal wrapper: ModelConfig.from_hf reads its text_config
+    "qwen3_moe": Family("qwen3moe", _HF_SIZES | set(_HF_QWEN3_MOE), _HF_LLAMA + _HF_NO_WINDOW + _HF_MOE),
+    "olmoe": Family("olmoe", _HF_SIZES | {"num_experts", "num_local_experts", "num_experts_per_tok", "norm_topk_prob"},
+                    _HF_LLAMA + (
+        Unimplemented("clip_qkv", "clipped Q/K/V projections", _is()),)),
+    "mixtral": Family("mixtral", _HF_SIZES | {"sliding_window", "num_local_experts", "num_experts_per_tok"},
+                      _HF_LLAMA),
 }
 
 ENCODER_FAMILIES: dict[str, Family] = {
@@ -195,9 +208,30 @@ _GGUF_COMMON = (
 _GGUF_WINDOW = (Unimplemented("attention.sliding_window", "sliding-window attention", _gguf_window_inert),)
 _GGUF_GRANITE = ("attention.scale", "embedding_scale", "residual_scale", "logit_scale")
 _GGUF_SOFTCAP = ("attn_logit_softcapping", "final_logit_softcapping")
+# Mixture of experts as llama.cpp's llama (Mixtral), qwen3moe and olmoe run it: softmax routing to
+# expert_used_count experts, renormalised or not as the architecture fixes (types/families.py GGUF_EXPERT_NORM).
+_GGUF_MOE_KEYS = ("expert_count", "expert_used_count", "expert_feed_forward_length")
+
+
+def _gguf_moe(norm: bool) -> tuple[Unimplemented, ...]:
+    return (
+        Unimplemented("expert_weights_norm", f"{'un' if norm else ''}normalised expert weights", _is(norm)),
+        Unimplemented("expert_weights_scale", "scaled expert weights", _is(0.0, 1.0)),
+        Unimplemented("expert_gating_func", "expert gating other than softmax", _is(0, 1)),
+        Unimplemented("expert_shared_count", "shared experts", _is(0)),
+        Unimplemented("expert_shared_feed_forward_length", "shared experts", _is(0)),
+        Unimplemented("expert_group_count", "grouped expert routing", _is(0, 1)),
+        Unimplemented("leading_dense_block_count", "dense MLP layers before the expert layers", _is(0)),
+    )
+
+
+_GGUF_MOE_COMMON = _without(_GGUF_COMMON, "expert_count")
 GGUF_FAMILIES: dict[str, Family] = {
-    **{arch: Family(arch, _GGUF_SIZES, _GGUF_COMMON + _GGUF_WINDOW)
-       for arch in ("llama", "qwen2", "qwen3", "smollm3", "olmo2")},
+    **{arch: Family(arch, _GGUF_SIZES, _GGUF_COMMON + _GGUF_WINDOW) for arch in ("qwen2", "qwen3", "smollm3", "olmo2")},
+    "llama": Family("llama", _GGUF_SIZES | set(_GGUF_MOE_KEYS), _GGUF_MOE_COMMON + _GGUF_WINDOW + _gguf_moe(True)),
+    "qwen3moe": Family("qwen3moe", _GGUF_SIZES | set(_GGUF_MOE_KEYS),
+                       _GGUF_MOE_COMMON + _GGUF_WINDOW + _gguf_moe(True)),
+    "olmoe": Family("olmoe", _GGUF_SIZES | set(_GGUF_MOE_KEYS), _GGUF_MOE_COMMON + _GGUF_WINDOW + _gguf_moe(False)),
     "granite": Family("granite", _GGUF_SIZES | set(_GGUF_GRANITE),
                       _without(_GGUF_COMMON, *_GGUF_GRANITE) + _GGUF_WINDOW),
     "gemma2": Family("gemma2", _GGUF_SIZES | {"attention.sliding_window", *_GGUF_SOFTCAP},
