@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "out" / "moe.json"))
     args = ap.parse_args()
     gguf = build_gguf(args)
-    cmd = [sys.executable, "-m", "corejax", "bench", "--suite", "generation", "-m", str(gguf),
+    cmd = [sys.executable, "-c", "import sys; from corejax.cli import main; sys.exit(main())", "bench", "--suite", "generation", "-m", str(gguf),
            "--runtimes", "corejax", "llama.cpp", "--prompt-lengths", *args.prompt_lengths,
            "--decode-tokens", args.decode_tokens, "--reps", args.reps, "--json", args.json]
     print("$", " ".join(cmd), flush=True)

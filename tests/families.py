@@ -41,6 +41,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     # OLMoE has no grouped-query attention (llama.cpp sizes its K norm by the hidden size).
     "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2, num_key_value_heads=4)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # Phi-3.5 / Phi-4-mini's layout: fused q/k/v and gate/up, RoPE on half of each head (Phi-4-mini: 3/4),
+    # LongRoPE (short factors within the original context), a sliding window.
+    "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5, sliding_window=8, max_position_embeddings=2048,
+                                original_max_position_embeddings=512, rope_scaling={
+                                    "rope_type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.6],
+                                    "long_factor": [1.5, 3.0, 6.0, 9.0], "original_max_position_embeddings": 512})),
 }
 
 
@@ -94,10 +100,11 @@ def convert(folder: Path, out: Path, outtype: str = "f32") -> Path:
 
 
 # What llama.cpp's converter cannot write: Mistral's sliding window (it writes Mistral as "llama" without one, and
-# llama.cpp runs it so); its GGUF is checked on a Mistral v0.2/v0.3 layout, which has none.
-GGUF_OVERRIDES = {"mistral": {"sliding_window": None}}
-# The converter reads a family's own kind of vocabulary: Gemma's is SentencePiece (a tokenizer.model file).
-SENTENCEPIECE = {"gemma2": 32000}
+# llama.cpp runs it so); its GGUF is checked on a Mistral v0.2/v0.3 layout, which has none. llama.cpp runs Phi-3
+# without its window (its own logged TODO): its GGUF is checked on Phi-4-mini's layout, whose window is inert.
+GGUF_OVERRIDES = {"mistral": {"sliding_window": None}, "phi3": {"sliding_window": None}}
+# The converter reads a family's own kind of vocabulary: Gemma's and Phi-3's are SentencePiece (tokenizer.model).
+SENTENCEPIECE = {"gemma2": 32000, "phi3": 32000}
 
 
 def sentencepiece_model() -> Path:

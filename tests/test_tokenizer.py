@@ -14,9 +14,9 @@ from corejax.errors import UnsupportedModelError
 from corejax.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 from tokenizer_testdata import gguf_metadata, llama_vocab_dir, read_vectors
 
-# Vocabularies whose every llama.cpp vector must pass; "gemma-4" (its own tokenizer model) is not implemented.
+# Vocabularies whose every llama.cpp vector must pass: every ggml-vocab-*.gguf in the sdist.
 PASSING = ["gpt-2", "llama-spm", "llama-bpe", "qwen2", "qwen35", "phi-3", "bert-bge", "command-r",
-           "deepseek-coder", "deepseek-llm", "falcon", "mpt", "refact", "starcoder"]
+           "deepseek-coder", "deepseek-llm", "falcon", "mpt", "refact", "starcoder", "gemma-4"]
 
 TEXTS = [
     "Hello world", " Hello world", "Hello  world   !", "\n\n\tindented\n  code\r\n", "    ", "",
@@ -54,12 +54,33 @@ def test_llama_cpp_reference_vectors(name, vocab_dir, vocab_tokenizers):
     assert not failures, failures[:3]
 
 
-def test_unimplemented_tokenizer_model_is_refused(vocab_dir):
-    with pytest.raises(UnsupportedModelError):
-        tokenizer_from_gguf_metadata(gguf_metadata(vocab_dir / "ggml-vocab-gemma-4.gguf"))
+def test_every_sdist_vocab_is_tested(vocab_dir):
+    names = {p.name[len("ggml-vocab-"):-len(".gguf")] for p in vocab_dir.glob("ggml-vocab-*.gguf")
+             if Path(str(p) + ".inp").exists()}
+    assert names <= set(PASSING), sorted(names - set(PASSING))
 
 
-@pytest.mark.parametrize("name", ["gpt-2", "llama-spm", "llama-bpe", "qwen2"])
+def test_unknown_tokenizer_model_is_refused(vocab_dir):
+    meta = dict(gguf_metadata(vocab_dir / "ggml-vocab-gemma-4.gguf"))
+    meta["tokenizer.ggml.model"] = "nonesuch"
+    with pytest.raises(UnsupportedModelError, match="nonesuch"):
+        tokenizer_from_gguf_metadata(meta)
+
+
+def test_gemma4_special_tokens(vocab_tokenizers):
+    tok = vocab_tokenizers("gemma-4")
+    assert tok.kind == "spm" and tok.add_bos and tok.bos_id == 2
+    ids = tok.encode("<|turn>user\nhi<turn|>")
+    assert ids[:2] == [tok.bos_id, tok.tokens.index("<|turn>")] and ids[-1] == tok.tokens.index("<turn|>")
+    assert tok.tokens.index("<|turn>") not in tok.encode("<|turn>user", parse_special=False)
+    assert {tok.eos_id, tok.tokens.index("<turn|>"), tok.tokens.index("<|tool_response>")} <= tok.eos_ids
+    assert tok.decode(ids) == "user\nhi" and tok.decode(ids, skip_special=False) == "<bos><|turn>user\nhi<turn|>"
+    # no dummy-prefix space: a leading space is a token of its own and decodes back
+    assert tok.encode("Hello", add_special=False) != tok.encode(" Hello", add_special=False)
+    assert tok.decode(tok.encode(" Hello", add_special=False)) == " Hello"
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "llama-spm", "llama-bpe", "qwen2", "gemma-4"])
 def test_roundtrip_and_stream(name, vocab_tokenizers):
     tok = vocab_tokenizers(name)
     for text in TEXTS:
@@ -74,7 +95,7 @@ def test_roundtrip_and_stream(name, vocab_tokenizers):
 @settings(max_examples=150, deadline=None)
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40))
 def test_roundtrip_property_spm_and_bpe(vocab_tokenizers, text):
-    for name in ("llama-spm", "llama-bpe"):
+    for name in ("llama-spm", "llama-bpe", "gemma-4"):
         tok = vocab_tokenizers(name)
         ids = tok.encode(text, parse_special=False)
         assert tok.decode(ids) == text

@@ -67,6 +67,10 @@ HF_RENAMES = {"gemma2": {"ffn_norm": "pre_feedforward_layernorm.weight"},
                           "x_down": "block_sparse_moe.experts.{}.w2.weight"}}
 BIASES = ("bq", "bk", "bv")
 ROPE_FREQS = "rope_freqs.weight"  # read into ModelConfig.rope_factors (loading/loader.py gguf_config)
+ROPE_SHORT = "rope_factors_short.weight"  # Phi-3's LongRoPE short factors, read the same way
+# Phi-3's fused matrices, split at load into the keys the model reads.
+FUSED_NAMES = {"wqkv": ("attn_qkv.weight", "self_attn.qkv_proj.weight"),
+               "w_gate_up": ("ffn_up.weight", "mlp.gate_up_proj.weight")}
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -76,7 +80,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     if cfg.norms != "post":
         shapes["attn_norm"] = (d,)
-    shapes.update(wq=(q, d), wk=(kv, d), wv=(kv, d))
+    fused = cfg.arch in families.FUSED
+    shapes.update(wqkv=(q + 2 * kv, d)) if fused else shapes.update(wq=(q, d), wk=(kv, d), wv=(kv, d))
     if cfg.qkv_bias:
         shapes.update(bq=(q,), bk=(kv,), bv=(kv,))
     if cfg.qk_norm:
@@ -89,6 +94,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.num_experts:
         e, g = cfg.num_experts, cfg.expert_ffn_size
         shapes.update(router=(e, d), x_gate=(e, g, d), x_up=(e, g, d), x_down=(e, d, g))
+    elif fused:
+        shapes.update(w_gate_up=(2 * f, d), w_down=(d, f))
     else:
         shapes.update(w_gate=(f, d), w_up=(f, d), w_down=(d, f))
     if cfg.norms != "pre":
@@ -260,28 +267,40 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
         params["embed"] = (jnp.asarray(embed) if isinstance(embed, np.ndarray) and weights not in QUANTIZED_WEIGHTS
                            else _matrix(embed, weights))
         params["lm_head"] = _matrix(fetch("lm_head", (v, d)), weights)
+    q, kv, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.ffn_size
+    splits = {"wqkv": (("wq", 0, q), ("wk", q, q + kv), ("wv", q + kv, q + 2 * kv)),
+              "w_gate_up": (("w_gate", 0, f), ("w_up", f, 2 * f))}
+
+    def parts(key: str, w: np.ndarray | Blocks) -> list[tuple[str, np.ndarray | Blocks]]:
+        """A fused matrix's rows as the matrices the model reads (Phi-3: q, k, v; gate then up)."""
+        if key not in splits:
+            return [(key, w)]
+        return [(name, w.rows(lambda a, lo=lo, hi=hi: a[lo:hi]) if isinstance(w, Blocks) else w[lo:hi])
+                for name, lo, hi in splits[key]]
+
+    def convert(key: str, w: np.ndarray | Blocks) -> Any:
+        """One checkpoint tensor -> its param: Q/K rows back in HF's order, then a bias, norm, matrix or experts."""
+        if permuted_qk and key in ("wq", "wk", "bq", "bk"):
+            heads = cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads
+            unpermute = functools.partial(_unpermute_rope, heads=heads)
+            if len(w.shape) == 1:
+                w = unpermute(w[:, None])[:, 0]
+            else:
+                w = w.rows(unpermute) if isinstance(w, Blocks) else unpermute(w)
+        if key in BIASES:
+            if isinstance(w, Blocks):
+                raise ModelFormatError(f"{source}: a bias is stored quantized ({w.fmt}); expected a float type")
+            return jnp.asarray(w)
+        if len(w.shape) == 1:
+            return norm(w)
+        return _experts(w, weights) if len(w.shape) == 3 else _matrix(w, weights)
+
     layers = []
     for i in range(cfg.num_layers):
         layer = {}
-        for key, shape in shapes.items():
-            w = fetch(f"{i}.{key}", shape)
-            if permuted_qk and key in ("wq", "wk", "bq", "bk"):
-                heads = cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads
-                unpermute = functools.partial(_unpermute_rope, heads=heads)
-                if len(shape) == 1:
-                    w = unpermute(w[:, None])[:, 0]
-                else:
-                    w = w.rows(unpermute) if isinstance(w, Blocks) else unpermute(w)
-            if key in BIASES:
-                if isinstance(w, Blocks):
-                    raise ModelFormatError(f"{source}: a bias is stored quantized ({w.fmt}); expected a float type")
-                layer[key] = jnp.asarray(w)
-            elif len(shape) == 1:
-                layer[key] = norm(w)
-            elif len(shape) == 3:
-                layer[key] = _experts(w, weights)
-            else:
-                layer[key] = _matrix(w, weights)
+        for stored, shape in shapes.items():
+            for key, w in parts(stored, fetch(f"{i}.{stored}", shape)):
+                layer[key] = convert(key, w)
         layers.append(layer)
     params["layers"] = layers
     bar.close()
@@ -292,7 +311,7 @@ def gguf_names(cfg: ModelConfig) -> dict[str, str]:
     names = {"final_norm": "output_norm.weight", "embed": "token_embd.weight", "lm_head": "output.weight"}
     for i in range(cfg.num_layers):
         for key in expected_shapes(cfg):
-            names[f"{i}.{key}"] = f"blk.{i}.{LAYER_NAMES[key][0]}"
+            names[f"{i}.{key}"] = f"blk.{i}.{(FUSED_NAMES.get(key) or LAYER_NAMES[key])[0]}"
     return names
 
 
@@ -319,7 +338,7 @@ def load_gguf_params(gguf: Any, cfg: ModelConfig, *, weights: str = "native",
                      progress: bool = True) -> dict[str, Any]:
     """`gguf` is an open corejax.loading.gguf.GGUFFile. weights: one of WEIGHT_MODES."""
     names = gguf_names(cfg)
-    read = set(names.values()) | ({ROPE_FREQS} if cfg.rope_factors else set())
+    read = set(names.values()) | ({ROPE_FREQS, ROPE_SHORT} if cfg.rope_factors else set())
     support.check_unread_tensors(gguf.tensors, read, support.GGUF_UNREAD, str(gguf.path))
     missing = [n for n in names.values() if n not in gguf.tensors and n != "output.weight"]
     if missing:
@@ -337,7 +356,7 @@ def hf_names(cfg: ModelConfig, prefix: str) -> dict[str, str]:
     renames = HF_RENAMES.get(cfg.arch, {})
     for i in range(cfg.num_layers):
         for key in expected_shapes(cfg):
-            names[f"{i}.{key}"] = f"{prefix}layers.{i}.{renames.get(key, LAYER_NAMES[key][1])}"
+            names[f"{i}.{key}"] = f"{prefix}layers.{i}.{renames.get(key, (FUSED_NAMES.get(key) or LAYER_NAMES[key])[1])}"
     return names
 
 

@@ -60,9 +60,22 @@ def describe_gguf(path: Path) -> dict[str, Any]:
 
 def gguf_config(f: Any, meta: Any) -> ModelConfig:
     """The model config of an open GGUF file: its metadata, whether it ties the LM head to the embedding, and
-    llama.cpp's rope_freqs tensor where the file has one (how its converter stores Llama 3.1's RoPE scaling)."""
-    factors = f.dequantize(ROPE_FREQS).reshape(-1).tolist() if ROPE_FREQS in f.tensors else None
-    return ModelConfig.from_gguf(meta, tie_embeddings="output.weight" not in f.tensors, rope_factors=factors)
+    llama.cpp's rope_freqs tensor where the file has one (how its converter stores Llama 3.1's RoPE scaling).
+    Phi-3's LongRoPE: its short factors and attention factor, the context capped at the original length (past
+    it llama.cpp and transformers switch to the long factors, which corejax does not implement)."""
+    short = "rope_factors_short.weight"
+    name = ROPE_FREQS if ROPE_FREQS in f.tensors else short if short in f.tensors else None
+    factors = f.dequantize(name).reshape(-1).tolist() if name else None
+    cfg = ModelConfig.from_gguf(meta, tie_embeddings="output.weight" not in f.tensors, rope_factors=factors)
+    if name == short:
+        arch = meta["general.architecture"]
+        attn = meta.get(f"{arch}.rope.scaling.attn_factor", 1.0)
+        original = meta.get(f"{arch}.rope.scaling.original_context_length", cfg.max_context)
+        if not isinstance(attn, (int, float)) or not isinstance(original, int) or original <= 0:
+            raise ModelFormatError(f"{f.path}: bad LongRoPE metadata (attn_factor {attn!r}, original context "
+                                   f"{original!r})")
+        cfg = dataclasses.replace(cfg, rope_attn_factor=float(attn), max_context=min(cfg.max_context, original))
+    return cfg
 
 
 def param_bytes(params: Any) -> int:

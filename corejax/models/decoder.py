@@ -32,8 +32,8 @@ def attention_block(layer: Params, x: jax.Array, positions: jax.Array, cache: An
                     cfg: ModelConfig) -> tuple[jax.Array, Any]:
     """x [B, T, D] -> attention output [B, T, D]; writes this layer's keys/values to the cache."""
     batch, t, _ = x.shape
-    q = apply_rope(_project(x, layer, "q", cfg.num_heads, cfg), positions, at.inv_freq)
-    k = apply_rope(_project(x, layer, "k", cfg.num_kv_heads, cfg), positions, at.inv_freq)
+    q = apply_rope(_project(x, layer, "q", cfg.num_heads, cfg), positions, at.inv_freq, cfg.rope_attn_factor)
+    k = apply_rope(_project(x, layer, "k", cfg.num_kv_heads, cfg), positions, at.inv_freq, cfg.rope_attn_factor)
     v = _project(x, layer, "v", cfg.num_kv_heads, cfg)
     out, cache = cache.attend(at.index, q, k, v, positions, window=at.window, scale=cfg.attention_scale,
                               softcap=cfg.attn_softcap)

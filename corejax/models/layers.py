@@ -74,15 +74,22 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> j
     return jnp.where(mid, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, factor: float = 1.0) -> jax.Array:
     """x [B, T, N, H], positions [B, T] -> rotated x, HF's rotate-half layout (the loader undoes llama.cpp's
-    interleaved Q/K permutation, so one convention serves both checkpoint formats)."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    interleaved Q/K permutation, so one convention serves both checkpoint formats). With fewer frequencies than
+    H / 2 (partial rotary, Phi-3/4) only the first 2 * len(inv_freq) dimensions rotate; `factor` scales cos and
+    sin (LongRoPE's attention factor)."""
+    rot = 2 * inv_freq.shape[-1]
+    x_rot, x_pass = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot/2]
     cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos + rotated * sin).astype(x.dtype)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = (x_rot * cos + rotated * sin).astype(x.dtype)
+    return out if x_pass is None else jnp.concatenate([out, x_pass], axis=-1)
 
 
 def activate(gate: jax.Array, activation: str) -> jax.Array:
@@ -142,7 +149,7 @@ def layer_at(cfg: ModelConfig, index: int) -> LayerAt:
     # Gemma 3's RoPE scaling is its global layers' (HF's rope_parameters["full_attention"], llama.cpp's
     # freq_scale_swa = 1): the local layers keep unscaled frequencies of their own base.
     local = cfg.layer_windows[index] > 0 and bool(cfg.rope_local_theta)
-    inv_freq = rope_inv_freq(cfg.head_dim, layer_theta(cfg, index), None if local else cfg.rope_scaling)
+    inv_freq = rope_inv_freq(cfg.rotary_dim, layer_theta(cfg, index), None if local else cfg.rope_scaling)
     if cfg.rope_factors:  # llama.cpp's rope_freqs: theta_i / factor_i
         inv_freq = inv_freq / jnp.asarray(cfg.rope_factors, jnp.float32)
     if not cfg.rope_layers[index]:  # no RoPE here (SmolLM3): rotating by angle 0 leaves q and k as they are

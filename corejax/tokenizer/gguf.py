@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,7 +66,7 @@ _register("gpt-4o llama4", (_GPT4O,))
 
 # Tokens llama.cpp also treats as end of generation when the file marks them as control tokens.
 _EOG_TEXTS = frozenset({"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
-                        "<EOT>", "_<EOT>", "<|end▁of▁sentence|>", "<|return|>", "<|call|>", "<end_of_utterance>"})
+                        "<EOT>", "_<EOT>", "<|end▁of▁sentence|>", "<|return|>", "<|call|>", "<end_of_utterance>", "<turn|>"})
 
 
 def _get(meta: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -92,12 +93,8 @@ def _vocab(tokens: list[str]) -> dict[str, int]:
     return vocab
 
 
-def _byte_level_segmenter(tokens: list[str], merges: list[str], pre: str):
-    if pre not in PRE_TOKENIZERS:
-        raise UnsupportedModelError(f"the byte-level BPE pre-tokenizer {pre!r} is not implemented; supported: "
-                                    f"{', '.join(sorted(PRE_TOKENIZERS))}")
-    regexes, ignore_merges = PRE_TOKENIZERS[pre]
-    vocab = _vocab(tokens)
+def _merge_pairs(merges: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """tokenizer.ggml.merges as (left, right) pairs, rank order; pairs whose parts are not tokens are dropped."""
     pairs = []
     for m in merges:
         cut = m.find(" ", 1)  # from 1: llama.cpp's rule, so a merge may start with a space
@@ -107,7 +104,16 @@ def _byte_level_segmenter(tokens: list[str], merges: list[str], pre: str):
         left, right = m[:cut], m[cut + 1:]
         if left in vocab and right in vocab and left + right in vocab:
             pairs.append((left, right))
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges))
+    return pairs
+
+
+def _byte_level_segmenter(tokens: list[str], merges: list[str], pre: str):
+    if pre not in PRE_TOKENIZERS:
+        raise UnsupportedModelError(f"the byte-level BPE pre-tokenizer {pre!r} is not implemented; supported: "
+                                    f"{', '.join(sorted(PRE_TOKENIZERS))}")
+    regexes, ignore_merges = PRE_TOKENIZERS[pre]
+    vocab = _vocab(tokens)
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=_merge_pairs(merges, vocab), ignore_merges=ignore_merges))
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -155,6 +161,35 @@ def _spm_segmenter(tokens: list[str], scores: np.ndarray, add_space_prefix: bool
     return segment
 
 
+_LINES = re.compile(r"[^\n]+|\n+")
+
+
+def _gemma4_segmenter(tokens: list[str], merges: list[str]):
+    """Gemma 4 (tokenizer.ggml.model "gemma4"): BPE over raw UTF-8 characters with ranked merges, spaces
+    spelled "▁", no dummy-prefix space, <0xXX> byte fallback.
+
+    As llama.cpp: the text is cut into runs of newlines and runs of everything else, and each run is merged
+    on its own; a run of newlines that is itself a token is taken whole, whatever the merges would make of it.
+    """
+    vocab = _vocab(tokens)
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=_merge_pairs(merges, vocab), byte_fallback=True,
+                                fuse_unk=False))
+
+    def segment(text: str, prev_special: bool) -> list[int]:
+        runs = _LINES.findall(text.replace(" ", "\u2581"))
+        whole = [vocab.get(r) if r[0] == "\n" else None for r in runs]
+        merged = iter(hf.encode_batch([r for r, w in zip(runs, whole) if w is None], add_special_tokens=False))
+        ids: list[int] = []
+        for w in whole:
+            if w is None:
+                ids.extend(next(merged).ids)
+            else:
+                ids.append(w)
+        return ids
+
+    return segment
+
+
 def _wpm_segmenter(tokens: list[str], token_types: np.ndarray, unk_id: int | None):
     # GGUF spells BERT's vocabulary with a "phantom space": word starts as "▁word", continuations bare.
     vocab: dict[str, int] = {}
@@ -179,7 +214,7 @@ def _wpm_segmenter(tokens: list[str], token_types: np.ndarray, unk_id: int | Non
 
 
 def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
-    """A Tokenizer from GGUF metadata (tokenizer.ggml.model "gpt2", "llama" or "bert")."""
+    """A Tokenizer from GGUF metadata (tokenizer.ggml.model "gpt2", "llama", "gemma4" or "bert")."""
     model = _get(meta, "model")
     tokens = _get(meta, "tokens")
     if model is None or tokens is None:
@@ -213,13 +248,23 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
         kind, strip = "spm", add_space_prefix
         segment = _spm_segmenter(tokens, scores, add_space_prefix)
         add_bos_default = True
+    elif model == "gemma4":
+        kind, strip = "spm", False
+        merges = _get(meta, "merges")
+        if merges is None:
+            raise ModelFormatError("the GGUF tokenizer model 'gemma4' needs tokenizer.ggml.merges, which this file "
+                                   "lacks; re-convert the model")
+        segment = _gemma4_segmenter(tokens, [str(m) for m in merges])
+        add_bos_default = True
+        # llama.cpp also stops Gemma 4 at <|tool_response>, which the file marks user-defined, not control.
+        eos_ids |= {i for i, t in enumerate(tokens) if t == "<|tool_response>"}
     elif model == "bert":
         kind, strip = "wpm", True
         segment = _wpm_segmenter(tokens, token_types, unk_id)
         add_bos_default = True
     else:
         raise UnsupportedModelError(f"the GGUF tokenizer model {model!r} is not implemented (corejax reads "
-                                    "'gpt2', 'llama' and 'bert'); convert the model with one of those")
+                                    "'gpt2', 'llama', 'gemma4' and 'bert'); convert the model with one of those")
     if kind == "wpm":
         # BERT: [CLS] text [SEP]; GGUF calls them bos/eos or cls/sep.
         bos_id = _token_id(meta, "cls_token_id", n) if bos_id is None else bos_id
@@ -227,7 +272,8 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
         eos_id = sep_id if sep_id is not None else eos_id
     tok = Tokenizer(kind=kind, tokens=tokens, token_types=token_types, segment=segment, bos_id=bos_id,
                     eos_ids=eos_ids, eos_id=eos_id, pad_id=pad_id, unk_id=unk_id,
-                    add_bos=bool(_get(meta, "add_bos_token", add_bos_default)),
+                    # As llama.cpp: Gemma 4 always starts with <bos>, whatever a converted file says.
+                    add_bos=model == "gemma4" or bool(_get(meta, "add_bos_token", add_bos_default)),
                     add_eos=bool(_get(meta, "add_eos_token", kind == "wpm")),
                     strip_first_space=strip, chat_template=meta.get("tokenizer.chat_template"))
     return tok

@@ -73,6 +73,10 @@ class ModelConfig:
     rope_layers: tuple[bool, ...] = ()
     # llama.cpp's rope_freqs: per-dimension divisors of the inverse frequencies (its form of Llama 3.1 scaling).
     rope_factors: tuple[float, ...] = ()
+    # Partial rotary embeddings (Phi-3/4): RoPE on the first rope_dims of each head, the rest passed through;
+    # 0 = the whole head. rope_attn_factor multiplies cos and sin (LongRoPE's attention factor).
+    rope_dims: int = 0
+    rope_attn_factor: float = 1.0
     # Mixture of experts (Qwen3-MoE, OLMoE, Mixtral): every layer's MLP is `num_experts` gated MLPs of
     # `expert_ffn_size`, a router picking `experts_used` per token by softmax, their weights renormalised to sum 1
     # when `expert_norm`. 0 experts: a dense MLP of ffn_size.
@@ -103,9 +107,12 @@ class ModelConfig:
             object.__setattr__(self, "rope_layers", (True,) * self.num_layers)
         if len(self.rope_layers) != self.num_layers:
             raise ModelFormatError(f"{len(self.rope_layers)} RoPE flags given for {self.num_layers} layers")
-        if self.rope_factors and len(self.rope_factors) != self.head_dim // 2:
-            raise ModelFormatError(f"{len(self.rope_factors)} RoPE frequency factors for a head of {self.head_dim}; "
-                                   f"expected {self.head_dim // 2}")
+        if self.rope_dims % 2 or not 0 <= self.rope_dims <= self.head_dim:
+            raise ModelFormatError(f"RoPE on {self.rope_dims} dimensions of a {self.head_dim}-dimension head: "
+                                   "needs an even count, at most the head's")
+        if self.rope_factors and len(self.rope_factors) != self.rotary_dim // 2:
+            raise ModelFormatError(f"{len(self.rope_factors)} RoPE frequency factors for {self.rotary_dim} rotated "
+                                   f"dimensions; expected {self.rotary_dim // 2}")
         if self.qk_norm not in ("", "head", "full") or self.norms not in ("pre", "sandwich", "post"):
             raise ModelFormatError(f"unknown qk_norm {self.qk_norm!r} or norms {self.norms!r}")
         if len(self.layer_windows) != self.num_layers:
@@ -119,6 +126,11 @@ class ModelConfig:
             raise ModelFormatError(f"norm epsilon must be positive and finite; got {self.norm_eps}")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ModelFormatError(f"RoPE base must be positive and finite; got {self.rope_theta}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates (the first ones)."""
+        return self.rope_dims or self.head_dim
 
     @property
     def attention_scale(self) -> float:
@@ -210,7 +222,7 @@ class ModelConfig:
                 rope_theta=float(_rope_param(config, "rope_theta", 10000.0)),
                 max_context=int(config.get("max_position_embeddings", 4096)),
                 tie_embeddings=bool(config.get("tie_word_embeddings", arch in families.GEMMA)),
-                rope_scaling=_hf_rope_scaling(config),
+                rope_scaling=None if arch in families.OWN_ROPE else _hf_rope_scaling(config),
             )
             support.check_config(family, config, "config.json")
             common.update(families.hf_extras(arch, config, common))

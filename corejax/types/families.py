@@ -10,19 +10,20 @@ refuses what a family's checkpoint asks beyond that.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "granite", "olmo2",
-                 "qwen3moe", "olmoe", "mixtral")
+                 "qwen3moe", "olmoe", "mixtral", "phi3")
 # HF model_type -> corejax's architecture.
 HF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
            "gemma3_text": "gemma3", "gemma3": "gemma3", "smollm3": "smollm3", "granite": "granite", "olmo2": "olmo2",
-           "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "mixtral"}
+           "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "mixtral", "phi3": "phi3"}
 # GGUF general.architecture -> corejax's (llama.cpp writes Mistral, Llama 3 and Mixtral as "llama": a "llama" file
 # with experts is a Mixtral).
 GGUF_ARCH = {a: a for a in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "granite", "olmo2",
-                            "qwen3moe", "olmoe")}
+                            "qwen3moe", "olmoe", "phi3")}
 # llama.cpp's converter permutes the Q/K rows of the Llama-derived architectures for its RoPE layout (its
 # LlamaModel.undo_permute); the loader undoes it.
 PERMUTED_QK = frozenset({"llama", "mistral", "smollm3", "granite", "mixtral"})
@@ -31,6 +32,31 @@ MOE = ("qwen3moe", "olmoe", "mixtral")
 # build_moe_ffn norm_w), and HF's default where config.json says nothing (Mixtral always renormalises).
 GGUF_EXPERT_NORM = {"llama": True, "qwen3moe": True, "olmoe": False}
 HF_EXPERT_NORM = {"qwen3moe": False, "olmoe": False}
+# Phi-3 stores q/k/v as one matrix and gate/up as another (convert.py splits them), and reads its own RoPE
+# settings (partial rotary, LongRoPE) in hf_extras rather than through config.py's RoPE scaling.
+FUSED = frozenset({"phi3"})
+OWN_ROPE = frozenset({"phi3"})
+LONGROPE = ("longrope", "su")
+
+
+def _phi3_rope(config: Mapping[str, Any], common: Mapping[str, Any]) -> dict[str, Any]:
+    """Phi-3/4's partial rotary and LongRoPE from config.json. LongRoPE's short factors are exact up to the
+    original context (transformers uses them there; llama.cpp whenever its context is within it): the context is
+    capped at that length, since the long factors would change every cached key's rotation past it."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor")) or 1.0
+    head_dim = common["head_dim"]
+    dims = int(head_dim * float(partial))
+    out: dict[str, Any] = {"rope_dims": 0 if dims == head_dim else dims}
+    if rope.get("rope_type", rope.get("type")) in LONGROPE:
+        original = int(rope.get("original_max_position_embeddings") or config["original_max_position_embeddings"])
+        factor = float(rope.get("factor") or common["max_context"] / original)
+        attn = rope.get("attention_factor")
+        if attn is None:
+            attn = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+        out.update(rope_factors=tuple(float(x) for x in rope["short_factor"]), rope_attn_factor=float(attn),
+                   max_context=min(common["max_context"], original))
+    return out
 # HF's Gemma RMSNorm multiplies by (1 + w); its checkpoints store w (GGUF files store 1 + w).
 HF_NORM_OFFSET = {"gemma2": 1.0, "gemma3": 1.0}
 GEMMA = ("gemma2", "gemma3")
@@ -70,9 +96,10 @@ def hf_extras(arch: str, config: Mapping[str, Any], common: Mapping[str, Any]) -
             return {**moe, "qk_norm": "full"}
         window = config.get("sliding_window")
         return {**moe, "layer_windows": (int(window),) * layers} if window else moe
-    if arch == "mistral":
+    if arch in ("mistral", "phi3"):
         window = config.get("sliding_window")
-        return {"layer_windows": (int(window),) * layers} if window else {}
+        extras = {"layer_windows": (int(window),) * layers} if window else {}
+        return {**extras, **_phi3_rope(config, common)} if arch == "phi3" else extras
     if arch == "smollm3":
         rope = config.get("no_rope_layers")  # 1: the layer uses RoPE (transformers' naming)
         return {"rope_layers": tuple(bool(x) for x in rope)} if rope is not None else {}
@@ -117,6 +144,13 @@ def gguf_extras(arch: str, get: Callable[..., Any], common: Mapping[str, Any]) -
         return {**extras, "qk_norm": "full"}
     if arch == "llama":
         return extras
+    if arch == "phi3":  # llama.cpp's rope_factors_short and attn_factor: loading/loader.py gguf_config
+        dims = get("rope.dimension_count", common["head_dim"])
+        window = get("attention.sliding_window", 0)
+        # llama.cpp runs Phi-3 without its sliding window (a logged TODO of its own); transformers, the model's
+        # definition, with it: corejax keeps it (it differs from llama.cpp only past the window, 2047 tokens).
+        return {"rope_dims": 0 if dims == common["head_dim"] else dims,
+                **({"layer_windows": (window,) * layers} if 0 < window < common["max_context"] else {})}
     if arch == "qwen2":
         return {"qkv_bias": True}
     if arch == "qwen3":

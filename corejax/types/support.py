@@ -161,6 +161,13 @@ HF_FAMILIES: dict[str, Family] = {
         Unimplemented("clip_qkv", "clipped Q/K/V projections", _is()),)),
     "mixtral": Family("mixtral", _HF_SIZES | {"sliding_window", "num_local_experts", "num_experts_per_tok"},
                       _HF_LLAMA),
+    "phi3": Family("phi3", _HF_SIZES | {"sliding_window", "partial_rotary_factor", "original_max_position_embeddings"},
+                   _without(_HF_LLAMA, "partial_rotary_factor") + (
+        Unimplemented("rope_parameters", "{value} RoPE (default and longrope are implemented for Phi-3)",
+                      lambda v, c: v is None or v.get("rope_type", v.get("type", "default")) in ("default", "longrope", "su")),
+        Unimplemented("rope_scaling", "{value} RoPE (default and longrope are implemented for Phi-3)",
+                      lambda v, c: v is None or v.get("rope_type", v.get("type", "default")) in ("default", "longrope", "su")),
+    )),
 }
 
 ENCODER_FAMILIES: dict[str, Family] = {
@@ -232,6 +239,10 @@ GGUF_FAMILIES: dict[str, Family] = {
     "qwen3moe": Family("qwen3moe", _GGUF_SIZES | set(_GGUF_MOE_KEYS),
                        _GGUF_MOE_COMMON + _GGUF_WINDOW + _gguf_moe(True)),
     "olmoe": Family("olmoe", _GGUF_SIZES | set(_GGUF_MOE_KEYS), _GGUF_MOE_COMMON + _GGUF_WINDOW + _gguf_moe(False)),
+    # Phi-3: partial rotary, LongRoPE's short factors with its attention factor, its sliding window.
+    "phi3": Family("phi3", _GGUF_SIZES | {"rope.dimension_count", "rope.scaling.attn_factor",
+                                          "rope.scaling.original_context_length", "attention.sliding_window"},
+                   _without(_GGUF_COMMON, "rope.dimension_count", "rope.scaling.attn_factor")),
     "granite": Family("granite", _GGUF_SIZES | set(_GGUF_GRANITE),
                       _without(_GGUF_COMMON, *_GGUF_GRANITE) + _GGUF_WINDOW),
     "gemma2": Family("gemma2", _GGUF_SIZES | {"attention.sliding_window", *_GGUF_SOFTCAP},
@@ -278,7 +289,10 @@ ENCODER_UNREAD = (
      "the arange(max_position) buffer older transformers saved; positions are 0..T-1 either way"),
     (r"cls\..+", "BERT's pre-training heads (masked LM, next sentence), which act after the encoder's output"),
 )
-GGUF_UNREAD: tuple[tuple[str, str], ...] = ()
+GGUF_UNREAD: tuple[tuple[str, str], ...] = (
+    ("rope_factors_long.weight",
+     "Phi-3's LongRoPE factors past its original context, which corejax caps the context at (loading/loader.py)"),
+)
 
 # What an unread tensor's name suggests it computes, for the message.
 TENSOR_HINTS = (
