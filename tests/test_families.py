@@ -186,3 +186,17 @@ def test_family_through_everything(family, tmp_path, converted):
             assert spec.timings.cached_prompt_tokens > 0  # the third time this prompt ran
             digits = s.generate("A number:", max_tokens=8, regex=r"[0-9]{3}")
             assert len(digits.text) == 3 and digits.text.isdigit() and digits.finish_reason == "stop"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3moe", "phi3"])
+def test_family_split_over_devices(family, converted):
+    """devices=2 on forced host devices (tests/sharded_run.py): the families whose layers differ most from the
+    ones tests/test_sharding.py splits (experts, replicated; Phi-3's fused matrices, split at load like any
+    other) give one device's greedy tokens and logits."""
+    from test_sharding import run_sharded
+
+    runs = {int(n): r for n, r in run_sharded(family, converted(family).f32, "1,2")["runs"].items()}
+    assert runs[2]["tokens"] == runs[1]["tokens"]
+    assert runs[2]["max_abs_logit_diff"] <= 1e-4 * max(1.0, runs[1]["max_abs_logit"])
+    assert runs[2]["layer_bytes_per_device"] < runs[1]["layer_bytes_per_device"]  # something split
