@@ -387,6 +387,86 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// A mixture of experts' matmul in one call: x [R, K] holds rows grouped by expert (counts[e] rows of expert e,
+// in expert order), codes/scales/mins [(L,) E, N/16, ...] the experts of each layer; row block e is multiplied by
+// expert e of layer `layer`, read in place. The activations are quantized once for all rows; then every (expert
+// with rows, chunk of column groups) pair is one task on the pool, so a decode step's few experts split their
+// columns over the cores and a prefill's many experts fill them. Rows of an expert share each pass over its
+// weights (kernels/quant_matmul.cc's kRows), as in the dense kernel.
+static ffi::Error QuantMatmulExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                                         ffi::AnyBuffer scales, ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer,
+                                         ffi::Buffer<ffi::S32> counts, ffi::ResultBuffer<ffi::F32> y, int32_t bits,
+                                         int32_t block, int32_t offset, int32_t has_mins, int32_t code_max,
+                                         int32_t threads) {
+  auto xd = x.dimensions(), cdims = codes.dimensions(), sdims = scales.dimensions();
+  const size_t stacked = cdims.size() == 5 ? 1 : 0;
+  if (xd.size() != 2 || cdims.size() != 4 + stacked || sdims.size() != 4 + stacked || layer.element_count() != 1 ||
+      counts.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: need x [R, K], codes [(L,) E, N/16, S, 64], "
+                                       "scales [(L,) E, N/16, K/B, 16], layer [], counts [E]");
+  const int64_t L = stacked ? cdims[0] : 1, E = cdims[stacked], li = layer.typed_data()[0];
+  const int64_t cd[3] = {cdims[stacked + 1], cdims[stacked + 2], cdims[stacked + 3]};
+  const int64_t sd[3] = {sdims[stacked + 1], sdims[stacked + 2], sdims[stacked + 3]};
+  const int64_t M = xd[0], K = xd[1], N = cd[0] * kG;
+  if (cd[2] != 64 || sd[2] != kG || li < 0 || li >= L || sdims[stacked] != E || counts.dimensions()[0] != E ||
+      (stacked && sdims[0] != L))
+    return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: bad codes/scales layout or layer index");
+  if ((bits != 4 && bits != 8) || (block != 16 && block != 32) || K % kQBlock || K % block ||
+      cd[1] * 64 * 8 != K * kG * bits || sd[0] != cd[0] || sd[1] != K / block)
+    return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: the codes/scales shapes do not match x");
+  const bool f16 = scales.element_type() == ffi::DataType::F16;
+  if (!f16 && scales.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: scales must be float16 or float32");
+  if (has_mins && (mins.element_type() != scales.element_type() || mins.size_bytes() != scales.size_bytes()))
+    return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: mins must match the scales");
+  const int32_t* cnt = counts.typed_data();
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    if (cnt[e] < 0) return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: a negative row count");
+    start[e + 1] = start[e] + cnt[e];
+  }
+  if (start[E] > M) return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: counts exceed the rows");
+  const int64_t code_bytes = codes.size_bytes() / (L * E), scale_bytes = scales.size_bytes() / (L * E);
+  std::vector<int8_t> q(M * K), r(M * K);
+  std::vector<float> d(M * (K / kQBlock)), ds(M * (K / block));
+  quantize_rows(x.typed_data(), start[E], K, block, q.data(), r.data(), d.data(), ds.data());
+  float* out = y->typed_data();
+  std::fill(out + start[E] * N, out + M * N, 0.f);  // rows past the counted ones (padding)
+  const GroupsFn fn = pick(bits, block, code_max);
+  const int64_t G = N / kG, chunks = (G + kChunk - 1) / kChunk;
+  std::vector<int64_t> tasks;  // expert * chunks + chunk, for experts with rows
+  for (int64_t e = 0; e < E; ++e)
+    if (cnt[e] > 0)
+      for (int64_t c = 0; c < chunks; ++c) tasks.push_back(e * chunks + c);
+  const char* sp = static_cast<const char*>(scales.untyped_data());
+  const char* mp = has_mins ? static_cast<const char*>(mins.untyped_data()) : nullptr;
+  corejax::parallel_for(pool, int64_t(tasks.size()), threads, [&](int64_t t) {
+    const int64_t e = tasks[t] / chunks, c = tasks[t] % chunks, at = li * E + e, m0 = start[e];
+    const Weights w{codes.typed_data() + at * code_bytes, sp + at * scale_bytes,
+                    mp ? mp + at * scale_bytes : nullptr, f16, bits, offset, K, N};
+    const Acts a{q.data() + m0 * K, r.data() + m0 * K, d.data() + m0 * (K / kQBlock), ds.data() + m0 * (K / block), K};
+    fn(w, a, cnt[e], c * kChunk, std::min(G, (c + 1) * kChunk), out + m0 * N);
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CorejaxQuantMatmulExperts, QuantMatmulExpertsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("block")
+                                  .Attr<int32_t>("offset")
+                                  .Attr<int32_t>("has_mins")
+                                  .Attr<int32_t>("code_max")
+                                  .Attr<int32_t>("threads"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CorejaxQuantMatmul, QuantMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

@@ -118,3 +118,26 @@ def test_chunk_rows():
     assert chunk_rows(8, 128) == 1  # a decode step: one row per routed expert
     assert chunk_rows(4096, 128) == 64  # a prefill chunk: capped
     assert chunk_rows(40, 8) == 16
+
+
+def test_quantized_experts_take_one_kernel_call_and_read_only_routed_experts():
+    """With the native kernels, each of gate, up and down is one grouped call (no loop over chunks in the
+    program), and NaN scales in the experts nobody chose leave the output finite."""
+    if not Kernels.detect().native:
+        pytest.skip("the native kernels are not built here")
+    cfg = _cfg()
+    rng = np.random.default_rng(11)
+    layer = _quantized(_float_layer(rng), 8)
+    x = rng.standard_normal((1, 2, D)).astype(np.float32)
+    text = str(jax.make_jaxpr(lambda x, layer: moe_mlp(x, layer, cfg))(x, layer))
+    assert text.count("corejax_quant_matmul_experts") == 3 and "while" not in text
+    _, experts = route(jnp.asarray(x.reshape(-1, D)), jnp.asarray(layer["router"]), cfg)
+    unused = sorted(set(range(E)) - set(np.asarray(experts).ravel().tolist()))
+    poisoned = dict(layer)
+    for key in ("x_gate", "x_up", "x_down"):
+        w = layer[key]
+        poisoned[key] = dataclasses.replace(w, scales=w.scales.at[jnp.asarray(unused)].set(jnp.nan))
+    ours = np.asarray(moe_mlp(x, poisoned, cfg))
+    assert np.isfinite(ours).all()
+    ref = _reference(x, _dequantized(layer), cfg)
+    assert np.abs(ours - ref).max() <= 2e-3 * np.abs(ref).max()

@@ -2,12 +2,15 @@
 token, each token runs only its top `experts_used` experts, and their outputs are summed with the router's
 weights (renormalised to sum 1 when the family does).
 
-Tokens are grouped by expert, not experts by token: the (token, slot) rows are sorted by expert and cut into
-chunks of at most `chunk` rows of one expert, and one loop over those chunks runs each chunk's expert MLP, its
-weights read in place from the stack (the quantized kernel takes the expert's index like a layer's; nothing
-is gathered or copied per token). A decode step of one token therefore reads `experts_used` experts' weights;
-a prefill chunk reads each routed expert once per `chunk` of its tokens. Padding rows of a chunk (past its
-expert's last row) are computed and dropped.
+Tokens are grouped by expert, not experts by token: the (token, slot) rows are sorted by expert. With the
+native kernels and quantized experts (a GGUF's), each of gate, up and down is then one kernel call for all rows
+(kernels/quant_matmul.cc corejax_quant_matmul_experts: the activations quantized once, each routed expert's
+weights read in place from the layer stack once for all its rows, experts and column groups spread over the
+cores). Otherwise (float experts, XLA's fallback) the sorted rows are cut into chunks of at most `chunk` rows
+of one expert and one loop over the chunks runs each chunk's expert MLP, the weights again read in place by
+index. Either way a decode step of one token reads `experts_used` experts' weights and nothing is gathered or
+copied per token; in the chunk loop, padding rows of a chunk (past its expert's last row) are computed and
+dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from corejax.kernels import quant_matmul
+from corejax.kernels.policy import current
 from corejax.models.layers import activate, dense
 from corejax.models.stack import LayerWeight
 from corejax.types.config import ModelConfig
@@ -56,6 +61,24 @@ def _stacked_matmul(x: jax.Array, w: Any, layer: jax.Array | int | None, expert:
     return jnp.einsum("cd,de->ce", x, matrix.astype(jnp.float32), preferred_element_type=jnp.float32)
 
 
+def _quantized(w: Any) -> bool:
+    return isinstance(w.groups[0] if isinstance(w, LayerWeight) else w, QuantArray)
+
+
+def _grouped_matmul(x: jax.Array, w: Any, counts: jax.Array) -> jax.Array:
+    """x [R, in] (rows grouped by expert, counts [E]) @ each group's expert -> [R, out]: one native call."""
+
+    def call(stacked: QuantArray, layer: jax.Array | int | None) -> jax.Array:
+        y = quant_matmul.quant_matmul_experts(x, stacked.codes, stacked.scales, stacked.mins, layer, counts,
+                                              bits=stacked.bits, block=stacked.block, offset=stacked.offset,
+                                              code_max=stacked.code_max)
+        return y[:, :stacked.shape[1]]
+
+    if isinstance(w, LayerWeight):
+        return w.apply(call)
+    return call(w, None)
+
+
 def route(x: jax.Array, router: Any, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """x [N, D] -> (weights [N, k] float32, experts [N, k] int32): softmax over the experts, top k, renormalised
     when cfg.expert_norm (HF's norm_topk_prob; llama.cpp's norm_w)."""
@@ -73,16 +96,29 @@ def moe_mlp(x: jax.Array, layer: Any, cfg: ModelConfig) -> jax.Array:
     flat = x.reshape(n, d)
     weights, experts = route(flat, layer["router"], cfg)
     rows = n * k
-    c = chunk_rows(rows, e)
     ids = experts.reshape(rows)
     order = jnp.argsort(ids, stable=True)  # (token, slot) rows grouped by expert
     counts = jnp.bincount(ids, length=e)
+    sorted_rows = flat[order // k]
+    if current().native and all(_quantized(layer[key]) for key in ("x_gate", "x_up", "x_down")):
+        h = activate(_grouped_matmul(sorted_rows, layer["x_gate"], counts), cfg.activation)
+        out = _grouped_matmul(h * _grouped_matmul(sorted_rows, layer["x_up"], counts), layer["x_down"], counts)
+    else:
+        out = _chunk_loop(sorted_rows, counts, layer, cfg)
+    per_slot = jnp.zeros((rows, d), jnp.float32).at[order].set(out).reshape(n, k, d)
+    return jnp.einsum("nk,nkd->nd", weights, per_slot).reshape(batch, t, d)
+
+
+def _chunk_loop(sorted_rows: jax.Array, counts: jax.Array, layer: Any, cfg: ModelConfig) -> jax.Array:
+    """The grouped rows' expert MLPs [R, D] without the grouped kernel: one loop over chunks of at most `c` rows
+    of one expert, each expert's weights read by index."""
+    rows, d = sorted_rows.shape
+    c = chunk_rows(rows, cfg.num_experts)
     starts = jnp.cumsum(counts) - counts
     chunks = (counts + c - 1) // c
     chunk_end = jnp.cumsum(chunks)
-    total = chunk_end[-1]
-    # The sorted rows' inputs, padded by one chunk so every chunk's slice is in bounds.
-    xs = jnp.concatenate([flat[order // k], jnp.zeros((c, d), flat.dtype)])
+    # The rows padded by one chunk so every chunk's slice is in bounds.
+    xs = jnp.concatenate([sorted_rows, jnp.zeros((c, d), sorted_rows.dtype)])
 
     def body(state):
         j, out = state
@@ -96,6 +132,6 @@ def moe_mlp(x: jax.Array, layer: Any, cfg: ModelConfig) -> jax.Array:
         old = lax.dynamic_slice(out, (row0, 0), (c, d))
         return j + 1, lax.dynamic_update_slice(out, jnp.where(mine[:, None], y, old), (row0, 0))
 
-    _, out = lax.while_loop(lambda s: s[0] < total, body, (jnp.int32(0), jnp.zeros((rows + c, d), jnp.float32)))
-    per_slot = jnp.zeros((rows, d), jnp.float32).at[order].set(out[:rows]).reshape(n, k, d)
-    return jnp.einsum("nk,nkd->nd", weights, per_slot).reshape(batch, t, d)
+    init = (jnp.int32(0), jnp.zeros((rows + c, d), jnp.float32))
+    _, out = lax.while_loop(lambda s: s[0] < chunk_end[-1], body, init)
+    return out[:rows]
