@@ -288,10 +288,13 @@ def _kernel_path() -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     source = hub.resolve(args.model)
     if source.format != "gguf":
-        from corejax.types.config import ModelConfig
+        from corejax.types.config import EncoderConfig, ModelConfig, is_encoder_config
 
-        cfg = ModelConfig.from_hf(json.loads((source.path / "config.json").read_text()))
-        print(json.dumps({"path": str(source.path), "format": "hf", "config": cfg.__dict__}, indent=2, default=str))
+        raw = json.loads((source.path / "config.json").read_text())
+        # An encoder (BERT, MPNet, EmbeddingGemma) has its own config; EmbeddingGemma's decoder block is nested.
+        cfg = EncoderConfig.from_hf(raw, with_head=False) if is_encoder_config(raw) else ModelConfig.from_hf(raw)
+        config = {k: v.__dict__ if isinstance(v, ModelConfig) else v for k, v in cfg.__dict__.items()}
+        print(json.dumps({"path": str(source.path), "format": "hf", "config": config}, indent=2, default=str))
         return 0
     if args.sandbox:  # the header is parsed by a sandboxed worker, like the model itself (its answer is untrusted)
         from corejax.client.workers import describe

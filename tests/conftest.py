@@ -33,6 +33,12 @@ def gemma3_gguf() -> Path:
     return _model("gemma3-270m", "COREJAX_TEST_GEMMA3")
 
 
+@pytest.fixture(scope="session")
+def mpnet() -> Path:
+    """all-mpnet-base-v2, the sentence-transformers folder (override with COREJAX_TEST_MPNET=/path/folder)."""
+    return _model("all-mpnet-base-v2", "COREJAX_TEST_MPNET")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _parse_each_real_gguf_once():
     """gguf-py (the independent reference) parses a file's whole metadata in Python: Gemma 3's 262k-token
@@ -73,3 +79,9 @@ def _free_compiled_programs():
 
     gc.collect()
     jax.clear_caches()
+
+
+@pytest.fixture(scope="session")
+def embeddinggemma() -> Path:
+    """EmbeddingGemma-300M, its sentence-transformers folder (override with COREJAX_TEST_EMBEDDINGGEMMA=/folder)."""
+    return _model("embeddinggemma-300m", "COREJAX_TEST_EMBEDDINGGEMMA")

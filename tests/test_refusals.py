@@ -230,6 +230,18 @@ def test_from_hf_reads_only_the_keys_its_family_honours(model_type, config_class
     assert config.read - family.honoured - {u.key for u in family.unimplemented} == set()
 
 
+def test_bidirectional_from_hf_reads_only_the_keys_its_family_honours():
+    """EmbeddingGemma's config: use_bidirectional_attention is honoured on the encoder path (HF_BIDIRECTIONAL) and
+    still refused by the decoder's (test_hf_config_key_needing_a_feature_is_refused)."""
+    config = Recording(transformers.Gemma3TextConfig(**SIZES, use_bidirectional_attention=True).to_dict())
+    cfg = EncoderConfig.from_hf(config, with_head=False)
+    assert cfg.decoder is not None and cfg.decoder.arch == "gemma3" and "use_bidirectional_attention" in config.read
+    family = support.HF_BIDIRECTIONAL["gemma3_text"]
+    assert config.read - family.honoured - {u.key for u in family.unimplemented} == set()
+    with pytest.raises(UnsupportedModelError, match="EmbeddingGemma runs as an embedding model"):
+        ModelConfig.from_hf(config)
+
+
 def test_encoder_from_hf_reads_only_the_keys_its_family_honours():
     config = Recording(transformers.BertConfig(vocab_size=96, hidden_size=32, num_attention_heads=4,
                                                num_hidden_layers=2, intermediate_size=64).to_dict())

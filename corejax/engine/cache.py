@@ -65,6 +65,48 @@ class DenseKVCache:
         return out, DenseKVCache(k=new_k, v=new_v)
 
 
+# Query rows per block of BidirectionalAttention's explicit scores: [B, N, rows, T] at a time, not [B, N, T, T].
+_BIDIRECTIONAL_ROWS = 256
+
+
+@struct.dataclass
+class BidirectionalAttention:
+    """No cache: a decoder block run as an encoder (EmbeddingGemma, EncoderConfig.decoder). attend() is full
+    bidirectional attention over each sequence's real keys, as transformers runs use_bidirectional_attention:
+    global layers see every key, a sliding layer of window W the keys within W // 2 positions on either side
+    (transformers' Gemma3TextConfig turns sliding_window into W // 2 + 1, an exclusive bound on |q - k|).
+
+    key_positions: [B, T] each token's position, -1 for padding (never visible; padding queries are unread)."""
+
+    key_positions: jax.Array
+
+    def attend(self, layer: jax.Array | int, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, *,
+               window: jax.Array | int, scale: float, softcap: float) -> tuple[jax.Array, BidirectionalAttention]:
+        """q [B, T, N, H], k/v [B, T, K, H] (rotated), positions [B, T] -> [B, T, N, H] float32. Scores are
+        explicit, in blocks of query rows (memory [B, N, rows, T]); window may be traced (the layer loop)."""
+        b, t, n, h = q.shape
+        kv_heads = k.shape[2]
+        rows = _BIDIRECTIONAL_ROWS if t % _BIDIRECTIONAL_ROWS == 0 else t
+        kp = self.key_positions[:, None, None, None, :]  # [B, 1, 1, 1, T]
+        kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+
+        def block(args):
+            qb, qp = args  # [B, rows, K, G, H], [B, rows]
+            s = jnp.einsum("BTKGH,BSKH->BKGTS", qb, kf) * scale
+            if softcap:
+                s = jnp.tanh(s / softcap) * softcap
+            d = jnp.abs(qp[:, None, None, :, None] - kp)
+            vis = (kp >= 0) & ((window <= 0) | (d <= window // 2))
+            p = jax.nn.softmax(jnp.where(vis, s, -jnp.inf), axis=-1)
+            p = jnp.where(vis, p, 0.0)  # a row that sees nothing (padding) gives 0, not NaN
+            return jnp.einsum("BKGTS,BSKH->BTKGH", p, vf)
+
+        qg = q.astype(jnp.float32).reshape(b, t // rows, rows, kv_heads, n // kv_heads, h)
+        qp = positions.reshape(b, t // rows, rows)
+        out = jax.lax.map(block, (jnp.moveaxis(qg, 1, 0), jnp.moveaxis(qp, 1, 0)))  # [blocks, B, rows, K, G, H]
+        return jnp.moveaxis(out, 0, 1).reshape(b, t, n, h), self
+
+
 
 
 def _zeros(shape: tuple[int, ...], dtype, place: Any = None, lazy: bool = False) -> jax.Array:

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from corejax import models
-from corejax.engine.cache import DenseKVCache, PagedKVCache
+from corejax.engine.cache import BidirectionalAttention, DenseKVCache, PagedKVCache
 from corejax.kernels.policy import Kernels
-from corejax.models import bert
+from corejax.models import bert, sentence
 from corejax.types.config import EncoderConfig, ModelConfig
 from corejax.engine.sampling import (
     PenaltyState,
@@ -125,20 +125,30 @@ def _full_logits(params: Any, tokens: jax.Array, cfg: ModelConfig, kernels: Kern
 
 def _encode(params: Any, tokens: jax.Array, lengths: jax.Array, cfg: EncoderConfig, kernels: Kernels, output: str,
             normalize: bool, head: tuple[jax.Array, jax.Array] | None = None,
-            scores: str | None = None) -> jax.Array:
+            scores: str | None = None, dense: tuple[str, ...] = ()) -> jax.Array:
     """Encoder batch: tokens [B, T] right-padded, lengths [B] -> pooled vectors [B, D] (output "mean", "cls",
-    "max"; L2-normalised if `normalize`) or classifier logits [B, L] (output "logits"). head=(W [D, L], b [L])
+    "max"; then sentence-transformers' Dense modules, params["dense"] with the activations `dense`; L2-normalised
+    if `normalize`) or classifier logits [B, L] (output "logits"). A decoder block run bidirectionally
+    (cfg.decoder: EmbeddingGemma) is models.forward over BidirectionalAttention. head=(W [D, L], b [L])
     turns the pooled vectors into logits; scores "softmax" or "sigmoid" turns logits into label scores here,
     in the program, rather than in numpy afterwards (host work right after a step runs on cold caches).
 
     Recompiles per (B, T) bucket (corejax/serving/encode.py pads both to powers of two), per static argument and per
     head shape."""
     with kernels.active():
-        hidden = bert.encode(params, tokens, lengths, cfg)
+        if cfg.decoder is not None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+            attention = BidirectionalAttention(jnp.where(positions < lengths[:, None], positions, -1))
+            hidden, _ = models.forward(params, tokens, positions, attention, cfg.decoder)
+        else:
+            hidden = bert.encode(params, tokens, lengths, cfg)
     if output == "logits":
         out = bert.classifier_logits(params, hidden)
     else:
         pooled = bert.pool(hidden, lengths, output)
+        if dense:
+            with kernels.active():
+                pooled = sentence.dense_modules(pooled, params["dense"], dense)
         out = bert.l2_normalize(pooled) if normalize else pooled
         if head is not None:
             out = out @ head[0] + head[1]
@@ -189,7 +199,7 @@ class Programs:
                                 donate_argnames=("cache", "penalties"), compiler_options=CACHE_WRITER_OPTIONS)
         self.copy_page = _jit(_copy_page, donate_argnames=("cache",), compiler_options=CACHE_WRITER_OPTIONS)
         self.full_logits = _jit(_full_logits, static_argnames=("cfg", "kernels"))
-        self.encode = _jit(_encode, static_argnames=("cfg", "kernels", "output", "normalize", "scores"))
+        self.encode = _jit(_encode, static_argnames=("cfg", "kernels", "output", "normalize", "scores", "dense"))
         self.token_logprobs = _jit(_token_logprobs, static_argnames=("cfg", "kernels"))
 
 

@@ -405,9 +405,10 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
             raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_hf_folder(folder: Path, *, weights: str = "f32",
-                   progress: bool = True) -> tuple[ModelConfig, dict[str, Any], dict]:
-    """An HF folder (config.json + *.safetensors) -> (config, params, raw config dict)."""
+def load_hf_folder(folder: Path, *, weights: str = "f32", progress: bool = True,
+                   bidirectional: bool = False) -> tuple[ModelConfig, dict[str, Any], dict]:
+    """An HF folder (config.json + *.safetensors) -> (config, params, raw config dict). bidirectional: a decoder
+    family's folder run as an encoder (EmbeddingGemma; ModelConfig.from_hf's bidirectional)."""
     from safetensors import safe_open
 
     config_path = folder / "config.json"
@@ -417,7 +418,7 @@ def load_hf_folder(folder: Path, *, weights: str = "f32",
         raise ModelNotFoundError(f"{folder} has no config.json; an HF folder needs config.json and weights") from None
     except ValueError as e:
         raise ModelFormatError(f"{config_path} is not valid JSON ({e})") from None
-    cfg = ModelConfig.from_hf(raw)
+    cfg = ModelConfig.from_hf(raw, bidirectional=bidirectional)
     where = dict(iter_safetensors(safetensors_files(folder)))
     prefix = next((p for p in ("model.", "language_model.model.", "model.language_model.", "")
                    if f"{p}embed_tokens.weight" in where), None)

@@ -1,7 +1,9 @@
-"""HF BERT folders -> EncoderConfig, params (models/bert.py layout) and the sentence-transformers metadata.
+"""HF BERT and MPNet folders -> EncoderConfig, params (models/bert.py layout) and the sentence-transformers
+metadata.
 
-The one place that knows BERT's checkpoint names (`encoder.layer.N.attention.self.query.weight`, the
-`bert.` prefix of *ForSequenceClassification checkpoints) and sentence-transformers' modules.json."""
+The one place that knows their checkpoint names (`encoder.layer.N.attention.self.query.weight`, MPNet's
+`encoder.layer.N.attention.attn.q.weight`, the `bert.` prefix of *ForSequenceClassification checkpoints) and
+sentence-transformers' modules.json."""
 
 from __future__ import annotations
 
@@ -18,11 +20,18 @@ from corejax.types.config import EncoderConfig
 from corejax.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from corejax.loading.convert import iter_safetensors, safetensors_files
 
-# Our per-layer name -> BERT's (under `encoder.layer.N.`); "{w}" is weight or bias.
+# Our per-layer name -> the checkpoint's (under `encoder.layer.N.`), by EncoderConfig.arch.
 _LAYER = {
-    "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-    "o": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
-    "in": "intermediate.dense", "out": "output.dense", "ffn_norm": "output.LayerNorm",
+    "bert": {
+        "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+        "o": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+        "in": "intermediate.dense", "out": "output.dense", "ffn_norm": "output.LayerNorm",
+    },
+    "mpnet": {
+        "q": "attention.attn.q", "k": "attention.attn.k", "v": "attention.attn.v",
+        "o": "attention.attn.o", "attn_norm": "attention.LayerNorm",
+        "in": "intermediate.dense", "out": "output.dense", "ffn_norm": "output.LayerNorm",
+    },
 }
 
 
@@ -33,10 +42,85 @@ class SentenceConfig:
     pooling: str = "cls"  # "mean" | "cls" | "max"
     normalize: bool = False
     max_length: int = 512
+    dense: tuple[DenseModule, ...] = ()  # Dense modules between pooling and Normalize, in order (load_dense)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseModule:
+    """One sentence-transformers Dense module (its folder's config.json): activation(x @ W + b)."""
+
+    path: str  # the module's folder under the model folder (its model.safetensors holds linear.weight/.bias)
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # a name of models/sentence.py ACTIVATIONS
+
+
+# sentence-transformers' Dense activation_function (a torch class path) -> models/sentence.py ACTIVATIONS.
+DENSE_ACTIVATIONS = {
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.modules.activation.Tanh": "tanh",  # Dense's default
+    "torch.nn.modules.activation.ReLU": "relu",
+}
+
+
+def _dense_module(folder: Path, m: dict, n_in: int) -> DenseModule:
+    """A Dense module's config.json, checked: an implemented activation, in_features matching what feeds it."""
+    path = str(m.get("path", ""))
+    dc = json.loads((folder / path / "config.json").read_text())
+    act = dc.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if act not in DENSE_ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"{folder}: the Dense module {path!r} applies the activation {act!r}, which corejax does not implement "
+            f"(it runs {', '.join(DENSE_ACTIVATIONS)}); running it without would compute something else, so it is "
+            "refused. Use sentence-transformers for this model")
+    module = DenseModule(path, int(dc["in_features"]), int(dc["out_features"]), bool(dc.get("bias", True)),
+                         DENSE_ACTIVATIONS[act])
+    if module.in_features != n_in or module.out_features <= 0:
+        raise ModelFormatError(f"{folder}: the Dense module {path!r} takes {module.in_features} features but is fed "
+                               f"{n_in}")
+    return module
+
+
+def load_dense(folder: Path, sentence: SentenceConfig) -> list[dict[str, Any]]:
+    """The Dense modules' weights (models/sentence.py layout: w [in, out], b [out] float32), from each module
+    folder's model.safetensors (linear.weight [out, in], linear.bias); any other tensor there is refused."""
+    from safetensors import safe_open
+
+    out = []
+    for m in sentence.dense:
+        path = folder / m.path / "model.safetensors"
+        if not path.exists():
+            raise ModelFormatError(f"{folder}: the Dense module {m.path!r} has no model.safetensors (corejax reads "
+                                   "safetensors only)")
+        wanted = {"linear.weight": (m.out_features, m.in_features)} | ({"linear.bias": (m.out_features,)}
+                                                                       if m.bias else {})
+        try:
+            with safe_open(str(path), framework="flax") as f:
+                names = set(f.keys())
+                support.check_unread_tensors(names, wanted, (), str(folder / m.path))
+                tensors = {}
+                for name, shape in wanted.items():
+                    if name not in names:
+                        raise ModelFormatError(f"{path}: missing tensor {name!r}")
+                    t = np.asarray(f.get_tensor(name), dtype=np.float32)
+                    if t.shape != shape:
+                        raise ModelFormatError(f"{path}: tensor {name!r} has shape {t.shape}, its config implies "
+                                               f"{shape}")
+                    tensors[name] = t
+        except (OSError, ValueError) as e:  # safetensors' own errors are ValueError / OSError subclasses
+            if isinstance(e, (ModelFormatError, UnsupportedModelError)):
+                raise
+            raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from None
+        layer = {"w": jnp.asarray(tensors["linear.weight"].T)}
+        if m.bias:
+            layer["b"] = jnp.asarray(tensors["linear.bias"])
+        out.append(layer)
+    return out
 
 
 def read_sentence_config(folder: Path, cfg: EncoderConfig, tokenizer_max: int | None) -> SentenceConfig:
-    """modules.json's Pooling and Normalize modules, max_seq_length from sentence_bert_config.json.
+    """modules.json's Pooling, Dense and Normalize modules, max_seq_length from sentence_bert_config.json.
 
     A folder without modules.json (a plain transformers checkpoint) gets CLS pooling, no normalization."""
     max_length = min(cfg.max_context, tokenizer_max or cfg.max_context)
@@ -48,7 +132,8 @@ def read_sentence_config(folder: Path, cfg: EncoderConfig, tokenizer_max: int | 
         sbert = folder / "sentence_bert_config.json"
         if sbert.exists():
             max_length = min(int(json.loads(sbert.read_text()).get("max_seq_length") or max_length), cfg.max_context)
-        pooling, normalize = "cls", False
+        pooling, normalize, pooled = "cls", False, False
+        dense: list[DenseModule] = []
         for m in modules:
             kind = str(m.get("type", "")).rsplit(".", 1)[-1]
             if kind == "Pooling":
@@ -61,19 +146,28 @@ def read_sentence_config(folder: Path, cfg: EncoderConfig, tokenizer_max: int | 
                                                                "pooling_mode_lasttoken")):
                     raise UnsupportedModelError(f"{folder}: pooling {pc} is not supported; corejax pools with "
                                                 "exactly one of cls, mean or max")
-                pooling = modes[0]
+                pooling, pooled = modes[0], True
+            elif kind == "Dense":  # on the pooled vector: after Pooling, before Normalize
+                if not pooled or normalize:
+                    where = "before Pooling" if not pooled else "after Normalize"
+                    raise UnsupportedModelError(f"{folder}: a Dense module {where} is not supported (corejax runs "
+                                                "Dense modules between Pooling and Normalize)")
+                dense.append(_dense_module(folder, m, dense[-1].out_features if dense else cfg.hidden_size))
             elif kind == "Normalize":
                 normalize = True
             elif kind != "Transformer":
                 raise UnsupportedModelError(f"{folder}: the sentence-transformers module {m.get('type')!r} is not "
-                                            "supported (corejax runs Transformer, Pooling and Normalize)")
-    except (OSError, ValueError, TypeError, AttributeError) as e:
+                                            "supported (corejax runs Transformer, Pooling, Dense and Normalize)")
+    except (ModelFormatError, UnsupportedModelError):
+        raise
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
         raise ModelFormatError(f"{folder}: modules.json or a module's config is unreadable ({e})") from None
-    return SentenceConfig(pooling, normalize, max_length)
+    return SentenceConfig(pooling, normalize, max_length, tuple(dense))
 
 
 def load_encoder_folder(folder: Path, raw: dict, weights: str = "f32") -> tuple[EncoderConfig, dict[str, Any]]:
-    """A BERT checkpoint (BertModel, or *ForSequenceClassification with its head) -> (config, params).
+    """A BERT checkpoint (BertModel, or *ForSequenceClassification with its head) or an MPNetModel ->
+    (config, params).
 
     weights "f16": the layers' four projection matrices are held as float16 (half the memory and the bytes
     each token streams; the native kernel widens them to float32 as it reads, and every sum, norm and
@@ -85,9 +179,11 @@ def load_encoder_folder(folder: Path, raw: dict, weights: str = "f32") -> tuple[
     from safetensors import safe_open
 
     where = dict(iter_safetensors(safetensors_files(folder)))
-    prefix = next((p for p in ("", "bert.", "model.") if f"{p}embeddings.word_embeddings.weight" in where), None)
+    prefix = next((p for p in ("", "bert.", "mpnet.", "model.") if f"{p}embeddings.word_embeddings.weight" in where),
+                  None)
     if prefix is None:
-        raise ModelFormatError(f"{folder}: no embeddings.word_embeddings.weight tensor; not a BERT checkpoint")
+        raise ModelFormatError(f"{folder}: no embeddings.word_embeddings.weight tensor; not a BERT or MPNet "
+                               "checkpoint")
     with_head = "classifier.weight" in where
     if with_head and f"{prefix}pooler.dense.weight" not in where:
         raise UnsupportedModelError(f"{folder}: a classifier without BERT's pooler is not supported")
@@ -116,28 +212,34 @@ def load_encoder_folder(folder: Path, raw: dict, weights: str = "f32") -> tuple[
         return {"scale": jnp.asarray(get(f"{name}.weight", (d,))), "bias": jnp.asarray(get(f"{name}.bias", (d,)))}
 
     e = f"{prefix}embeddings."
+    position_rows = cfg.max_context + (0 if cfg.position_padding_idx is None else cfg.position_padding_idx + 1)
     params: dict[str, Any] = {
         "embed": jnp.asarray(get(e + "word_embeddings.weight", (cfg.vocab_size, d))),
-        "embed_positions": jnp.asarray(get(e + "position_embeddings.weight", (cfg.max_context, d))),
-        "embed_types": jnp.asarray(get(e + "token_type_embeddings.weight", (cfg.type_vocab_size, d))),
+        "embed_positions": jnp.asarray(get(e + "position_embeddings.weight", (position_rows, d))),
         "embed_norm": norm(e + "LayerNorm"),
         "layers": [],
     }
+    if cfg.type_vocab_size:
+        params["embed_types"] = jnp.asarray(get(e + "token_type_embeddings.weight", (cfg.type_vocab_size, d)))
+    if cfg.relative_buckets:  # one table every layer shares (MPNetEncoder.relative_attention_bias)
+        params["relative_bias"] = jnp.asarray(get(f"{prefix}encoder.relative_attention_bias.weight",
+                                                  (cfg.relative_buckets, cfg.num_heads)))
+    names = _LAYER[cfg.arch]
     sizes = {"o": (d, d), "in": (d, f), "out": (f, d)}
     matrix = {"f16": jnp.float16, "bf16": jnp.bfloat16}.get(weights, jnp.float32)
     for i in range(cfg.num_layers):
         base = f"{prefix}encoder.layer.{i}."
         layer: dict[str, Any] = {}
         # Query, key and value as one [D, 3D] matrix: one matmul reads the three (fewer, larger calls).
-        qkv = [linear(base + _LAYER[name], d, d) for name in "qkv"]
+        qkv = [linear(base + names[name], d, d) for name in "qkv"]
         layer["wqkv"] = jnp.asarray(np.concatenate([w for w, _ in qkv], axis=1), matrix)
         layer["bqkv"] = jnp.asarray(np.concatenate([b for _, b in qkv]))
         for ours, n_in_out in sizes.items():
-            w, b = linear(base + _LAYER[ours], *n_in_out)
+            w, b = linear(base + names[ours], *n_in_out)
             layer[f"w{ours}" if len(ours) == 1 else f"w_{ours}"] = jnp.asarray(w, matrix)
             layer[f"b{ours}" if len(ours) == 1 else f"b_{ours}"] = jnp.asarray(b)
-        layer["attn_norm"] = norm(base + _LAYER["attn_norm"])
-        layer["ffn_norm"] = norm(base + _LAYER["ffn_norm"])
+        layer["attn_norm"] = norm(base + names["attn_norm"])
+        layer["ffn_norm"] = norm(base + names["ffn_norm"])
         params["layers"].append(layer)
     if with_head:
         pw, pb = linear(f"{prefix}pooler.dense", d, d)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from corejax.types.config import ENCODER_WEIGHTS, WEIGHT_MODES, ModelConfig
+from corejax.types.config import ENCODER_WEIGHTS, WEIGHT_MODES, EncoderConfig, ModelConfig, is_bidirectional_decoder
 from corejax.errors import InvalidParameterError, ModelFormatError
 from corejax.hub import ModelSource
 from corejax.kernels.policy import Kernels
@@ -101,6 +101,8 @@ def default_weights(source: ModelSource, kernels: Kernels) -> str:
     encoder's matrices load as bfloat16 where the kernel multiplies them natively (kernels.bf16_dot:
     AVX512_BF16), else as float16 where the native float kernel runs (loading/encoder.py says why;
     docs/MEASUREMENTS.md has the figures)."""
+    if source.format == "hf" and _is_bidirectional_folder(source.path):
+        return "f32"  # EmbeddingGemma: the decoder block's float32 matmuls (no 16-bit path for it yet)
     if kernels.native and source.format == "hf" and _is_encoder_folder(source.path):
         return "bf16" if kernels.bf16_dot else "f16"
     if not kernels.fast_quant or source.format != "gguf":
@@ -138,15 +140,27 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
             params = load_gguf_params(f, cfg, weights=weights, progress=progress)
         info = describe_gguf(source.path)
     elif encoder:
-        from corejax.loading.encoder import load_encoder_folder, read_hf_config, read_sentence_config
+        from corejax.loading.encoder import load_dense, load_encoder_folder, read_hf_config, read_sentence_config
         from corejax.tokenizer import tokenizer_from_files
 
         if weights not in ENCODER_WEIGHTS:
             raise InvalidParameterError(f"encoder models load as f32, f16 or bf16; got weights={weights!r}")
         raw = read_hf_config(source.path)
-        cfg, params = load_encoder_folder(source.path, raw, weights)
+        if is_bidirectional_decoder(raw):  # EmbeddingGemma: a decoder family's block and weights, run bidirectionally
+            if weights != "f32":
+                raise InvalidParameterError(f"{source.name} (a decoder block run as an encoder) loads as f32 only; "
+                                            f"got weights={weights!r}")
+            decoder, params, raw = load_hf_folder(source.path, weights=weights, progress=progress, bidirectional=True)
+            cfg = EncoderConfig.from_decoder(decoder)
+        else:
+            cfg, params = load_encoder_folder(source.path, raw, weights)
         tokenizer = tokenizer_from_files(source.path)
         sentence = read_sentence_config(source.path, cfg, None)
+        if sentence.dense:
+            params["dense"] = load_dense(source.path, sentence)
+        if tokenizer.vocab_size > cfg.vocab_size and not _extra_tokens_special(tokenizer, cfg.vocab_size):
+            raise ModelFormatError(f"{source.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                                   f"{cfg.vocab_size} embedding rows")
         info = {"path": str(source.path), "format": "hf", "architecture": cfg.arch, "task": "encoder",
                 "name": raw.get("_name_or_path") or source.name, "sentence": dataclasses.asdict(sentence)}
     elif source.format == "hf":
@@ -158,7 +172,7 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
                 "name": raw.get("_name_or_path") or source.name}
     else:
         raise ModelFormatError(f"unknown model format {source.format!r} for {source.path}")
-    if tokenizer.vocab_size > cfg.vocab_size:
+    if tokenizer.vocab_size > cfg.vocab_size and not encoder:  # an encoder's were checked above
         raise ModelFormatError(
             f"{source.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
             f"{cfg.vocab_size} embedding rows"
@@ -201,8 +215,7 @@ def plan_weights(source: ModelSource, weights: str | None = None) -> WeightPlan:
         native = weight_bytes(cfg, names, table, "native")[0]
     elif source.format == "hf":
         table, file_bytes = _safetensors_table(source.path)
-        if _is_encoder_folder(source.path):
-            from corejax.types.config import EncoderConfig
+        if _is_encoder_folder(source.path) and not _is_bidirectional_folder(source.path):
             from corejax.loading.encoder import read_hf_config
 
             cfg = EncoderConfig.from_hf(read_hf_config(source.path), with_head=False)
@@ -214,7 +227,9 @@ def plan_weights(source: ModelSource, weights: str | None = None) -> WeightPlan:
             return WeightPlan(cfg, weights, total, file_bytes + 8 * largest, file_bytes, len(table))
         from corejax.loading.encoder import read_hf_config
 
-        cfg = ModelConfig.from_hf(read_hf_config(source.path))
+        raw = read_hf_config(source.path)
+        bidirectional = is_bidirectional_decoder(raw)  # EmbeddingGemma: sized as its decoder, served as an encoder
+        cfg = ModelConfig.from_hf(raw, bidirectional=bidirectional)
         prefix = next((p for p in ("model.", "language_model.model.", "model.language_model.", "")
                        if f"{p}embed_tokens.weight" in table), "model.")
         names, native = hf_names(cfg, prefix), None
@@ -222,6 +237,8 @@ def plan_weights(source: ModelSource, weights: str | None = None) -> WeightPlan:
         raise ModelFormatError(f"unknown model format {source.format!r} for {source.path}")
     total, transient = weight_bytes(cfg, names, table, weights)
     used = sum(1 for n in names.values() if n in table)
+    if source.format == "hf" and bidirectional:
+        cfg = EncoderConfig.from_decoder(cfg)
     return WeightPlan(cfg, weights, total, file_bytes + transient, file_bytes, used, native)
 
 
@@ -253,6 +270,22 @@ def _is_encoder_folder(folder: Path) -> bool:
     from corejax.loading.encoder import read_hf_config
 
     return is_encoder_config(read_hf_config(folder))
+
+
+def _is_bidirectional_folder(folder: Path) -> bool:
+    """A decoder family's folder with use_bidirectional_attention (EmbeddingGemma): an encoder, never causal."""
+    from corejax.loading.encoder import read_hf_config
+
+    return is_bidirectional_decoder(read_hf_config(folder))
+
+
+def _extra_tokens_special(tokenizer: Any, rows: int) -> bool:
+    """Whether every token id past the embedding's `rows` is a special added token (EmbeddingGemma's tokenizer
+    keeps Gemma 3's <image_soft_token>, id 262144, beyond its 262144 rows): a text holding one is refused when
+    it is tokenized (serving/encode.py), so none reaches the embedding."""
+    from corejax.tokenizer.base import CONTROL
+
+    return bool((tokenizer.token_types[rows:] == CONTROL).all())
 
 
 # The projection matrices the native float kernel multiplies (kernels/small_matmul.py), by parameter key:

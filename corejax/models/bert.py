@@ -1,7 +1,12 @@
 """BERT-family encoder as pure functions: `encode(params, tokens, lengths, cfg) -> hidden`, pooling, the head.
 
+MPNet is the same post-norm block with three differences, all EncoderConfig data: no token types, positions
+numbered from padding_idx + 1 (fairseq's make_positions), and a relative position bias on every layer's
+attention scores (T5's bidirectional log buckets, one [buckets, N] table all layers share).
+
 Params (laid out by corejax/loading/encoder.py; matrices [in, out]):
-  embed [V, D], embed_positions [P, D], embed_types [2, D], embed_norm {scale, bias} [D];
+  embed [V, D], embed_positions [P, D], embed_types [type_vocab_size, D] (absent when 0),
+  embed_norm {scale, bias} [D]; relative_bias [buckets, N] (relative_buckets > 0 only);
   layers[i]: wqkv [D, 3D] and bqkv [3D] (query, key, value side by side), wo [D, D], bo [D];
              attn_norm {scale, bias}; w_in [D, F], b_in [F];
              w_out [F, D], b_out [D]; ffn_norm {scale, bias};
@@ -17,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from corejax.types.config import EncoderConfig
 from corejax.kernels.policy import current
@@ -64,12 +70,44 @@ def dense_add_norm(x: jax.Array, w, b: jax.Array, residual: jax.Array, norm: dic
     return layer_norm(residual + dense(x, w, valid) + b, norm, eps)
 
 
+def relative_buckets(t: int, cfg: EncoderConfig) -> np.ndarray:
+    """[T, S] int32 bucket of each (query, key) distance, as transformers' MPNetEncoder.relative_position_bucket
+    (T5's bidirectional buckets: half per direction, exact below a quarter of the buckets, log-spaced up to
+    relative_max_distance). Float32 logs, truncated, as torch computes them, so boundary distances agree."""
+    n = np.arange(t)[:, None] - np.arange(t)[None, :]  # query - key: -(memory - context)
+    half = cfg.relative_buckets // 2
+    exact = half // 2
+    far = np.abs(n)
+    with np.errstate(divide="ignore", invalid="ignore"):  # distance 0: log -inf, never chosen
+        log = np.log(far.astype(np.float32) / np.float32(exact)) / np.float32(np.log(cfg.relative_max_distance / exact))
+        large = np.minimum(exact + (log * np.float32(half - exact)).astype(np.int64), half - 1)
+    return ((n < 0) * half + np.where(far < exact, far, large)).astype(np.int32)
+
+
+def relative_bias(table: jax.Array, t: int, cfg: EncoderConfig) -> jax.Array:
+    """table [buckets, N] -> the bias [N, T, S] every layer adds to its attention scores."""
+    return jnp.transpose(table[relative_buckets(t, cfg)], (2, 0, 1)).astype(jnp.float32)
+
+
+def _biased_attention(qkv: jax.Array, key_positions: jax.Array, bias: jax.Array, cfg: EncoderConfig) -> jax.Array:
+    """Dense softmax(q k^T / sqrt(H) + bias) v over real keys: qkv [B, T, 3D], bias [N, T, S] -> [B, T, D]."""
+    b, t, _ = qkv.shape
+    qkv = qkv.reshape(b, t, 3, cfg.num_heads, cfg.head_dim).astype(jnp.float32)
+    s = jnp.einsum("btnh,bsnh->bnts", qkv[:, :, 0], qkv[:, :, 1]) * cfg.head_dim ** -0.5 + bias
+    s = jnp.where((key_positions >= 0)[:, None, None, :], s, -jnp.inf)  # a real query always sees itself
+    a = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, axis=-1), qkv[:, :, 2])
+    return a.reshape(b, t, cfg.hidden_size)
+
+
 def attention(qkv: jax.Array, lengths: jax.Array, positions: jax.Array, key_positions: jax.Array,
-              cfg: EncoderConfig) -> jax.Array:
+              cfg: EncoderConfig, bias: jax.Array | None = None) -> jax.Array:
     """qkv [B, T, 3D] (the fused projection) -> [B, T, D]: bidirectional over each sequence's real tokens.
     The native kernel reads q, k, v in place (kernels/encoder_attention.cc); otherwise the tiled flash kernel,
-    non-causal, where padding keys carry position -1 and are never visible. Padding query rows are unread."""
+    non-causal, where padding keys carry position -1 and are never visible. Padding query rows are unread.
+    With a relative bias [N, T, S] (MPNet), which neither kernel adds, a dense XLA softmax."""
     b, t, _ = qkv.shape
+    if bias is not None:
+        return _biased_attention(qkv, key_positions, bias, cfg)
     kernels = current()
     if kernels.native:
         return encoder_attention(qkv, lengths, cfg.num_heads)
@@ -80,10 +118,10 @@ def attention(qkv: jax.Array, lengths: jax.Array, positions: jax.Array, key_posi
 
 
 def _layer(p: Params, x: jax.Array, lengths: jax.Array, positions: jax.Array, key_positions: jax.Array,
-           cfg: EncoderConfig) -> jax.Array:
+           cfg: EncoderConfig, bias: jax.Array | None) -> jax.Array:
     real = key_positions >= 0  # [B, T]: padding tokens' rows may be skipped by the matmuls (garbage, unread)
     qkv = dense_act(x, p["wqkv"], p["bqkv"], "none", real)
-    a = attention(qkv, lengths, positions, key_positions, cfg)
+    a = attention(qkv, lengths, positions, key_positions, cfg, bias)
     x = dense_add_norm(a, p["wo"], p["bo"], x, p["attn_norm"], cfg.norm_eps, real)
     f = dense_act(x, p["w_in"], p["b_in"], cfg.activation, real)
     return dense_add_norm(f, p["w_out"], p["b_out"], x, p["ffn_norm"], cfg.norm_eps, real)
@@ -96,10 +134,18 @@ def encode(params: Params, tokens: jax.Array, lengths: jax.Array, cfg: EncoderCo
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     key_positions = jnp.where(positions < lengths[:, None], positions, -1)
-    x = params["embed"][tokens] + params["embed_positions"][:t] + params["embed_types"][0]
+    pad = cfg.position_padding_idx
+    if pad is None:
+        x = params["embed"][tokens] + params["embed_positions"][:t]
+    else:  # fairseq's make_positions, as transformers' MPNetEmbeddings: pad-id tokens keep row `pad`
+        counted = tokens != pad
+        x = params["embed"][tokens] + params["embed_positions"][jnp.where(counted, jnp.cumsum(counted, 1) + pad, pad)]
+    if cfg.type_vocab_size:
+        x = x + params["embed_types"][0]
     x = layer_norm(x, params["embed_norm"], cfg.norm_eps)
+    bias = relative_bias(params["relative_bias"], t, cfg) if cfg.relative_buckets else None
     for p in params["layers"]:
-        x = _layer(p, x, lengths, positions, key_positions, cfg)
+        x = _layer(p, x, lengths, positions, key_positions, cfg, bias)
     return x
 
 

@@ -30,7 +30,8 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        return self.cfg.hidden_size
+        """The embedding's size: the last Dense module's output, else the encoder's hidden size."""
+        return self.sentence.dense[-1].out_features if self.sentence.dense else self.cfg.hidden_size
 
     def token_ids(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
         """[CLS] text [SEP] ids, as HF's tokenizer gives them; over-long texts keep their first
@@ -45,6 +46,11 @@ class Encoder:
                         f"text {i} is {len(ids)} tokens but the model reads at most {limit}; shorten it or pass "
                         "truncate=True to keep its first tokens")
                 ids = ids[:limit - 1] + ids[-1:]
+            if max(ids, default=0) >= self.cfg.vocab_size:  # a tokenizer token with no embedding row
+                bad = next(t for t in ids if t >= self.cfg.vocab_size)
+                raise InvalidParameterError(
+                    f"text {i} holds the token {self.tokenizer.tokens[bad]!r} (id {bad}), which this model has no "
+                    f"embedding for (it has {self.cfg.vocab_size}); remove it from the text")
             out.append(ids)
         return out
 
@@ -61,7 +67,8 @@ class Encoder:
             t = min(bucket(max(len(ids[i]) for i in rows), MIN_LENGTH_BUCKET), self.cfg.max_context)
             tokens, lengths = padded([ids[i] for i in rows], t, pad_length=1)  # padding rows: 1 token, discarded
             # Dispatch every batch before reading any back, so the host work overlaps the device's.
-            out = self.runner.encode(tokens, lengths, output, normalize, head, scores)
+            dense = () if output == "logits" else tuple(m.activation for m in self.sentence.dense)
+            out = self.runner.encode(tokens, lengths, output, normalize, head, scores, dense)
             pending.append((rows, out))
         for rows, out in pending:
             result[rows] = np.asarray(out)[:len(rows)]

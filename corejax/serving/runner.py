@@ -121,12 +121,14 @@ class EncoderRunner:
 
     def __init__(self, cfg: EncoderConfig, params: Any, kernels: Kernels | None = None):
         self.cfg, self.params = cfg, params
+        if cfg.decoder is not None:  # a decoder's block (EmbeddingGemma): its layers run in the layer loop too
+            self.params = stack_layers(params)
         self.kernels = kernels if kernels is not None else Kernels.detect()
         self.programs = Programs()
 
     def encode(self, tokens: np.ndarray, lengths: np.ndarray, output: str, normalize: bool, head: Any = None,
-               scores: str | None = None) -> jax.Array:
-        """tokens [B, T], lengths [B] -> [B, D] pooled vectors or [B, L] logits/scores (engine/programs.py
-        _encode), dispatched without waiting for the result."""
+               scores: str | None = None, dense: tuple[str, ...] = ()) -> jax.Array:
+        """tokens [B, T], lengths [B] -> [B, D] pooled vectors (through the Dense modules whose activations
+        `dense` names) or [B, L] logits/scores (engine/programs.py _encode), dispatched without waiting."""
         return self.programs.encode(self.params, tokens, lengths, cfg=self.cfg, kernels=self.kernels, output=output,
-                                    normalize=normalize, head=head, scores=scores)
+                                    normalize=normalize, head=head, scores=scores, dense=dense)

@@ -193,11 +193,13 @@ class ModelConfig:
         return cls(**common)
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> ModelConfig:
+    def from_hf(cls, config: Mapping[str, Any], *, bidirectional: bool = False) -> ModelConfig:
         """Reads a transformers config.json; only the keys its family honours are read (support.HF_FAMILIES,
-        types/families.py), and a key that needs a feature corejax lacks refuses the model."""
+        types/families.py), and a key that needs a feature corejax lacks refuses the model. bidirectional: the
+        block run as a sentence encoder (support.HF_BIDIRECTIONAL; EncoderConfig.decoder), never causally."""
         model_type = config.get("model_type")
-        family = support.HF_FAMILIES.get(model_type) if isinstance(model_type, str) else None
+        families_ = support.HF_BIDIRECTIONAL if bidirectional else support.HF_FAMILIES
+        family = families_.get(model_type) if isinstance(model_type, str) else None
         if family is None:
             raise UnsupportedModelError(
                 f"HF model_type {model_type!r} is not supported; corejax runs "
@@ -333,14 +335,22 @@ _ENCODER_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_t
 
 
 def is_encoder_config(config: Mapping[str, Any]) -> bool:
-    """Whether a transformers config.json describes an encoder corejax runs (BERT family)."""
-    return config.get("model_type") in ENCODER_MODEL_TYPES
+    """Whether a transformers config.json describes an encoder corejax runs (BERT, MPNet, or a decoder family
+    run bidirectionally: EmbeddingGemma)."""
+    return config.get("model_type") in ENCODER_MODEL_TYPES or is_bidirectional_decoder(config)
+
+
+def is_bidirectional_decoder(config: Mapping[str, Any]) -> bool:
+    """A decoder family's config with use_bidirectional_attention: true (EmbeddingGemma): an encoder whose layers
+    are that family's block (EncoderConfig.decoder), never a causal decoder."""
+    return config.get("model_type") in support.HF_BIDIRECTIONAL and config.get("use_bidirectional_attention") is True
 
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """A BERT-family encoder (models/bert.py): post-norm layers, learned absolute positions, optional
-    sequence-classification head. A jit static like ModelConfig: changing any field recompiles."""
+    sequence-classification head; MPNet is BERT with the three differences below as data. A jit static like
+    ModelConfig: changing any field recompiles."""
 
     arch: str
     vocab_size: int
@@ -348,16 +358,31 @@ class EncoderConfig:
     num_layers: int
     num_heads: int
     ffn_size: int
-    max_context: int  # learned position rows
-    type_vocab_size: int = 2
+    max_context: int  # tokens a sequence may hold (learned position rows past position_padding_idx)
+    type_vocab_size: int = 2  # 0: no token-type embeddings (MPNet)
+    # None: positions 0..T-1 (BERT). An index p (MPNet, RoBERTa: fairseq's make_positions): real tokens are
+    # numbered p+1, p+2, ..., tokens whose id is p sit at row p.
+    position_padding_idx: int | None = None
+    relative_buckets: int = 0  # > 0: T5-style bidirectional relative position bias added to every layer's scores
+    relative_max_distance: int = 128  # distances past this share the last bucket
     norm_eps: float = 1e-12
     activation: str = "gelu"  # "gelu" (erf, BERT's), "gelu_tanh" or "relu"
     labels: tuple[str, ...] = ()  # id2label of a *ForSequenceClassification head; () for a bare encoder
     multi_label: bool = False  # problem_type == "multi_label_classification": sigmoid per label, not softmax
+    # A decoder family's block run bidirectionally (EmbeddingGemma): its ModelConfig, read by models.forward with
+    # engine/cache.py BidirectionalAttention; the fields above then only describe it (sizes for the budget).
+    decoder: ModelConfig | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.decoder.head_dim if self.decoder is not None else self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_decoder(cls, cfg: ModelConfig) -> EncoderConfig:
+        """The encoder that runs `cfg`'s block bidirectionally (ModelConfig.from_hf(..., bidirectional=True))."""
+        return cls(arch=cfg.arch, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                   num_heads=cfg.num_heads, ffn_size=cfg.ffn_size, max_context=cfg.max_context, type_vocab_size=0,
+                   norm_eps=cfg.norm_eps, activation=cfg.activation, decoder=cfg)
 
     @property
     def num_labels(self) -> int:
@@ -365,10 +390,13 @@ class EncoderConfig:
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any], *, with_head: bool) -> EncoderConfig:
-        """Reads a transformers BERT config.json; `with_head` when the checkpoint carries classifier weights."""
+        """Reads a transformers BERT or MPNet config.json; `with_head` when the checkpoint carries classifier
+        weights."""
         if not is_encoder_config(config):
             raise UnsupportedModelError(f"HF model_type {config.get('model_type')!r} is not an encoder corejax runs "
                                         f"({', '.join(ENCODER_MODEL_TYPES)})")
+        if is_bidirectional_decoder(config):
+            return cls.from_decoder(ModelConfig.from_hf(config, bidirectional=True))
         act = config.get("hidden_act", "gelu")
         if act not in _ENCODER_ACTIVATIONS:
             raise UnsupportedModelError(f"hidden_act {act!r} is not supported; corejax's encoder runs "
@@ -383,19 +411,25 @@ class EncoderConfig:
             hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
             if hidden % heads:
                 raise ModelFormatError(f"config.json: hidden_size {hidden} is not a multiple of {heads} heads")
+            arch = config["model_type"]
+            mpnet = arch == "mpnet"
+            padding_idx = 1 if mpnet else None  # transformers' MPNetEmbeddings fixes it at 1, whatever pad_token_id
+            rows = int(config.get("max_position_embeddings", 514 if mpnet else 512))
             return cls(
-                arch="bert",
+                arch=arch,
                 vocab_size=int(config["vocab_size"]),
                 hidden_size=hidden,
                 num_layers=int(config["num_hidden_layers"]),
                 num_heads=heads,
                 ffn_size=int(config["intermediate_size"]),
-                max_context=int(config.get("max_position_embeddings", 512)),
-                type_vocab_size=int(config.get("type_vocab_size", 2)),
+                max_context=rows - (0 if padding_idx is None else padding_idx + 1),
+                type_vocab_size=0 if mpnet else int(config.get("type_vocab_size", 2)),
+                position_padding_idx=padding_idx,
+                relative_buckets=int(config.get("relative_attention_num_buckets", 32)) if mpnet else 0,
                 norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                 activation=_ENCODER_ACTIVATIONS[act],
                 labels=labels,
-                multi_label=config.get("problem_type") == "multi_label_classification",
+                multi_label=with_head and config.get("problem_type") == "multi_label_classification",
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, ModelFormatError):

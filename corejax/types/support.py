@@ -116,7 +116,10 @@ _GEMMA3 = Family("gemma3", _GEMMA3_KEYS, (
     # gelu_new is the same tanh approximation under another name.
     Unimplemented("hidden_activation", "the activation {value} (corejax's Gemma MLP is GeGLU: gelu_pytorch_tanh)",
                   _is("gelu_pytorch_tanh", "gelu_new")),
-    Unimplemented("use_bidirectional_attention", "bidirectional attention (EmbeddingGemma)", _is(False)),
+    # EmbeddingGemma: never run causally; loading/loader.py routes such a folder to the encoder runtime, which
+    # reads it through HF_BIDIRECTIONAL below.
+    Unimplemented("use_bidirectional_attention", "bidirectional attention in a generative model (EmbeddingGemma "
+                  "runs as an embedding model: Session.embed)", _is(False)),
     Unimplemented("layer_types", "attention layer types other than sliding_attention and full_attention",
                   _only("sliding_attention", "full_attention")),
 ))
@@ -170,6 +173,13 @@ HF_FAMILIES: dict[str, Family] = {
     )),
 }
 
+# Decoder families run as sentence encoders (use_bidirectional_attention: true): the same block and keys, every
+# layer's attention bidirectional (engine/cache.py BidirectionalAttention); ModelConfig.from_hf(bidirectional=True).
+HF_BIDIRECTIONAL: dict[str, Family] = {
+    "gemma3_text": Family("gemma3", _GEMMA3_KEYS | {"use_bidirectional_attention"},
+                          _without(_GEMMA3.unimplemented, "use_bidirectional_attention")),
+}
+
 ENCODER_FAMILIES: dict[str, Family] = {
     "bert": Family("bert", frozenset({
         "model_type", "vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
@@ -180,6 +190,14 @@ ENCODER_FAMILIES: dict[str, Family] = {
                       "{value} position embeddings (corejax's BERT adds learned absolute ones)", _is("absolute")),
         Unimplemented("is_decoder", "causal (decoder) attention in an encoder", _is(False)),
         Unimplemented("add_cross_attention", "cross-attention", _is(False)),
+    )),
+    "mpnet": Family("mpnet", frozenset({
+        "model_type", "vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+        "max_position_embeddings", "layer_norm_eps", "hidden_act", "relative_attention_num_buckets",
+    }), (
+        # transformers' MPNetEncoder sizes the bias table from the config but buckets with 32 whatever it says
+        Unimplemented("relative_attention_num_buckets",
+                      "{value} relative-attention buckets (transformers' MPNet buckets distances into 32)", _is(32)),
     )),
 }
 
@@ -282,12 +300,13 @@ HF_DECODER_UNREAD = (
      "a multimodal Gemma 3's image encoder: corejax takes text only, and text-only prompts never reach it"),
 )
 ENCODER_UNREAD = (
-    (r"((bert|model)\.)?pooler\.dense\.(weight|bias)",
+    (r"((bert|mpnet|model)\.)?pooler\.dense\.(weight|bias)",
      "BERT's pooler (a tanh layer on the CLS state): sentence-transformers pools the token states without it; "
      "a classifier checkpoint's pooler is read"),
-    (r"((bert|model)\.)?embeddings\.position_ids",
-     "the arange(max_position) buffer older transformers saved; positions are 0..T-1 either way"),
+    (r"((bert|mpnet|model)\.)?embeddings\.position_ids",
+     "the arange(max_position) buffer older transformers saved; positions are computed either way"),
     (r"cls\..+", "BERT's pre-training heads (masked LM, next sentence), which act after the encoder's output"),
+    (r"lm_head\..+", "MPNet's masked-LM head, which acts after the encoder's output"),
 )
 GGUF_UNREAD: tuple[tuple[str, str], ...] = (
     ("rope_factors_long.weight",

@@ -19,7 +19,11 @@ from corejax.worker.runtime import Runtime
 class EncoderRuntime(Runtime):
     def __init__(self, source: ModelSource, model: LoadedModel, budget: memory.MemoryBudget, kernels: Kernels):
         super().__init__(source, model, budget, kernels)
-        if kernels.native:  # float matmuls on the native kernel, padding tokens skipped (kernels/small_matmul.cc)
+        if model.cfg.decoder is not None:  # a decoder's block run bidirectionally (EmbeddingGemma): as a Generator's
+            from corejax.worker.generator import prepare_decoder
+
+            model.params = prepare_decoder(model.params, kernels)
+        elif kernels.native:  # float matmuls on the native kernel, padding tokens skipped (kernels/small_matmul.cc)
             model.params = block_params(model.params, kernels, ENCODER_MATRICES)
         self.encoder = Encoder(model.cfg, model.params, self.tokenizer, model.sentence, kernels)
 
