@@ -170,24 +170,31 @@ def test_minilm_matches_sentence_transformers(minilm, sandbox):
     assert cos.min() >= 0.9999, cos
 
 
-@pytest.mark.slow
-def test_minilm_token_ids_match_hf_tokenizer(minilm):
+def token_ids_match_hf_tokenizer(name: str, folder, texts: list[str], pooling: str, max_length: int) -> list:
+    """The registry encoder's token ids of `texts` are HF's own tokenizer's (truncated at its max_length, which
+    truncate=False refuses to do); returns them."""
     from transformers import AutoTokenizer
 
     from corejax.serving.encode import Encoder
     from corejax.hub import ModelSource
     from corejax.loading.loader import load_model
 
-    m = load_model(ModelSource("all-minilm-l6-v2", "hf", minilm), progress=False)
-    assert (m.sentence.pooling, m.sentence.normalize, m.sentence.max_length) == ("mean", True, 256)
+    m = load_model(ModelSource(name, "hf", folder), progress=False)
+    assert (m.sentence.pooling, m.sentence.normalize, m.sentence.max_length) == (pooling, True, max_length)
     enc = Encoder(m.cfg, m.params, m.tokenizer, m.sentence)
-    hf = AutoTokenizer.from_pretrained(str(minilm))
-    ours = enc.token_ids(VARIED)
-    for text, ids in zip(VARIED, ours):
-        assert ids == hf(text, truncation=True, max_length=256)["input_ids"], text
-    assert max(len(i) for i in ours) == 256
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    ours = enc.token_ids(texts)
+    for text, ids in zip(texts, ours):
+        assert ids == hf(text, truncation=True, max_length=max_length)["input_ids"], text
+    assert max(len(i) for i in ours) == max_length
     with pytest.raises(corejax.InvalidParameterError, match="truncate=True"):
-        enc.token_ids(VARIED, truncate=False)
+        enc.token_ids(texts, truncate=False)
+    return ours
+
+
+@pytest.mark.slow
+def test_minilm_token_ids_match_hf_tokenizer(minilm):
+    token_ids_match_hf_tokenizer("all-minilm-l6-v2", minilm, VARIED, "mean", 256)
 
 
 @pytest.mark.slow

@@ -142,19 +142,7 @@ def test_mpnet_matches_sentence_transformers(mpnet):
 
 @pytest.mark.slow
 def test_mpnet_token_ids_match_hf_tokenizer(mpnet):
-    from transformers import AutoTokenizer
+    from test_embed import token_ids_match_hf_tokenizer
 
-    from corejax.hub import ModelSource
-    from corejax.loading.loader import load_model
-    from corejax.serving.encode import Encoder
-
-    m = load_model(ModelSource("all-mpnet-base-v2", "hf", mpnet), progress=False)
-    assert (m.sentence.pooling, m.sentence.normalize, m.sentence.max_length) == ("mean", True, 384)
-    enc = Encoder(m.cfg, m.params, m.tokenizer, m.sentence)
-    hf = AutoTokenizer.from_pretrained(str(mpnet))
-    ours = enc.token_ids(VARIED)
-    for text, ids in zip(VARIED, ours):
-        assert ids == hf(text, truncation=True, max_length=384)["input_ids"], text
-    assert max(len(i) for i in ours) == 384 and ours[0][0] == 0 and ours[0][-1] == 2  # <s> ... </s>
-    with pytest.raises(corejax.InvalidParameterError, match="truncate=True"):
-        enc.token_ids(VARIED, truncate=False)
+    ours = token_ids_match_hf_tokenizer("all-mpnet-base-v2", mpnet, VARIED, "mean", 384)
+    assert ours[0][0] == 0 and ours[0][-1] == 2  # <s> ... </s>
