@@ -46,6 +46,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "parallel.h"
@@ -351,6 +352,35 @@ extern "C" int corejax_quant_matmul_plain(const float* x, int64_t M, int64_t K, 
 // The instruction set this library was built for (kernels/isa.h), e.g. "avx2"; corejax reports it.
 extern "C" const char* corejax_isa() { return COREJAX_ISA_NAME; }
 
+// What both handlers check of one matrix's format: cd = codes [N/16, S, 64], sd = scales [N/16, K/B, 16] of one
+// layer (or expert). nullptr when x's K, the format and the buffers agree, else what is wrong.
+static const char* format_error(int32_t bits, int32_t block, int64_t K, const int64_t* cd, const int64_t* sd,
+                                const ffi::AnyBuffer& scales, const ffi::AnyBuffer& mins, int32_t has_mins) {
+  if (cd[2] != 64 || sd[2] != kG) return "bad codes/scales layout";
+  if ((bits != 4 && bits != 8) || (block != 16 && block != 32) || K % kQBlock || K % block ||
+      cd[1] * 64 * 8 != K * kG * bits || sd[0] != cd[0] || sd[1] != K / block)
+    return "the codes/scales shapes do not match x and the format";
+  if (scales.element_type() != ffi::DataType::F16 && scales.element_type() != ffi::DataType::F32)
+    return "scales must be float16 or float32";
+  if (has_mins && (mins.element_type() != scales.element_type() || mins.size_bytes() != scales.size_bytes()))
+    return "mins must match the scales";
+  return nullptr;
+}
+
+// x [M, K] quantized once (quantize_rows), held for the handler's call.
+struct QuantizedRows {
+  std::vector<int8_t> q, r;
+  std::vector<float> d, ds;
+  QuantizedRows(const float* x, int64_t M, int64_t K, int64_t B)
+      : q(M * K), r(M * K), d(M * (K / kQBlock)), ds(M * (K / B)) {
+    quantize_rows(x, M, K, B, q.data(), r.data(), d.data(), ds.data());
+  }
+  // The activations of rows [m0, ...).
+  Acts at(int64_t m0, int64_t K, int64_t B) const {
+    return Acts{q.data() + m0 * K, r.data() + m0 * K, d.data() + m0 * (K / kQBlock), ds.data() + m0 * (K / B), K};
+  }
+};
+
 // codes, scales and mins may carry a leading layer axis [L, ...] (a model's layers stacked): `layer` [] int32
 // picks one, read in place, so a layer loop never copies its weights out of the stack.
 static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
@@ -364,25 +394,18 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t L = stacked ? cdims[0] : 1, li = layer.typed_data()[0];
   const int64_t cd[3] = {cdims[stacked], cdims[stacked + 1], cdims[stacked + 2]};
   const int64_t sd[3] = {sdims[stacked], sdims[stacked + 1], sdims[stacked + 2]};
-  if (cd[2] != 64 || sd[2] != kG || li < 0 || li >= L || (stacked && sdims[0] != L))
-    return ffi::Error::InvalidArgument("corejax_quant_matmul: bad codes/scales layout or layer index");
+  if (li < 0 || li >= L || (stacked && sdims[0] != L))
+    return ffi::Error::InvalidArgument("corejax_quant_matmul: bad layer index or layer axis");
   const int64_t M = xd[0], K = xd[1], N = cd[0] * kG;
-  if ((bits != 4 && bits != 8) || (block != 16 && block != 32) || K % kQBlock || K % block ||
-      cd[1] * 64 * 8 != K * kG * bits || sd[0] != cd[0] || sd[1] != K / block)
-    return ffi::Error::InvalidArgument("corejax_quant_matmul: the codes/scales shapes do not match x and the format");
+  if (const char* err = format_error(bits, block, K, cd, sd, scales, mins, has_mins))
+    return ffi::Error::InvalidArgument(std::string("corejax_quant_matmul: ") + err);
   const bool f16 = scales.element_type() == ffi::DataType::F16;
-  if (!f16 && scales.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("corejax_quant_matmul: scales must be float16 or float32");
-  if (has_mins && (mins.element_type() != scales.element_type() || mins.size_bytes() != scales.size_bytes()))
-    return ffi::Error::InvalidArgument("corejax_quant_matmul: mins must match the scales");
   const int64_t code_bytes = codes.size_bytes() / L, scale_bytes = scales.size_bytes() / L;
-  std::vector<int8_t> q(M * K), r(M * K);
-  std::vector<float> d(M * (K / kQBlock)), ds(M * (K / block));
-  quantize_rows(x.typed_data(), M, K, block, q.data(), r.data(), d.data(), ds.data());
+  const QuantizedRows rows(x.typed_data(), M, K, block);
   const char* sp = static_cast<const char*>(scales.untyped_data()) + li * scale_bytes;
   const char* mp = has_mins ? static_cast<const char*>(mins.untyped_data()) + li * scale_bytes : nullptr;
   const Weights w{codes.typed_data() + li * code_bytes, sp, mp, f16, bits, offset, K, N};
-  const Acts a{q.data(), r.data(), d.data(), ds.data(), K};
+  const Acts a = rows.at(0, K, block);
   run(pool, w, a, M, block, code_max, threads, y->typed_data());
   return ffi::Error::Success();
 }
@@ -408,17 +431,11 @@ static ffi::Error QuantMatmulExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::
   const int64_t cd[3] = {cdims[stacked + 1], cdims[stacked + 2], cdims[stacked + 3]};
   const int64_t sd[3] = {sdims[stacked + 1], sdims[stacked + 2], sdims[stacked + 3]};
   const int64_t M = xd[0], K = xd[1], N = cd[0] * kG;
-  if (cd[2] != 64 || sd[2] != kG || li < 0 || li >= L || sdims[stacked] != E || counts.dimensions()[0] != E ||
-      (stacked && sdims[0] != L))
-    return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: bad codes/scales layout or layer index");
-  if ((bits != 4 && bits != 8) || (block != 16 && block != 32) || K % kQBlock || K % block ||
-      cd[1] * 64 * 8 != K * kG * bits || sd[0] != cd[0] || sd[1] != K / block)
-    return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: the codes/scales shapes do not match x");
+  if (li < 0 || li >= L || sdims[stacked] != E || counts.dimensions()[0] != E || (stacked && sdims[0] != L))
+    return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: bad layer index, expert or layer axis");
+  if (const char* err = format_error(bits, block, K, cd, sd, scales, mins, has_mins))
+    return ffi::Error::InvalidArgument(std::string("corejax_quant_matmul_experts: ") + err);
   const bool f16 = scales.element_type() == ffi::DataType::F16;
-  if (!f16 && scales.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: scales must be float16 or float32");
-  if (has_mins && (mins.element_type() != scales.element_type() || mins.size_bytes() != scales.size_bytes()))
-    return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: mins must match the scales");
   const int32_t* cnt = counts.typed_data();
   std::vector<int64_t> start(E + 1, 0);
   for (int64_t e = 0; e < E; ++e) {
@@ -427,9 +444,7 @@ static ffi::Error QuantMatmulExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::
   }
   if (start[E] > M) return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: counts exceed the rows");
   const int64_t code_bytes = codes.size_bytes() / (L * E), scale_bytes = scales.size_bytes() / (L * E);
-  std::vector<int8_t> q(M * K), r(M * K);
-  std::vector<float> d(M * (K / kQBlock)), ds(M * (K / block));
-  quantize_rows(x.typed_data(), start[E], K, block, q.data(), r.data(), d.data(), ds.data());
+  const QuantizedRows rows(x.typed_data(), start[E], K, block);
   float* out = y->typed_data();
   std::fill(out + start[E] * N, out + M * N, 0.f);  // rows past the counted ones (padding)
   const GroupsFn fn = pick(bits, block, code_max);
@@ -444,8 +459,7 @@ static ffi::Error QuantMatmulExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::
     const int64_t e = tasks[t] / chunks, c = tasks[t] % chunks, at = li * E + e, m0 = start[e];
     const Weights w{codes.typed_data() + at * code_bytes, sp + at * scale_bytes,
                     mp ? mp + at * scale_bytes : nullptr, f16, bits, offset, K, N};
-    const Acts a{q.data() + m0 * K, r.data() + m0 * K, d.data() + m0 * (K / kQBlock), ds.data() + m0 * (K / block), K};
-    fn(w, a, cnt[e], c * kChunk, std::min(G, (c + 1) * kChunk), out + m0 * N);
+    fn(w, rows.at(m0, K, block), cnt[e], c * kChunk, std::min(G, (c + 1) * kChunk), out + m0 * N);
   });
   return ffi::Error::Success();
 }

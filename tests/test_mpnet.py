@@ -9,6 +9,7 @@ import pytest
 
 import corejax
 from references import require
+from test_embed import VARIED as EMBED_TEXTS
 from corejax.errors import UnsupportedModelError
 from corejax.kernels.policy import Kernels
 from corejax.types import support
@@ -17,21 +18,10 @@ from corejax.types.config import EncoderConfig
 TINY = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=66)
 
-VARIED = [
-    "Hello world",
-    "",
-    "a",
-    " ",
-    "Ünïcödé façade — naïve café, 東京 北京大学, Привет, как дела?",
-    "😀",
-    "emoji 🤖🎉 in 🇫🇷 text",
-    "tab\tnew\nline   spaces",
-    "UPPER Case ÀÉÎ Ærøskøbing",
-    "<pad> and <s> </s> <mask> written in the text",
-    "The quick brown fox jumps over the lazy dog. " * 8,  # ~90 tokens: 128 rows, past the exact buckets
-    "The quick brown fox jumps over the lazy dog. " * 40,  # > 384 tokens: truncated to max_seq_length
-    "Short, but with punctuation!!! ??? ... --- ###",
-]
+# test_embed's texts, with MPNet's lowercasing, its special tokens typed into the text and a ~90-token one
+# (128 rows, past the exact buckets) before the two last; the last but one is cut to max_seq_length (384).
+VARIED = [*EMBED_TEXTS[:8], "UPPER Case ÀÉÎ Ærøskøbing", "<pad> and <s> </s> <mask> written in the text",
+          "The quick brown fox jumps over the lazy dog. " * 8, *EMBED_TEXTS[8:]]
 
 
 def test_relative_buckets_match_transformers():
