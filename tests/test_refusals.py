@@ -302,6 +302,15 @@ def test_gguf_with_an_attention_bias_tensor_is_refused(tmp_path):
         load_model(ModelSource("bias", "gguf", path), progress=False)
 
 
+def test_gguf_with_long_rope_factors_but_no_short_ones_is_refused(tmp_path):
+    """LongRoPE is computed from its short factors within the original context; long factors alone would run
+    as if the file had no RoPE scaling."""
+    path = write_tiny_llama(tmp_path / "long.gguf", quantize=None,
+                            extra_tensors={"rope_factors_long.weight": ((4,), 2.0)})
+    with pytest.raises(UnsupportedModelError, match="LongRoPE long factors"):
+        load_model(ModelSource("long", "gguf", path), progress=False)
+
+
 def test_gguf_rope_freqs_divide_the_frequencies(tmp_path):
     """llama.cpp stores Llama 3.1's RoPE scaling as this tensor (tests/test_families.py checks a converted Llama
     3 against transformers); factors of 1 change nothing, other factors change the logits."""

@@ -68,6 +68,9 @@ HF_RENAMES = {"gemma2": {"ffn_norm": "pre_feedforward_layernorm.weight"},
 BIASES = ("bq", "bk", "bv")
 ROPE_FREQS = "rope_freqs.weight"  # read into ModelConfig.rope_factors (loading/loader.py gguf_config)
 ROPE_SHORT = "rope_factors_short.weight"  # Phi-3's LongRoPE short factors, read the same way
+# ... and its long factors, which apply past the original context only: with the short ones read, the context is
+# capped there (loading/loader.py gguf_config), so they count as read; without them the file is refused.
+ROPE_LONG = "rope_factors_long.weight"
 # Phi-3's fused matrices, split at load into the keys the model reads.
 FUSED_NAMES = {"wqkv": ("attn_qkv.weight", "self_attn.qkv_proj.weight"),
                "w_gate_up": ("ffn_up.weight", "mlp.gate_up_proj.weight")}
@@ -338,7 +341,7 @@ def load_gguf_params(gguf: Any, cfg: ModelConfig, *, weights: str = "native",
                      progress: bool = True) -> dict[str, Any]:
     """`gguf` is an open corejax.loading.gguf.GGUFFile. weights: one of WEIGHT_MODES."""
     names = gguf_names(cfg)
-    read = set(names.values()) | ({ROPE_FREQS, ROPE_SHORT} if cfg.rope_factors else set())
+    read = set(names.values()) | ({ROPE_FREQS, ROPE_SHORT, ROPE_LONG} if cfg.rope_factors else set())
     support.check_unread_tensors(gguf.tensors, read, support.GGUF_UNREAD, str(gguf.path))
     missing = [n for n in names.values() if n not in gguf.tensors and n != "output.weight"]
     if missing:

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from corejax.types.config import ENCODER_WEIGHTS, WEIGHT_MODES, EncoderConfig, ModelConfig, is_bidirectional_decoder
-from corejax.errors import InvalidParameterError, ModelFormatError
+from corejax.errors import InvalidParameterError, ModelFormatError, UnsupportedModelError
 from corejax.hub import ModelSource
 from corejax.kernels.policy import Kernels
-from corejax.loading.convert import ROPE_FREQS, load_gguf_params, load_hf_folder
+from corejax.loading.convert import ROPE_FREQS, ROPE_LONG, ROPE_SHORT, load_gguf_params, load_hf_folder
 from corejax.loading.ggml_quants import UNPACKERS
 from corejax.loading.gguf import read_gguf
 
@@ -63,7 +63,11 @@ def gguf_config(f: Any, meta: Any) -> ModelConfig:
     llama.cpp's rope_freqs tensor where the file has one (how its converter stores Llama 3.1's RoPE scaling).
     Phi-3's LongRoPE: its short factors and attention factor, the context capped at the original length (past
     it llama.cpp and transformers switch to the long factors, which corejax does not implement)."""
-    short = "rope_factors_short.weight"
+    short = ROPE_SHORT
+    if ROPE_LONG in f.tensors and short not in f.tensors:
+        raise UnsupportedModelError(f"{f.path}: this model has LongRoPE long factors ({ROPE_LONG}) without its short "
+                                    "ones; corejax implements LongRoPE within the original context only, with the "
+                                    "short factors, so it is refused. Re-convert it with llama.cpp's converter")
     name = ROPE_FREQS if ROPE_FREQS in f.tensors else short if short in f.tensors else None
     factors = f.dequantize(name).reshape(-1).tolist() if name else None
     cfg = ModelConfig.from_gguf(meta, tie_embeddings="output.weight" not in f.tensors, rope_factors=factors)

@@ -308,10 +308,7 @@ ENCODER_UNREAD = (
     (r"cls\..+", "BERT's pre-training heads (masked LM, next sentence), which act after the encoder's output"),
     (r"lm_head\..+", "MPNet's masked-LM head, which acts after the encoder's output"),
 )
-GGUF_UNREAD: tuple[tuple[str, str], ...] = (
-    ("rope_factors_long.weight",
-     "Phi-3's LongRoPE factors past its original context, which corejax caps the context at (loading/loader.py)"),
-)
+GGUF_UNREAD: tuple[tuple[str, str], ...] = ()
 
 # What an unread tensor's name suggests it computes, for the message.
 TENSOR_HINTS = (
