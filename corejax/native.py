@@ -1,7 +1,7 @@
 """Builds the native CPU kernels (kernels/*.cc) once per machine into the corejax cache. Imports no JAX.
 
 XLA's FFI lets a jitted program call a C++ function: the kernels/*.cc files in SOURCES (float and quantized
-matmuls, decode attention over the paged cache, encoder attention, the KV pool's lazily zeroed allocation);
+matmuls, attention over the paged cache, encoder attention, the KV pool's lazily zeroed allocation);
 each file's header says why. They are compiled into one library with the system's C++ compiler against the FFI headers jaxlib ships,
 for this CPU (-march=native), and cached under a key of the source, compiler, jaxlib version and CPU
 flags. COREJAX_ISA picks a narrower target than the machine's own (ISAS below), so the AVX2 path can be
@@ -24,7 +24,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCES = ("small_matmul.cc", "paged_decode.cc", "quant_matmul.cc", "encoder_attention.cc", "lazy_zeros.cc")
+SOURCES = ("small_matmul.cc", "paged_attention.cc", "quant_matmul.cc", "encoder_attention.cc", "lazy_zeros.cc")
 HEADERS = ("parallel.h", "vecmath.h", "isa.h")  # included by the sources; part of the build key
 
 # COREJAX_ISA -> (the compiler's target flags, the /proc/cpuinfo flags the CPU must have, XLA's own cap).

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 
 # FFI target name -> the handler symbol in the library (kernels/*.cc XLA_FFI_DEFINE_HANDLER_SYMBOL).
-TARGETS = {"corejax_small_matmul": "CorejaxSmallMatmul", "corejax_paged_decode": "CorejaxPagedDecode",
+TARGETS = {"corejax_small_matmul": "CorejaxSmallMatmul", "corejax_paged_attention": "CorejaxPagedAttention",
            "corejax_quant_matmul": "CorejaxQuantMatmul", "corejax_quant_matmul_experts": "CorejaxQuantMatmulExperts",
            "corejax_matmul_bias_act": "CorejaxMatmulBiasAct", "corejax_matmul_add_norm": "CorejaxMatmulAddNorm",
            "corejax_encoder_attention": "CorejaxEncoderAttention", "corejax_lazy_zeros": "CorejaxLazyZeros"}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from corejax.kernels import ffi
-from corejax.kernels.paged_decode import paged_decode, paged_decode_reference
+from corejax.kernels.paged_native import paged_attention_native, paged_attention_native_reference
 from corejax.kernels.small_matmul import blocked_matmul, blocked_matmul_reference, to_blocked
 
 pytestmark = pytest.mark.skipif(not ffi.ensure(), reason="the native kernels could not be built here (no g++?)")
@@ -59,12 +59,21 @@ CASES = [  # B, T, N, K, H, page_size, pages_per_seq, layers, window, softcap
     (4, 2, 6, 2, 64, 16, 4, 2, 5, 0.0),
     (2, 3, 2, 1, 8, 4, 5, 1, 3, 0.0),
     (5, 1, 8, 8, 16, 32, 3, 2, 0, 50.0),
+    # long contexts (keys split over tasks), prefill chunks (query blocks, transposed key tiles), head sizes
+    # with a tail past whole vectors
+    (1, 1, 9, 3, 64, 16, 160, 2, 0, 0.0),
+    (3, 2, 32, 8, 128, 16, 70, 1, 0, 0.0),
+    (1, 100, 9, 3, 64, 16, 16, 1, 0, 0.0),
+    (2, 70, 4, 1, 256, 16, 10, 1, 48, 0.0),
+    (1, 33, 8, 2, 48, 8, 12, 1, 0, 20.0),
+    (2, 40, 2, 1, 8, 4, 20, 1, 0, 0.0),
+    (1, 512, 15, 5, 64, 16, 64, 1, 0, 0.0),
 ]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", CASES)
-def test_paged_decode_matches_paged_attention(case, dtype):
+def test_native_paged_attention_matches_paged_attention(case, dtype):
     """float32 pages, and bfloat16 pages widened as they are read (against the reference on the same values
     in float32)."""
     b, t, n, k, h, ps, w, layers, window, softcap = case
@@ -79,9 +88,9 @@ def test_paged_decode_matches_paged_attention(case, dtype):
     q_positions = np.maximum(lengths[:, None] - t + np.arange(t)[None], 0).astype(np.int32)
     q = jnp.asarray(rng.standard_normal((b, t, n, h), np.float32))
     layer = layers - 1
-    fn = jax.jit(paged_decode, static_argnames=("layer", "window", "softcap"))
+    fn = jax.jit(paged_attention_native, static_argnames=("layer", "window", "softcap"))
     got = fn(q, kp, vp, layer, table, jnp.asarray(lengths), jnp.asarray(q_positions), window=window, softcap=softcap)
-    want = paged_decode_reference(q, kp.astype(jnp.float32), vp.astype(jnp.float32), layer, table,
+    want = paged_attention_native_reference(q, kp.astype(jnp.float32), vp.astype(jnp.float32), layer, table,
                                   jnp.asarray(lengths), jnp.asarray(q_positions), window=window, softcap=softcap)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-6)
     if b > 2:

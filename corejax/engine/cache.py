@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from corejax.types.config import KV_DTYPES, QUANTIZED_KV, ModelConfig
-from corejax.kernels import paged_decode
+from corejax.kernels import paged_native
 from corejax.kernels.kv_quant import quantize_kv
 from corejax.kernels.paged_attention import paged_attention, paged_impl
 from corejax.kernels.policy import Kernels, current
@@ -219,9 +219,10 @@ class PagedKVCache:
             new[f"{name}_pages"] = pages_arr.at[layer, :, pages, offsets].set(values, mode="promise_in_bounds")
         cache = dataclasses.replace(self, **new)
         kernels = current()
-        if kernels.native and paged_decode.supported(q, cache.k_pages):  # decode-sized: pages read in place
-            out = paged_decode.paged_decode(q, cache.k_pages, cache.v_pages, layer, self.page_table, self.lengths,
-                                            positions, window=window, scale=scale, softcap=softcap)
+        if kernels.native and paged_native.supported(q, cache.k_pages):  # float pages read in place, every core
+            out = paged_native.paged_attention_native(q, cache.k_pages, cache.v_pages, layer, self.page_table,
+                                                      self.lengths, positions, window=window, scale=scale,
+                                                      softcap=softcap)
             return out, cache
         rows = q.shape[1] * (q.shape[2] // cache.k_pages.shape[1])  # query rows per KV head
         out = paged_attention(q, cache.k_pages, cache.v_pages, self.page_table, self.lengths, positions,
