@@ -23,7 +23,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=WEIGHT_MODES, default=None,
                    help="default: a quantized GGUF stays quantized (native) and an encoder loads as bf16 or f16 "
                         "where the native kernels build, else f32; int8/int4: quantize float weights at load")
-    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="bf16")
     p.add_argument("--blocklist", metavar="FILE", default=None,
                    help="output filter: one blocked word or phrase per line (# comments); matched after Unicode "
                         "NFC and case folding, a hit ends the generation (finish reason content_filter)")
@@ -231,7 +231,7 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--no-sandbox", dest="sandbox", action="store_false",
                    help="run the models on threads of the server process instead of sandboxed workers")
     p.add_argument("--weights", choices=WEIGHT_MODES, default=None)
-    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="bf16")
     p.add_argument("--blocklist", metavar="FILE", default=None, help="output filter (see `corejax generate -h`)")
     p.add_argument("--max-tokens", type=int, default=4096,
                    help="the most tokens one choice may generate, and the chat default (default 4096)")

@@ -42,8 +42,9 @@ def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 def _greedy(cfg, params, prompt: list[int], n: int) -> list[int]:
-    """corejax's own serving path: the paged engine and the scheduler, greedy."""
-    runner = ModelRunner(cfg, params, EngineConfig(kv_cache_tokens=256))
+    """corejax's own serving path: the paged engine and the scheduler, greedy. float32 KV: random weights leave
+    near-ties between logits that bfloat16 keys (the default) can flip; this checks the family's math."""
+    runner = ModelRunner(cfg, params, EngineConfig(kv_cache_tokens=256, kv_dtype="float32"))
     sch = Scheduler(runner, background=False)
     req = sch.submit(prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), frozenset())
     sch.run_until_idle()

@@ -16,7 +16,8 @@ PROMPT = "the cat sat on the mat and then"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", context=128)
-    with corejax.Session(str(path), sandbox=False, progress=False) as session:
+    # float32 KV: test_logprobs_are_the_models_log_softmax compares with full_logits, which keeps no cache
+    with corejax.Session(str(path), sandbox=False, progress=False, kv_dtype="float32") as session:
         yield session
 
 

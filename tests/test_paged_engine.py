@@ -98,7 +98,7 @@ def _layer0_pages(cache) -> tuple[np.ndarray, np.ndarray | None]:
 
 @pytest.mark.parametrize("kv_dtype,ratio", [("bf16", 2), ("int8", 3), ("int4", 5)])
 def test_quantized_kv_pools_are_smaller_and_hold_the_same_keys(tiny_path, kv_dtype, ratio):
-    f32 = open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False)
+    f32 = open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False, engine=EngineConfig(kv_dtype="float32"))
     rt = open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False, engine=EngineConfig(kv_dtype=kv_dtype))
     assert rt.runner.kv_cache_bytes * ratio <= f32.runner.kv_cache_bytes * 1.3
     run(f32, STORY, max_tokens=1, **GREEDY)  # the prompt's keys only (the first token comes from the prefill)

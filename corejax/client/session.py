@@ -78,7 +78,7 @@ class Session(AsyncSession):
     _worker_module = WORKER_MODULE
 
     def __init__(self, model: str | None = None, *, sandbox: bool = True, memory_limit: int | str | None = None,
-                 timeout: float | None = None, weights: str | None = None, kv_dtype: str = "float32",
+                 timeout: float | None = None, weights: str | None = None, kv_dtype: str = "bf16",
                  kv_cache_tokens: int | None = None, prefix_cache: bool = True, progress: bool = True,
                  speculative: Any = None, warmup: bool = False,
                  start_timeout: float = 600.0, sandbox_require: Mapping[str, bool] | None = None,
