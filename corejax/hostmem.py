@@ -30,6 +30,27 @@ def to_device(a: np.ndarray) -> jax.Array:
     return jax.device_put(a, jax.local_devices()[0])
 
 
+def device_empty(shape: tuple[int, ...], dtype) -> tuple[jax.Array, np.ndarray] | None:
+    """A new array on the default device whose memory is committed only as it is written (the native library's
+    lazy zeros, kernels/lazy_zeros.cc), and a writable NumPy view of that memory: the loader fills a stacked
+    weight in place, one layer at a time, instead of building it in NumPy and copying it (a second copy of the
+    largest weight at the peak, and one more pass over it). Only for a buffer no program has read yet. None
+    where the library is not loaded or the device is not this process's host memory."""
+    from corejax.kernels import ffi
+
+    device = jax.local_devices()[0]
+    if device.platform != "cpu" or not ffi.available():
+        return None
+    a = jax.device_put(jax.ffi.ffi_call("corejax_lazy_zeros", jax.ShapeDtypeStruct(shape, dtype))(), device)
+    a.block_until_ready()
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if n == 0:
+        return a, np.zeros(shape, dtype)
+    buf = (ctypes.c_uint8 * n).from_address(a.unsafe_buffer_pointer())
+    return a, np.frombuffer(buf, np.uint8).view(dtype).reshape(shape)
+
+
 def trim_heap() -> None:
     """Returns the heap's free pages to the system (glibc's malloc_trim): loading frees many per-layer arrays that
     would otherwise stay resident. A no-op where the C library has no malloc_trim."""

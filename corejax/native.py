@@ -24,7 +24,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCES = ("small_matmul.cc", "paged_attention.cc", "quant_matmul.cc", "encoder_attention.cc", "lazy_zeros.cc")
+SOURCES = ("small_matmul.cc", "paged_attention.cc", "quant_matmul.cc", "encoder_attention.cc", "lazy_zeros.cc",
+           "ggml_repack.cc")
 HEADERS = ("parallel.h", "vecmath.h", "isa.h")  # included by the sources; part of the build key
 
 # COREJAX_ISA -> (the compiler's target flags, the /proc/cpuinfo flags the CPU must have, XLA's own cap).

@@ -19,6 +19,7 @@ TARGETS = {"corejax_small_matmul": "CorejaxSmallMatmul", "corejax_paged_attentio
            "corejax_encoder_attention": "CorejaxEncoderAttention", "corejax_lazy_zeros": "CorejaxLazyZeros"}
 _LOCK = threading.Lock()
 _loaded: list[str] = []
+_lib: list[ctypes.CDLL] = []
 _bf16_dot: list[bool] = []
 _isa: list[str] = []
 _build_allowed = [True]
@@ -44,6 +45,7 @@ def load(path: str | Path) -> bool:
             print(f"corejax: cannot load the native kernels from {path}: {e}; using XLA's own ops", file=sys.stderr)
             return False
         _loaded.append(str(path))
+        _lib.append(lib)
         _bf16_dot.append(bf16)
         _isa.append(isa)
         return True
@@ -60,6 +62,11 @@ def ensure(path: str | Path | None = None) -> bool:
 
         path = native.build()
     return load(path) if path is not None else False
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library itself, for its plain C entry points (kernels/ggml_repack.py), or None."""
+    return _lib[0] if _lib else None
 
 
 def library_key() -> str:

@@ -125,18 +125,18 @@ def test_without_a_limit_reservations_are_recorded_never_refused(tiny):
 def test_kv_pool_is_sized_to_what_the_limit_leaves(tmp_path):
     from corejax.worker.start import open_runtime
 
-    # 2 layers x 2 KV heads x 64 dims: 2 KiB of float32 KV per token, 64k tokens of context (128 MiB).
+    # 2 layers x 2 KV heads x 64 dims: 1 KiB of bfloat16 KV per token, 64k tokens of context (64 MiB).
     path = write_tiny_llama(tmp_path / "long.gguf", context=65536, hidden=256, heads=4, kv_heads=2, ffn=512)
     src = ModelSource("long", "gguf", path)
     full = open_runtime(src, progress=False)
     assert full.info()["kv_cache_tokens"] == 65536
     others = sum(r["bytes"] for name, r in full.budget.report()["reservations"].items() if name != "kv_pool")
-    limit = others + (40 << 20)  # room for 40 MiB of KV: 20480 tokens minus the padding page
+    limit = others + (40 << 20)  # room for 40 MiB of KV: 40960 tokens minus the padding page
     r = open_runtime(src, progress=False, memory_limit=limit)
     ec = r.runner.engine_cfg
     per_page = ec.kv_bytes_per_token(r.model.cfg) * ec.page_size
     expected = (int((40 << 20) // per_page) - 1) * ec.page_size
-    assert r.info()["kv_cache_tokens"] == expected == 20464
+    assert r.info()["kv_cache_tokens"] == expected == 40944
     assert r.budget.used <= limit
     with pytest.raises(MemoryBudgetError, match="the smallest useful pool"):
         open_runtime(src, progress=False, memory_limit=others + (256 << 10))

@@ -41,6 +41,33 @@ def test_gguf_blocks_dequantize_bit_exactly(fmt, d_out, d_in):
     assert (qa.bits == 4) == packed or fmt in ("Q2_K", "Q3_K")  # 2/3-bit codes also fit a nibble
 
 
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("d_out,d_in", [(96, 256), (40, 512), (4100, 64)])
+def test_native_repack_is_byte_identical_to_from_blocks(fmt, d_out, d_in):
+    """quant.from_ggml (kernels/ggml_repack.cc, one pass over the file's blocks) builds the same arrays as
+    from_blocks on the NumPy-unpacked codes: codes, scales, mins and the static fields."""
+    from corejax.kernels import ffi
+
+    if not ffi.ensure():
+        pytest.skip("the native kernels could not be built here")
+    t = GGMLType[fmt]
+    block, size = BLOCK_SIZES[t]
+    raw = finite_blocks(np.random.default_rng(d_out), fmt, d_out * d_in // block)
+    q = UNPACKERS[t](raw)
+    want = quant.from_blocks(q.codes.reshape(d_out, -1), q.scales.reshape(d_out, -1),
+                             None if q.mins is None else q.mins.reshape(d_out, -1), fmt=fmt)
+    got = quant.from_ggml(raw.reshape(d_out, d_in // block * size), d_in, fmt)
+    assert got is not None
+    for name in ("shape", "block", "bits", "offset", "code_max"):
+        assert getattr(got, name) == getattr(want, name), name
+    for name in ("codes", "scales", "mins"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
 def _matmul(kernels: Kernels):
     """quant.matmul as a jit site calls it: under a kernel policy."""
     def run(x, w):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from corejax.kernels import ggml_repack
 from corejax.weights import quant
 from corejax.types import families, support
 from corejax.types.config import QUANTIZED_WEIGHTS, WEIGHT_MODES, ModelConfig  # noqa: F401 - WEIGHT_MODES re-exported
@@ -147,8 +148,44 @@ class Blocks:
         return Blocks(fn(self.codes), fn(self.scales), None if self.mins is None else fn(self.mins), self.fmt)
 
 
-def _matrix(w: np.ndarray | Blocks, weights: str) -> Any:
+@dataclasses.dataclass
+class RawBlocks:
+    """A GGUF tensor's block bytes as read, [*lead, out, row_bytes] uint8 (a view of the file's mapping), for
+    the formats kernels/ggml_repack.cc turns into the kernel's layout in one pass (quant.from_ggml). Row
+    permutations and slices apply to the byte rows as they do to Blocks' arrays; anything else unpacks first."""
+
+    raw: np.ndarray
+    d_in: int
+    fmt: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.raw.shape[:-1], self.d_in)
+
+    def unpacked(self) -> Blocks:
+        t = GGMLType[self.fmt]
+        lead = self.raw.shape[:-1]
+        q = UNPACKERS[t](np.ascontiguousarray(self.raw).reshape(-1, BLOCK_SIZES[t][1]))
+        return Blocks(q.codes.reshape(*lead, -1), q.scales.reshape(*lead, -1),
+                      None if q.mins is None else q.mins.reshape(*lead, -1), self.fmt)
+
+    def dense(self) -> np.ndarray:
+        return self.unpacked().dense()
+
+    def rows(self, fn: Callable[[np.ndarray], np.ndarray]) -> RawBlocks:
+        return RawBlocks(fn(self.raw), self.d_in, self.fmt)
+
+
+QUANTIZED = (Blocks, RawBlocks)
+
+
+def _matrix(w: np.ndarray | Blocks | RawBlocks, weights: str) -> Any:
     """A checkpoint-order [out, in] weight -> what models/ gets: f32 [in, out] or a QuantArray."""
+    if isinstance(w, RawBlocks):
+        q = quant.from_ggml(w.raw, w.d_in, w.fmt)
+        if q is not None:
+            return q
+        w = w.unpacked()
     if isinstance(w, Blocks):
         if quant.supported(w.shape, w.shape[1] // w.scales.shape[1]):
             return quant.from_blocks(w.codes, w.scales, w.mins, fmt=w.fmt)
@@ -164,7 +201,9 @@ def _experts(w: np.ndarray | Blocks, weights: str) -> Any:
     """[E, out, in] experts -> each one as `_matrix` makes it, stacked along a leading expert axis (one copy)."""
     from corejax.models.stack import stack_values
 
-    if isinstance(w, Blocks):
+    if isinstance(w, RawBlocks):
+        parts = [RawBlocks(w.raw[e], w.d_in, w.fmt) for e in range(w.raw.shape[0])]
+    elif isinstance(w, Blocks):
         n = w.codes.shape[0]
         parts = [Blocks(w.codes[e], w.scales[e], None if w.mins is None else w.mins[e], w.fmt) for e in range(n)]
     else:
@@ -247,7 +286,7 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
 
     def fetch(key: str, shape: tuple[int, ...]) -> np.ndarray | Blocks:
         w = get(names[key])
-        if not isinstance(w, Blocks):
+        if not isinstance(w, QUANTIZED):
             w = np.asarray(w, dtype=np.float32)
         _check(names[key], w, shape, source)
         bar.update(1)
@@ -257,7 +296,7 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
         return w
 
     def norm(w: np.ndarray | Blocks) -> jnp.ndarray:
-        if isinstance(w, Blocks):
+        if isinstance(w, QUANTIZED):
             raise ModelFormatError(f"{source}: a norm weight is stored quantized ({w.fmt}); expected a float type")
         return jnp.asarray(w + np.float32(norm_offset) if norm_offset else w)
 
@@ -278,7 +317,7 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
         """A fused matrix's rows as the matrices the model reads (Phi-3: q, k, v; gate then up)."""
         if key not in splits:
             return [(key, w)]
-        return [(name, w.rows(lambda a, lo=lo, hi=hi: a[lo:hi]) if isinstance(w, Blocks) else w[lo:hi])
+        return [(name, w.rows(lambda a, lo=lo, hi=hi: a[lo:hi]) if isinstance(w, QUANTIZED) else w[lo:hi])
                 for name, lo, hi in splits[key]]
 
     def convert(key: str, w: np.ndarray | Blocks) -> Any:
@@ -289,9 +328,9 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
             if len(w.shape) == 1:
                 w = unpermute(w[:, None])[:, 0]
             else:
-                w = w.rows(unpermute) if isinstance(w, Blocks) else unpermute(w)
+                w = w.rows(unpermute) if isinstance(w, QUANTIZED) else unpermute(w)
         if key in BIASES:
-            if isinstance(w, Blocks):
+            if isinstance(w, QUANTIZED):
                 raise ModelFormatError(f"{source}: a bias is stored quantized ({w.fmt}); expected a float type")
             return jnp.asarray(w)
         if len(w.shape) == 1:
@@ -321,14 +360,24 @@ def gguf_names(cfg: ModelConfig) -> dict[str, str]:
 def _gguf_getter(gguf: Any, weights: str) -> Getter:
     """native: quantized GGUF tensors stay quantized (Blocks); f32: everything dequantized at load."""
 
+    done: list[str] = []
+
     def get(name: str) -> np.ndarray | Blocks:
+        # build_params converts each tensor before it fetches the next: the one before is in its final form.
+        for previous in done:
+            gguf.release(previous)
+        done[:] = [name]
         info = gguf.tensors[name]
         if weights != "native" or info.ggml_type not in UNPACKERS or len(info.shape) not in (2, 3):
             w = gguf.dequantize(name)
             # An F32 tensor comes back as a view of the file's mapping; a param holding it would keep the
             # whole mapping (every page read while loading) resident for the session's life.
             return w.copy() if np.may_share_memory(w, gguf.raw(name)) else w
-        _, type_size = BLOCK_SIZES[info.ggml_type]
+        block, type_size = BLOCK_SIZES[info.ggml_type]
+        if info.ggml_type.name in ggml_repack.FORMATS:
+            lead = tuple(info.shape[:-1])
+            return RawBlocks(gguf.raw(name).reshape(*lead, info.shape[-1] // block * type_size), info.shape[-1],
+                             info.ggml_type.name)
         q = UNPACKERS[info.ggml_type](gguf.raw(name).reshape(-1, type_size))
         lead = tuple(info.shape[:-1])  # [out] or [experts, out]
         return Blocks(q.codes.reshape(*lead, -1), q.scales.reshape(*lead, -1),

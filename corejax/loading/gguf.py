@@ -204,6 +204,20 @@ class GGUFFile:
         info = self._info(name)
         return self._u8[info.offset : info.offset + info.nbytes]
 
+    def release(self, name: str) -> None:
+        """Drops the tensor's pages from this process's resident memory (madvise MADV_DONTNEED on the read-only
+        mapping; the page cache keeps them, and a later read faults them back in, unchanged): the loader calls
+        it once a tensor is converted, so loading holds the converted weights plus one tensor of the file, not
+        the whole file on top (RSS counts a mapping's touched pages until it is unmapped)."""
+        info = self._info(name)
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        lo = -(-info.offset // page) * page  # whole pages of this tensor only: a neighbour's may be in use
+        hi = (info.offset + info.nbytes) // page * page
+        if hi > lo:
+            self._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor as float32 of TensorInfo.shape (F32 tensors come back as read-only views)."""
         info = self._info(name)

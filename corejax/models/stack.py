@@ -24,7 +24,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from corejax.hostmem import aligned_empty, to_device
+from corejax.hostmem import aligned_empty, device_empty, to_device
 from corejax.kernels.small_matmul import BlockedWeight
 from corejax.weights.quant import QuantArray
 
@@ -111,12 +111,14 @@ def stack_values(values: list[Any], free: bool) -> Any:
     leaves = [jax.tree.leaves(v) for v in values]
     out = []
     for parts in zip(*leaves, strict=True):
-        host = aligned_empty((len(parts), *parts[0].shape), parts[0].dtype)
+        shape, dtype = (len(parts), *parts[0].shape), parts[0].dtype
+        made = device_empty(shape, dtype)  # filled in place: one copy of each layer, no host-sized temporary
+        dst, host = made if made is not None else (None, aligned_empty(shape, dtype))
         for i, a in enumerate(parts):
             host[i] = np.asarray(a)
             if free and isinstance(a, jax.Array):
                 a.delete()
-        out.append(to_device(host))  # adopted, not copied (corejax/hostmem.py)
+        out.append(dst if dst is not None else to_device(host))
         del host
     stacked = jax.tree.unflatten(jax.tree.structure(values[0]), out)
     if isinstance(stacked, QuantArray):

@@ -139,6 +139,32 @@ def from_blocks(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, 
     )
 
 
+def from_ggml(raw: np.ndarray, d_in: int, fmt: str) -> QuantArray | None:
+    """A GGUF tensor's block bytes [out, row_bytes] (Q4_0, Q4_1, Q8_0) -> the QuantArray from_blocks makes of its
+    unpacked codes, byte for byte, in one native pass (kernels/ggml_repack.cc); None where that path cannot
+    serve (no native library, another format, a Q8_0 tensor whose codes fit 4 bits) and from_blocks must."""
+    from corejax.kernels import ggml_repack
+
+    d_out = raw.shape[0]
+    span = ggml_repack.code_range(raw, fmt, d_in)
+    if span is None or not supported((d_out, d_in), 32):
+        return None
+    lo, hi = span
+    offset = 0 if lo >= 0 else 1 << (-lo - 1).bit_length()
+    bits = 4 if hi + offset < 16 else 8
+    if (bits == 4) != (fmt != "Q8_0") or hi + offset > 255:
+        return None
+    groups = -(-d_out // GROUP)
+    codes = aligned_empty((groups, d_in * bits // 32, 64), np.uint8)
+    scales = aligned_empty((groups, d_in // 32, GROUP), np.float16)
+    mins = aligned_empty((groups, d_in // 32, GROUP), np.float16) if fmt == "Q4_1" else None
+    if not ggml_repack.repack(raw, fmt, d_in, offset, bits, codes, scales, mins):
+        return None
+    return QuantArray(codes=to_device(codes), scales=to_device(scales),
+                      mins=None if mins is None else to_device(mins), shape=(d_in, d_out), block=32, bits=bits,
+                      offset=offset, fmt=fmt, code_max=hi + offset)
+
+
 def quantize(w: np.ndarray, bits: int, *, block: int = 32) -> QuantArray:
     """Quantizes a float checkpoint-order weight [out, in]: int8 symmetric (as Q8_0) or int4 with a
     per-block min (as Q4_1), round-to-nearest with block scales."""
