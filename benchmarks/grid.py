@@ -49,21 +49,27 @@ def context_of(path: Path) -> int:
 def run_model(name: str, prompts: list[int], args: argparse.Namespace) -> dict:
     path = model_file(name)
     fits = [p for p in prompts if p + args.decode_tokens + 8 <= context_of(path)]
+    if not fits:
+        return {"model": name, "file": str(path), "error": f"no prompt length fits its context ({context_of(path)})"}
     record = OUT / f"grid-{name}.json"
     cmd = [sys.executable, "-m", "corejax.cli", "bench", "--suite", "generation", "--runtimes", "corejax", "llama.cpp",
            "-m", str(path), "--prompt-lengths", *map(str, fits), "--reps", str(args.reps), "--decode-tokens",
            str(args.decode_tokens), "--peer-timeout", str(args.peer_timeout), "--json", str(record), "--no-progress"]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode or not record.exists():
-        print(f"{name}: the bench failed ({done.returncode})\n{done.stderr[-3000:]}", file=sys.stderr)
-        return {"model": name, "file": str(path), "error": done.stderr[-3000:]}
+    if not (args.reuse and record.exists()):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode or not record.exists():
+            print(f"{name}: the bench failed ({done.returncode})\n{done.stderr[-3000:]}", file=sys.stderr)
+            return {"model": name, "file": str(path), "error": done.stderr[-3000:]}
     rows = json.loads(record.read_text())["results"]
     cells: dict = {}
     for r in rows:
         if r["suite"] == "generation" and r["runtime"] in ("corejax", "llama.cpp"):
             cells.setdefault(r["case"], {}).setdefault(r["metric"], {})[r["runtime"]] = r["median"]
-    return {"model": name, "file": str(path), "prompts": fits, "cells": cells, "wall_s": time.perf_counter() - t0}
+    # The bench names a case by the prompt's real token count (a tokenizer can land one short of the target).
+    measured = sorted(int(c.split("=", 1)[1]) for c in cells if c.startswith("prompt="))
+    return {"model": name, "file": str(path), "prompts": measured, "cells": cells,
+            "wall_s": time.perf_counter() - t0}
 
 
 def _cell(values: dict | None) -> str:
@@ -126,6 +132,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--peer-timeout", type=float, default=1800)
     ap.add_argument("--json", default=str(OUT / "grid.json"))
+    ap.add_argument("--reuse", action="store_true", help="read each model's record from an earlier run "
+                    "(benchmarks/out/grid-<model>.json) instead of measuring again")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     results = [run_model(m, args.prompts, args) for m in args.models]

@@ -58,28 +58,35 @@ int corejax_ggml_code_range(int32_t fmt, const uint8_t* raw, int64_t rows, int64
   const int64_t bb = BlockBytes(fmt), off = CodeOffset(fmt);
   if (!bb || d_in % 32) return -1;
   const int64_t blocks = rows * (d_in / 32);
-  // Byte-wise minima and maxima (nibbles, or int8 shifted to unsigned) in simple loops the compiler vectorizes,
-  // one range of blocks per thread.
+  // Byte-wise minima and maxima (nibbles, or int8 shifted to unsigned), 16 bytes per vector op, one range of
+  // blocks per thread.
   const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
   std::vector<uint8_t> mn(cores, 255), mx(cores, 0);
   std::atomic<int64_t> slot{0};
   ForRanges(blocks, 4096, [&](int64_t begin, int64_t end) {
-    uint8_t lo = 255, hi = 0;
+    typedef uint8_t v16u8 __attribute__((vector_size(16)));
+    v16u8 vlo, vhi;
+    for (int i = 0; i < 16; ++i) vlo[i] = 255, vhi[i] = 0;
+    auto update = [&](v16u8 x) {
+      vlo = x < vlo ? x : vlo;
+      vhi = x > vhi ? x : vhi;
+    };
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* qs = raw + i * bb + off;
+      v16u8 x;
+      std::memcpy(&x, qs, 16);
       if (fmt == kQ8_0) {
-        for (int e = 0; e < 32; ++e) {
-          const uint8_t u = uint8_t(qs[e] ^ 0x80);
-          lo = u < lo ? u : lo, hi = u > hi ? u : hi;
-        }
+        v16u8 y;
+        std::memcpy(&y, qs + 16, 16);
+        update(x ^ 0x80);
+        update(y ^ 0x80);
       } else {
-        for (int e = 0; e < 16; ++e) {
-          const uint8_t a = qs[e] & 15, b = qs[e] >> 4;
-          lo = a < lo ? a : lo, hi = a > hi ? a : hi;
-          lo = b < lo ? b : lo, hi = b > hi ? b : hi;
-        }
+        update(x & 15);
+        update(x >> 4);
       }
     }
+    uint8_t lo = 255, hi = 0;
+    for (int i = 0; i < 16; ++i) lo = std::min(lo, vlo[i]), hi = std::max(hi, vhi[i]);
     const int64_t p = slot.fetch_add(1);
     mn[p] = lo, mx[p] = hi;
   });
@@ -98,6 +105,9 @@ int corejax_ggml_repack(int32_t fmt, const uint8_t* raw, int64_t rows, int64_t d
   const int64_t bb = BlockBytes(fmt), off = CodeOffset(fmt), nb = d_in / 32, groups = (rows + 15) / 16;
   if (!bb || d_in % 32 || (bits != 4 && bits != 8) || (fmt == kQ4_1) != (mins != nullptr)) return -1;
   const int64_t group_bytes = 16 * d_in * bits / 8;
+  // The usual cases: u is the stored nibble (Q4_0 with offset 8, Q4_1 with 0) or the int8 plus 128 (Q8_0).
+  const bool fast4 = bits == 4 && offset == (fmt == kQ4_0 ? 8 : 0);
+  const bool fast8 = bits == 8 && fmt == kQ8_0 && offset == 128;
   auto group = [&](int64_t g) {
     uint8_t* cg = codes + g * group_bytes;
     uint16_t* sg = scales + g * nb * 16;
@@ -117,7 +127,25 @@ int corejax_ggml_repack(int32_t fmt, const uint8_t* raw, int64_t rows, int64_t d
           std::memcpy(&m, blk + 2, 2);
           mg[b * 16 + c] = m ^ 0x8000;
         }
-        if (bits == 4) {
+        if (fast4) {
+          // u = the nibble itself: the four 8-input chunks are masks and shifts of the block's four words
+          // (qs[0..3] holds elements 0-3 and 16-19, qs[4..7] 4-7 and 20-23, ...).
+          uint32_t w[4], o[4];
+          std::memcpy(w, qs, 16);
+          const uint32_t lo = 0x0F0F0F0Fu, hi = 0xF0F0F0F0u;
+          o[0] = (w[0] & lo) | ((w[1] & lo) << 4);
+          o[1] = (w[2] & lo) | ((w[3] & lo) << 4);
+          o[2] = ((w[0] >> 4) & lo) | (w[1] & hi);
+          o[3] = ((w[2] >> 4) & lo) | (w[3] & hi);
+          for (int t = 0; t < 4; ++t) std::memcpy(cg + ((b * 4 + t) * 16 + c) * 4, &o[t], 4);
+        } else if (fast8) {
+          for (int t = 0; t < 8; ++t) {  // u = code + 128: the int8's sign bit flipped, four at a time
+            uint32_t x;
+            std::memcpy(&x, qs + 4 * t, 4);
+            x ^= 0x80808080u;
+            std::memcpy(cg + ((b * 8 + t) * 16 + c) * 4, &x, 4);
+          }
+        } else if (bits == 4) {
           for (int t = 0; t < 4; ++t) {  // chunks s = 4b + t of 8 inputs
             uint8_t* dst = cg + ((b * 4 + t) * 16 + c) * 4;
             for (int j = 0; j < 4; ++j)

@@ -41,9 +41,10 @@ def test_gguf_blocks_dequantize_bit_exactly(fmt, d_out, d_in):
     assert (qa.bits == 4) == packed or fmt in ("Q2_K", "Q3_K")  # 2/3-bit codes also fit a nibble
 
 
+@pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("d_out,d_in", [(96, 256), (40, 512), (4100, 64)])
-def test_native_repack_is_byte_identical_to_from_blocks(fmt, d_out, d_in):
+def test_native_repack_is_byte_identical_to_from_blocks(fmt, d_out, d_in, narrow):
     """quant.from_ggml (kernels/ggml_repack.cc, one pass over the file's blocks) builds the same arrays as
     from_blocks on the NumPy-unpacked codes: codes, scales, mins and the static fields."""
     from corejax.kernels import ffi
@@ -53,6 +54,11 @@ def test_native_repack_is_byte_identical_to_from_blocks(fmt, d_out, d_in):
     t = GGMLType[fmt]
     block, size = BLOCK_SIZES[t]
     raw = finite_blocks(np.random.default_rng(d_out), fmt, d_out * d_in // block)
+    if narrow:  # codes whose range moves the offset off its usual value (the kernel's general path)
+        if fmt == "Q8_0":
+            raw[:, 2:] = (raw[:, 2:].view(np.int8) // 3).view(np.uint8)
+        else:
+            raw[:, size - 16:] |= 0x88 if fmt == "Q4_0" else 0x11
     q = UNPACKERS[t](raw)
     want = quant.from_blocks(q.codes.reshape(d_out, -1), q.scales.reshape(d_out, -1),
                              None if q.mins is None else q.mins.reshape(d_out, -1), fmt=fmt)

@@ -27,7 +27,7 @@ from corejax.kernels import ggml_repack
 from corejax.weights import quant
 from corejax.types import families, support
 from corejax.types.config import QUANTIZED_WEIGHTS, WEIGHT_MODES, ModelConfig  # noqa: F401 - WEIGHT_MODES re-exported
-from corejax.hostmem import aligned_empty, to_device
+from corejax.hostmem import Arena, aligned_empty, to_device
 from corejax.errors import ModelFormatError, ModelNotFoundError
 from corejax.loading.ggml_quants import BLOCK_SIZES, UNPACKERS, GGMLType
 
@@ -179,10 +179,11 @@ class RawBlocks:
 QUANTIZED = (Blocks, RawBlocks)
 
 
-def _matrix(w: np.ndarray | Blocks | RawBlocks, weights: str) -> Any:
-    """A checkpoint-order [out, in] weight -> what models/ gets: f32 [in, out] or a QuantArray."""
+def _matrix(w: np.ndarray | Blocks | RawBlocks, weights: str, into: Callable | None = None) -> Any:
+    """A checkpoint-order [out, in] weight -> what models/ gets: f32 [in, out] or a QuantArray (with `into`,
+    written into a layer's slots of stacked arrays where quant.from_ggml serves)."""
     if isinstance(w, RawBlocks):
-        q = quant.from_ggml(w.raw, w.d_in, w.fmt)
+        q = quant.from_ggml(w.raw, w.d_in, w.fmt, into)
         if q is not None:
             return q
         w = w.unpacked()
@@ -320,7 +321,9 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
         return [(name, w.rows(lambda a, lo=lo, hi=hi: a[lo:hi]) if isinstance(w, QUANTIZED) else w[lo:hi])
                 for name, lo, hi in splits[key]]
 
-    def convert(key: str, w: np.ndarray | Blocks) -> Any:
+    arena = Arena(cfg.num_layers)
+
+    def convert(key: str, w: np.ndarray | Blocks, layer: int) -> Any:
         """One checkpoint tensor -> its param: Q/K rows back in HF's order, then a bias, norm, matrix or experts."""
         if permuted_qk and key in ("wq", "wk", "bq", "bk"):
             heads = cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads
@@ -335,14 +338,16 @@ def build_params(cfg: ModelConfig, get: Getter, names: dict[str, str], *, source
             return jnp.asarray(w)
         if len(w.shape) == 1:
             return norm(w)
-        return _experts(w, weights) if len(w.shape) == 3 else _matrix(w, weights)
+        if len(w.shape) == 3:
+            return _experts(w, weights)
+        return _matrix(w, weights, into=functools.partial(arena.slots, key, layer))
 
     layers = []
     for i in range(cfg.num_layers):
         layer = {}
         for stored, shape in shapes.items():
             for key, w in parts(stored, fetch(f"{i}.{stored}", shape)):
-                layer[key] = convert(key, w)
+                layer[key] = convert(key, w, i)
         layers.append(layer)
     params["layers"] = layers
     bar.close()
@@ -361,6 +366,7 @@ def _gguf_getter(gguf: Any, weights: str) -> Getter:
     """native: quantized GGUF tensors stay quantized (Blocks); f32: everything dequantized at load."""
 
     done: list[str] = []
+    scratch: list[np.ndarray] = []  # GGUFFile.read's buffer, reused by every tensor
 
     def get(name: str) -> np.ndarray | Blocks:
         # build_params converts each tensor before it fetches the next: the one before is in its final form.
@@ -374,10 +380,10 @@ def _gguf_getter(gguf: Any, weights: str) -> Getter:
             # whole mapping (every page read while loading) resident for the session's life.
             return w.copy() if np.may_share_memory(w, gguf.raw(name)) else w
         block, type_size = BLOCK_SIZES[info.ggml_type]
-        if info.ggml_type.name in ggml_repack.FORMATS:
+        if info.ggml_type.name in ggml_repack.FORMATS:  # read, not mapped: converted before the next fetch
             lead = tuple(info.shape[:-1])
-            return RawBlocks(gguf.raw(name).reshape(*lead, info.shape[-1] // block * type_size), info.shape[-1],
-                             info.ggml_type.name)
+            return RawBlocks(gguf.read(name, scratch).reshape(*lead, info.shape[-1] // block * type_size),
+                             info.shape[-1], info.ggml_type.name)
         q = UNPACKERS[info.ggml_type](gguf.raw(name).reshape(-1, type_size))
         lead = tuple(info.shape[:-1])  # [out] or [experts, out]
         return Blocks(q.codes.reshape(*lead, -1), q.scales.reshape(*lead, -1),

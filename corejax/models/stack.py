@@ -24,7 +24,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from corejax.hostmem import aligned_empty, device_empty, to_device
+from corejax.hostmem import adopt, aligned_empty, device_empty, to_device
 from corejax.kernels.small_matmul import BlockedWeight
 from corejax.weights.quant import QuantArray
 
@@ -111,6 +111,10 @@ def stack_values(values: list[Any], free: bool) -> Any:
     leaves = [jax.tree.leaves(v) for v in values]
     out = []
     for parts in zip(*leaves, strict=True):
+        whole = adopt(list(parts))  # the loader wrote these layers into one stacked array already
+        if whole is not None:
+            out.append(whole)
+            continue
         shape, dtype = (len(parts), *parts[0].shape), parts[0].dtype
         made = device_empty(shape, dtype)  # filled in place: one copy of each layer, no host-sized temporary
         dst, host = made if made is not None else (None, aligned_empty(shape, dtype))

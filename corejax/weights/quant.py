@@ -25,6 +25,7 @@ GGUF blocks come back bit-identical to gguf.quants.dequantize.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ from flax import struct
 from jax import lax
 
 from corejax.errors import InvalidParameterError
-from corejax.hostmem import aligned_empty, to_device
+from corejax.hostmem import aligned_empty, device_empty, to_device
 from corejax.kernels import quant_matmul
 from corejax.kernels.policy import current
 from corejax.kernels.quant_matmul import GROUP
@@ -139,10 +140,12 @@ def from_blocks(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, 
     )
 
 
-def from_ggml(raw: np.ndarray, d_in: int, fmt: str) -> QuantArray | None:
+def from_ggml(raw: np.ndarray, d_in: int, fmt: str, into: Callable | None = None) -> QuantArray | None:
     """A GGUF tensor's block bytes [out, row_bytes] (Q4_0, Q4_1, Q8_0) -> the QuantArray from_blocks makes of its
     unpacked codes, byte for byte, in one native pass (kernels/ggml_repack.cc); None where that path cannot
-    serve (no native library, another format, a Q8_0 tensor whose codes fit 4 bits) and from_blocks must."""
+    serve (no native library, another format, a Q8_0 tensor whose codes fit 4 bits) and from_blocks must.
+    into(shapes) -> writable views or None: where to write the leaves (a layer's slots of stacked arrays,
+    hostmem.Arena); the QuantArray then holds those views until the layers are stacked."""
     from corejax.kernels import ggml_repack
 
     d_out = raw.shape[0]
@@ -155,13 +158,25 @@ def from_ggml(raw: np.ndarray, d_in: int, fmt: str) -> QuantArray | None:
     if (bits == 4) != (fmt != "Q8_0") or hi + offset > 255:
         return None
     groups = -(-d_out // GROUP)
-    codes = aligned_empty((groups, d_in * bits // 32, 64), np.uint8)
-    scales = aligned_empty((groups, d_in // 32, GROUP), np.float16)
-    mins = aligned_empty((groups, d_in // 32, GROUP), np.float16) if fmt == "Q4_1" else None
-    if not ggml_repack.repack(raw, fmt, d_in, offset, bits, codes, scales, mins):
+    shapes = [((groups, d_in * bits // 32, 64), np.uint8), ((groups, d_in // 32, GROUP), np.float16)]
+    if fmt == "Q4_1":
+        shapes.append(shapes[1])
+    slots = into(shapes) if into is not None else None
+    if slots is not None:
+        slots = list(slots) + [None] * (3 - len(slots))
+        if not ggml_repack.repack(raw, fmt, d_in, offset, bits, *slots):
+            return None
+        return QuantArray(codes=slots[0], scales=slots[1], mins=slots[2], shape=(d_in, d_out), block=32, bits=bits,
+                          offset=offset, fmt=fmt, code_max=hi + offset)
+    # Written in place where the device is this process's memory (no host copy to move), else on the host.
+    made = [device_empty(shape, dtype) for shape, dtype in shapes]
+    if any(m is None for m in made):
+        made = [(None, aligned_empty(shape, dtype)) for shape, dtype in shapes]
+    views = [view for _, view in made] + [None] * (3 - len(made))
+    if not ggml_repack.repack(raw, fmt, d_in, offset, bits, *views):
         return None
-    return QuantArray(codes=to_device(codes), scales=to_device(scales),
-                      mins=None if mins is None else to_device(mins), shape=(d_in, d_out), block=32, bits=bits,
+    arrays = [dst if dst is not None else to_device(view) for dst, view in made] + [None] * (3 - len(made))
+    return QuantArray(codes=arrays[0], scales=arrays[1], mins=arrays[2], shape=(d_in, d_out), block=32, bits=bits,
                       offset=offset, fmt=fmt, code_max=hi + offset)
 
 
