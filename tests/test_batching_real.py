@@ -29,7 +29,10 @@ N = 32
 
 def tokens_of(runtime: Generator, prompts: list[str], spec: SpeculativeConfig | None = None,
               draft: bool = False) -> list[list[int]]:
-    sch = Scheduler(ModelRunner(runtime.model.cfg, runtime.model.params, EngineConfig()), background=False,
+    # float32 KV: a batch's matmuls round a few ulps differently from one row's, and a bfloat16 page (the
+    # default) can turn that into a whole rounding step of a key; on SmolLM2 one near-tie of 5 x 32 tokens then
+    # flipped. The property checked here is the batching's bookkeeping, exact in float32.
+    sch = Scheduler(ModelRunner(runtime.model.cfg, runtime.model.params, EngineConfig(kv_dtype="float32")), background=False,
                     draft_loader=runtime._load_draft if draft else None)
     sp = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)
     reqs = [sch.submit(runtime.tokenizer.encode(p), sp, frozenset(), spec) for p in prompts]
