@@ -10,9 +10,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from corejax.kernels.paged_attention import paged_attention
-from corejax.kernels.quant_matmul import _threads
+from corejax.kernels.quant_matmul import usable_threads
 
 TARGET = "corejax_paged_attention"
 
@@ -46,7 +45,7 @@ def paged_attention_native(
     out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, t, n, h), jnp.float32))(
         q.astype(jnp.float32), k_pages, v_pages, page_table.astype(jnp.int32), lengths.astype(jnp.int32),
         q_positions.astype(jnp.int32), jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32)]),
-        scale=np.float32(scale), softcap=np.float32(softcap), threads=np.int32(_threads()))
+        scale=np.float32(scale), softcap=np.float32(softcap), threads=np.int32(usable_threads()))
     return out.astype(q.dtype)
 
 

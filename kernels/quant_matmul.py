@@ -16,7 +16,8 @@ EXPERTS_TARGET = "corejax_quant_matmul_experts"
 GROUP = 16  # columns per group (kG in quant_matmul.cc)
 
 
-def _threads() -> int:
+def usable_threads() -> int:
+    """The cores this process may run on (its affinity mask): the native kernels' upper bound on workers."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
@@ -33,7 +34,7 @@ def quant_matmul(x2: jax.Array, codes: jax.Array, scales: jax.Array, mins: jax.A
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, padded), jnp.float32))(
         x2, codes, scales, scales if mins is None else mins, jnp.asarray(0 if layer is None else layer, jnp.int32),
         bits=np.int32(bits), block=np.int32(block), offset=np.int32(offset), has_mins=np.int32(mins is not None),
-        code_max=np.int32(code_max), threads=np.int32(_threads()))
+        code_max=np.int32(code_max), threads=np.int32(usable_threads()))
 
 
 def quant_matmul_experts(x2: jax.Array, codes: jax.Array, scales: jax.Array, mins: jax.Array | None,
@@ -48,4 +49,4 @@ def quant_matmul_experts(x2: jax.Array, codes: jax.Array, scales: jax.Array, min
     return jax.ffi.ffi_call(EXPERTS_TARGET, jax.ShapeDtypeStruct((rows, padded), jnp.float32))(
         x2, codes, scales, scales if mins is None else mins, jnp.asarray(0 if layer is None else layer, jnp.int32),
         counts.astype(jnp.int32), bits=np.int32(bits), block=np.int32(block), offset=np.int32(offset),
-        has_mins=np.int32(mins is not None), code_max=np.int32(code_max), threads=np.int32(_threads()))
+        has_mins=np.int32(mins is not None), code_max=np.int32(code_max), threads=np.int32(usable_threads()))

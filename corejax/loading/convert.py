@@ -27,7 +27,8 @@ from corejax.kernels import ggml_repack
 from corejax.weights import quant
 from corejax.types import families, support
 from corejax.types.config import QUANTIZED_WEIGHTS, WEIGHT_MODES, ModelConfig  # noqa: F401 - WEIGHT_MODES re-exported
-from corejax.hostmem import Arena, aligned_empty, to_device
+from corejax.hostmem import aligned_empty, to_device
+from corejax.weights.arena import Arena
 from corejax.errors import ModelFormatError, ModelNotFoundError
 from corejax.loading.ggml_quants import BLOCK_SIZES, UNPACKERS, GGMLType
 

@@ -24,8 +24,9 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from corejax.hostmem import adopt, aligned_empty, device_empty, to_device
+from corejax.hostmem import aligned_empty, to_device
 from corejax.kernels.small_matmul import BlockedWeight
+from corejax.weights.arena import adopt, device_empty
 from corejax.weights.quant import QuantArray
 
 Matrix = (QuantArray, BlockedWeight)

@@ -34,10 +34,11 @@ from flax import struct
 from jax import lax
 
 from corejax.errors import InvalidParameterError
-from corejax.hostmem import aligned_empty, device_empty, to_device
+from corejax.hostmem import aligned_empty, to_device
 from corejax.kernels import quant_matmul
 from corejax.kernels.policy import current
 from corejax.kernels.quant_matmul import GROUP
+from corejax.weights.arena import device_empty
 
 BLOCKS = (16, 32)  # values per scale the layout supports
 _SLICE_BYTES = 512 * 1024
