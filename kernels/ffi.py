@@ -40,7 +40,7 @@ def load(path: str | Path) -> bool:
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
             bf16 = bool(lib.corejax_bf16_dot())
             lib.corejax_isa.restype = ctypes.c_char_p
-            isa = lib.corejax_isa().decode()
+            isa = lib.corejax_isa().decode() + ("+amx" if lib.corejax_amx() else "")
         except (OSError, AttributeError) as e:
             print(f"corejax: cannot load the native kernels from {path}: {e}; using XLA's own ops", file=sys.stderr)
             return False
@@ -81,8 +81,8 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """The kernel path the loaded library runs (kernels/isa.h: "avx512_vnni", "avx2", "neon_dotprod", ...),
-    or "xla" when none is loaded (XLA's own ops)."""
+    """The kernel path the loaded library runs (kernels/isa.h: "avx512_vnni", "avx2", "neon_dotprod", ...; with
+    "+amx" where batches of rows multiply on AMX tiles), or "xla" when none is loaded (XLA's own ops)."""
     return _isa[0] if available() else "xla"
 
 

@@ -47,6 +47,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "parallel.h"
@@ -80,6 +81,7 @@ struct Acts {
   const float* d;    // [M, K / 32]: d / 256, the unit of the combined code 256 q + r
   const float* ds;   // [M, K / B]: that unit times the combined codes' sum over the weight block
   int64_t K;
+  const int8_t* qr = nullptr;  // AMX only: q and r in the A tiles' layout (interleave_rows), or none
 };
 
 // ds for activation block b (32 values) of one row: the unit times the combined codes' sum over each weight
@@ -291,10 +293,160 @@ void group(const Weights& w, const Acts& a, int64_t g, int64_t m0, float* y) {
   }
 }
 
+
+#if defined(COREJAX_ISA_AVX512VNNI) && defined(__AMX_INT8__) && defined(__AMX_TILE__) && !defined(COREJAX_SCALAR)
+#define COREJAX_AMX 1
+// AMX (Sapphire Rapids and later): a tile multiply adds 16 rows x 16 columns x 32 k int8 products in one
+// instruction, so a batch of rows (decode with many streams, prefill) costs little more than one row's pass over
+// the weights. Per column group and 32-k block: the q and r codes of 16 rows are two A tiles (rows of 32 bytes,
+// read in place with the row stride K), the block's codes one B tile (8 rows of 64 bytes: our 8-bit layout is
+// AMX's, [k / 4, column, k % 4]; 4-bit codes are split into that layout first), and tdpbsud (signed activations x
+// unsigned codes) gives each row's sum(u q) and sum(u r) exactly as vpdpbusd does. The float epilogue is
+// group()'s, op for op, so a row's output is bit-identical whichever path or batch computes it (batched streams
+// equal their text alone). Linux grants AMX per process (arch_prctl ARCH_REQ_XCOMP_PERM); without the grant, or
+// with COREJAX_AMX=0, the VNNI path runs.
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdlib>
+
+constexpr int64_t kAmxRows = 8;      // rows per tile pass: their q codes, then their r codes, fill a tile's 16
+constexpr int64_t kAmxMinRows = 8;   // fewer rows take the VNNI path (4 rows were faster there)
+
+bool amx_granted() {
+  static const bool granted = [] {
+    const char* env = std::getenv("COREJAX_AMX");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+}
+
+// Two sets of tiles, for two 32-k blocks in flight (a tile is not renamed: a set reused at once would wait for
+// its last store): A 16 rows x 32 bytes (tiles 0, 3), B 8 rows x 64 bytes (1, 4), C 16 rows x 16 int32 (2, 5).
+// Loaded at the start of every groups() call: pool threads run other kernels between our calls.
+void amx_config() {
+  alignas(64) uint8_t cfg[64] = {};
+  cfg[0] = 1;  // palette
+  uint16_t* colsb = reinterpret_cast<uint16_t*>(cfg + 16);
+  uint8_t* rows = cfg + 48;
+  for (int t : {0, 3}) colsb[t] = kQBlock, rows[t] = 2 * kAmxRows;
+  for (int t : {1, 4}) colsb[t] = 64, rows[t] = kQBlock / 4;
+  for (int t : {2, 5}) colsb[t] = 64, rows[t] = 2 * kAmxRows;
+  // GCC 12 does not see ldtilecfg read its operand and drops the stores above without this barrier.
+  asm volatile("" : : "r"(cfg) : "memory");
+  _tile_loadconfig(cfg);
+}
+
+// A group's codes in AMX's B layout, 8 rows of 64 bytes per 32-k block: 8-bit codes are already, read in place;
+// 4-bit step s holds k 8s..8s+3 in its low nibbles and 8s+4..8s+7 in its high ones, so its halves are two rows,
+// written to `unpacked` for the whole group before its first tile load (a tile load right after the vector
+// stores of its bytes waits for them to reach the cache).
+template <int BITS>
+inline const uint8_t* b_tiles(const uint8_t* cp, int64_t K, std::vector<uint8_t>& unpacked) {
+  if constexpr (BITS == 8) {
+    return cp;
+  } else {
+    if (unpacked.size() < size_t(K * kG)) unpacked.resize(K * kG);
+    uint8_t* out = unpacked.data();
+    for (int64_t s = 0; s < K / 8; ++s) {
+      __builtin_prefetch(cp + 64 * s + kPrefetch, 0, 3);
+      const corejax::isa::W4 wv = corejax::isa::prep4(cp + 64 * s);
+      _mm512_storeu_si512(out + 128 * s, wv.lo);
+      _mm512_storeu_si512(out + 128 * s + 64, wv.hi);
+    }
+    return out;
+  }
+}
+
+// group()'s float epilogue for one block, op for op, from the tile's sums: row m's sum(u q) in C row m, its
+// sum(u r) in row 8 + m.
+template <int R>
+inline void amx_epilogue(const Weights& w, const Acts& a, const int32_t* c, int64_t g, int64_t b, int64_t m0,
+                         corejax::isa::F* accf) {
+  using namespace corejax::isa;
+  const int64_t nb = w.K / kQBlock, p = (g * nb + b) * kG;
+  const F sc = params(w.scales, p, w.f16);
+  const F mins = w.mins ? params(w.mins, p, w.f16) : fzero();
+  const F mn = fma(sc, fset(-float(w.offset)), mul(mins, fset(-1.f)));  // -(scale * offset) - min
+  for (int m = 0; m < R; ++m) {
+    const I acc = combine(_mm512_load_si512(c + m * kG), _mm512_load_si512(c + (kAmxRows + m) * kG));
+    const F t = mul(to_float(acc), fset(a.d[(m0 + m) * nb + b]));
+    accf[m] = fma(t, sc, accf[m]);
+    accf[m] = fma(mn, fset(a.ds[(m0 + m) * nb + b]), accf[m]);
+  }
+}
+
+// Rows [m0, m0 + 8) (m0 a multiple of 8) x the 16 columns of group g, `codes` the group's B tiles
+// (b_tiles). Two blocks per pass on the two tile sets; a pass's sums are read back (the epilogue) only after the
+// next pass is issued, so the tile unit and the vector units overlap rather than wait on each other. (Storing
+// all of a group's sums first and reading them afterwards was twice as slow: the stores left L1.)
+void group_amx(const Weights& w, const Acts& a, const uint8_t* codes, int64_t g, int64_t m0, float* y) {
+  using namespace corejax::isa;
+  constexpr int R = kAmxRows;
+  const int64_t K = w.K, nb = K / kQBlock;
+  constexpr int64_t kTile = kQBlock / 4 * 64;     // bytes of a block's B tile
+  constexpr int64_t kA = 2 * kAmxRows * kQBlock;  // bytes of a block's A tile
+  alignas(64) int32_t c[2][2][2 * kAmxRows * kG];  // [pass parity][block of the pass]
+  F accf[R];
+  for (int m = 0; m < R; ++m) accf[m] = fzero();
+  const int8_t* ap = a.qr + (m0 / kAmxRows) * nb * kA;
+  int64_t pending = -1, pending_n = 0;  // the pass whose sums are stored but not yet read: first block, count
+  for (int64_t b = 0; b < nb; b += 2) {
+    const int64_t n = std::min<int64_t>(2, nb - b);
+    if (w.bits == 8)  // read in place: the stream from memory, as group()'s
+      for (int64_t l = 0; l < n * kTile; l += 64) __builtin_prefetch(codes + b * kTile + kPrefetch + l, 0, 3);
+    int32_t(*out)[2 * kAmxRows * kG] = c[(b / 2) & 1];
+    _tile_zero(2);
+    _tile_loadd(0, ap + b * kA, kQBlock);
+    _tile_loadd(1, codes + b * kTile, 64);
+    _tile_dpbsud(2, 0, 1);
+    if (n == 2) {
+      _tile_zero(5);
+      _tile_loadd(3, ap + (b + 1) * kA, kQBlock);
+      _tile_loadd(4, codes + (b + 1) * kTile, 64);
+      _tile_dpbsud(5, 3, 4);
+    }
+    _tile_stored(2, out[0], 64);
+    if (n == 2) _tile_stored(5, out[1], 64);
+    for (int64_t j = 0; j < pending_n; ++j) amx_epilogue<R>(w, a, c[(pending / 2) & 1][j], g, pending + j, m0, accf);
+    pending = b, pending_n = n;
+  }
+  for (int64_t j = 0; j < pending_n; ++j) amx_epilogue<R>(w, a, c[(pending / 2) & 1][j], g, pending + j, m0, accf);
+  for (int m = 0; m < R; ++m) store(y + (m0 + m) * w.N + g * kG, accf[m]);
+}
+
+// The A tiles' layout: rows in blocks of 8; per block of rows and 32-k block, one tile's 16 rows of 32 bytes
+// (the rows' q codes, then their r codes; rows past M are zeros), contiguous, so a tile load reads 8 cache lines.
+void interleave_rows(const int8_t* q, const int8_t* r, int64_t M, int64_t K, int8_t* qr) {
+  const int64_t nb = K / kQBlock;
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* rows = qr + (m / kAmxRows) * nb * 2 * kAmxRows * kQBlock;
+    for (int64_t b = 0; b < nb; ++b) {
+      std::memcpy(rows + (b * 2 * kAmxRows + m % kAmxRows) * kQBlock, q + m * K + b * kQBlock, kQBlock);
+      std::memcpy(rows + (b * 2 * kAmxRows + kAmxRows + m % kAmxRows) * kQBlock, r + m * K + b * kQBlock, kQBlock);
+    }
+  }
+}
+#endif
+
 template <int BITS, int B, int CMAX>
 void groups(const Weights& w, const Acts& a, int64_t M, int64_t g0, int64_t g1, float* y) {
+#if defined(COREJAX_AMX)
+  // Only for blocks of 32 (the activations' own), and for the codes whose products vpdpbusd takes unsigned.
+  const bool amx = B == kQBlock && M >= kAmxMinRows && a.qr != nullptr && amx_granted();
+  if (amx) amx_config();
+  thread_local std::vector<uint8_t> unpacked;  // a group's 4-bit codes in the B tiles' layout
+#endif
   for (int64_t g = g0; g < g1; ++g) {
     int64_t m = 0;
+#if defined(COREJAX_AMX)
+    if (amx) {
+      const uint8_t* codes = b_tiles<BITS>(w.codes + g * w.group_bytes(), w.K, unpacked);
+      for (; M - m >= kAmxRows; m += kAmxRows) group_amx(w, a, codes, g, m, y);
+    }
+#endif
     constexpr int R = corejax::isa::kRows;
     for (; m + R <= M; m += R) group<R, BITS, B, CMAX>(w, a, g, m, y);
     if (R > 4 && M - m >= 4) { group<4, BITS, B, CMAX>(w, a, g, m, y); m += 4; }
@@ -333,6 +485,43 @@ void run(ffi::ThreadPool& pool, const Weights& w, const Acts& a, int64_t M, int6
 
 }  // namespace
 
+// x [M, K] quantized once (quantize_rows), held for the handler's call. Rows come in segments (an expert's rows;
+// one segment for a dense matmul) given by their starts; with AMX each segment of kAmxMinRows rows or more also
+// gets its A-tile copy (interleave_rows).
+struct QuantizedRows {
+  std::vector<int8_t> q, r, qr;
+  std::vector<float> d, ds;
+  std::vector<std::pair<int64_t, int64_t>> tiles;  // (segment start, its offset in qr) for segments that have one
+  QuantizedRows(const float* x, int64_t M, int64_t K, int64_t B, const std::vector<int64_t>& starts)
+      : q(M * K), r(M * K), d(M * (K / kQBlock)), ds(M * (K / B)) {
+    quantize_rows(x, M, K, B, q.data(), r.data(), d.data(), ds.data());
+#if defined(COREJAX_AMX)
+    if (B != kQBlock || !amx_granted()) return;
+    int64_t size = 0;
+    for (size_t i = 0; i < starts.size(); ++i) {
+      const int64_t n = (i + 1 < starts.size() ? starts[i + 1] : M) - starts[i];
+      if (n >= kAmxMinRows) tiles.emplace_back(starts[i], size), size += (n + kAmxRows - 1) / kAmxRows * 2 * kAmxRows * K;
+    }
+    qr.assign(size, 0);
+    for (size_t i = 0, t = 0; i < starts.size() && t < tiles.size(); ++i) {
+      if (tiles[t].first != starts[i]) continue;
+      const int64_t n = (i + 1 < starts.size() ? starts[i + 1] : M) - starts[i];
+      interleave_rows(q.data() + starts[i] * K, r.data() + starts[i] * K, n, K, qr.data() + tiles[t].second);
+      ++t;
+    }
+#else
+    (void)starts;
+#endif
+  }
+  // The activations of rows [m0, ...), m0 a segment's start.
+  Acts at(int64_t m0, int64_t K, int64_t B) const {
+    Acts a{q.data() + m0 * K, r.data() + m0 * K, d.data() + m0 * (K / kQBlock), ds.data() + m0 * (K / B), K};
+    for (const auto& [start, offset] : tiles)
+      if (start == m0) a.qr = qr.data() + offset;
+    return a;
+  }
+};
+
 // The same product without XLA (one thread): lets a test load each ISA's build with ctypes and compare it with
 // the scalar reference build. Returns 0, or 1 on a shape or format the kernel does not take.
 extern "C" int corejax_quant_matmul_plain(const float* x, int64_t M, int64_t K, const uint8_t* codes,
@@ -340,17 +529,24 @@ extern "C" int corejax_quant_matmul_plain(const float* x, int64_t M, int64_t K, 
                                           int32_t block, int32_t offset, int32_t f16, int32_t code_max,
                                           float* y) {
   if ((bits != 4 && bits != 8) || (block != 16 && block != 32) || K % kQBlock || K % block || N % kG) return 1;
-  std::vector<int8_t> q(M * K), r(M * K);
-  std::vector<float> d(M * (K / kQBlock)), ds(M * (K / block));
-  quantize_rows(x, M, K, block, q.data(), r.data(), d.data(), ds.data());
+  const QuantizedRows rows(x, M, K, block, {0});
   const Weights w{codes, scales, mins, f16 != 0, bits, offset, K, N};
-  const Acts a{q.data(), r.data(), d.data(), ds.data(), K};
-  pick(bits, block, code_max)(w, a, M, 0, N / kG, y);
+  pick(bits, block, code_max)(w, rows.at(0, K, block), M, 0, N / kG, y);
   return 0;
 }
 
 // The instruction set this library was built for (kernels/isa.h), e.g. "avx2"; corejax reports it.
 extern "C" const char* corejax_isa() { return COREJAX_ISA_NAME; }
+
+// 1 when the quantized matmul multiplies batches of 8 rows or more on AMX tiles (built for a CPU that has them,
+// granted by the OS, not turned off with COREJAX_AMX=0), else 0.
+extern "C" int corejax_amx() {
+#if defined(COREJAX_AMX)
+  return amx_granted() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
 
 // What both handlers check of one matrix's format: cd = codes [N/16, S, 64], sd = scales [N/16, K/B, 16] of one
 // layer (or expert). nullptr when x's K, the format and the buffers agree, else what is wrong.
@@ -367,19 +563,6 @@ static const char* format_error(int32_t bits, int32_t block, int64_t K, const in
   return nullptr;
 }
 
-// x [M, K] quantized once (quantize_rows), held for the handler's call.
-struct QuantizedRows {
-  std::vector<int8_t> q, r;
-  std::vector<float> d, ds;
-  QuantizedRows(const float* x, int64_t M, int64_t K, int64_t B)
-      : q(M * K), r(M * K), d(M * (K / kQBlock)), ds(M * (K / B)) {
-    quantize_rows(x, M, K, B, q.data(), r.data(), d.data(), ds.data());
-  }
-  // The activations of rows [m0, ...).
-  Acts at(int64_t m0, int64_t K, int64_t B) const {
-    return Acts{q.data() + m0 * K, r.data() + m0 * K, d.data() + m0 * (K / kQBlock), ds.data() + m0 * (K / B), K};
-  }
-};
 
 // codes, scales and mins may carry a leading layer axis [L, ...] (a model's layers stacked): `layer` [] int32
 // picks one, read in place, so a layer loop never copies its weights out of the stack.
@@ -401,7 +584,7 @@ static ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(std::string("corejax_quant_matmul: ") + err);
   const bool f16 = scales.element_type() == ffi::DataType::F16;
   const int64_t code_bytes = codes.size_bytes() / L, scale_bytes = scales.size_bytes() / L;
-  const QuantizedRows rows(x.typed_data(), M, K, block);
+  const QuantizedRows rows(x.typed_data(), M, K, block, {0});
   const char* sp = static_cast<const char*>(scales.untyped_data()) + li * scale_bytes;
   const char* mp = has_mins ? static_cast<const char*>(mins.untyped_data()) + li * scale_bytes : nullptr;
   const Weights w{codes.typed_data() + li * code_bytes, sp, mp, f16, bits, offset, K, N};
@@ -444,7 +627,7 @@ static ffi::Error QuantMatmulExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::
   }
   if (start[E] > M) return ffi::Error::InvalidArgument("corejax_quant_matmul_experts: counts exceed the rows");
   const int64_t code_bytes = codes.size_bytes() / (L * E), scale_bytes = scales.size_bytes() / (L * E);
-  const QuantizedRows rows(x.typed_data(), start[E], K, block);
+  const QuantizedRows rows(x.typed_data(), start[E], K, block, std::vector<int64_t>(start.begin(), start.end() - 1));
   float* out = y->typed_data();
   std::fill(out + start[E] * N, out + M * N, 0.f);  // rows past the counted ones (padding)
   const GroupsFn fn = pick(bits, block, code_max);

@@ -83,6 +83,55 @@ def test_every_isa_path_matches_the_scalar_reference(paths, fmt):
                                            err_msg=f"{name} {fmt} {d_out}x{d_in} rows={rows}")
 
 
+def _batch_outputs(lib) -> dict[str, np.ndarray]:
+    """Every 32-block format at the row counts that cross the register tiles and AMX's 8-row passes."""
+    out = {}
+    for fmt in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):
+        qa, _ = _gguf_matrix(fmt, 96, 288, seed=5)
+        for rows in (7, 8, 9, 16, 21, 64):
+            x = np.random.default_rng(rows).standard_normal((rows, 288)).astype(np.float32)
+            out[f"{fmt} rows={rows}"] = _run(lib, x, qa)
+    return out
+
+
+def test_a_row_computes_the_same_bits_alone_and_in_any_batch(paths):
+    """Batched decode streams equal their text alone (issue 38) only if a row's output does not depend on the
+    rows beside it: every path's register tiles, and AMX's 8-row tile passes (kernels/quant_matmul.cc), give
+    each row the same integer sums and the same float epilogue as the one-row path, bit for bit."""
+    for name, lib in paths.items():
+        for fmt in ("Q4_0", "Q4_1", "Q8_0", "Q6_K"):
+            qa, _ = _gguf_matrix(fmt, 96, 512, seed=4)
+            x = np.random.default_rng(9).standard_normal((21, 512)).astype(np.float32)
+            batch = _run(lib, x, qa)
+            for i in (0, 7, 8, 15, 16, 20):
+                np.testing.assert_array_equal(batch[i:i + 1], _run(lib, x[i:i + 1], qa), err_msg=f"{name} {fmt} {i}")
+
+
+def test_amx_tiles_compute_the_vnni_paths_bits(tmp_path):
+    """Where the CPU has AMX and Linux grants it, batches of 8+ rows run on tiles; COREJAX_AMX=0 turns that off.
+    Both give identical outputs: the tile sums are vpdpbusd's exact integers, and the epilogue is the same."""
+    import subprocess
+    import sys
+
+    lib = _library("native")
+    lib.corejax_amx.restype = ctypes.c_int
+    if not lib.corejax_amx():
+        pytest.skip("no AMX here (CPU, build or the OS's grant)")
+    on = _batch_outputs(lib)
+    script = ("import sys, numpy as np, ctypes; sys.path.insert(0, sys.argv[1]); import test_isa as t; "
+              "lib = t._library('native'); assert lib.corejax_amx() == 0; "
+              "np.savez(sys.argv[2], **t._batch_outputs(lib))")
+    out = tmp_path / "off.npz"
+    env = dict(os.environ, COREJAX_AMX="0")
+    proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    off = np.load(out)
+    assert sorted(off.files) == sorted(on)
+    for key, value in on.items():
+        np.testing.assert_array_equal(value, off[key], err_msg=key)
+
+
 @pytest.mark.parametrize("code", [15, 31, 63, 127, 255])
 def test_every_isa_path_is_exact_at_the_int16_bounds(paths, code):
     """The worst case for AVX2's int16 pair sums (kernels/isa.h): every code at its class's maximum and every
