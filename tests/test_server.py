@@ -291,6 +291,67 @@ def test_bad_json_auth_and_body_limit(server):
         openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0).models.list()
 
 
+def test_hostile_bodies_get_400_or_413(server):
+    """A 64 MiB body gets its 413 with an error body (not a reset), deep nesting, NaN and unpaired surrogates
+    a 400 naming the problem (they were a reset, a 500 RecursionError and a 500 UnicodeEncodeError)."""
+    import socket
+
+    big = b'{"model": "' + GENERATOR.encode() + b'", "prompt": "' + b"x" * (64 << 20) + b'"}'
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(big) + big)
+        reply = b""
+        while b"limit" not in reply and len(reply) < 8192 and (part := s.recv(4096)):
+            reply += part
+    assert reply.startswith(b"HTTP/1.1 413") and b"limit" in reply, reply[:300]
+    cases = [(b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+             (b'{"prompt": "hi", "x": ' + b"{\"a\": " * 70 + b"1" + b"}" * 70 + b"}", "nested too deeply"),
+             (b'{"prompt": "hi", "temperature": NaN}', "not a JSON number"),
+             (b'{"prompt": "\\ud800 hi"}', "surrogate"), (b'{"prompt": "hi", "stop": ["\\udfff"]}', "surrogate")]
+    for raw, words in cases:
+        status, _, payload = server.request("POST", "/v1/completions", raw)
+        assert status == 400 and words in payload["error"]["message"], (raw[:60], payload)
+
+
+_WALK_FIELDS = ("model", "prompt", "messages", "input", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+                "top_k", "min_p", "n", "seed", "stop", "stream", "stream_options", "logprobs", "top_logprobs", "echo",
+                "suffix", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty",
+                "response_format", "tools", "user", "ignore_eos", "guided_json", "guided_regex", "guided_choice",
+                "encoding_format", "dimensions")
+_WALK_VALUES = (None, True, 0, -1, 1, 2**63, 1e308, -0.5, "", "x", "\udcff", [], ["x"], [[]], {"a": 1},
+                {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"a": {"$ref": "#"}}}}},
+                [{"role": "user"}], [{"role": "user", "content": [{"type": "image_url"}]}], [{"content": 1}])
+_WALK_RAW = (b"Infinity", b"1e999", b"123456789012345678901234567890", b'"\\ud800"')
+
+
+def test_no_client_input_gets_a_500(server):
+    """Every field of every generation and embedding endpoint, set to each value of a hostile list (wrong types,
+    huge numbers, empty and nested values, lone surrogates, recursive schemas, raw JSON the encoder cannot write):
+    the answer is a 2xx or an OpenAI-shaped 4xx, never a 5xx. Found 500s for lone surrogates (prompt, stop,
+    guided_regex, input), a 30-digit top_k, a non-string embeddings model, and a 503 worker failure for logprobs
+    with no alternatives (completions logprobs=0, chat logprobs=true)."""
+    bases = [("/v1/completions", {"model": GENERATOR, "prompt": "hi", "max_tokens": 2}),
+             ("/v1/chat/completions", {"model": GENERATOR, "messages": [{"role": "user", "content": "hi"}],
+                                       "max_tokens": 2}),
+             ("/v1/embeddings", {"model": ENCODER, "input": "hi"})]
+    failures, sent = [], 0
+    for path, base in bases:
+        for field in _WALK_FIELDS:
+            bodies = []
+            for value in _WALK_VALUES:
+                body = dict(base)
+                body[field] = value
+                bodies.append(json.dumps(body).encode())
+            bodies += [json.dumps(base).encode()[:-1] + b', "' + field.encode() + b'": ' + raw + b"}"
+                       for raw in _WALK_RAW]
+            for raw in bodies:
+                status, _, payload = server.request("POST", path, raw)
+                sent += 1
+                if status >= 500 or status >= 400 and set(payload["error"]) != {"message", "type", "param", "code"}:
+                    failures.append((path, raw[:120], status, str(payload)[:200]))
+    assert sent > 2000 and not failures, failures[:10]
+
+
 def _open_stream(server, max_tokens: int = 1500) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     """A long streaming completion, read as raw server-sent events."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)

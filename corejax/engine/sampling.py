@@ -236,8 +236,10 @@ class SampleOutput:
     def row_logprobs(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Row i's (logprob [T], top_ids [T, n], top_logprobs [T, n]), from an output fetched with logprobs."""
         b, n = np.shape(self.tokens)[0], np.shape(self.top_ids)[-1]
-        return (np.asarray(self.logprob).reshape(b, -1)[i], np.asarray(self.top_ids).reshape(b, -1, n)[i],
-                np.asarray(self.top_logprobs).reshape(b, -1, n)[i])
+        logprob = np.asarray(self.logprob).reshape(b, -1)
+        t = logprob.shape[1]  # not from top_ids: with no alternatives asked for (n = 0) it has no elements
+        return (logprob[i], np.asarray(self.top_ids).reshape(b, t, n)[i],
+                np.asarray(self.top_logprobs).reshape(b, t, n)[i])
 
 
 def _gumbel(row_keys: jax.Array, ids: jax.Array) -> jax.Array:

@@ -155,7 +155,9 @@ class Server:
                 raise ApiError(413, f"the request body is over this server's limit of {limit} bytes")
         return schema.parse_body(bytes(raw))
 
-    def _model(self, name: str | None, ctx: dict) -> ServedModel:
+    def _model(self, name: Any, ctx: dict) -> ServedModel:
+        if name is not None and not isinstance(name, str):
+            raise schema.bad("model must be a model id (a string; GET /v1/models lists them)", "model")
         if name is None or name == "":
             if len(self.models) == 1:
                 name = next(iter(self.models))

@@ -83,14 +83,53 @@ class GenerationRequest:
         return out
 
 
+MAX_DEPTH = 64  # nesting of arrays and objects in a request body (a JSON schema's included)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_body(raw: bytes) -> dict:
+    """The request's JSON object, checked so that no later step meets what it cannot take: nesting deeper than
+    MAX_DEPTH (JSON's own parser recurses; Python raises RecursionError near 1,000 levels), NaN or Infinity
+    (Python's json reads them, JSON does not have them), and strings with an unpaired UTF-16 surrogate (valid
+    JSON escapes, but no UTF-8 encodes them: the tokenizer would fail)."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise bad(f"the request body is nested too deeply (more than {MAX_DEPTH} levels)") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise bad(f"the request body is not valid JSON ({e})") from None
+        raise bad(f"the request body is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
+    _check_values(body)
     return body
+
+
+def _check_values(body: dict) -> None:
+    stack: list[tuple[Any, int, str, str | None]] = [(body, 1, "the request body", None)]  # value, depth, where, field
+    while stack:
+        value, depth, where, field = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise bad(f"{where} holds an unpaired UTF-16 surrogate, which no UTF-8 text can carry",
+                              field) from None
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_DEPTH:
+            raise bad(f"the request body is nested too deeply (more than {MAX_DEPTH} levels)", field)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                inner = key if field is None else f"{where}.{key}"
+                stack.append((key, depth, f"a key of {where}", field or key))
+                stack.append((item, depth + 1, inner, field or key))
+        else:
+            stack.extend((item, depth + 1, f"{where}[{i}]", field) for i, item in enumerate(value))
 
 
 def _typed(body: dict, name: str, types: tuple, what: str) -> Any:
@@ -138,7 +177,7 @@ def generation_request(body: dict, *, chat: bool, max_tokens_limit: int) -> Gene
         value = _number(body, name)
         if value is not None:
             sampling[name] = value
-    top_k = _typed(body, "top_k", (int,), "an integer >= 0 (0 = off)")
+    top_k = _int(body, "top_k", -2**31, 2**31 - 1)
     if top_k is not None:  # llama.cpp's server reads top_k <= 0 as off, as corejax's 0
         sampling["top_k"] = max(top_k, 0)
     stop = body.get("stop")
