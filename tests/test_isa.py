@@ -124,7 +124,7 @@ def test_amx_tiles_compute_the_vnni_paths_bits(tmp_path):
     out = tmp_path / "off.npz"
     env = dict(os.environ, COREJAX_AMX="0")
     proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     off = np.load(out)
     assert sorted(off.files) == sorted(on)
