@@ -124,6 +124,30 @@ def test_a_hostile_model_file_fails_in_the_worker(tmp_path):
         corejax.Session(str(bad), progress=False)
 
 
+def test_a_hostile_files_huge_error_reads_as_a_format_error(tmp_path):
+    """A mutated file can make the reader take megabytes of its bytes as a key's name (a string array retyped
+    as uint8 did: the next "key" was 700 KB of the strings). The worker's message naming that key was an ERROR
+    frame over its 64 KiB limit, so the parent stopped the worker for breaking the protocol (WorkerCrashed).
+    The reader shows a long key's start and length, and every error a worker sends is bounded."""
+    import gguf_factory as g
+
+    kvs, tensors = g.small_valid_file()
+    kvs.append(g.kv("k" * 700_000, 13, bytes(8)))  # a 700 KB key of an unknown value type
+    bad = tmp_path / "hostile.gguf"
+    bad.write_bytes(g.build(kvs, tensors))
+    with pytest.raises(ModelFormatError, match="700,000 characters"):
+        corejax.Session(str(bad), progress=False, keep_alive=0)
+
+
+def test_every_worker_error_fits_its_frame():
+    from corejax.wire.protocol import KIND_LIMITS, encode
+
+    for e in (ModelFormatError("x" * 3_000_000), ValueError("\u20ac" * 1_000_000)):
+        payload = m.error_to_wire(e)
+        assert len(encode(Kind.ERROR, 1, payload)) <= KIND_LIMITS[Kind.ERROR]
+        assert "more characters cut" in payload["message"]
+
+
 def test_probe_frames_are_refused_by_a_normal_worker(sandboxed):
     """Only the test suite's worker (tests/probe_worker.py) runs functions by name; corejax's refuses the kind."""
     frames = list(sandboxed.open_request(Kind.PROBE, {"target": "os:getpid", "args": []}))

@@ -105,22 +105,22 @@ class _Cursor:
 
     def value(self, vtype: int, key: str, depth: int = 0) -> Any:
         if vtype == _STRING:
-            return self.string(f"the value of {key!r}")
+            return self.string(f"the value of {_name(key)}")
         if vtype == _ARRAY:
             return self.array(key, depth + 1)
         if vtype not in _SCALARS:
-            raise self.fail(f"metadata key {key!r} has unknown value type {vtype}")
-        value = self.unpack(_SCALARS[vtype][0], f"the value of {key!r}")
+            raise self.fail(f"metadata key {_name(key)} has unknown value type {vtype}")
+        value = self.unpack(_SCALARS[vtype][0], f"the value of {_name(key)}")
         return bool(value) if vtype == _BOOL else value
 
     def array(self, key: str, depth: int) -> Any:
         if depth > _MAX_ARRAY_DEPTH:
-            raise self.fail(f"metadata key {key!r} nests arrays deeper than {_MAX_ARRAY_DEPTH} levels")
-        itype = self.u32(f"the element type of {key!r}")
-        n = self.u64(f"the length of {key!r}")
+            raise self.fail(f"metadata key {_name(key)} nests arrays deeper than {_MAX_ARRAY_DEPTH} levels")
+        itype = self.u32(f"the element type of {_name(key)}")
+        n = self.u64(f"the length of {_name(key)}")
         if itype not in _MIN_SIZE:
-            raise self.fail(f"metadata key {key!r} is an array of unknown value type {itype}")
-        self.count(n, _MIN_SIZE[itype], f"the length of array {key!r}")
+            raise self.fail(f"metadata key {_name(key)} is an array of unknown value type {itype}")
+        self.count(n, _MIN_SIZE[itype], f"the length of array {_name(key)}")
         if itype == _STRING:
             return self.string_array(n, key)
         if itype == _ARRAY:
@@ -139,17 +139,17 @@ class _Cursor:
         try:
             for _ in range(n):
                 if pos + 8 > size:
-                    raise self.fail(f"string {len(out)} of {key!r} runs past the end of the file ({size} bytes)")
+                    raise self.fail(f"string {len(out)} of {_name(key)} runs past the end of the file ({size} bytes)")
                 (length,) = unpack(buf, pos)
                 pos += 8
                 if length > size - pos:
                     raise self.fail(
-                        f"string {len(out)} of {key!r} claims {length} bytes, past the end of the file ({size} bytes)"
+                        f"string {len(out)} of {_name(key)} claims {length} bytes, past the end of the file ({size} bytes)"
                     )
                 append(buf[pos : pos + length].decode("utf-8"))
                 pos += length
         except UnicodeDecodeError:
-            raise self.fail(f"string {len(out)} of metadata key {key!r} is not valid UTF-8") from None
+            raise self.fail(f"string {len(out)} of metadata key {_name(key)} is not valid UTF-8") from None
         self.pos = pos
         return out
 
@@ -298,14 +298,19 @@ def _read_header(cur: _Cursor) -> tuple[int, int, int]:
     return version, n_tensors, n_kv
 
 
+def _name(key: str) -> str:
+    """A metadata key as an error message shows it: a hostile file's "key" may be megabytes of its bytes."""
+    return repr(key) if len(key) <= 120 else f"{key[:120]!r}... ({len(key):,} characters)"
+
+
 def _read_metadata(cur: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, tuple[int, int | None]]]:
     metadata: dict[str, Any] = {}
     types: dict[str, tuple[int, int | None]] = {}
     for i in range(n_kv):
         key = cur.string(f"metadata key {i}")
         if key in metadata:
-            raise cur.fail(f"metadata key {key!r} appears twice")
-        vtype = cur.u32(f"the value type of {key!r}")
+            raise cur.fail(f"metadata key {_name(key)} appears twice")
+        vtype = cur.u32(f"the value type of {_name(key)}")
         sub = _U32.unpack_from(cur.buf, cur.pos)[0] if vtype == _ARRAY and cur.size - cur.pos >= 4 else None
         metadata[key] = cur.value(vtype, key)
         types[key] = (vtype, sub)

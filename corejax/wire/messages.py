@@ -98,12 +98,21 @@ def clean(text: Any, limit: int = 2000) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+MAX_ERROR_CHARS = 4000  # of a worker's error message: with the traceback's 4,000, far inside KIND_LIMITS[ERROR]
+
+
+def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """text cut to `limit` characters, saying how much was cut (a hostile file's value can make a message of
+    megabytes, and an ERROR frame over its limit would read as a crashed worker, not as the file's fault)."""
+    return text if len(text) <= limit else f"{text[:limit]} ... ({len(text) - limit:,} more characters cut)"
+
+
 def error_to_wire(e: BaseException) -> dict:
     """The worker's side: a corejax error by its class name and sentence; anything else as an internal error
-    with the end of its traceback."""
+    with the end of its traceback. Both bounded, whatever the error holds."""
     if isinstance(e, errors.CorejaxError):
-        return {"type": type(e).__name__, "message": str(e)}
-    return {"type": "InternalError", "message": f"{type(e).__name__}: {e}",
+        return {"type": type(e).__name__, "message": bounded(str(e))}
+    return {"type": "InternalError", "message": bounded(f"{type(e).__name__}: {e}"),
             "traceback": "".join(traceback.format_exception(e))[-4000:]}
 
 
