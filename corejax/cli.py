@@ -41,7 +41,7 @@ def _session(args: argparse.Namespace, progress: bool) -> Any:
     from corejax.client.session import Session
 
     return Session(args.model, sandbox=args.sandbox, weights=args.weights, kv_dtype=args.kv_dtype,
-                   progress=progress, warmup=progress, output_filter=_output_filter(args),
+                   progress=progress, output_filter=_output_filter(args),
                    keep_alive=args.keep_alive)
 
 

@@ -1,6 +1,7 @@
 """Compiled programs of sandboxed workers: one folder per (native-kernel build, model file), written only by
-the parent. A worker gets a private copy (copy_programs); what it added is merged back after a clean exit
-(merge_programs), never over an existing program, so no worker writes what another model's worker runs."""
+the parent. A worker gets a private copy (copy_programs); what it added by the time it reports ready, before
+any request reached it, is merged back (merge_programs), never over an existing program. So no worker writes
+what another model's worker runs, and one that a request compromised adds nothing later workers run."""
 
 from __future__ import annotations
 
@@ -111,8 +112,8 @@ def copy_programs(src: Path, dst: Path) -> None:
 
 
 def merge_programs(src: Path, dst: Path) -> int:
-    """Programs a cleanly exited worker added, into the model's folder: new names only, regular files only,
-    size-capped, each written to a temporary name and renamed. Returns how many were added."""
+    """Programs a worker compiled during its start-up, into the model's folder: new names only, regular files
+    only, size-capped, each written to a temporary name and renamed. Returns how many were added."""
     files = _program_files(src)
     if not files:
         return 0

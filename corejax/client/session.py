@@ -38,7 +38,10 @@ class Session(AsyncSession):
     sandbox: run the model in a restricted subprocess (True) or on a thread of this process (False).
     progress: progress bars for fetching the model, loading its weights (reported by the worker) and warming up.
     warmup: compile the programs a first short request runs while starting (with a "compiling" bar), so the
-    first request does not wait for the compiler; from the persistent cache on later starts.
+    first request does not wait for the compiler; from the persistent cache on later starts. Default: when
+    sandboxed. A sandboxed worker's programs persist for later workers of the model only if it compiled them
+    before its first request (a request that compromised a worker must not reach later ones), so without the
+    warm-up every new worker compiles its first request's programs again.
     memory_limit: bytes (or a size such as "2GiB") the worker may use. The worker reserves its weights, KV
         pool and workspace against it before allocating them (corejax/worker/memory.py), failing with
         MemoryBudgetError if they cannot fit; a worker whose resident memory passes it anyway is stopped and its
@@ -80,7 +83,7 @@ class Session(AsyncSession):
     def __init__(self, model: str | None = None, *, sandbox: bool = True, memory_limit: int | str | None = None,
                  timeout: float | None = None, weights: str | None = None, kv_dtype: str = "bf16",
                  kv_cache_tokens: int | None = None, prefix_cache: bool = True, progress: bool = True,
-                 speculative: Any = None, warmup: bool = False,
+                 speculative: Any = None, warmup: bool | None = None,
                  start_timeout: float = 600.0, sandbox_require: Mapping[str, bool] | None = None,
                  output_filter: Blocklist | None = None, devices: int = 1, cluster: Any = None,
                  keep_alive: float | str | None = None, _pythonpath: Sequence[str] = (),
@@ -103,7 +106,7 @@ class Session(AsyncSession):
         self.output_filter = output_filter
         self.cluster = Cluster.of(cluster)
         self._options = {"weights": weights, "engine": dataclasses.asdict(engine), "memory_limit": memory_limit,
-                         "progress": bool(progress), "warmup": bool(warmup),
+                         "progress": bool(progress), "warmup": bool(sandbox if warmup is None else warmup),
                          "output_filter": None if output_filter is None else output_filter.to_wire(),
                          "cluster": None if self.cluster is None else self.cluster.to_wire()}
         # Resolving maps a name to a path (pulling it on first use); it never opens the model file itself.

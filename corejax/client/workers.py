@@ -157,9 +157,11 @@ class WorkerClient:
         tmp.mkdir()
         cwd.mkdir()
         # Compiled programs persist across sandboxed workers, one folder per kernel build and per model file
-        # (program_cache_dir), which only this process writes: the worker gets a private copy, and what it adds
-        # is merged back after it exits cleanly (merge_programs), never over an existing program. So a worker
-        # can never write what a worker of another model executes, nor what any unsandboxed Runtime loads.
+        # (program_cache_dir), which only this process writes: the worker gets a private copy, and what it added
+        # by the time it is ready (its warm-up's programs, before any request reached it) is merged back
+        # (merge_programs), never over an existing program. So a worker can never write what a worker of another
+        # model executes, nor what any unsandboxed Runtime loads, and a request that compromises a worker cannot
+        # reach the model's later workers: programs compiled after start-up die with the worker.
         self._programs = program_cache_dir(self.source, self.options.get("native_kernels"))
         xla = self._private / "xla"
         copy_programs(self._programs, xla)
@@ -228,6 +230,10 @@ class WorkerClient:
                         + "), so the model was not opened. Fix the system, or accept the risk with Session(..., "
                         f"sandbox_require={{{', '.join(repr(str(layer.get('name'))) + ': False' for layer in missing)}}})")
             elif frame.kind == Kind.READY:
+                if self.proc is not None and self._private is not None:
+                    # Start-up's programs only (the warm-up's), from a worker that has seen nothing but the
+                    # model file: a worker compromised by a request never adds a program later workers run.
+                    merge_programs(self._private / "xla", self._programs)
                 self._ready(frame.payload)
                 return
 
@@ -508,6 +514,4 @@ class WorkerClient:
         if self.proc is not None:
             self._log.close()
         if self._private is not None:
-            if self.proc is not None and self.proc.returncode == 0 and self._kill_reason == "the session closed":
-                merge_programs(self._private / "xla", self._programs)  # a clean exit after SHUTDOWN only
             shutil.rmtree(self._private, ignore_errors=True)

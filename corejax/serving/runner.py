@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -22,7 +23,7 @@ from corejax.engine.programs import Programs
 from corejax.engine.sampling import SampleOutput, SamplingBatch
 from corejax.errors import ContextLengthError, InvalidParameterError
 from corejax.models.stack import stack_layers
-from corejax.serving.batch import StepBatch
+from corejax.serving.batch import MIN_TABLE_PAGES, StepBatch, bucket
 from corejax.serving.paging import PageAllocator
 from corejax.types.config import EncoderConfig, EngineConfig, ModelConfig
 
@@ -48,6 +49,13 @@ class ModelRunner:
         num_pages = ec.num_pages(cfg)
         self.allocator = PageAllocator(num_pages, ec.page_size)
         self.cache = PagedKVCache.create(cfg, num_pages, ec.page_size, ec.kv_dtype, kv_place, self.kernels)
+        # Where the native kernel reads the pages (float pages), it stops at each row's length, so every batch can
+        # carry the widest page table a sequence can use: the width then never makes a program of its own, and a
+        # warm-up's decode step is every later request's (the other path gathers whole tables: widths bucketed).
+        self.table_pages: int | None = None
+        if self.kernels.native and ec.devices == 1 and self.cache.k_pages.dtype in (jnp.float32, jnp.bfloat16,
+                                                                                     jnp.uint16):
+            self.table_pages = bucket(min(-(-cfg.max_context // ec.page_size), num_pages), MIN_TABLE_PAGES)
         self.programs: Any = Programs()
         cluster = distributed.joined()
         if cluster is not None:  # one process of several (corejax/engine/distributed.py)

@@ -169,7 +169,8 @@ class Scheduler:
 
     def _batch_of(self, reqs: list[Request], parts: list[list[int]], starts: list[int], min_t: int = 1) -> StepBatch:
         # Drafts never run past max_new (Speculation.drafts), so prompt + max_new bounds every position written.
-        width = table_width([len(r.prompt) + r.max_new for r in reqs], self.runner.engine_cfg.page_size)
+        width = self.runner.table_pages or table_width([len(r.prompt) + r.max_new for r in reqs],
+                                                        self.runner.engine_cfg.page_size)
         return StepBatch.build(parts, starts, [r.seq for r in reqs], self.runner.allocator, width, min_t)
 
     def _prefill(self) -> None:

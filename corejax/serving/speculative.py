@@ -269,7 +269,8 @@ class DraftModelProposer:
         if not live:
             return [[] for _ in rows]
         k_max = max(k for _, _, k, _ in live)
-        width = table_width([len(t) + k_max for _, t, _, _ in live], runner.engine_cfg.page_size)
+        width = runner.table_pages or table_width([len(t) + k_max for _, t, _, _ in live],
+                                                  runner.engine_cfg.page_size)
         rids = [rid for rid, *_ in live]
         # Catch up: long pending spans (a new request's prompt) in chunks of their own, the rest batched.
         parts, starts = [], []
