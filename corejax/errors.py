@@ -53,3 +53,30 @@ class WorkerCrashed(SandboxError):
 
 class RequestTimeout(SandboxError, TimeoutError):
     """A request ran longer than the Session's timeout; the worker was stopped and will be restarted."""
+
+
+# What a parser's own code raises when a file holds a value of a type or range it did not expect (a list where a
+# name belongs, a string for a size, a huge integer): read as the file's fault, not as a bug of corejax.
+_MALFORMED = (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError, ZeroDivisionError,
+              RecursionError)
+
+
+def reads_untrusted(what: str):
+    """Decorator for a function that reads a file's contents: an exception of _MALFORMED escaping it becomes a
+    ModelFormatError naming `what` (corejax's own errors pass through unchanged)."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def reader(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except CorejaxError:
+                raise
+            except _MALFORMED as e:
+                raise ModelFormatError(f"{what} holds a value corejax cannot read ({type(e).__name__}: "
+                                       f"{str(e)[:300]}); the file is corrupt or not of a kind corejax runs") from None
+
+        return reader
+
+    return wrap

@@ -14,7 +14,7 @@ from corejax import hub, native
 from corejax.types.config import WEIGHT_MODES, EngineConfig
 from corejax.types.cluster import Cluster
 from corejax.types.options import SamplingParams, SpeculativeConfig
-from corejax.errors import CorejaxError, InvalidParameterError, RequestTimeout, WorkerCrashed
+from corejax.errors import CorejaxError, InvalidParameterError, RequestTimeout, SandboxError, WorkerCrashed
 from corejax.types.filter import Blocklist
 from corejax.client.keepalive import KeptServer, parse_duration
 from corejax.types.options import check_prompt
@@ -27,6 +27,7 @@ from corejax.client.workers import WORKER_MODULE, WorkerClient
 from corejax.sandbox.layer import sandbox_require as sandbox_require_of
 from corejax.client.processes import thread_status
 from corejax.wire.messages import Ended
+from corejax.wire.codec import ProtocolError
 from corejax.wire.protocol import Kind
 
 _RETRIES = 2  # a request that had not started is re-sent to this many fresh workers before it fails
@@ -235,8 +236,20 @@ class Session(AsyncSession):
         """Sends one typed request (corejax/wire/messages.py) and returns its typed result."""
         for frame in self._frames(msg):
             if frame.kind == Kind.RESULT:
-                return wire.read_result(msg.KIND, frame.payload)
+                return self._read(wire.read_result, msg.KIND, frame.payload)
         raise WorkerCrashed("the worker ended a request without a result")
+
+    def _read(self, fn: Callable, *args: Any) -> Any:
+        """fn(*args) over a worker's payload; a payload it cannot read (a compromised or broken worker) stops that
+        worker and fails this call with a SandboxError, never with whatever the reader raised."""
+        try:
+            return fn(*args)
+        except ProtocolError as e:
+            client = getattr(self, "_client", None)
+            if client is not None:
+                client.kill(f"it broke the protocol ({wire.clean(e, 300)})")
+            raise SandboxError(f"the worker sent a reply corejax cannot read ({wire.clean(e, 300)}); it was "
+                               "stopped, and a new one starts for the next call") from None
 
     # --- generation ----------------------------------------------------------------------------------------
 
@@ -271,9 +284,9 @@ class Session(AsyncSession):
     def _chunks(self, msg: wire.Generate, cancel: Cancel | None = None) -> Iterator[Chunk]:
         for frame in self._frames(msg, cancel):
             if frame.kind == Kind.CHUNK:
-                yield wire.chunk_from_wire(frame.payload)
+                yield self._read(wire.chunk_from_wire, frame.payload)
             else:
-                yield Chunk("", result=wire.read_result(Kind.GENERATE, frame.payload).result)
+                yield Chunk("", result=self._read(wire.read_result, Kind.GENERATE, frame.payload).result)
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
                **sampling: Any) -> Iterator[str]:

@@ -352,6 +352,8 @@ class WorkerClient:
             reason = f"it broke the protocol ({e})"
         except OSError as e:
             reason = f"the connection failed ({e})"
+        except Exception as e:  # noqa: BLE001 - whatever a worker's frame made the reader raise ends that worker
+            reason = f"it sent a frame corejax cannot read ({type(e).__name__}: {clean(e, 200)})"
         self._die(reason)
         return None
 

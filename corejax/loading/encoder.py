@@ -253,8 +253,11 @@ def load_encoder_folder(folder: Path, raw: dict, weights: str = "f32") -> tuple[
 def read_hf_config(folder: Path) -> dict:
     path = folder / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelNotFoundError(f"{folder} has no config.json; an HF folder needs config.json and weights") from None
-    except ValueError as e:
-        raise ModelFormatError(f"{path} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than Python's parser recurses
+        raise ModelFormatError(f"{path} is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(config, dict):
+        raise ModelFormatError(f"{path} holds a JSON {type(config).__name__}, not an object of settings")
+    return config

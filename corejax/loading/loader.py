@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from corejax.types.config import ENCODER_WEIGHTS, WEIGHT_MODES, EncoderConfig, ModelConfig, is_bidirectional_decoder
-from corejax.errors import InvalidParameterError, ModelFormatError, UnsupportedModelError
+from corejax.errors import InvalidParameterError, ModelFormatError, UnsupportedModelError, reads_untrusted
 from corejax.hub import ModelSource
 from corejax.kernels.policy import Kernels
 from corejax.loading.convert import ROPE_FREQS, ROPE_LONG, ROPE_SHORT, load_gguf_params, load_hf_folder
@@ -246,6 +246,7 @@ def plan_weights(source: ModelSource, weights: str | None = None) -> WeightPlan:
     return WeightPlan(cfg, weights, total, file_bytes + transient, file_bytes, used, native)
 
 
+@reads_untrusted("a safetensors header")
 def _safetensors_table(folder: Path) -> tuple[dict[str, tuple[tuple[int, ...], None]], int]:
     """Tensor name -> (shape, None) from each safetensors file's JSON header, and the files' total bytes."""
     from corejax.loading.convert import safetensors_files

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from corejax.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
+from corejax.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError, reads_untrusted
 from corejax.tokenizer.base import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer
 from corejax.tokenizer.gguf import tokenizer_from_gguf_metadata
 
@@ -28,6 +28,7 @@ def _decoder_kind(spec: dict) -> str:
     return "spm"
 
 
+@reads_untrusted("tokenizer.json or tokenizer_config.json")
 def _from_tokenizer_json(path: Path, config: dict) -> Tokenizer:
     try:
         hf = HFTokenizer.from_file(str(path))
@@ -35,8 +36,12 @@ def _from_tokenizer_json(path: Path, config: dict) -> Tokenizer:
         hf.no_truncation()
         hf.no_padding()
         spec = json.loads(path.read_text(encoding="utf-8"))
-    except Exception as e:
-        raise ModelFormatError(f"{path} is not a readable tokenizer.json ({e}); re-download it") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - the tokenizers library's Rust panics are BaseExceptions (pyo3)
+        raise ModelFormatError(f"{path} is not a readable tokenizer.json ({str(e)[:300]}); re-download it") from None
+    if not isinstance(spec, dict):
+        raise ModelFormatError(f"{path} holds a JSON {type(spec).__name__}, not a tokenizer")
     n = hf.get_vocab_size(with_added_tokens=True)
     tokens = [""] * n
     for text, i in hf.get_vocab(with_added_tokens=True).items():
@@ -55,6 +60,10 @@ def _from_tokenizer_json(path: Path, config: dict) -> Tokenizer:
         hf.encode_special_tokens = not parse_special
         try:
             return hf.encode(text, add_special_tokens=add_special).ids
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - a Rust panic (pyo3) on a hostile tokenizer.json
+            raise ModelFormatError(f"{path} cannot encode this text ({str(e)[:300]})") from None
         finally:
             hf.encode_special_tokens = False
 
@@ -81,6 +90,7 @@ def _chat_template(config: dict) -> str | None:
     return template
 
 
+@reads_untrusted("tokenizer.model or tokenizer_config.json")
 def _from_sentencepiece(path: Path, config: dict) -> Tokenizer:
     import sentencepiece as spm
 
@@ -133,7 +143,14 @@ def tokenizer_from_files(folder_or_file: str | os.PathLike) -> Tokenizer:
     path = Path(folder_or_file)
     folder = path if path.is_dir() else path.parent
     config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    config: Any = {}
+    if config_path.exists():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:
+            raise ModelFormatError(f"{config_path} is not valid JSON ({str(e)[:200]}); re-download it") from None
+        if not isinstance(config, dict):
+            raise ModelFormatError(f"{config_path} holds a JSON {type(config).__name__}, not an object of settings")
     template_path = folder / "chat_template.jinja"
     if "chat_template" not in config and template_path.exists():
         config["chat_template"] = template_path.read_text(encoding="utf-8")

@@ -14,9 +14,14 @@ from corejax.errors import (
     InvalidParameterError,
     ModelFormatError,
     UnsupportedModelError,
+    reads_untrusted,
 )
 
 SUPPORTED_ARCHITECTURES = families.ARCHITECTURES
+# Upper bounds of a decoder's sizes (the largest open models: 100-200 layers, 16k-wide, 256k vocabularies,
+# 1M-token contexts), far enough past them that only a corrupt or hostile file meets them.
+_FIELD_LIMITS = {"num_layers": 4096, "num_heads": 4096, "num_kv_heads": 4096, "head_dim": 4096,
+                 "hidden_size": 1 << 18, "ffn_size": 1 << 20, "vocab_size": 1 << 23, "max_context": 1 << 26}
 # How weights are held: f32 (dequantized at load), native (GGUF blocks kept quantized), int8/int4 (quantized).
 # The one home of the weight modes and KV cache types every layer names (Session, CLI, loaders, cache, budget).
 DECODER_WEIGHTS = ("f32", "native", "int8", "int4")  # native: a quantized GGUF's blocks kept as they are
@@ -95,6 +100,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ModelFormatError(f"model config field {name} must be a positive integer; got {value!r}")
+            if value > _FIELD_LIMITS.get(name, 1 << 24):  # far past any model's; a file's absurd size is refused
+                raise ModelFormatError(f"model config field {name} is {value}, more than any model corejax can "
+                                       f"hold (at most {_FIELD_LIMITS.get(name, 1 << 24)})")
         if self.num_heads % self.num_kv_heads:
             raise ModelFormatError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -193,6 +201,7 @@ class ModelConfig:
         return cls(**common)
 
     @classmethod
+    @reads_untrusted("config.json")
     def from_hf(cls, config: Mapping[str, Any], *, bidirectional: bool = False) -> ModelConfig:
         """Reads a transformers config.json; only the keys its family honours are read (support.HF_FAMILIES,
         types/families.py), and a key that needs a feature corejax lacks refuses the model. bidirectional: the
@@ -336,12 +345,14 @@ ENCODER_MODEL_TYPES = tuple(support.ENCODER_FAMILIES)
 _ENCODER_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
+@reads_untrusted("config.json")
 def is_encoder_config(config: Mapping[str, Any]) -> bool:
     """Whether a transformers config.json describes an encoder corejax runs (BERT, MPNet, or a decoder family
     run bidirectionally: EmbeddingGemma)."""
     return config.get("model_type") in ENCODER_MODEL_TYPES or is_bidirectional_decoder(config)
 
 
+@reads_untrusted("config.json")
 def is_bidirectional_decoder(config: Mapping[str, Any]) -> bool:
     """A decoder family's config with use_bidirectional_attention: true (EmbeddingGemma): an encoder whose layers
     are that family's block (EncoderConfig.decoder), never a causal decoder."""
@@ -391,6 +402,7 @@ class EncoderConfig:
         return len(self.labels)
 
     @classmethod
+    @reads_untrusted("config.json")
     def from_hf(cls, config: Mapping[str, Any], *, with_head: bool) -> EncoderConfig:
         """Reads a transformers BERT or MPNet config.json; `with_head` when the checkpoint carries classifier
         weights."""

@@ -119,7 +119,8 @@ def error_to_wire(e: BaseException) -> dict:
 def error_from_wire(payload: Mapping[str, Any], during: str = "") -> errors.CorejaxError:
     """The parent's side: the same corejax error class with the worker's (cleaned) sentence; an unknown type
     becomes a SandboxError naming it."""
-    cls = _ERRORS.get(payload.get("type"), None)
+    kind = payload.get("type")
+    cls = _ERRORS.get(kind) if isinstance(kind, str) else None
     message = clean(payload.get("message", "no message"))
     if cls is None:
         return errors.SandboxError(f"the worker failed{during}: {clean(payload.get('type'), 80)}: {message}")
