@@ -176,6 +176,9 @@ def _compile(template: str) -> jinja2.Template:
     except jinja2.TemplateSyntaxError as e:
         raise ModelFormatError(f"the model's chat template is not valid jinja ({e.message}, line {e.lineno}); "
                                "pass chat_template=... to use another one") from None
+    except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as e:  # jinja's parser recurses
+        raise ModelFormatError(f"the model's chat template cannot be compiled ({type(e).__name__}: {str(e)[:200]}); "
+                               "pass chat_template=... to use another one") from None
 
 
 def render_chat_template(template: str, messages: list[dict], *, add_generation_prompt: bool = True,
