@@ -104,6 +104,31 @@ def test_a_killed_kept_server_is_replaced(tiny):
         assert _servers(tiny) and server not in _servers(tiny)
 
 
+def test_a_kept_server_killed_mid_stream_is_a_clear_error_and_the_next_call_starts_another(tiny):
+    with corejax.Session(tiny, keep_alive=60, progress=False) as s:
+        expected = s.generate("hello", max_tokens=4, temperature=0).tokens
+        (server,) = _servers(tiny)
+        stream = s.stream_chunks("hello", max_tokens=100, temperature=0, ignore_eos=True)
+        next(stream)
+        os.kill(server, signal.SIGKILL)
+        with pytest.raises(corejax.errors.SandboxError, match=r"(?i)worker|server") as info:
+            for _ in stream:
+                pass
+        assert len(str(info.value)) < 1000
+        assert s.generate("hello", max_tokens=4, temperature=0).tokens == expected
+        assert _servers(tiny) and server not in _servers(tiny)
+
+
+def test_two_first_runs_at_once_start_one_server(tiny):
+    procs = [subprocess.Popen([sys.executable, "-c", CLIENT, str(tiny), "60"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    results = [json.loads(o.splitlines()[-1]) for o, _ in outs]
+    assert len(_servers(tiny)) == 1 and results[0]["worker_pid"] == results[1]["worker_pid"]
+    assert results[0]["tokens"] == results[1]["tokens"]
+
+
 def test_the_kept_server_leaves_when_idle(tiny):
     with corejax.Session(tiny, keep_alive=1, progress=False) as s:
         s.generate("hi", max_tokens=2)
