@@ -239,6 +239,26 @@ def test_interrupted_extraction_leaves_no_complete_looking_file(index, monkeypat
     assert _sha(src.path.read_bytes()) == entry.sha256 and _leftovers(hub.cache_dir()) == []
 
 
+def test_a_full_disk_is_a_pull_error_and_leaves_nothing(index, monkeypatch):
+    import errno
+
+    entry = _single(index)
+    _use(monkeypatch, entry)
+    real_copy = hub._copy
+
+    def disk_full(src, dst, bar, digest=None):
+        dst.write(src.read(100))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hub, "_copy", disk_full)
+    with pytest.raises(PullError, match="disk filled up.*nothing partial"):
+        hub.pull("fake-single", progress=False)
+    final = hub.cache_dir() / "models" / "fake-single" / "m.gguf"
+    assert not final.exists() and _leftovers(hub.cache_dir()) == [] and not hub.is_cached("fake-single")
+    monkeypatch.setattr(hub, "_copy", real_copy)
+    assert _sha(hub.resolve("fake-single", progress=False).path.read_bytes()) == entry.sha256  # the next pull works
+
+
 def test_wrong_size_is_pulled_again(index, monkeypatch):
     entry = _single(index)
     _use(monkeypatch, entry)

