@@ -497,17 +497,22 @@ struct QuantizedRows {
     quantize_rows(x, M, K, B, q.data(), r.data(), d.data(), ds.data());
 #if defined(COREJAX_AMX)
     if (B != kQBlock || !amx_granted()) return;
+    // Segments by index (an expert without rows shares its start with the next one, so never look them up by
+    // start here): the qr offset of each segment of kAmxMinRows rows or more.
+    std::vector<std::pair<size_t, int64_t>> chosen;  // (segment index, rows)
     int64_t size = 0;
     for (size_t i = 0; i < starts.size(); ++i) {
       const int64_t n = (i + 1 < starts.size() ? starts[i + 1] : M) - starts[i];
-      if (n >= kAmxMinRows) tiles.emplace_back(starts[i], size), size += (n + kAmxRows - 1) / kAmxRows * 2 * kAmxRows * K;
+      if (n >= kAmxMinRows) {
+        tiles.emplace_back(starts[i], size);
+        chosen.emplace_back(i, n);
+        size += (n + kAmxRows - 1) / kAmxRows * 2 * kAmxRows * K;
+      }
     }
     qr.assign(size, 0);
-    for (size_t i = 0, t = 0; i < starts.size() && t < tiles.size(); ++i) {
-      if (tiles[t].first != starts[i]) continue;
-      const int64_t n = (i + 1 < starts.size() ? starts[i + 1] : M) - starts[i];
-      interleave_rows(q.data() + starts[i] * K, r.data() + starts[i] * K, n, K, qr.data() + tiles[t].second);
-      ++t;
+    for (size_t t = 0; t < chosen.size(); ++t) {
+      const int64_t s0 = starts[chosen[t].first];
+      interleave_rows(q.data() + s0 * K, r.data() + s0 * K, chosen[t].second, K, qr.data() + tiles[t].second);
     }
 #else
     (void)starts;

@@ -141,3 +141,34 @@ def test_quantized_experts_take_one_kernel_call_and_read_only_routed_experts():
     assert np.isfinite(ours).all()
     ref = _reference(x, _dequantized(layer), cfg)
     assert np.abs(ours - ref).max() <= 2e-3 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_experts_kernel_gives_each_expert_the_dense_kernels_bits(bits):
+    """Experts with many rows (AMX passes of 8 where the CPU has them), a few, and none beside each other: each
+    expert's rows come out bit for bit as the dense kernel computes them alone (an expert without rows shares its
+    row start with the next one; the AMX copy of the next one's activations was once left empty)."""
+    from corejax.kernels import ffi
+    from corejax.kernels.quant_matmul import quant_matmul, quant_matmul_experts
+
+    ffi.ensure()
+    if not ffi.available():
+        pytest.skip("native kernels not loaded")
+    rng = np.random.default_rng(bits)
+    w = [quant.quantize(rng.standard_normal((96, D)).astype(np.float32), bits) for _ in range(E)]  # [out, in]
+    stacked = stack_values(w, free=False)
+    counts = np.zeros(E, np.int32)
+    counts[:4] = [0, 17, 3, 9]
+    x = rng.standard_normal((int(counts.sum()) + 2, D)).astype(np.float32)  # 2 padding rows past the counts
+    fmt = dict(bits=stacked.bits, block=stacked.block, offset=stacked.offset, code_max=stacked.code_max)
+    got = np.asarray(quant_matmul_experts(jnp.asarray(x), stacked.codes, stacked.scales, stacked.mins, None,
+                                          jnp.asarray(counts), **fmt))
+    start = 0
+    for e in range(E):
+        n = int(counts[e])
+        if n:
+            alone = np.asarray(quant_matmul(jnp.asarray(x[start:start + n]), w[e].codes, w[e].scales, w[e].mins,
+                                            None, **fmt))
+            np.testing.assert_array_equal(got[start:start + n], alone, err_msg=f"expert {e}")
+        start += n
+    assert not got[start:].any()
