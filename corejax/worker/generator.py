@@ -111,6 +111,8 @@ class Generator(Runtime):
         """Compiles what a first short request with default sampling runs (the smallest prefill bucket and the
         one-row decode step), so the first user request finds them ready; a second start of the same model
         loads them from the persistent compilation cache in a fraction of the time."""
+        if self.cluster is not None:
+            return  # a cluster's processes compile together, on the leader's first steps (a follower cannot stream)
         if report is not None:
             report("compiling", 0, 1)
         # Default sampling, default max_tokens: the same static flags and page-table width as a default request.
