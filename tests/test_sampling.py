@@ -263,6 +263,36 @@ def test_update_penalty_state_inactive_rows():
     np.testing.assert_array_equal(state.counts, [[0, 1, 0, 0], [0, 0, 0, 0]])
 
 
+def test_logit_bias_bans_forces_and_shifts():
+    logits = jnp.asarray([[5.0, 4.0, 1.0, 200.0]], jnp.float32)  # token 3 leads by more than 100
+    cases = [({3: -100}, 0),       # -100 bans even a lead of 195: the second-best (0) wins
+             ({3: -100, 0: -100}, 1),
+             ({2: 100}, 3),        # +100 on 1.0 does not beat 200 ...
+             ({3: -100, 2: 100}, 2),  # ... but it wins among the rest
+             ({0: -50.5, 3: -100}, 1)]
+    for bias, expected in cases:
+        for temperature in (0.0, 1.0):
+            p = SamplingParams(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, seed=1,
+                               logit_bias=bias)
+            t = SamplingTensors.from_params([p], 4)
+            assert t.any_penalty
+            state = penalty_state([([], [])], 1, 4, [p])
+            out = jsample(logits, t, state, jnp.asarray(request_keys([p])), 0)
+            if temperature == 0.0:
+                assert int(out.tokens[0]) == expected, bias
+            assert int(out.tokens[0]) not in [k for k, v in bias.items() if v == -100], bias
+    np.testing.assert_array_equal(penalty_state([([], [])], 2, 4, [SamplingParams(logit_bias={1: 2.5})]).bias,
+                                  [[0, 2.5, 0, 0], [0, 0, 0, 0]])
+
+
+def test_logit_bias_validation():
+    assert SamplingParams(logit_bias={"7": 1, 3: -2.5}).logit_bias == ((3, -2.5), (7, 1.0))
+    assert SamplingParams(logit_bias=[[7, 1]]).logit_bias == ((7, 1.0),)  # the wire's form
+    for bad in ({"a": 1}, {-1: 1}, {1: 101}, {1: -100.5}, {1: float("nan")}, {1: "x"}, {True: 1}, "x", [1, 2]):
+        with pytest.raises(InvalidParameterError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+
+
 # --------------------------------------------------------------------------------------------------
 # Logprobs
 

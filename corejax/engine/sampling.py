@@ -16,7 +16,9 @@ that top-k left), as in llama.cpp.
 Semantics of each transform, per row:
   * repetition_penalty r (HF/llama.cpp): over tokens seen in the prompt or the output, l > 0 -> l / r,
     l <= 0 -> l * r. Then frequency/presence (OpenAI/vLLM), over output tokens only:
-    l -= frequency_penalty * count + presence_penalty * (count > 0).
+    l -= frequency_penalty * count + presence_penalty * (count > 0). Then logit_bias (OpenAI): l += bias, where
+    a bias of -100 sets l = -inf, so a banned token is never drawn however far its logit leads (a plain -100
+    would not outweigh a logit lead of 100); +100 outweighs any real lead, so it forces the token.
   * top_k = k > 0: exactly the k largest logits; equal logits are ordered by token id (lower first), as
     `lax.top_k` and `argmax` do, so top_k=1 is greedy even under ties.
   * top_p = p < 1: the smallest set {l >= t} whose probability is >= p; every token tied with the cut-off
@@ -62,7 +64,7 @@ from flax import struct
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-from corejax.types.options import GREEDY_EPS, MAX_LOGPROBS, SamplingParams
+from corejax.types.options import GREEDY_EPS, LOGIT_BIAS_LIMIT, MAX_LOGPROBS, SamplingParams
 from corejax.errors import InvalidParameterError
 
 def request_key(seed: int | None) -> np.ndarray:
@@ -137,7 +139,7 @@ class SamplingTensors:
             frequency_penalty=f32("frequency_penalty"),
             any_sampling=True,  # whether a row samples is decided at run time (lax.cond in sample())
             any_penalty=any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                            or p.frequency_penalty != 0.0 for p in rows),
+                            or p.frequency_penalty != 0.0 or p.logit_bias for p in rows),
             top_k_bound=_bucket(max_k, vocab_size) if all_top_k or max_k > 0 else 0,
             all_top_k=all_top_k,
             needs_full_top_p=any(p.top_k == 0 and p.top_p < 1.0 for p in sampling),
@@ -153,18 +155,25 @@ class PenaltyState:
 
     counts: jax.Array  # [B, V] int32: how often each token occurs in the output so far
     seen: jax.Array    # [B, V] bool: token occurs in the prompt or the output
+    bias: jax.Array | None = None  # [B, V] f32: logit_bias, added after the penalties (-inf: a banned token)
 
 
-def penalty_state(rows: Sequence[tuple[Sequence[int], Sequence[int]]], batch: int, vocab_size: int) -> PenaltyState:
+def penalty_state(rows: Sequence[tuple[Sequence[int], Sequence[int]]], batch: int, vocab_size: int,
+                  params: Sequence[SamplingParams] = ()) -> PenaltyState:
     """The penalty state of a batch, built on the host: per row (tokens seen in the prompt or the output, output
-    tokens to count); rows past len(rows) are padding. Built when a batch's rows change; the decode step then
-    carries it on the device (update_penalty_state)."""
+    tokens to count) and its params' logit_bias; rows past len(rows) are padding. Built when a batch's rows
+    change; the decode step then carries it on the device (update_penalty_state)."""
     seen = np.zeros((batch, vocab_size), bool)
     counts = np.zeros((batch, vocab_size), np.int32)
+    bias = np.zeros((batch, vocab_size), np.float32)
     for b, (seen_ids, counted) in enumerate(rows):
         seen[b, np.asarray(seen_ids, np.int64)] = True
         np.add.at(counts[b], np.asarray(counted, np.int64), 1)
-    return PenaltyState(counts=jnp.asarray(counts), seen=jnp.asarray(seen))
+    for b, p in enumerate(params):
+        for token, value in p.logit_bias:
+            if token < vocab_size:  # the worker refuses ids outside the vocabulary before a request is queued
+                bias[b, token] = -np.inf if value <= -LOGIT_BIAS_LIMIT else value
+    return PenaltyState(counts=jnp.asarray(counts), seen=jnp.asarray(seen), bias=jnp.asarray(bias))
 
 
 def update_penalty_state(state: PenaltyState, tokens: jax.Array,
@@ -186,7 +195,8 @@ def apply_penalties(logits: jax.Array, t: SamplingTensors, state: PenaltyState) 
     logits = jnp.where(state.seen, rep, logits)
     counts = state.counts.astype(logits.dtype)
     return (logits - t.frequency_penalty[:, None] * counts
-            - t.presence_penalty[:, None] * (counts > 0).astype(logits.dtype))
+            - t.presence_penalty[:, None] * (counts > 0).astype(logits.dtype)
+            + (0.0 if state.bias is None else state.bias))
 
 
 @dataclasses.dataclass
@@ -207,7 +217,8 @@ class SamplingBatch:
         key_rows = np.zeros((batch, 2), np.uint32)
         if len(keys):
             key_rows[:len(keys)] = keys
-        return cls(tensors, key_rows, penalty_state(histories, batch, vocab_size) if tensors.any_penalty else None)
+        return cls(tensors, key_rows,
+                   penalty_state(histories, batch, vocab_size, params) if tensors.any_penalty else None)
 
 
 # ----------------------------------------------------------------------------------------------------

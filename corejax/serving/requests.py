@@ -114,4 +114,7 @@ class Request:
 
 
 def _has_penalties(sp: SamplingParams) -> bool:
-    return sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
+    """Penalties or a logit_bias: both live in the per-row penalty state, which the verify step of speculative
+    decoding applies at position 0 only."""
+    return (sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
+            or bool(sp.logit_bias))

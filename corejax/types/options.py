@@ -16,6 +16,7 @@ from corejax.types.constraints import Constraint
 GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
 _PENALTY_LIMIT = 2.0  # OpenAI's documented range for presence/frequency penalties.
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for logit_bias; -100 bans a token (engine/sampling.py), +100 forces it
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -61,6 +62,9 @@ class SamplingParams:
     logprobs: int | None = None
     ignore_eos: bool = False
     constraint: Constraint | None = None  # structured output (corejax/serving/structured.py); from_kwargs builds it
+    # Added to the logits of these token ids before sampling: {id: bias in [-100, 100]} (OpenAI's logit_bias;
+    # -100 bans the token, +100 forces it); kept as sorted (id, bias) pairs so the params stay hashable.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     # Keywords from_kwargs turns into `constraint` (at most one of them).
     CONSTRAINT_OPTIONS = ("response_format", "regex", "choice", "grammar")
@@ -98,6 +102,7 @@ class SamplingParams:
                                         f"{type(self.constraint).__name__} (pass response_format=, regex=, choice= "
                                         "or grammar= instead)")
         object.__setattr__(self, "stop", _normalise_stop(self.stop))
+        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
             object.__setattr__(self, name, float(getattr(self, name)))
@@ -140,6 +145,38 @@ def _normalise_stop(stop: Any) -> tuple[str, ...]:
                 f"stop must be a string or a list of non-empty strings; got {s!r} in it")
     return tuple(stop)
 
+
+def _normalise_logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
+    """{token id: bias} (ids as ints or decimal strings, OpenAI's JSON keys) or (id, bias) pairs -> sorted pairs.
+    Whether the ids are in the model's vocabulary is checked where the vocabulary is known (the worker)."""
+    what = "logit_bias must be a dict {token_id: bias} with integer token ids >= 0 and biases in [-100, 100]"
+    if bias is None:
+        return ()
+    if isinstance(bias, Mapping):
+        items = list(bias.items())
+    elif isinstance(bias, (list, tuple)) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in bias):
+        items = [tuple(x) for x in bias]
+    else:
+        raise InvalidParameterError(f"{what}; got {type(bias).__name__}")
+    out: dict[int, float] = {}
+    for key, value in items:
+        token = key
+        if isinstance(key, str):
+            token = int(key) if key.strip().isdigit() else None
+        if not _is_int(token) or token < 0:
+            raise InvalidParameterError(f"{what}; got the key {key!r}")
+        _check_real(f"logit_bias[{key!r}]", value,
+                    _is_real(value) and -LOGIT_BIAS_LIMIT <= float(value) <= LOGIT_BIAS_LIMIT, "in [-100, 100]")
+        out[int(token)] = float(value)
+    return tuple(sorted(out.items()))
+
+
+def check_logit_bias(sp: SamplingParams, vocab_size: int, model: str) -> None:
+    """Every logit_bias token id must be one of the model's (the worker checks before it queues a request)."""
+    outside = [t for t, _ in sp.logit_bias if t >= vocab_size]
+    if outside:
+        raise InvalidParameterError(f"logit_bias names token id {outside[0]}, outside the vocabulary of {model} "
+                                    f"(ids 0 to {vocab_size - 1})")
 
 
 def check_prompt(prompt: Any, messages: Any) -> None:

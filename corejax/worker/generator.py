@@ -30,7 +30,7 @@ from corejax.types.config import EncoderConfig, EngineConfig, ModelConfig
 from corejax.types.constraints import Constraint
 from corejax.types.filter import FINISH_REASON as FILTERED
 from corejax.types.filter import Blocklist
-from corejax.types.options import SamplingParams, SpeculativeConfig, check_prompt
+from corejax.types.options import SamplingParams, SpeculativeConfig, check_logit_bias, check_prompt
 from corejax.types.results import Chunk, GenerationResult, Timings, TokenLogprob
 from corejax.worker import memory
 from corejax.worker.runtime import Runtime
@@ -197,6 +197,7 @@ class Generator(Runtime):
                                         "send requests to process 0")
         start = time.perf_counter()
         spec = SpeculativeConfig.from_user(speculative)
+        check_logit_bias(sp, self.model.cfg.vocab_size, self.name)
         ids = self.prompt_ids(prompt, messages)
         detok = self.tokenizer.stream(continuation=True)  # keep the SPM space before the first new word
         text_out = _TextOut(sp.stop, self.output_filter)
