@@ -195,8 +195,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from corejax.server import ServerLimits, serve
 
     cluster = _cluster(args)
-    if cluster is not None and len(args.models or [None]) > 1:
-        raise InvalidParameterError("a cluster serves one model; give a single -m")
+    if cluster is not None and (len(args.models or [None]) > 1 or args.allow_models or args.allow_registry):
+        raise InvalidParameterError("a cluster serves one model; give a single -m (no --allow-model)")
+    if args.max_models is not None and args.max_models < 1:
+        raise InvalidParameterError(f"--max-models must be at least 1; got {args.max_models}")
     if cluster is not None and not cluster.leader:  # a follower: process 0 takes the HTTP requests
         print(f"corejax: process {cluster.process_id} of {cluster.num_processes}, following process 0 "
               f"(coordinator {cluster.coordinator})", file=sys.stderr, flush=True)
@@ -213,7 +215,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cluster is not None:
         options["cluster"] = cluster
     serve(args.models or [None], host=args.host, port=args.port, uds=args.uds, limits=limits,
-          session_options=options, log_level=args.log_level, idle_exit_s=args.idle_exit)
+          session_options=options, log_level=args.log_level, idle_exit_s=args.idle_exit,
+          allow=args.allow_models or (), allow_registry=args.allow_registry, max_models=args.max_models,
+          keep_alive=args.keep_alive)
     return 0
 
 
@@ -222,6 +226,18 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("-m", "--model", dest="models", action="append", default=None,
                    help=f"a model to serve (repeatable: each its own worker; default {hub.DEFAULT_MODEL}); "
                         "requests choose one by its name in the model field")
+    p.add_argument("--allow-model", dest="allow_models", action="append", default=None, metavar="NAME|PATH",
+                   help="a further model requests may name (repeatable), loaded on first use in its own worker; a "
+                        "path is named by its file or folder name. Requests can never name paths")
+    p.add_argument("--allow-registry", action="store_true",
+                   help="let requests load any registry model already in the local cache (no request downloads)")
+    p.add_argument("--max-models", type=int, default=None, metavar="N",
+                   help="models loaded at once; loading another evicts the least recently used idle one "
+                        "(default: no limit)")
+    p.add_argument("--keep-alive", default=None, metavar="DURATION",
+                   help="how long a model loaded on demand stays after its last request (5m, 1h, seconds; 0: "
+                        "unload at once; negative: forever; default 5m); a request's keep_alive overrides it. "
+                        "-m models stay until evicted or a request gives a keep_alive")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--uds", default=None, metavar="PATH", help="listen on this Unix socket instead of host:port")

@@ -18,6 +18,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from corejax.server.app import ServedModel, Server, ServerLimits
+from corejax.server.models import (
+    DEFAULT_KEEP_ALIVE_S,
+    ModelPool,
+    allowed_models,
+    parse_keep_alive,
+)
 
 __all__ = ["ServedModel", "Server", "ServerLimits", "serve"]
 
@@ -33,8 +39,13 @@ def _is_loopback(host: str) -> bool:
 
 def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 8000, uds: str | None = None,
           limits: ServerLimits | None = None, session_options: dict[str, Any] | None = None,
-          log_level: str = "info", idle_exit_s: float | None = None) -> None:
+          log_level: str = "info", idle_exit_s: float | None = None, allow: Sequence[str] = (),
+          allow_registry: bool = False, max_models: int | None = None,
+          keep_alive: str | float | None = None) -> None:
     """Starts one Session per model (loading each, with progress bars), then serves until SIGINT/SIGTERM.
+
+    allow / allow_registry: further models requests may name, loaded on first use, each in its own worker
+    (corejax/server/models.py: the allow-list, max_models, keep_alive); models: preloaded, and allowed too.
 
     At a signal the server stops accepting connections, lets running requests finish for the shutdown grace,
     ends the streams still running with a final error event, and closes the workers. uds: a Unix socket path
@@ -50,25 +61,45 @@ def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 
     if uds is None and not _is_loopback(host) and limits.api_key is None:
         logging.getLogger("corejax.server").warning(
             "serving on %s without --api-key: anyone who can reach this address can use the models", host)
+    allowed = allowed_models(models, allow, allow_registry)  # ids -> what Session() opens; paths resolved now
+    ids = {str(v): k for k, v in allowed.items()}
     served: list[ServedModel] = []
+    server: Server | None = None
+
+    def load(model_id: str, what: Any) -> ServedModel:
+        options = dict(session_options or {}, progress=False)  # a load on demand draws no bars in the log
+        return ServedModel(model_id, Session(what, warmup=True, keep_alive=0, **options))
+
     try:
         for name in models or [None]:
             session = Session(name, warmup=True, keep_alive=0, **(session_options or {}))  # the server keeps them
-            model_id = name if name is not None and "/" not in name and not name.endswith(".gguf") \
-                else session.source.name
+            model_id = name if name is not None and name in allowed else ids.get(str(session.source), None) \
+                or session.source.name
             if any(m.id == model_id for m in served):
                 session.close()
                 raise SystemExit(f"corejax serve: the model {model_id!r} is named twice")
             served.append(ServedModel(model_id, session))
-        server = Server(served, limits)
+        if max_models is not None and len(served) > max_models:
+            raise SystemExit(f"corejax serve: {len(served)} models preloaded with -m, more than --max-models "
+                             f"{max_models}")
+        pool = ModelPool(allowed, load, max_models=max_models,
+                         keep_alive_s=DEFAULT_KEEP_ALIVE_S if keep_alive is None else
+                         parse_keep_alive(keep_alive, "--keep-alive"))
+        server = Server(served, limits, pool)
         config = uvicorn.Config(server.app, host=host, port=port, uds=uds, log_level=log_level, access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=int(limits.shutdown_grace_s) + 5)
         where = f"unix:{uds}" if uds else f"http://{host}:{port}/v1"
-        print(f"corejax serve: {where} serving {', '.join(m.id for m in served)}", file=sys.stderr, flush=True)
+        more = [m for m in allowed if m not in server.models]
+        print(f"corejax serve: {where} serving {', '.join(m.id for m in served)}"
+              + (f"; may load {', '.join(more)} (at most {max_models or 'any number of'} at a time)" if more else ""),
+              file=sys.stderr, flush=True)
         _Uvicorn(config, server, idle_exit_s).run()
     finally:
         for m in served:
-            m.session.close()
+            m.session.close()  # closing twice is a no-op (Session.close)
+        if server is not None:
+            for m in list(server.models.values()):
+                m.session.close()
 
 
 class _Uvicorn:

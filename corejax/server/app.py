@@ -27,6 +27,7 @@ from corejax import errors
 from corejax.types.results import Chunk, GenerationResult
 from corejax.server import schema
 from corejax.server.metrics import CONTENT_TYPE, Metrics
+from corejax.server.models import ModelPool
 from corejax.server.schema import ApiError, GenerationRequest
 from corejax.client.session import Session
 from corejax.version import __version__
@@ -49,7 +50,7 @@ class ServedModel:
     def __init__(self, model_id: str, session: Session):
         self.id = model_id
         self.session = session
-        info = session.info()
+        self.info = info = session.info()
         self.generates = "kv_pages_total" in info  # an encoder embeds and classifies but has no KV pool
         self.created = int(time.time())
         key = f"{__version__}:{info.get('name')}:{info.get('weights')}:{info.get('kernel_isa')}"
@@ -60,10 +61,14 @@ class ServedModel:
 class Server:
     """The models, limits and metrics one application serves; `app` is the Starlette application."""
 
-    def __init__(self, models: list[ServedModel], limits: ServerLimits):
-        if not models:
+    def __init__(self, models: list[ServedModel], limits: ServerLimits, pool: ModelPool | None = None):
+        self.pool = pool if pool is not None else ModelPool({}, None)  # None: only the models given here
+        for m in models:
+            self.pool.add_loaded(m)
+        if not self.pool.allowed:
             raise ValueError("a server needs at least one model")
-        self.models = {m.id: m for m in models}
+        self.started = int(time.time())
+        self.models = self.pool.loaded  # the loaded ones (corejax/server/models.py loads and unloads the rest)
         self.limits = limits
         self.metrics = Metrics()
         self.drain_deadline: float | None = None  # set when a shutdown signal arrives
@@ -155,18 +160,19 @@ class Server:
                 raise ApiError(413, f"the request body is over this server's limit of {limit} bytes")
         return schema.parse_body(bytes(raw))
 
-    def _model(self, name: Any, ctx: dict) -> ServedModel:
+    def _model_id(self, name: Any) -> str:
         if name is not None and not isinstance(name, str):
             raise schema.bad("model must be a model id (a string; GET /v1/models lists them)", "model")
         if name is None or name == "":
-            if len(self.models) == 1:
-                name = next(iter(self.models))
-            else:
-                raise schema.bad(f"model is required; this server has {', '.join(self.models)}", "model")
-        model = self.models.get(name)
-        if model is None:
-            raise ApiError(404, f"the model {name!r} does not exist on this server; it serves "
-                                f"{', '.join(self.models)}", param="model", code="model_not_found")
+            name = self.pool.default_id()
+            if name is None:
+                raise schema.bad(f"model is required; this server has {', '.join(self.pool.allowed)}", "model")
+        return name
+
+    async def _model(self, name: Any, ctx: dict, keep_alive: Any = None) -> ServedModel:
+        """The request's model, loaded (corejax/server/models.py); admit the request right after, with no await
+        in between, so that it cannot be evicted first."""
+        model = await self.pool.get(self._model_id(name), keep_alive)
         ctx["model"] = model.id
         return model
 
@@ -185,6 +191,7 @@ class Server:
             model.in_flight -= 1
             self.metrics.in_flight.labels(model.id).dec()
             self.last_activity = time.monotonic()
+            self.pool.release(model)  # starts its keep_alive once idle
 
     # --- endpoints ------------------------------------------------------------------------------------------
 
@@ -193,24 +200,32 @@ class Server:
                              "models": list(self.models)})
 
     async def prometheus(self, request: Request, ctx: dict) -> Response:
-        for model in self.models.values():
+        for model in list(self.models.values()):  # a copy: models load and unload meanwhile
             with contextlib.suppress(errors.CorejaxError):  # a worker restarting: the gauges keep their values
                 self.metrics.observe_load(model.id, await asyncio.to_thread(model.session.info))
         return Response(self.metrics.text(), media_type=CONTENT_TYPE)
 
-    def _model_card(self, m: ServedModel) -> dict:
-        return {"id": m.id, "object": "model", "created": m.created, "owned_by": "corejax"}
+    def _model_card(self, model_id: str) -> dict:
+        """OpenAI's model object plus llama.cpp's router field status.value: loaded, loading or unloaded (one
+        a request may load)."""
+        m = self.models.get(model_id)
+        return {"id": model_id, "object": "model", "created": m.created if m else self.started, "owned_by": "corejax",
+                "status": {"value": self.pool.status(model_id)}}
 
     async def list_models(self, request: Request, ctx: dict) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_card(m) for m in self.models.values()]})
+        return JSONResponse({"object": "list", "data": [self._model_card(m["id"]) for m in self.pool.listing()]})
 
     async def get_model(self, request: Request, ctx: dict) -> Response:
-        return JSONResponse(self._model_card(self._model(request.path_params["model_id"], ctx)))
+        model_id = self._model_id(request.path_params["model_id"])
+        if model_id not in self.pool.allowed:
+            await self.pool.get(model_id)  # the 404 naming it and what is allowed
+        ctx["model"] = model_id
+        return JSONResponse(self._model_card(model_id))
 
     async def embeddings(self, request: Request, ctx: dict) -> Response:
         body = await self._body(request)
-        model = self._model(body.get("model"), ctx)
         texts = schema.embedding_inputs(body)
+        model = await self._model(body.get("model"), ctx, body.get("keep_alive"))
         with self._admitted(model):
             try:
                 vectors = await asyncio.to_thread(model.session.embed, texts)
@@ -235,7 +250,7 @@ class Server:
     async def _generate(self, request: Request, ctx: dict, *, chat: bool) -> Response:
         body = await self._body(request)
         req = schema.generation_request(body, chat=chat, max_tokens_limit=self.limits.max_tokens)
-        model = self._model(req.model, ctx)
+        model = await self._model(req.model, ctx, body.get("keep_alive"))
         if not model.generates:
             raise schema.bad(f"{model.id} is an embedding model: it cannot generate text; use /v1/embeddings",
                              "model")
