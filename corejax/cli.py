@@ -214,7 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                "output_filter": _output_filter(args), "timeout": args.timeout, "memory_limit": args.memory_limit}
     if cluster is not None:
         options["cluster"] = cluster
-    serve(args.models or [None], host=args.host, port=args.port, uds=args.uds, limits=limits,
+    serve(args.models or [], host=args.host, port=args.port, uds=args.uds, limits=limits,
           session_options=options, log_level=args.log_level, idle_exit_s=args.idle_exit,
           allow=args.allow_models or (), allow_registry=args.allow_registry, max_models=args.max_models,
           keep_alive=args.keep_alive)

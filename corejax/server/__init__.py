@@ -61,6 +61,7 @@ def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 
     if uds is None and not _is_loopback(host) and limits.api_key is None:
         logging.getLogger("corejax.server").warning(
             "serving on %s without --api-key: anyone who can reach this address can use the models", host)
+    models = list(models) if models or allow or allow_registry else [None]  # only allow-listed: none preloaded
     allowed = allowed_models(models, allow, allow_registry)  # ids -> what Session() opens; paths resolved now
     ids = {str(v): k for k, v in allowed.items()}
     served: list[ServedModel] = []
@@ -71,7 +72,7 @@ def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 
         return ServedModel(model_id, Session(what, warmup=True, keep_alive=0, **options))
 
     try:
-        for name in models or [None]:
+        for name in models:
             session = Session(name, warmup=True, keep_alive=0, **(session_options or {}))  # the server keeps them
             model_id = name if name is not None and name in allowed else ids.get(str(session.source), None) \
                 or session.source.name
@@ -90,7 +91,7 @@ def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 
                                 lifespan="off", timeout_graceful_shutdown=int(limits.shutdown_grace_s) + 5)
         where = f"unix:{uds}" if uds else f"http://{host}:{port}/v1"
         more = [m for m in allowed if m not in server.models]
-        print(f"corejax serve: {where} serving {', '.join(m.id for m in served)}"
+        print(f"corejax serve: {where} serving {', '.join(m.id for m in served) or 'no model yet'}"
               + (f"; may load {', '.join(more)} (at most {max_models or 'any number of'} at a time)" if more else ""),
               file=sys.stderr, flush=True)
         _Uvicorn(config, server, idle_exit_s).run()

@@ -207,10 +207,11 @@ class Server:
 
     def _model_card(self, model_id: str) -> dict:
         """OpenAI's model object plus llama.cpp's router field status.value: loaded, loading or unloaded (one
-        a request may load)."""
+        a request may load); a loaded one's status also has size_bytes and expires_at (ModelPool.ps)."""
         m = self.models.get(model_id)
+        status = {"value": self.pool.status(model_id), **self.pool.usage(model_id)}
         return {"id": model_id, "object": "model", "created": m.created if m else self.started, "owned_by": "corejax",
-                "status": {"value": self.pool.status(model_id)}}
+                "status": status}
 
     async def list_models(self, request: Request, ctx: dict) -> Response:
         return JSONResponse({"object": "list", "data": [self._model_card(m["id"]) for m in self.pool.listing()]})

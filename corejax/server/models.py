@@ -190,12 +190,10 @@ class ModelPool:
                         "generates": model.generates})
         return out
 
-    async def close(self) -> None:
-        """Unloads every model (at shutdown)."""
-        for model_id in list(self.loaded):
-            self._unload(model_id, "shutdown")
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+    def usage(self, model_id: str) -> dict:
+        """A loaded model's size_bytes and expires_at (epoch seconds, None: no expiry now); {} otherwise."""
+        slot = self._slots.get(model_id)
+        return {} if slot is None else {"size_bytes": slot.size_bytes, "expires_at": slot.expires_at}
 
     # --- loading and unloading ---------------------------------------------------------------------------
 
