@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-
 from references import require
 from test_server import API_KEY, ENCODER, GENERATOR, ServerProcess
 

@@ -14,6 +14,7 @@ CHATML = (
 )
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "e n", "Ġ o"]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+FIM = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]  # StarCoder's fill-in-the-middle tokens (fim=True)
 
 
 def _byte_tokens() -> list[str]:
@@ -30,9 +31,10 @@ def _byte_tokens() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def vocab() -> tuple[list[str], list[int]]:
-    tokens = _byte_tokens() + [m.replace(" ", "") for m in MERGES] + SPECIALS
-    types = [gguf.TokenType.NORMAL] * (len(tokens) - len(SPECIALS)) + [gguf.TokenType.CONTROL] * len(SPECIALS)
+def vocab(fim: bool = False) -> tuple[list[str], list[int]]:
+    specials = (FIM if fim else []) + SPECIALS
+    tokens = _byte_tokens() + [m.replace(" ", "") for m in MERGES] + specials
+    types = [gguf.TokenType.NORMAL] * (len(tokens) - len(specials)) + [gguf.TokenType.CONTROL] * len(specials)
     return tokens, [int(t) for t in types]
 
 
@@ -41,12 +43,16 @@ def write_tiny_llama(path: Path, *, arch: str = "llama", context: int = 64, laye
                      seed: int = 0, chat_template: str | None = CHATML, unsupported_type: bool = False,
                      tie_embeddings: bool = True, name: str | None = None,
                      extra_tensors: dict[str, tuple] | None = None,
-                     extra_metadata: dict[str, str | int | float] | None = None) -> Path:
+                     extra_metadata: dict[str, str | int | float] | None = None, fim: bool = False) -> Path:
     """A llama-architecture GGUF whose FFN matrices are stored quantized (Q8_0 by default). extra_tensors
     (name -> shape, random float32; or -> (shape, value), a constant) and extra_metadata (full key -> str, bool, int (uint32) or float (float32))
-    plant what a loader must refuse."""
+    plant what a loader must refuse. fim: StarCoder's FIM tokens in the vocabulary, named in the metadata as
+    llama.cpp's converter names them."""
     rng = np.random.default_rng(seed)
-    tokens, types = vocab()
+    tokens, types = vocab(fim)
+    if fim:
+        extra_metadata = dict(extra_metadata or {}, **{f"tokenizer.ggml.fim_{k}_token_id": tokens.index(t)
+                                                     for k, t in zip(("pre", "suf", "mid"), FIM)})
     v = len(tokens)
     w = gguf.GGUFWriter(str(path), arch)
     if name is not None:

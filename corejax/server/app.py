@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from corejax import errors
 from corejax.types.results import Chunk, GenerationResult
-from corejax.server import schema
+from corejax.server import fim, schema
 from corejax.server.metrics import CONTENT_TYPE, Metrics
 from corejax.server.models import ModelPool
 from corejax.server.schema import ApiError, GenerationRequest
@@ -258,6 +258,11 @@ class Server:
         rid = schema.new_id("chatcmpl" if chat else "cmpl")
         admitted = self._admitted(model)
         admitted.__enter__()
+        try:
+            req = await _completion_extras(model, req)
+        except BaseException:
+            admitted.__exit__(None, None, None)
+            raise
         streams = _Choices(model.session, req)
         try:
             if req.stream:
@@ -301,6 +306,9 @@ class Server:
             if req.chat:
                 for index in range(streams.count):
                     yield event([schema.delta_choice(req, index, "", (), None, first=True)])
+            elif req.echo:  # completions' echo: each choice's prompt comes first
+                for index in range(streams.count):
+                    yield event([schema.delta_choice(req, index, req.echoed(index), (), None)])
             async for index, item in streams.events(first, self._remaining):
                 if isinstance(item, Exception):  # a failure after the headers went out: a final error event
                     error = item if isinstance(item, ApiError) else _api_error(item)
@@ -335,6 +343,15 @@ class Server:
         if self.drain_deadline is None:
             return None
         return max(self.drain_deadline - time.monotonic(), 0.0)
+
+
+async def _completion_extras(model: ServedModel, req: GenerationRequest) -> GenerationRequest:
+    """What a request needs from its model: logit_bias ids in its vocabulary, suffix's FIM prompts."""
+    schema.check_vocab(req, (model.info.get("config") or {}).get("vocab_size"), model.id)
+    if req.suffix is None:
+        return req
+    prompts = await fim.fim_prompts(model, req.prompts or [], req.suffix)
+    return dataclasses.replace(req, prompts=prompts, shown_prompts=req.prompts)
 
 
 class _Choices:

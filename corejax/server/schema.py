@@ -47,9 +47,6 @@ _UNSUPPORTED = {
     "tool_choice": "tool calls are not supported",
     "functions": "function calls are not supported",
     "function_call": "function calls are not supported",
-    "logit_bias": "logit_bias is not supported",
-    "suffix": "suffix (fill-in-the-middle) is not supported",
-    "echo": "echo is not supported",
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
 }
@@ -69,6 +66,13 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     top_logprobs: int | None  # alternatives per token when logprobs are on, else None
+    echo: bool = False  # completions: each choice's text starts with its prompt
+    suffix: str | None = None  # completions: fill in the middle between each prompt and this (server/fim.py)
+    shown_prompts: list[str] | None = None  # the prompts as given, where the model's (FIM) prompts differ
+
+    def echoed(self, index: int) -> str:
+        """The text that choice `index` starts with: its prompt with echo, else nothing."""
+        return (self.shown_prompts or self.prompts or [""])[index // self.n] if self.echo else ""
 
     def choices(self) -> list[tuple[int, str | None, dict[str, Any]]]:
         """(choice index, prompt, sampling) of every choice: prompts times n. With a seed, choice j of a prompt
@@ -196,6 +200,10 @@ def generation_request(body: dict, *, chat: bool, max_tokens_limit: int) -> Gene
     top_logprobs = _logprobs(body, chat)
     if top_logprobs is not None:
         sampling["logprobs"] = top_logprobs
+    logit_bias = _logit_bias(body)
+    if logit_bias:
+        sampling["logit_bias"] = logit_bias
+    echo, suffix = _echo_suffix(body, chat, top_logprobs)
     n = _int(body, "n", 1, MAX_CHOICES)
     stream = _typed(body, "stream", (bool,), "true or false") or False
     options = _typed(body, "stream_options", (dict,), "an object like {\"include_usage\": true}") or {}
@@ -204,7 +212,51 @@ def generation_request(body: dict, *, chat: bool, max_tokens_limit: int) -> Gene
     return GenerationRequest(
         chat=chat, model=model, prompts=prompts, messages=messages, sampling=sampling,
         seed=_int(body, "seed", -(2**63), 2**64 - 1), n=n or 1, stream=stream,
-        include_usage=bool(options.get("include_usage")), top_logprobs=top_logprobs)
+        include_usage=bool(options.get("include_usage")), top_logprobs=top_logprobs, echo=echo, suffix=suffix)
+
+
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias in [-100, 100]}; whether the ids are in the vocabulary: check_vocab."""
+    value = body.get("logit_bias")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad("logit_bias must be an object mapping token ids (as strings) to biases in [-100, 100]",
+                  "logit_bias")
+    out = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise bad(f"logit_bias keys must be token ids (non-negative integers, as strings); got {key!r}",
+                      "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise bad(f"logit_bias[{key!r}] must be a number in [-100, 100] (-100 bans the token, 100 forces it); "
+                      f"got {json.dumps(bias)[:40]}", "logit_bias")
+        out[int(key)] = float(bias)
+    return out
+
+
+def check_vocab(req: GenerationRequest, vocab_size: int | None, model: str) -> None:
+    """The request's logit_bias ids are in the model's vocabulary (the worker checks again)."""
+    bias = req.sampling.get("logit_bias") or {}
+    outside = sorted(t for t in bias if vocab_size is not None and t >= vocab_size)
+    if outside:
+        raise bad(f"logit_bias names token id {outside[0]}, outside the vocabulary of {model} (ids 0 to "
+                  f"{vocab_size - 1})", "logit_bias")
+
+
+def _echo_suffix(body: dict, chat: bool, top_logprobs: int | None) -> tuple[bool, str | None]:
+    """echo and suffix: fields of /v1/completions only (OpenAI's chat API has neither)."""
+    echo = _typed(body, "echo", (bool,), "true or false") or False
+    suffix = _typed(body, "suffix", (str,), "a string (the text after the gap to fill in)")
+    if chat:
+        for name, value in (("echo", echo), ("suffix", suffix)):
+            if value:
+                raise bad(f"{name} is a field of /v1/completions; chat completions have none", name)
+        return False, None
+    if echo and top_logprobs is not None:
+        raise bad("echo with logprobs would return the prompt tokens' logprobs, which corejax's server does not "
+                  "compute; drop logprobs or echo", "echo")
+    return echo, suffix
 
 
 # Structured output (corejax/serving/structured.py): OpenAI's response_format, the request fields vLLM (guided_*) and
@@ -344,7 +396,8 @@ def choice(req: GenerationRequest, index: int, result: GenerationResult) -> dict
     if req.chat:
         return {"index": index, "message": {"role": "assistant", "content": result.text, "refusal": None},
                 "logprobs": None if lps is None else chat_logprobs(lps), "finish_reason": result.finish_reason}
-    return {"index": index, "text": result.text, "logprobs": None if lps is None else completion_logprobs(lps),
+    return {"index": index, "text": req.echoed(index) + result.text,
+            "logprobs": None if lps is None else completion_logprobs(lps),
             "finish_reason": result.finish_reason}
 
 
