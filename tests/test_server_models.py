@@ -75,6 +75,12 @@ def test_keep_alive(pool_server, client):
     _, _, body = pool_server.request("GET", "/v1/models")
     card = next(m for m in body["data"] if m["id"] == GENERATOR)
     assert card["status"] == {"value": "loaded", "size_bytes": card["status"]["size_bytes"], "expires_at": None}
+    status, _, _ = pool_server.request("POST", "/v1/chat/completions",
+                                      {"model": ENCODER, "messages": [{"role": "user", "content": "x"}],
+                                       "keep_alive": "1s"})
+    assert status == 400  # an encoder cannot chat: loaded, refused, and still unloaded after its second
+    assert _status(pool_server)[ENCODER] == "loaded"
+    assert _wait(lambda: _status(pool_server)[ENCODER] == "unloaded", 10)
     for bad in ("soon", "5x", True, [1]):
         status, _, payload = pool_server.request("POST", "/v1/completions",
                                                  {"model": GENERATOR, "prompt": "x", "keep_alive": bad})

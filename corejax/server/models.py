@@ -65,7 +65,7 @@ def parse_keep_alive(value: Any, what: str = "keep_alive") -> float | None:
                        param=what)
     if math.isnan(seconds):
         raise ApiError(400, f"{what} must be a number of seconds; got {value!r}", param=what)
-    return math.inf if seconds < 0 else seconds
+    return math.inf if seconds < 0 or seconds > 1e9 else seconds  # over 30 years: forever (and a valid timer)
 
 
 def allowed_models(preload: Iterable[str | None], allow: Iterable[str], allow_registry: bool) -> dict[str, Any]:
@@ -152,6 +152,9 @@ class ModelPool:
         if seconds is not None:
             slot.keep_alive_s = seconds
         self._cancel_timer(slot)
+        # A request refused before its admission (a 400, a 429) never reaches release(): once the caller ran to its
+        # next await, a model nobody admitted starts its keep_alive here.
+        asyncio.get_running_loop().call_soon(self.release, slot.model)
         return slot.model
 
     def release(self, model: Any) -> None:
