@@ -3,6 +3,7 @@ keep_alive, /v1/models' status, over real HTTP with the real `openai` client; ea
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -182,3 +183,37 @@ def test_loading_blocks_neither_health_nor_other_streams(tmp_path_factory, smoll
         assert max(health) < 1.0, health
     finally:
         assert s.stop() == 0, s.log_text()
+
+
+def test_pool_ps_and_unload_in_process(tmp_path):
+    """ModelPool on its own (what Ollama's /api/ps reads): real sandboxed Sessions of a tiny GGUF."""
+    from tiny_model import write_tiny_llama
+
+    from corejax import Session
+    from corejax.server.app import ServedModel
+    from corejax.server.models import ModelPool, allowed_models, parse_keep_alive
+
+    path = write_tiny_llama(tmp_path / "tiny-ps.gguf")
+    allowed = allowed_models([], [str(path)], allow_registry=False)
+    assert list(allowed) == ["tiny-ps"] and allowed["tiny-ps"].path == path.absolute()
+    assert parse_keep_alive("1h30m") == 5400 and parse_keep_alive("300ms") == 0.3
+    assert parse_keep_alive("-1") == float("inf") and parse_keep_alive(2.5) == 2.5
+
+    def load(model_id, what):
+        return ServedModel(model_id, Session(what, progress=False, keep_alive=0))
+
+    async def run():
+        pool = ModelPool(allowed, load, max_models=1, keep_alive_s=60)
+        assert pool.ps() == [] and pool.default_id() == "tiny-ps"
+        model = await pool.get("tiny-ps")
+        model.in_flight += 1  # what the server's admission does
+        (row,) = pool.ps()
+        assert row["id"] == "tiny-ps" and row["source"] == str(path.absolute()) and row["in_flight"] == 1
+        assert row["size_bytes"] > 0 and row["expires_at"] is None  # no expiry while a request runs
+        model.in_flight -= 1
+        pool.release(model)
+        assert pool.ps()[0]["expires_at"] == pytest.approx(time.time() + 60, abs=5)
+        assert pool.unload("tiny-ps") and pool.ps() == [] and not pool.unload("tiny-ps")
+        await asyncio.gather(*pool._closing)  # the worker stopped
+
+    asyncio.run(run())

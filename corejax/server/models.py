@@ -176,6 +176,17 @@ class ModelPool:
         else:
             slot.timer = asyncio.get_running_loop().call_later(ttl, self._expire, model.id, model)
 
+    def unload(self, model_id: str) -> bool:
+        """Unloads a model now if idle (True); a busy one unloads when its last request ends (keep_alive 0), as
+        Ollama's keep_alive 0 request does. False when it is not loaded."""
+        slot = self._slots.get(model_id)
+        if slot is None:
+            return False
+        slot.keep_alive_s = 0.0
+        if not self._busy(model_id):
+            self._unload(model_id, "unload asked")
+        return True
+
     def listing(self) -> list[dict]:
         """Every allowed model with its state, in the allow-list's order (-m models first)."""
         return [{"id": m, "status": self.status(m)} for m in self.allowed]
