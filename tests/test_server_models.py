@@ -217,3 +217,20 @@ def test_pool_ps_and_unload_in_process(tmp_path):
         await asyncio.gather(*pool._closing)  # the worker stopped
 
     asyncio.run(run())
+
+
+def test_allow_registry_lists_the_cached_models_only(tmp_path, smollm2_gguf):
+    from corejax import hub
+
+    s = ServerProcess(tmp_path, "--allow-registry", "--max-models", "1")
+    try:
+        status, _, body = s.request("GET", "/v1/models", key=None)
+        assert status == 200
+        cached = [name for name in hub.REGISTRY if hub.is_cached(name)]
+        assert [m["id"] for m in body["data"]] == cached and GENERATOR in cached
+        assert all(m["status"]["value"] == "unloaded" for m in body["data"])  # nothing preloaded
+        status, _, payload = s.request("POST", "/v1/completions", {"model": str(smollm2_gguf), "prompt": "x"},
+                                       key=None)
+        assert status == 404, payload  # the cached file's own path is not an id
+    finally:
+        assert s.stop() == 0, s.log_text()
