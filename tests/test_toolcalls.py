@@ -1,0 +1,182 @@
+"""Tool calling without a model: the reply parser of each format (whole, streamed in pieces of every size,
+malformed, several calls), reasoning apart from content, the request checks, the forced-call grammars, and
+real chat templates rendering tools, calls and results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizer_testdata import chat_templates_dir
+
+from corejax.tokenizer.chat import render_chat_template
+from corejax.tools import (
+    ChatFormat,
+    ReplyParser,
+    ToolError,
+    ToolRequest,
+    chat_messages,
+    detect,
+    prepare,
+)
+from corejax.tools.formats import MAX_CALL_CHARS
+from corejax.types.constraints import Constraint
+from corejax.types.options import SamplingParams
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                   "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+NAMES = frozenset({"get_weather", "get_time"})
+
+PARIS = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+ROME = '{"name": "get_weather", "arguments": {"city": "Rome"}}'
+# (format, reply text, content, [(name, arguments)])
+CASES = [
+    ("hermes", f"<tool_call>\n{PARIS}\n</tool_call>", "", [("get_weather", {"city": "Paris"})]),
+    ("hermes", f"Let me look.\n<tool_call>\n{PARIS}\n</tool_call>\n<tool_call>\n{ROME}\n</tool_call>",
+     "Let me look.\n\n", [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]),
+    ("hermes", "No tools needed: 2 < 3 and <tool is not a call.", "No tools needed: 2 < 3 and <tool is not a call.",
+     []),
+    ("hermes", "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \n</tool_call> after",
+     "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \n</tool_call> after", []),  # bad JSON
+    ("hermes", '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>',
+     '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>', []),  # not one of the tools
+    ("hermes", f"<tool_call>\n{PARIS}", "", [("get_weather", {"city": "Paris"})]),  # the reply ended: read as is
+    ("generic", f"<tool_call>{PARIS}</tool_call>", "", [("get_weather", {"city": "Paris"})]),
+    ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}}', "", [("get_weather", {"city": "Paris"})]),
+    ("llama3", '<|python_tag|>{"name": "get_time", "parameters": {}}', "", [("get_time", {})]),
+    ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "parameters": {}}',
+     "", [("get_weather", {"city": "Paris"}), ("get_time", {})]),
+    ("llama3", '{"answer": 42}', '{"answer": 42}', []),  # JSON, but not a call
+    ("llama3", "It is sunny {maybe}.", "It is sunny {maybe}.", []),
+    ("mistral", f"[TOOL_CALLS][{PARIS}, {ROME}]", "",
+     [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]),
+    ("mistral", f"[{PARIS}]", "", [("get_weather", {"city": "Paris"})]),
+    ("mistral", "[1, 2, 3] are numbers", "[1, 2, 3] are numbers", []),
+]
+
+
+def _run(fmt: str, text: str, size: int, *, parallel: bool = True, reasoning: bool = False):
+    parser = ReplyParser(ChatFormat(fmt, "think" if reasoning else None), NAMES, tools=True, parallel=parallel,
+                         reasoning=reasoning)
+    pieces = [parser.feed(text[i:i + size]) for i in range(0, len(text), size)] + [parser.finish()]
+    content = "".join(p.content for p in pieces)
+    thoughts = "".join(p.reasoning for p in pieces)
+    calls = [c for p in pieces for c in p.calls]
+    return parser, content, thoughts, calls
+
+
+@pytest.mark.parametrize("fmt, text, content, calls", CASES)
+def test_each_format_parses_whole_and_in_pieces_of_every_size(fmt, text, content, calls):
+    for size in range(1, len(text) + 1):
+        parser, got, _, deltas = _run(fmt, text, size)
+        assert got == content, size
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in deltas] == calls, size
+        assert [c["index"] for c in deltas] == list(range(len(calls)))
+        assert all(c["id"].startswith("call_") and c["type"] == "function" for c in deltas)
+    from corejax.types.results import GenerationResult, Timings
+
+    result = parser.result(GenerationResult(text, (), "stop", (), Timings(0, 0, 0, 0, 0, 0, 0, 0)))
+    assert result.text == content
+    assert result.finish_reason == ("tool_calls" if calls else "stop")
+    assert [c["function"]["name"] for c in result.tool_calls] == [name for name, _ in calls]
+
+
+def test_parallel_false_keeps_the_first_call():
+    text = f"<tool_call>\n{PARIS}\n</tool_call>\n<tool_call>\n{ROME}\n</tool_call>"
+    _, _, _, calls = _run("hermes", text, 7, parallel=False)
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Paris"}]
+
+
+def test_content_before_a_possible_marker_streams_at_once():
+    parser = ReplyParser(ChatFormat("hermes"), NAMES, tools=True)
+    assert parser.feed("Hello <tool").content == "Hello "  # "<tool" may open a call: held
+    assert parser.feed("s> here").content == "<tools> here"  # it did not
+
+
+def test_reasoning_comes_apart_from_content_and_calls():
+    text = f"<think>\nThe user wants weather.\n</think>\n\nChecking.<tool_call>\n{PARIS}\n</tool_call>"
+    for size in (1, 2, 3, 5, 8, 13, len(text)):
+        _, content, thoughts, calls = _run("hermes", text, size, reasoning=True)
+        assert thoughts == "\nThe user wants weather.\n"
+        assert content == "Checking."
+        assert len(calls) == 1
+    plain = _run("hermes", "No thoughts here.", 3, reasoning=True)
+    assert plain[1] == "No thoughts here." and plain[2] == ""
+    cut = _run("hermes", "<think>still thinking", 4, reasoning=True)  # max_tokens mid-thought
+    assert cut[1] == "" and cut[2] == "still thinking"
+
+
+def test_a_runaway_call_becomes_content_within_bounds():
+    text = "<tool_call>" + "x" * (MAX_CALL_CHARS + 10)
+    _, content, _, calls = _run("hermes", text, 1 << 16)
+    assert calls == [] and content == text
+
+
+def test_request_checks_name_the_field():
+    assert ToolRequest.of(None) is None
+    req = ToolRequest.of([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}}, False)
+    assert req.forced and req.named and req.choice == "get_time" and not req.parallel
+    assert not ToolRequest.of([WEATHER], "none").active
+    for args, param in [(([{"type": "function"}],), "tools"), (("not a list",), "tools"),
+                        (([{"type": "function", "function": {"name": "bad name!"}}],), "tools"),
+                        (([WEATHER, WEATHER],), "tools"), (([WEATHER], "sometimes"), "tool_choice"),
+                        (([WEATHER], {"type": "function", "function": {"name": "other"}}), "tool_choice"),
+                        ((None, "required"), "tool_choice"), (([WEATHER], "auto", "yes"), "parallel_tool_calls")]:
+        with pytest.raises(ToolError) as e:
+            ToolRequest.of(*args)
+        assert e.value.param == param, args
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "generic", "llama3", "mistral"])
+def test_forced_grammars_are_valid_and_refuse_another_constraint(fmt):
+    req = ToolRequest.of([WEATHER, TIME], "required")
+    Constraint("grammar", req.grammar(ChatFormat(fmt)))  # llguidance accepts it
+    sp = SamplingParams.from_kwargs(regex="a+")
+    with pytest.raises(ToolError) as e:
+        prepare([{"role": "user", "content": "hi"}], req, ChatFormat(fmt), sp)
+    assert e.value.param == "tool_choice"
+
+
+def test_generic_format_puts_tools_in_a_system_message_and_results_in_text():
+    req = ToolRequest.of([WEATHER])
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+    msgs = [{"role": "user", "content": "Weather?"}, call, {"role": "tool", "tool_call_id": "c1", "content": "18C"}]
+    out = prepare(msgs, req, ChatFormat("generic"), SamplingParams())
+    assert out.tools is None and out.messages[0]["role"] == "system" and "get_weather" in out.messages[0]["content"]
+    assert out.messages[2] == {"role": "assistant", "content": f"<tool_call>\n{PARIS}\n</tool_call>"}
+    assert out.messages[3] == {"role": "user", "content": "<tool_response>\n18C\n</tool_response>"}
+    with pytest.raises(ToolError):
+        chat_messages([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}],
+                      False)
+
+
+TEMPLATE_FORMATS = {"Qwen-Qwen2.5-7B-Instruct": ChatFormat("hermes"), "Qwen-Qwen3-0.6B": ChatFormat("hermes", "think"),
+                    "NousResearch-Hermes-3-Llama-3.1-8B-tool_use": ChatFormat("hermes"),
+                    "meta-llama-Llama-3.1-8B-Instruct": ChatFormat("llama3"),
+                    "meta-llama-Llama-3.2-3B-Instruct": ChatFormat("llama3"),
+                    "mistralai-Mistral-Nemo-Instruct-2407": ChatFormat("mistral"),
+                    "google-gemma-2-2b-it": ChatFormat("generic"), "Qwen3-Coder": ChatFormat("generic")}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATE_FORMATS))
+def test_real_templates_are_recognised(name):
+    assert detect((chat_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")) == TEMPLATE_FORMATS[name]
+
+
+def test_qwen25_template_renders_tools_calls_and_results():
+    template = (chat_templates_dir() / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text(encoding="utf-8")
+    msgs = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": '{"temperature": 18}'}]
+    out = prepare(msgs, ToolRequest.of([WEATHER]), detect(template), SamplingParams())
+    text = render_chat_template(template, out.messages, tools=out.tools, bos_token="", eos_token="")
+    assert '"name": "get_weather"' in text and "<tools>" in text  # the tool's definition
+    assert f"<tool_call>\n{PARIS}\n</tool_call>" in text  # the call, its arguments an object again
+    assert '<tool_response>\n{"temperature": 18}\n</tool_response>' in text
+    assert text.endswith("<|im_start|>assistant\n")
