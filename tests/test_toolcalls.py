@@ -26,8 +26,9 @@ from corejax.types.options import SamplingParams
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-                   "required": ["city"]}}}
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+                   "required": ["city"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 12}}, "additionalProperties": False}}}
 NAMES = frozenset({"get_weather", "get_time"})
 
 PARIS = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
@@ -180,3 +181,34 @@ def test_qwen25_template_renders_tools_calls_and_results():
     assert f"<tool_call>\n{PARIS}\n</tool_call>" in text  # the call, its arguments an object again
     assert '<tool_response>\n{"temperature": 18}\n</tool_response>' in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def qwen_tiny(tmp_path_factory):
+    """A tiny random llama carrying Qwen2.5's real template, sandboxed: the tools cross the wire to the worker,
+    which renders them; the reply's format (hermes) comes from the worker's info."""
+    import corejax
+    from tiny_model import write_tiny_llama
+
+    template = (chat_templates_dir() / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text(encoding="utf-8")
+    path = write_tiny_llama(tmp_path_factory.mktemp("qwen-tiny") / "tiny.gguf", context=2048,
+                            chat_template=template)
+    with corejax.Session(str(path), progress=False, keep_alive=0, warmup=False) as session:
+        yield session
+
+
+def test_a_hermes_model_gets_the_tools_in_its_template_and_forced_calls(qwen_tiny):
+    import jsonschema
+
+    assert qwen_tiny.info()["chat_format"] == {"tools": "hermes", "reasoning": None}
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    r = qwen_tiny.generate(messages=msgs, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False,
+                           max_tokens=120, temperature=0)
+    prompt = qwen_tiny.detokenize(r.prompt_tokens)
+    assert "<tools>" in prompt and '"name": "get_weather"' in prompt and '"name": "get_time"' in prompt
+    assert r.finish_reason == "tool_calls" and len(r.tool_calls) == 1, r
+    call = r.tool_calls[0]["function"]
+    schema = {"get_weather": WEATHER, "get_time": TIME}[call["name"]]["function"]["parameters"]
+    jsonschema.validate(json.loads(call["arguments"]), schema)
+    plain = qwen_tiny.generate(messages=msgs, tools=[WEATHER], tool_choice="none", max_tokens=2, temperature=0)
+    assert "<tools>" not in qwen_tiny.detokenize(plain.prompt_tokens) and not plain.tool_calls

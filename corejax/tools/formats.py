@@ -19,8 +19,6 @@ import json
 import re
 from typing import Any
 
-from corejax.types.constraints import JSON_WHITESPACE
-
 TOOL_FORMATS = ("hermes", "llama3", "mistral", "generic")
 REASONING_FORMATS = ("think",)
 MAX_CALL_CHARS = 1 << 20  # one call's text; a longer one is content (a model looping inside a call)
@@ -136,7 +134,7 @@ def forced_grammar(fmt: ChatFormat, tools: list[dict], parallel: bool) -> str:
     `tools` in the format's own syntax, each call's arguments valid against its tool's parameter schema."""
     key = "parameters" if fmt.tools == "llama3" else "arguments"
     one: dict = {"anyOf": [call_schema(t, key) for t in tools]} if len(tools) > 1 else call_schema(tools[0], key)
-    options = {"x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
+    options = {"x-guidance": {"whitespace_flexible": False}}  # '{"a": 1, "b": 2}': no room to loop on blanks
     if fmt.tools == "llama3":
         return f"start: %json {json.dumps({**one, **options})}"
     if fmt.tools == "mistral":  # [TOOL_CALLS] is a control token, which a grammar cannot write: the bare array
