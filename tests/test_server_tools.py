@@ -10,7 +10,6 @@ import json
 
 import jsonschema
 import pytest
-
 from references import require
 from test_server import API_KEY, GENERATOR, ServerProcess
 
@@ -66,8 +65,8 @@ def test_forced_calls_validate_against_the_tool_schema(client, choice):
 
 
 def test_streamed_call_deltas_accumulate_into_the_same_call(client):
-    kw = dict(model=GENERATOR, messages=ASK, tools=TOOLS, tool_choice=FIRST, parallel_tool_calls=False,
-              max_tokens=80, temperature=0)
+    kw = {"model": GENERATOR, "messages": ASK, "tools": TOOLS, "tool_choice": FIRST, "parallel_tool_calls": False,
+          "max_tokens": 80, "temperature": 0}
     whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
     calls: dict[int, dict] = {}
     content, finish = "", None

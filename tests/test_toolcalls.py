@@ -187,8 +187,9 @@ def test_qwen25_template_renders_tools_calls_and_results():
 def qwen_tiny(tmp_path_factory):
     """A tiny random llama carrying Qwen2.5's real template, sandboxed: the tools cross the wire to the worker,
     which renders them; the reply's format (hermes) comes from the worker's info."""
-    import corejax
     from tiny_model import write_tiny_llama
+
+    import corejax
 
     template = (chat_templates_dir() / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text(encoding="utf-8")
     path = write_tiny_llama(tmp_path_factory.mktemp("qwen-tiny") / "tiny.gguf", context=2048,
