@@ -213,3 +213,29 @@ def test_a_hermes_model_gets_the_tools_in_its_template_and_forced_calls(qwen_tin
     jsonschema.validate(json.loads(call["arguments"]), schema)
     plain = qwen_tiny.generate(messages=msgs, tools=[WEATHER], tool_choice="none", max_tokens=2, temperature=0)
     assert "<tools>" not in qwen_tiny.detokenize(plain.prompt_tokens) and not plain.tool_calls
+
+
+def test_random_replies_never_raise_and_lose_no_text():
+    """Replies spliced from markers, JSON fragments and text, fed in random pieces: the parser never raises, and
+    what is not a call or a thought comes out as content, in order."""
+    import random
+
+    parts = ["<tool_call>", "</tool_call>", "<think>", "</think>", "[TOOL_CALLS]", "<|python_tag|>", PARIS, "{", "}",
+             "[", "]", '"name"', ": ", "\n", "hi ", "<", "</", "<tool", "x" * 5, '{"name": "get_time", "arguments": {}}']
+    rng = random.Random(0)
+    for _ in range(400):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 12)))
+        fmt = rng.choice(["hermes", "generic", "llama3", "mistral"])
+        parser = ReplyParser(ChatFormat(fmt, "think"), NAMES, tools=True, reasoning=rng.random() < 0.5)
+        pieces, at = [], 0
+        while at < len(text):
+            n = rng.randint(1, 9)
+            pieces.append(parser.feed(text[at:at + n]))
+            at += n
+        pieces.append(parser.finish())
+        content = "".join(p.content for p in pieces)
+        calls = [c for p in pieces for c in p.calls]
+        if not calls and not parser.thought:
+            assert content == text, (fmt, text)
+        for call in calls:
+            assert call["function"]["name"] in NAMES and isinstance(json.loads(call["function"]["arguments"]), dict)

@@ -52,6 +52,7 @@ class ReplyParser:
         self.marker = ""  # the marker that opened the call being read
         self.fresh = True  # nothing but whitespace went out as content yet
         self.thought = False  # a <think> block opened the reply
+        self.searched = 0  # characters of buf already searched for a call's closing marker
         self.calls: list[dict] = []
         self.content: list[str] = []
         self.reasoning: list[str] = []
@@ -120,7 +121,8 @@ class ReplyParser:
             return self._content(out)
         if self.state == "call":
             close = _CLOSE.get(self.fmt.tools)
-            at = buf.find(close) if close else -1
+            at = buf.find(close, max(0, self.searched - len(close) + 1)) if close else -1  # new text only
+            self.searched = len(buf)
             if at >= 0:
                 if not self._call(out, buf[:at]):
                     self._say(out, self.marker + buf[:at + len(close)])
@@ -135,7 +137,7 @@ class ReplyParser:
         return False
 
     def _to(self, state: str, buf: str) -> bool:
-        self.state, self.buf = state, buf
+        self.state, self.buf, self.searched = state, buf, 0
         return True
 
     def _content(self, out: Piece) -> bool:
