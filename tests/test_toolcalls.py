@@ -239,3 +239,14 @@ def test_random_replies_never_raise_and_lose_no_text():
             assert content == text, (fmt, text)
         for call in calls:
             assert call["function"]["name"] in NAMES and isinstance(json.loads(call["function"]["arguments"]), dict)
+
+
+def test_a_template_that_opens_the_think_block_starts_the_reply_inside_it():
+    template = (chat_templates_dir() / "llama-cpp-deepseek-r1.jinja").read_text(encoding="utf-8")
+    prompt = render_chat_template(template, [{"role": "user", "content": "Hi"}], bos_token="", eos_token="")
+    fmt = detect(template, prompt)
+    assert fmt.reasoning == "opened"
+    parser = ReplyParser(fmt, None, tools=False, reasoning=True)
+    pieces = [parser.feed(t) for t in ("Let me think.", "\n</th", "ink>\n\nHello!")] + [parser.finish()]
+    assert "".join(p.reasoning for p in pieces) == "Let me think.\n"
+    assert "".join(p.content for p in pieces) == "Hello!"

@@ -20,7 +20,7 @@ import re
 from typing import Any
 
 TOOL_FORMATS = ("hermes", "llama3", "mistral", "generic")
-REASONING_FORMATS = ("think",)
+REASONING_FORMATS = ("think", "opened")  # the reply may open with <think>; the prompt opened it (DeepSeek-R1)
 MAX_CALL_CHARS = 1 << 20  # one call's text; a longer one is content (a model looping inside a call)
 MAX_CALLS = 64  # calls of one reply that are read; more stay content
 
@@ -30,7 +30,7 @@ class ChatFormat:
     """How a model's chat template takes tools and writes calls and reasoning (the worker's info carries it)."""
 
     tools: str = "generic"  # one of TOOL_FORMATS
-    reasoning: str | None = None  # "think": the reply may open with <think>...</think>
+    reasoning: str | None = None  # one of REASONING_FORMATS, or None: the template knows no <think>
 
     @property
     def template_takes_tools(self) -> bool:
@@ -54,11 +54,14 @@ class ChatFormat:
         return cls(tools, reasoning)
 
 
-def detect(template: str | None) -> ChatFormat:
-    """The format a chat template uses, from the markers its tool instructions and renderings hold."""
+def detect(template: str | None, generation_prompt: str | None = None) -> ChatFormat:
+    """The format a chat template uses, from the markers its tool instructions and renderings hold;
+    `generation_prompt`, a one-turn chat it rendered, says whether it opens the <think> block itself."""
     if not template:
         return ChatFormat()
     reasoning = "think" if "<think>" in template and "</think>" in template else None
+    if reasoning and generation_prompt is not None and generation_prompt.rstrip().endswith("<think>"):
+        reasoning = "opened"
     tools = "generic"
     if re.search(r"\btools\b", template):
         if "<tool_call>" in template and "<function=" not in template and "arg_key" not in template:

@@ -47,11 +47,12 @@ class ReplyParser:
     def __init__(self, fmt: ChatFormat, names: frozenset[str] | None, *, tools: bool, parallel: bool = True,
                  reasoning: bool = False):
         self.fmt, self.names, self.tools, self.parallel = fmt, names, tools, parallel
-        self.state = "opening" if reasoning else "content"
+        opened = reasoning and fmt.reasoning == "opened"  # the prompt ends with <think>: the reply starts inside
+        self.state = "thinking" if opened else "opening" if reasoning else "content"
         self.buf = ""
         self.marker = ""  # the marker that opened the call being read
         self.fresh = True  # nothing but whitespace went out as content yet
-        self.thought = False  # a <think> block opened the reply
+        self.thought = opened  # a <think> block opened the reply
         self.searched = 0  # characters of buf already searched for a call's closing marker
         self.calls: list[dict] = []
         self.content: list[str] = []

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from corejax.engine import distributed
-from corejax.errors import InvalidParameterError
+from corejax.errors import CorejaxError, InvalidParameterError
 from corejax.hostmem import trim_heap
 from corejax.hub import ModelSource
 from corejax.kernels.policy import Kernels
@@ -95,6 +95,7 @@ class Generator(Runtime):
         self._tagged: dict[Any, Any] = {}  # stream(tag=...) -> its scheduler Request, for cancel()
         self._grammar_vocab: GrammarVocab | None = None  # built by the first structured-output request
         self._grammar_lock = threading.Lock()
+        self._chat_format: dict | None = None
         self.model.params = prepare_decoder(self.model.params, kernels)
         self.runner = ModelRunner(self.model.cfg, self.model.params, engine, kernels)
         self.cluster = distributed.joined()
@@ -133,7 +134,20 @@ class Generator(Runtime):
                     # Load now: pages held by requests (cached prefixes nobody uses count as free), and requests.
                     kv_pages_total=alloc.num_pages - 1, kv_pages_in_use=alloc.num_pages - 1 - alloc.num_available,
                     requests_waiting=waiting, requests_running=running,
-                    chat_format=detect_chat_format(self.tokenizer.chat_template).to_wire())
+                    chat_format=self.chat_format())
+
+    def chat_format(self) -> dict:
+        """How the chat template takes tools and writes calls and reasoning (corejax/tools/formats.py), for the
+        parent, which parses replies; read once."""
+        if self._chat_format is None:
+            template, prompt = self.tokenizer.chat_template, None
+            if template:
+                try:
+                    prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+                except CorejaxError:  # a template that wants another conversation, or is broken: no matter here
+                    pass
+            self._chat_format = detect_chat_format(template, prompt).to_wire()
+        return self._chat_format
 
     def matcher(self, constraint: Constraint | None) -> Matcher | None:
         """A request's grammar state over this model's vocabulary (corejax/serving/structured.py); the vocabulary is
