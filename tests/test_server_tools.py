@@ -165,3 +165,34 @@ def test_session_refuses_tools_without_a_chat_and_bad_tools(session):
         session.generate("a prompt", tools=TOOLS)
     with pytest.raises(InvalidParameterError, match="tool_choice"):
         session.generate(messages=ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "x"}})
+
+
+# --- reasoning: a tiny random model carrying a template that opens <think> itself (DeepSeek-R1's, as llama.cpp
+# keeps it): its reply starts inside the thoughts and, being random, never closes them
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    from tiny_model import write_tiny_llama
+    from tokenizer_testdata import chat_templates_dir
+
+    template = (chat_templates_dir() / "llama-cpp-deepseek-r1.jinja").read_text(encoding="utf-8")
+    tmp = tmp_path_factory.mktemp("serve-think")
+    path = write_tiny_llama(tmp / "thinker.gguf", context=512, chat_template=template)
+    s = ServerProcess(tmp, "-m", str(path), "--api-key", API_KEY, "--max-tokens", "64")
+    yield openai.OpenAI(base_url=s.base_url, api_key=API_KEY, max_retries=0)
+    assert s.stop() == 0, s.log_text()
+
+
+def test_reasoning_comes_apart_over_http(thinker):
+    kw = {"model": "", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12, "temperature": 0}
+    message = thinker.chat.completions.create(**kw).choices[0].message
+    thoughts = message.model_extra["reasoning_content"]
+    assert thoughts and "</think>" not in thoughts and not message.content
+    streamed = ""
+    for chunk in thinker.chat.completions.create(stream=True, **kw):
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            assert not delta.content
+            streamed += (delta.model_extra or {}).get("reasoning_content") or ""
+    assert streamed == thoughts
