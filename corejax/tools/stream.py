@@ -83,7 +83,9 @@ class ReplyParser:
         for name, args in calls:
             if self.calls and not self.parallel:
                 break  # parallel_tool_calls=false: the first call only
-            call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            # Mistral's templates take back only ids of 9 letters and digits
+            call_id = uuid.uuid4().hex[:9] if self.fmt.tools == "mistral" else f"call_{uuid.uuid4().hex[:24]}"
+            call = {"id": call_id, "type": "function",
                     "function": {"name": name, "arguments": args}}
             self.calls.append(call)
             out.calls.append({"index": len(self.calls) - 1, **call})
