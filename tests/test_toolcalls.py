@@ -272,3 +272,13 @@ def test_a_parsed_call_and_its_result_go_back_through_the_template(name):
     out = prepare(msgs, ToolRequest.of([WEATHER]), fmt, SamplingParams())
     text = render_chat_template(template, out.messages, tools=out.tools, bos_token="<s>", eos_token="</s>")
     assert "Paris" in text and "temperature" in text and "get_weather" in text  # Llama's tojson's the result
+
+
+def test_the_text_only_functions_refuse_tools():
+    import corejax
+    from corejax.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="Session"):
+        corejax.generate(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
+    with pytest.raises(InvalidParameterError, match="Session"):
+        corejax.stream(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
