@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from corejax.errors import InvalidParameterError
 from corejax.types.results import Classification
 from corejax.client.session import Session
 
@@ -30,9 +31,18 @@ def get_session(model: str | None = None, *, sandbox: bool = True, keep_alive: f
         return _sessions[key]
 
 
+def _text_only(sampling: dict) -> None:
+    """These return text alone, so tools (whose calls are not text) are refused rather than lost."""
+    if sampling.get("tools"):
+        raise InvalidParameterError("corejax.generate and corejax.stream return only text, so a tool call would be "
+                                    "lost; use corejax.Session(model).generate(messages=..., tools=...), whose "
+                                    "result has tool_calls")
+
+
 def generate(prompt: str | None = None, model: str | None = None, *, messages: Sequence[dict] | None = None,
              sandbox: bool = True, keep_alive: float | str | None = None, **sampling: Any) -> str:
     """Generates text for `prompt` (or chat `messages`) and returns it. Sampling keywords: SamplingParams."""
+    _text_only(sampling)
     session = get_session(model, sandbox=sandbox, keep_alive=keep_alive)
     return session.generate(prompt, messages=messages, **sampling).text
 
@@ -40,6 +50,7 @@ def generate(prompt: str | None = None, model: str | None = None, *, messages: S
 def stream(prompt: str | None = None, model: str | None = None, *, messages: Sequence[dict] | None = None,
            sandbox: bool = True, keep_alive: float | str | None = None, **sampling: Any) -> Iterator[str]:
     """Like generate, yielding text pieces as they are produced."""
+    _text_only(sampling)
     return get_session(model, sandbox=sandbox, keep_alive=keep_alive).stream(prompt, messages=messages, **sampling)
 
 

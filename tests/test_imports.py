@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # The layers, lowest first. A module that matches none fails test_every_module_has_a_layer.
 CHAIN = [
     # plain data and the leaves everything may use: no JAX
-    ("corejax.errors", "corejax.version", "corejax.paths", "corejax.hostmem", "corejax.native", "corejax.types"),
+    ("corejax.errors", "corejax.version", "corejax.paths", "corejax.hostmem", "corejax.native", "corejax.types",
+     "corejax.tools"),  # tools: tool-call formats and the reply parser (the parent's and the worker's)
     # what crosses the process boundary; where models come from; the sandbox's layer report
     ("corejax.wire", "corejax.hub", "corejax.sandbox.layer"),
     ("corejax.kernels",),
@@ -33,7 +34,7 @@ CHAIN = [
 KERNEL_MAY_USE = {"corejax.native", "corejax.hostmem", "corejax.paths", "corejax.errors"}
 # The parent's side may reach only these (and itself): nothing that imports JAX.
 CLIENT_MAY_USE = ("corejax.errors", "corejax.version", "corejax.paths", "corejax.native", "corejax.types",
-                  "corejax.wire", "corejax.hub", "corejax.sandbox.layer", "corejax.client")
+                  "corejax.tools", "corejax.wire", "corejax.hub", "corejax.sandbox.layer", "corejax.client")
 # Session(sandbox=False) runs the worker loop on a thread of the caller's process, by design.
 IN_PROCESS_WORKER = ("corejax.client.workers", "corejax.worker.main")
 

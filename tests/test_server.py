@@ -316,7 +316,7 @@ def test_hostile_bodies_get_400_or_413(server):
 _WALK_FIELDS = ("model", "prompt", "messages", "input", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                 "top_k", "min_p", "n", "seed", "stop", "stream", "stream_options", "logprobs", "top_logprobs", "echo",
                 "suffix", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty",
-                "response_format", "tools", "user", "ignore_eos", "guided_json", "guided_regex", "guided_choice",
+                "response_format", "tools", "tool_choice", "parallel_tool_calls", "user", "ignore_eos", "guided_json", "guided_regex", "guided_choice",
                 "encoding_format", "dimensions")
 _WALK_VALUES = (None, True, 0, -1, 1, 2**63, 1e308, -0.5, "", "x", "\udcff", [], ["x"], [[]], {"a": 1},
                 {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"a": {"$ref": "#"}}}}},

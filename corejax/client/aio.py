@@ -25,6 +25,8 @@ class AsyncSession:
         """stream_chunks for asyncio code. Closing the iterator (or cancelling the task reading it) stops the
         request in the worker at once, freeing its KV pages: a server cancels a disconnected client's request."""
         cancel = Cancel()
+        if messages is not None and self._format is None:  # the first chat asks the worker for its chat format
+            await asyncio.to_thread(self._chat_format)
         chunks = self._chunks(self._generation(prompt, messages, speculative, sampling), cancel)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()

@@ -22,6 +22,8 @@ from corejax.types.results import Chunk, Classification, GenerationResult
 from corejax.wire import messages as wire
 from corejax.wire import protocol
 from corejax.client.aio import AsyncSession
+from corejax.tools import ChatFormat, ToolRequest, parse_chunks
+from corejax.tools import prepare as prepare_chat
 from corejax.client.requests import SESSION_DEFAULT, Cancel, RawRequest, as_texts, text_batches
 from corejax.client.workers import WORKER_MODULE, WorkerClient
 from corejax.sandbox.layer import sandbox_require as sandbox_require_of
@@ -80,6 +82,7 @@ class Session(AsyncSession):
 
     # The test suite's probe Session (tests/probes.py) runs its own worker module, with or without a model.
     _worker_module = WORKER_MODULE
+    _format: ChatFormat | None = None  # the model's chat format (tool calls, reasoning), read on the first chat
 
     def __init__(self, model: str | None = None, *, sandbox: bool = True, memory_limit: int | str | None = None,
                  timeout: float | None = None, weights: str | None = None, kv_dtype: str = "bf16",
@@ -269,19 +272,40 @@ class Session(AsyncSession):
 
     def stream_chunks(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
                       speculative: Any = SESSION_DEFAULT, **sampling: Any) -> Iterator[Chunk]:
-        """Chunks with text, token ids and logprobs; the last one carries the GenerationResult."""
+        """Chunks with text, token ids and logprobs; the last one carries the GenerationResult. A chat may pass
+        tools=[...] (OpenAI's tool objects), tool_choice ("auto", "none", "required" or {"type": "function",
+        "function": {"name": ...}}) and parallel_tool_calls: a chunk then carries each call in tool_calls when it
+        is complete (its text never shows in `text`), and the result has them in tool_calls with finish_reason
+        "tool_calls". A thinking model's reasoning comes in Chunk.reasoning and result.reasoning_content."""
         return self._chunks(self._generation(prompt, messages, speculative, sampling))
 
     def _generation(self, prompt: str | None, messages: Sequence[dict] | None, speculative: Any,
                     sampling: dict[str, Any]) -> wire.Generate:
-        """A GENERATE request, validated here before it is sent."""
+        """A GENERATE request, validated here before it is sent. A chat's tool keywords (tools, tool_choice,
+        parallel_tool_calls) and the model's chat format decide its template input and how its reply is read."""
+        tools = ToolRequest.pop(sampling)
         sp = SamplingParams.from_kwargs(**sampling)
         spec = self.speculative if speculative is SESSION_DEFAULT else self._speculative(speculative)
         check_prompt(prompt, messages)
-        return wire.Generate(prompt, None if messages is None else [dict(m) for m in messages], sp,
-                                 spec and spec.to_wire())
+        if messages is None:
+            if tools is not None:
+                raise InvalidParameterError("tools need a chat: pass messages=[...], not a prompt")
+            return wire.Generate(prompt, None, sp, spec and spec.to_wire())
+        chat = prepare_chat([dict(m) for m in messages], tools, self._chat_format(), sp)
+        return wire.Generate(None, chat.messages, chat.sampling, spec and spec.to_wire(), chat.tools, chat)
+
+    def _chat_format(self) -> ChatFormat:
+        """How the model's chat template takes tools and writes calls (the worker's info says; read once)."""
+        if self._format is None:
+            self._format = ChatFormat.from_wire(self.info().get("chat_format"))
+        return self._format
 
     def _chunks(self, msg: wire.Generate, cancel: Cancel | None = None) -> Iterator[Chunk]:
+        parser = msg.reply.new_parser() if msg.reply is not None else None
+        chunks = self._raw_chunks(msg, cancel)
+        return chunks if parser is None else parse_chunks(chunks, parser)
+
+    def _raw_chunks(self, msg: wire.Generate, cancel: Cancel | None = None) -> Iterator[Chunk]:
         for frame in self._frames(msg, cancel):
             if frame.kind == Kind.CHUNK:
                 yield self._read(wire.chunk_from_wire, frame.payload)

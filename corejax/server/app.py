@@ -323,8 +323,9 @@ class Server:
                                      [schema.delta_choice(req, index, "", (), item.result.finish_reason)]),
                         timings=schema.timings(item.result)))
                     continue
-                if item.text or item.logprobs:
-                    yield event([schema.delta_choice(req, index, item.text, item.logprobs, None, offsets[index])])
+                if item.text or item.logprobs or item.tool_calls or item.reasoning:
+                    yield event([schema.delta_choice(req, index, item.text, item.logprobs, None, offsets[index],
+                                                     tool_calls=item.tool_calls, reasoning=item.reasoning)])
                     offsets[index] += len(item.text)
             else:
                 if req.include_usage:
@@ -447,7 +448,7 @@ def _api_error(e: BaseException) -> ApiError:
     if isinstance(e, errors.CacheFullError):
         return ApiError(400, message, code="kv_cache_too_small")
     if isinstance(e, (errors.InvalidParameterError, errors.UnsupportedModelError)):
-        return ApiError(400, message)
+        return ApiError(400, message, param=getattr(e, "param", None))  # a ToolError names its field
     if isinstance(e, errors.RequestTimeout):
         return ApiError(504, message, type="server_error", code="timeout")
     if isinstance(e, errors.SandboxError):  # WorkerCrashed among them: the next request starts a new worker

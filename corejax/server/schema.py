@@ -4,8 +4,10 @@ become Session keyword arguments, results become the objects (and stream chunks)
 Field names and shapes follow OpenAI's API reference. Omitted sampling fields take corejax's defaults (those of
 llama.cpp's server: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05); llama.cpp's and vLLM's extras top_k,
 min_p and repetition_penalty are accepted too. Unknown fields are ignored, as vLLM and llama.cpp do, except
-those that would change what is generated and that corejax cannot honour (tools, logit_bias, ...): those are
-refused with a 400, never silently dropped."""
+those that would change what is generated and that corejax cannot honour (logit_bias, functions, ...): those
+are refused with a 400, never silently dropped. Tools (tools, tool_choice, parallel_tool_calls, assistant
+tool_calls and tool messages) are corejax/tools/'s: their shapes are this module's internal currency, so other
+APIs translate into them."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import uuid
 from typing import Any
 
 from corejax.errors import InvalidParameterError
+from corejax.tools import ToolError, ToolRequest, chat_messages
 from corejax.types.options import MAX_LOGPROBS
 from corejax.types.results import GenerationResult, TokenLogprob
 from corejax.types.constraints import Constraint
@@ -43,8 +46,6 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 
 # Fields that change what is generated and that corejax does not implement: refused, not ignored.
 _UNSUPPORTED = {
-    "tools": "tool calls are not supported",
-    "tool_choice": "tool calls are not supported",
     "functions": "function calls are not supported",
     "function_call": "function calls are not supported",
     "audio": "audio output is not supported",
@@ -197,6 +198,10 @@ def generation_request(body: dict, *, chat: bool, max_tokens_limit: int) -> Gene
     constraint = _constraint(body)
     if constraint is not None:
         sampling["constraint"] = constraint
+    if chat:
+        sampling.update(_tools(body))
+    elif any(body.get(name) is not None for name in ("tools", "tool_choice", "parallel_tool_calls")):
+        raise bad("tools are for /v1/chat/completions; /v1/completions takes a plain prompt", "tools")
     top_logprobs = _logprobs(body, chat)
     if top_logprobs is not None:
         sampling["logprobs"] = top_logprobs
@@ -287,6 +292,16 @@ def _constraint(body: dict) -> Constraint | None:
         raise bad(str(e), name) from None
 
 
+def _tools(body: dict) -> dict[str, Any]:
+    """tools, tool_choice and parallel_tool_calls, checked here (a 400 naming the field) and passed on as the
+    Session's keywords of the same names."""
+    try:
+        ToolRequest.of(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+    except ToolError as e:
+        raise bad(str(e), e.param) from None
+    return {name: body[name] for name in ("tools", "tool_choice", "parallel_tool_calls") if body.get(name) is not None}
+
+
 def _logprobs(body: dict, chat: bool) -> int | None:
     """The number of alternatives per token, or None with logprobs off. Chat: logprobs (bool) with
     top_logprobs (0-20); completions: logprobs (an integer, the alternatives)."""
@@ -317,10 +332,21 @@ def _messages(messages: Any) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"messages[{i}] must be an object with a string role", "messages")
         role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name for the system role
-        if role not in ("system", "user", "assistant"):
-            raise bad(f"messages[{i}] has role {m['role']!r}; corejax's server takes system, developer, user and "
-                      "assistant messages (no tool messages)", "messages")
-        out.append({"role": role, "content": _content(m.get("content"), i)})
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad(f"messages[{i}] has role {m['role']!r}; corejax's server takes system, developer, user, "
+                      "assistant and tool messages", "messages")
+        if role == "assistant" and m.get("tool_calls"):  # content may be null beside tool calls
+            content = "" if m.get("content") is None else _content(m["content"], i)
+            out.append({"role": role, "content": content, "tool_calls": m["tool_calls"]})
+        elif role == "tool":
+            out.append({"role": role, "content": _content(m.get("content"), i), "tool_call_id": m.get("tool_call_id"),
+                        **({"name": m["name"]} if m.get("name") is not None else {})})
+        else:
+            out.append({"role": role, "content": _content(m.get("content"), i)})
+    try:
+        chat_messages(out, generic=False)  # checks the tool calls' and results' shapes
+    except ToolError as e:
+        raise bad(str(e), e.param) from None
     return out
 
 
@@ -394,7 +420,12 @@ def completion_logprobs(lps: tuple[TokenLogprob, ...], offset: int = 0) -> dict:
 def choice(req: GenerationRequest, index: int, result: GenerationResult) -> dict:
     lps = result.logprobs if req.top_logprobs is not None else None
     if req.chat:
-        return {"index": index, "message": {"role": "assistant", "content": result.text, "refusal": None},
+        message: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
+        if result.tool_calls:
+            message.update(content=result.text or None, tool_calls=list(result.tool_calls))
+        if result.reasoning_content is not None:
+            message["reasoning_content"] = result.reasoning_content
+        return {"index": index, "message": message,
                 "logprobs": None if lps is None else chat_logprobs(lps), "finish_reason": result.finish_reason}
     return {"index": index, "text": req.echoed(index) + result.text,
             "logprobs": None if lps is None else completion_logprobs(lps),
@@ -426,7 +457,10 @@ def chunk(req: GenerationRequest, rid: str, created: int, model: str, fingerprin
 
 
 def delta_choice(req: GenerationRequest, index: int, text: str, lps: tuple[TokenLogprob, ...],
-                 finish_reason: str | None, offset: int = 0, first: bool = False) -> dict:
+                 finish_reason: str | None, offset: int = 0, first: bool = False, tool_calls: tuple = (),
+                 reasoning: str = "") -> dict:
+    """One choice of a stream chunk; a chat's delta may carry complete tool calls (each with its index, as
+    OpenAI's clients accumulate them) and reasoning_content."""
     logprobs = None
     if req.top_logprobs is not None and lps:
         logprobs = chat_logprobs(lps) if req.chat else completion_logprobs(lps, offset)
@@ -434,6 +468,10 @@ def delta_choice(req: GenerationRequest, index: int, text: str, lps: tuple[Token
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
         if text:
             delta["content"] = text
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if tool_calls:
+            delta["tool_calls"] = list(tool_calls)
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 

@@ -40,6 +40,11 @@ class GenerationResult:
     prompt_tokens: tuple[int, ...]
     timings: Timings
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # Chat requests (corejax/tools/): the calls the model made, in OpenAI's shape ({"id", "type": "function",
+    # "function": {"name", "arguments": JSON text}}; finish_reason is then "tool_calls", and text holds only the
+    # content around them), and a thinking model's reasoning (<think>...</think>), apart from text.
+    tool_calls: tuple[dict, ...] = ()
+    reasoning_content: str | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -53,6 +58,8 @@ class Chunk:
     tokens: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
     result: GenerationResult | None = None
+    tool_calls: tuple[dict, ...] = ()  # calls complete in this piece, each with its "index" in the reply
+    reasoning: str = ""  # reasoning text of this piece (a thinking model), apart from `text`
 
 
 @dataclasses.dataclass(frozen=True)

@@ -160,16 +160,22 @@ class Generate:
     messages: list[dict] | None
     sampling: SamplingParams
     speculative: dict | None = None
+    tools: list[dict] | None = None  # OpenAI tool objects for the chat template's `tools` variable
+    # The parent's own: how it reads the reply (corejax/tools/); never sent.
+    reply: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_wire(self) -> dict:
         return {"prompt": self.prompt, "messages": self.messages, "sampling": sampling_to_wire(self.sampling),
-                "speculative": self.speculative}
+                "speculative": self.speculative, "tools": self.tools}
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Generate:
         messages = _opt(d.get("messages"), list)
+        tools = _opt(d.get("tools"), list)
+        if tools is not None and not all(isinstance(t, dict) for t in tools):
+            raise TypeError("tools must be a list of objects")
         return cls(_opt(d.get("prompt"), str), messages, sampling_from_wire(_req(d["sampling"], dict)),
-                   _opt(d.get("speculative"), dict))
+                   _opt(d.get("speculative"), dict), tools)
 
 
 @dataclasses.dataclass(frozen=True)

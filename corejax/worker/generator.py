@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from corejax.engine import distributed
-from corejax.errors import InvalidParameterError
+from corejax.errors import CorejaxError, InvalidParameterError
 from corejax.hostmem import trim_heap
 from corejax.hub import ModelSource
 from corejax.kernels.policy import Kernels
@@ -26,6 +26,7 @@ from corejax.serving.scheduler import Scheduler
 from corejax.serving.speculative import DraftModelProposer
 from corejax.serving.stopping import StopMatcher
 from corejax.serving.structured import GrammarVocab, Matcher
+from corejax.tools.formats import detect as detect_chat_format
 from corejax.types.config import EncoderConfig, EngineConfig, ModelConfig
 from corejax.types.constraints import Constraint
 from corejax.types.filter import FINISH_REASON as FILTERED
@@ -94,6 +95,7 @@ class Generator(Runtime):
         self._tagged: dict[Any, Any] = {}  # stream(tag=...) -> its scheduler Request, for cancel()
         self._grammar_vocab: GrammarVocab | None = None  # built by the first structured-output request
         self._grammar_lock = threading.Lock()
+        self._chat_format: dict | None = None
         self.model.params = prepare_decoder(self.model.params, kernels)
         self.runner = ModelRunner(self.model.cfg, self.model.params, engine, kernels)
         self.cluster = distributed.joined()
@@ -131,7 +133,21 @@ class Generator(Runtime):
                     kv_cache_bytes=self.runner.kv_cache_bytes, kv_cache_tokens=(alloc.num_pages - 1) * ec.page_size,
                     # Load now: pages held by requests (cached prefixes nobody uses count as free), and requests.
                     kv_pages_total=alloc.num_pages - 1, kv_pages_in_use=alloc.num_pages - 1 - alloc.num_available,
-                    requests_waiting=waiting, requests_running=running)
+                    requests_waiting=waiting, requests_running=running,
+                    chat_format=self.chat_format())
+
+    def chat_format(self) -> dict:
+        """How the chat template takes tools and writes calls and reasoning (corejax/tools/formats.py), for the
+        parent, which parses replies; read once."""
+        if self._chat_format is None:
+            template, prompt = self.tokenizer.chat_template, None
+            if template:
+                try:
+                    prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+                except CorejaxError:  # a template that wants another conversation, or is broken: no matter here
+                    pass
+            self._chat_format = detect_chat_format(template, prompt).to_wire()
+        return self._chat_format
 
     def matcher(self, constraint: Constraint | None) -> Matcher | None:
         """A request's grammar state over this model's vocabulary (corejax/serving/structured.py); the vocabulary is
@@ -143,10 +159,14 @@ class Generator(Runtime):
                 self._grammar_vocab = GrammarVocab(self.tokenizer, self.model.cfg.vocab_size)
         return self._grammar_vocab.matcher(constraint)
 
-    def prompt_ids(self, prompt: str | None, messages: Sequence[dict] | None) -> list[int]:
+    def prompt_ids(self, prompt: str | None, messages: Sequence[dict] | None,
+                   tools: list[dict] | None = None) -> list[int]:
         check_prompt(prompt, messages)
+        if tools is not None and messages is None:
+            raise InvalidParameterError("tools need a chat (messages=...): the chat template renders them")
         if messages is not None:
-            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+            extra = {} if tools is None else {"tools": list(tools)}
+            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, **extra)
             # The template writes BOS itself where the model wants it (HF tokenizes templates the same way).
             return self.tokenizer.encode(text, add_special=False)
         return self.tokenizer.encode(prompt, add_special=True)
@@ -187,7 +207,7 @@ class Generator(Runtime):
             req.close()
 
     def stream(self, prompt: str | None, messages: Sequence[dict] | None, sp: SamplingParams,
-               speculative: Any = None, tag: Any = None) -> Iterator[Chunk]:
+               speculative: Any = None, tag: Any = None, tools: list[dict] | None = None) -> Iterator[Chunk]:
         """Yields text chunks as tokens arrive; the final chunk carries the GenerationResult.
 
         Runs as one request of the scheduler's batch: other streams may share every decode step. `tag`
@@ -198,7 +218,7 @@ class Generator(Runtime):
         start = time.perf_counter()
         spec = SpeculativeConfig.from_user(speculative)
         check_logit_bias(sp, self.model.cfg.vocab_size, self.name)
-        ids = self.prompt_ids(prompt, messages)
+        ids = self.prompt_ids(prompt, messages, tools)
         detok = self.tokenizer.stream(continuation=True)  # keep the SPM space before the first new word
         text_out = _TextOut(sp.stop, self.output_filter)
         generated: list[int] = []

@@ -113,7 +113,8 @@ class WorkerLoop:
             raise _sandbox_error(f"this worker has no model loaded; it cannot serve {msg.KIND.name}")
         rt = self.runtime
         if isinstance(msg, p.Generate):
-            stream = rt.stream(msg.prompt, msg.messages, msg.sampling, speculative=msg.speculative, tag=rid)
+            stream = rt.stream(msg.prompt, msg.messages, msg.sampling, speculative=msg.speculative, tag=rid,
+                               tools=msg.tools)
             try:
                 for chunk in stream:
                     if rid in self.cancelled:

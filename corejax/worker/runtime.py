@@ -57,7 +57,7 @@ class Runtime:
         """Cancels the generation started with stream(..., tag=tag) (a Generator has some)."""
 
     def stream(self, prompt: str | None, messages: Sequence[dict] | None, sp: SamplingParams,
-               speculative: Any = None, tag: Any = None) -> Iterator[Chunk]:
+               speculative: Any = None, tag: Any = None, tools: list[dict] | None = None) -> Iterator[Chunk]:
         raise UnsupportedModelError(
             f"{self.name} is an encoder: it embeds and classifies but cannot generate text; use embed()/classify(), "
             "or a generative model for generate()")
