@@ -175,3 +175,13 @@ def test_local_refs_keep_working_recursive_and_with_odd_names(admits):
     jsonschema.validate(json.loads(text), tree)
     odd = {"definitions": {"Map<K,V>": {"type": "integer"}}, "properties": {"m": {"$ref": "#/definitions/Map<K,V>"}}}
     assert admits(odd, '{"m": 4}') and not admits(odd, '{"m": "s"}')
+
+
+def test_lenient_schemas_keep_llguidances_switch_and_malformed_ones_get_a_sentence(admits):
+    unique = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}
+    assert admits(dict(unique, **{"x-guidance": {"lenient": True}}), "[1, 1]")  # the caller's explicit choice
+    anchored = {"definitions": {"item": {"id": "#item", "type": "integer"}},  # draft-4's plain-name id
+                "properties": {"a": {"$ref": "#item"}}}
+    assert admits(anchored, '{"a": 1}') and not admits(anchored, '{"a": "s"}')
+    with pytest.raises(InvalidParameterError, match="invalid json schema"):
+        accepted({"type": "object", "properties": {"a": {}}, "propertyNames": {"pattern": "("}})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,6 +69,9 @@ class Constraint:
                 schema = prepare(schema)  # real-world schemas -> what llguidance compiles exactly, or refused
             except InvalidParameterError as e:
                 raise InvalidParameterError(f"invalid json schema: {e}") from None
+            except (TypeError, AttributeError, KeyError, RecursionError, re.error) as e:  # a malformed keyword
+                raise InvalidParameterError(f"invalid json schema: a keyword has a value of the wrong kind "
+                                            f"({type(e).__name__}: {e})") from None
             own = schema.get("x-guidance", {}) if isinstance(schema, dict) else {}  # the schema's own options win
             bounded = {} if {"whitespace_pattern", "whitespace_flexible"} & set(own) else {
                 "whitespace_pattern": JSON_WHITESPACE}

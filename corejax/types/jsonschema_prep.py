@@ -45,7 +45,7 @@ ANNOTATIONS = frozenset({
     "deprecationMessage", "readOnly", "writeOnly", "defaultSnippets", "enumDescriptions",
     "markdownEnumDescriptions", "errorMessage", "patternErrorMessage", "doNotSuggest", "suggestSortText",
     "allowComments", "allowTrailingCommas", "tsType", "contentMediaType", "contentEncoding", "contentSchema",
-    "$vocabulary", "$schema", "$anchor", "$dynamicAnchor", "$recursiveAnchor", "format"})
+    "$vocabulary", "$schema", "$dynamicAnchor", "$recursiveAnchor", "format"})
 # Keywords whose value is one subschema, a list of them, or a map of names to them.
 ONE = ("additionalProperties", "additionalItems", "items", "not", "if", "then", "else", "contains",
        "propertyNames", "unevaluatedProperties", "unevaluatedItems")
@@ -65,13 +65,17 @@ def prepare(schema: Any) -> Any:
     root = copy.deepcopy(schema)
     guidance = root.pop("x-guidance", None)
     ids = {v.split("#")[0] for v in (root.get("$id"), root.get("id")) if isinstance(v, str) and v}
+    lenient = isinstance(guidance, dict) and guidance.get("lenient") is True
     for node, where in list(_nodes(root, "#")):
-        _clean(node, where, ids)
-    walk = _Walk(root, _joined_parts(root))
-    walk.node(root, "#")
+        _clean(node, where, ids, lenient)
+    _Walk(root, _joined_parts(root), lenient).node(root, "#")
     for node, _ in _nodes(root, "#"):
         if isinstance(node.get("oneOf"), list) and "anyOf" not in node:
-            if _disjoint(root, node["oneOf"]):
+            try:
+                disjoint = _disjoint(root, node["oneOf"])
+            except RecursionError:  # branches that refer to themselves all the way down: not proven
+                disjoint = False
+            if disjoint:
                 node["anyOf"] = node.pop("oneOf")
             elif (exclusive := _exclusive_keys(node["oneOf"])) is not None:
                 node.pop("oneOf")
@@ -85,19 +89,24 @@ def _refuse(keyword: str, where: str, why: str) -> InvalidParameterError:
     return InvalidParameterError(f"{keyword} at {where} {why}")
 
 
-def _clean(node: dict, where: str, ids: set[str]) -> None:
+def _clean(node: dict, where: str, ids: set[str], lenient: bool) -> None:
     """Drops annotations, ids and unknown formats; makes $refs local; refuses draft-3 and dynamic keywords."""
     for key in [k for k in node if k in ANNOTATIONS or (k.startswith("x-") and k != "x-guidance")]:
         if key == "format" and (not isinstance(node[key], str) or node[key] in FORMATS):
             continue
         del node[key]
     # Every $ref becomes a fragment of the whole document (a remote one is refused), so an id no longer
-    # changes how one resolves; nested ids in these files are labels ("id": "#/properties/app").
+    # changes how one resolves; nested ids in these files are labels ("id": "#/properties/app"), or a draft-4
+    # plain name ("id": "#item"), which is an $anchor now.
     for key in ("$id", "id"):
         if isinstance(node.get(key), str):
-            del node[key]
+            value = node.pop(key)
+            if re.fullmatch(r"#[A-Za-z_][-A-Za-z0-9._]*", value):
+                node.setdefault("$anchor", value[1:])
     if "$ref" in node:
         node["$ref"] = _local_ref(node["$ref"], where, ids)
+    if lenient:  # llguidance's switch: what it cannot enforce is ignored, at the caller's request
+        return
     for key in DRAFT3:
         if key in node:
             raise _refuse(key, where, "is a draft-3 keyword corejax does not read; write it in Draft 2020-12 "
@@ -122,8 +131,8 @@ def _local_ref(ref: Any, where: str, ids: set[str]) -> str:
 
 
 class _Walk:
-    def __init__(self, root: dict, joined: set[int]):
-        self.root, self.joined = root, joined
+    def __init__(self, root: dict, joined: set[int], lenient: bool):
+        self.root, self.joined, self.lenient = root, joined, lenient
 
     def node(self, node: Any, where: str) -> None:
         if not isinstance(node, dict):
@@ -152,27 +161,27 @@ class _Walk:
 
     def keywords(self, node: dict, where: str) -> None:
         """Rewrites constraining keywords llguidance does not compile into ones it does, or refuses them."""
-        if "dependencies" in node:
+        if isinstance(node.get("dependencies"), dict):
             for name, need in node.pop("dependencies").items():
                 key = "dependentRequired" if isinstance(need, list) else "dependentSchemas"
                 node.setdefault(key, {})[name] = need
         needs = []
-        for name, need in (node.pop("dependentRequired", None) or {}).items():
-            if need:
+        for name, need in (_mapping(node, "dependentRequired")).items():
+            if isinstance(need, list) and need:
                 needs.append({"anyOf": [{"properties": {name: False}}, {"required": [name, *need]}]})
-        for name, need in (node.pop("dependentSchemas", None) or {}).items():
+        for name, need in (_mapping(node, "dependentSchemas")).items():
             if need is not True and need != {}:
                 needs.append({"anyOf": [{"properties": {name: False}},
                                         {"allOf": [{"required": [name]}, need]}]})
         if needs:
-            node["allOf"] = [*node.get("allOf", []), *needs]
+            node["allOf"] = [*node_list(node, "allOf"), *needs]
         if node.get("uniqueItems") is True and isinstance(node.get("maxItems"), int) and node["maxItems"] <= 1:
             del node["uniqueItems"]
         if node.get("uniqueItems") is False:
             del node["uniqueItems"]
         if "contains" in node and node["contains"] in (True, {}) and "minContains" not in node:
             del node["contains"]
-            node["minItems"] = max(node.get("minItems", 0), 1)
+            node["minItems"] = max(node["minItems"], 1) if isinstance(node.get("minItems"), int) else 1
         if "contains" not in node:
             node.pop("minContains", None)
             node.pop("maxContains", None)
@@ -196,14 +205,15 @@ class _Walk:
             "unevaluatedItems": "is not supported; use 'items'",
         }
         for key, why in refused.items():
-            if key in node:
+            if key in node and not self.lenient:
                 raise _refuse(key, where, f"{why}; remove it, or put \"x-guidance\": {{\"lenient\": true}} at the "
                                           f"schema's top to ignore what cannot be enforced")
 
     def close(self, node: dict) -> None:
         """The additionalProperties default: only the properties the schema (or the parts it joins) lists."""
         if ("additionalProperties" in node or "unevaluatedProperties" in node
-                or not any(k in node for k in ("properties", "patternProperties", "allOf"))):
+                or not any(k in node for k in ("properties", "patternProperties", "allOf"))
+                or not isinstance(node.get("properties", {}), dict)):
             return
         names = _listed(self.root, node, set())
         if names is None:
@@ -214,7 +224,7 @@ class _Walk:
         node["additionalProperties"] = False
 
     def property_names(self, node: dict, where: str) -> None:
-        if "propertyNames" not in node:
+        if "propertyNames" not in node or self.lenient:
             return
         rule = _resolve(self.root, node["propertyNames"])
         if node.get("additionalProperties") is False and not node.get("patternProperties"):
@@ -236,6 +246,11 @@ class _Walk:
             return
         raise _refuse("propertyNames", where, "is only supported on an object whose keys are all listed or match "
                                               "one 'pattern'; list the allowed keys in 'properties' instead")
+
+
+def _mapping(node: dict, key: str) -> dict:
+    """Pops a keyword whose value is a map (left in place, for llguidance to refuse, when it is not one)."""
+    return node.pop(key) if isinstance(node.get(key), dict) else {}
 
 
 def _name_ok(rule: Any, name: str, where: str) -> bool:
