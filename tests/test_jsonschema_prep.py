@@ -66,6 +66,8 @@ def test_only_listed_properties_unless_the_schema_says_otherwise(admits):
     assert admits(dict(closed, additionalProperties=True), '{"a": 1, "b": 2}')
     assert admits({"type": "object"}, '{"b": 2}')  # no properties listed: any object (response_format json_object)
     assert prepare({"type": "object"}) == {"type": "object"}
+    undescribed = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}
+    assert admits(undescribed, '{"a": 1, "b": [true]}') and not admits(undescribed, '{"a": 1, "b": 2, "c": 3}')
     assert prepare(dict(closed, additionalProperties={"type": "string"}))["additionalProperties"] == {"type": "string"}
 
 
@@ -100,6 +102,18 @@ def test_one_of_whose_branches_cannot_both_match_is_accepted_exactly(admits, sch
     assert admits(schema, text) == ok
     if ok:
         jsonschema.validate(json.loads(text), schema)
+
+
+def test_one_of_object_branches_exclude_the_non_objects_that_would_match_them_all(admits):
+    patch = {"type": "array", "items": {"oneOf": [  # JSONPatch's operations: no "type" in the branches
+        {"properties": {"op": {"enum": ["remove"]}, "path": {"type": "string"}}, "required": ["op", "path"]},
+        {"properties": {"op": {"enum": ["add"]}, "path": {"type": "string"}, "value": {}},
+         "required": ["op", "path", "value"]}]}}
+    assert admits(patch, '[{"op": "add", "path": "/a", "value": 1}]')
+    assert not admits(patch, '["a string meets both branches"]')
+    jsonschema.validate([{"op": "remove", "path": "/a"}], patch)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(["a string meets both branches"], patch)
 
 
 def test_one_of_whose_branches_may_both_match_is_refused_by_name():

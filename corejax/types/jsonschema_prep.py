@@ -75,9 +75,15 @@ def prepare(schema: Any) -> Any:
                 disjoint = _disjoint(root, node["oneOf"])
             except RecursionError:  # branches that refer to themselves all the way down: not proven
                 disjoint = False
+            branches = node["oneOf"]
             if disjoint:
                 node["anyOf"] = node.pop("oneOf")
-            elif (exclusive := _exclusive_keys(node["oneOf"])) is not None:
+            elif (len(branches) > 1 and all(_object_only(root, b) for b in branches)
+                  and _disjoint(root, branches, objects=True)):
+                # A non-object meets every branch (their keywords speak of objects), so matches them all and
+                # oneOf rejects it: objects only, whose branches are apart, is the same set.
+                node["anyOf"] = [_typed_object(b) for b in node.pop("oneOf")]
+            elif (exclusive := _exclusive_keys(branches)) is not None:
                 node.pop("oneOf")
                 node["anyOf"] = exclusive
     if guidance is not None:
@@ -347,6 +353,7 @@ def _listed(root: dict, node: dict, seen: set[int]) -> set[str] | None:
     seen.add(id(node))
     own = "properties" in node or "patternProperties" in node
     names = set(node["properties"]) if isinstance(node.get("properties"), dict) else set()
+    names |= {n for n in node_list(node, "required") if isinstance(n, str)}  # required but not described
     found = own
     parts = node_list(node, "allOf")
     if own or set(node) == {"$ref"} or "allOf" in node:
@@ -388,6 +395,8 @@ def _nodes(node: Any, where: str):
 # --- oneOf: branches that cannot both match ---------------------------------------------------------------
 
 TYPES = ("null", "boolean", "object", "array", "string", "number")
+OBJECT_ONLY = frozenset({"properties", "required", "additionalProperties", "patternProperties", "minProperties",
+                         "maxProperties", "propertyNames", "$anchor"})
 
 
 def _types(root: dict, node: Any) -> set[str]:
@@ -493,18 +502,20 @@ def _forbids(node: dict, name: str) -> bool:
     return name not in props and node.get("additionalProperties") is False and not node.get("patternProperties")
 
 
-def _apart(root: dict, a: Any, b: Any) -> bool:
-    """Whether no value can match both schemas (a sufficient check: types, listed values against the other
-    schema, a key one requires and the other forbids, a key both require with values apart)."""
-    if not _types(root, a) & _types(root, b):
+def _apart(root: dict, a: Any, b: Any, objects: bool = False) -> bool:
+    """Whether no value (no object, with `objects`) can match both schemas: a sufficient check on types, listed
+    values against the other schema, and, for objects only, a key one requires and the other forbids or a key
+    both require with values apart."""
+    both = _types(root, a) & _types(root, b) & ({"object"} if objects else set(TYPES))
+    if not both:
         return True
     for x, y in ((a, b), (b, a)):
         values = _values(root, x)
         if values is not None and all(_rejects(root, y, v) for v in values):
             return True
     a, b = _resolve(root, a), _resolve(root, b)
-    if not isinstance(a, dict) or not isinstance(b, dict):
-        return False
+    if not isinstance(a, dict) or not isinstance(b, dict) or not both <= {"object"}:
+        return False  # e.g. a string meets both branches' object keywords
     ra, rb = _required(root, a), _required(root, b)
     if any(_forbids(b, name) for name in ra) or any(_forbids(a, name) for name in rb):
         return True
@@ -524,7 +535,7 @@ def _exclusive_keys(branches: list) -> list | None:
     sets = [set(b["required"]) for b in branches]
     if not all(len(sets[j] - sets[i]) == 1 for i in range(len(sets)) for j in range(len(sets)) if i != j):
         return None
-    return [{"required": b["required"],
+    return [{"type": "object", "required": b["required"],  # a non-object would meet every branch
              "properties": {k: False for j, other in enumerate(sets) if j != i for k in other - sets[i]}}
             for i, b in enumerate(branches)]
 
@@ -533,6 +544,16 @@ def _same(x: Any, y: Any) -> bool:
     return _type_of(x) == _type_of(y) and x == y
 
 
-def _disjoint(root: dict, branches: list) -> bool:
-    return all(_apart(root, branches[i], branches[j]) for i in range(len(branches))
+def _disjoint(root: dict, branches: list, objects: bool = False) -> bool:
+    return all(_apart(root, branches[i], branches[j], objects) for i in range(len(branches))
                for j in range(i + 1, len(branches)))
+
+
+def _object_only(root: dict, branch: Any) -> bool:
+    """Whether the branch has only object keywords (so every non-object meets it)."""
+    branch = _resolve(root, branch)
+    return isinstance(branch, dict) and bool(branch) and set(branch) <= OBJECT_ONLY
+
+
+def _typed_object(branch: dict) -> dict:
+    return {"type": "object", "allOf": [branch]} if set(branch) == {"$ref"} else {"type": "object", **branch}
