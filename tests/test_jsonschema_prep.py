@@ -78,6 +78,10 @@ def test_joined_objects_are_closed_once_over_all_their_parts(admits):
     assert out["additionalProperties"] is False and set(out["properties"]) == {"name", "age"}
     assert "additionalProperties" not in out["$defs"]["base"]  # a part never forbids another part's keys
     assert admits(schema, '{"name": "Al", "age": 3}') and not admits(schema, '{"name": "Al", "x": 3}')
+    required_beside = {"$defs": {"base": base}, "$ref": "#/$defs/base", "required": ["age"]}
+    assert admits(required_beside, '{"name": "Al", "age": 3}')  # the part stays open: today's meaning
+    typed = {"$defs": {"base": base}, "properties": {"b": {"$ref": "#/$defs/base", "type": "object"}}}
+    assert not admits(typed, '{"b": {"name": "Al", "x": 1}}')  # a $ref beside "type" alone: closed as its target
     beside = {"properties": {"kind": {"enum": ["a", "b"]}},
               "anyOf": [{"properties": {"kind": {"const": "a"}, "x": {"type": "integer"}}, "required": ["x"]},
                         {"properties": {"kind": {"const": "b"}, "y": {"type": "integer"}}, "required": ["y"]}]}
