@@ -82,6 +82,9 @@ def test_joined_objects_are_closed_once_over_all_their_parts(admits):
     assert admits(required_beside, '{"name": "Al", "age": 3}')  # the part stays open: today's meaning
     typed = {"$defs": {"base": base}, "properties": {"b": {"$ref": "#/$defs/base", "type": "object"}}}
     assert not admits(typed, '{"b": {"name": "Al", "x": 1}}')  # a $ref beside "type" alone: closed as its target
+    mixed = {"allOf": [{"properties": {"a": {"type": "integer"}}}],
+             "anyOf": [{"properties": {"b": {"type": "integer"}}}, {"properties": {"c": {"type": "integer"}}}]}
+    assert admits(mixed, '{"a": 1, "b": 2}') and not admits(mixed, '{"a": 1, "d": 2}')
     beside = {"properties": {"kind": {"enum": ["a", "b"]}},
               "anyOf": [{"properties": {"kind": {"const": "a"}, "x": {"type": "integer"}}, "required": ["x"]},
                         {"properties": {"kind": {"const": "b"}, "y": {"type": "integer"}}, "required": ["y"]}]}

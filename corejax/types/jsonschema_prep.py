@@ -277,7 +277,7 @@ def _joined_parts(root: dict) -> set[int]:
     parts: list = []
     for node, _ in _nodes(root, "#"):
         parts += node_list(node, "allOf")
-        if "properties" in node or "patternProperties" in node:
+        if _joins_branches(node):
             parts += node_list(node, "anyOf") + node_list(node, "oneOf")
         if set(node) - {"$ref", "definitions", "$defs", "$anchor", "type"}:  # a $ref beside other keywords
             parts += _targets(root, node)
@@ -291,9 +291,14 @@ def _joined_parts(root: dict) -> set[int]:
             continue
         seen.add(id(part))
         parts += node_list(part, "allOf") + _targets(root, part)
-        if "properties" in part or "patternProperties" in part:
+        if _joins_branches(part):
             parts += node_list(part, "anyOf") + node_list(part, "oneOf")
     return seen
+
+
+def _joins_branches(node: dict) -> bool:
+    """Whether a schema's anyOf/oneOf branches are joined with keys it lists (its own, its allOf's, its $ref's)."""
+    return any(k in node for k in ("properties", "patternProperties", "allOf", "$ref"))
 
 
 def _listed(root: dict, node: dict, seen: set[int]) -> set[str] | None:
@@ -307,7 +312,7 @@ def _listed(root: dict, node: dict, seen: set[int]) -> set[str] | None:
     names |= {n for n in node_list(node, "required") if isinstance(n, str)}  # required but not described
     found = own
     parts = node_list(node, "allOf") + _targets(root, node)
-    if own:
+    if _joins_branches(node):
         parts += node_list(node, "anyOf") + node_list(node, "oneOf")
     for part in parts:
         if not isinstance(part, dict):
