@@ -6,8 +6,9 @@ corejax/serving/structured.py.
 Options (SamplingParams.constraint, built by `Constraint.from_options`):
   response_format={"type": "json_schema", "json_schema": {"schema": {...}}} (OpenAI's form; a bare schema is
   accepted too; corejax/types/jsonschema_prep.py normalises it: only listed properties unless
-  "additionalProperties" says otherwise, annotations and unknown formats ignored, remote $refs refused), {"type": "json_object"} (any JSON object), {"type": "text"} (no constraint); regex="..." (Rust
-  regex syntax, anchored at both ends, with \d \w \s meaning their ASCII classes);
+  "additionalProperties" says otherwise, annotations and unknown formats ignored, remote $refs refused),
+  {"type": "json_object"} (any JSON object), {"type": "text"} (no constraint); regex="..." (Rust regex syntax,
+  anchored at both ends, with \d \w \s meaning their ASCII classes);
   choice=["a", "b"]; grammar="..." (Lark as llguidance reads it, or GBNF when it contains `::=`).
 """
 from __future__ import annotations
