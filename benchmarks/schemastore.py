@@ -2,11 +2,11 @@
 wheel ships it (no network), through corejax's schema normalisation (corejax/types/jsonschema_prep.py).
 
     python benchmarks/schemastore.py [--count 60] [--seed 0] [--generate 60] [--max-tokens 200]
-                                     [--model smollm2-135m-instruct]
+                                     [--model smollm2-135m-instruct] [--temperature 0 --sampling-seed 0]
 
 For each sampled schema: accepted or refused with corejax's reason, and what llguidance alone says of the raw
 schema (what corejax did before the normalisation: the "before" column). For the first `--generate` accepted
-schemas, a greedy generation (in-process Session, `--max-tokens`) whose text, when it finished, is validated
+schemas, a greedy generation (or sampled, `--temperature`; in-process Session, `--max-tokens`) whose text, when it finished, is validated
 against the original schema with the jsonschema package ("finished" vs "cut by max_tokens"; a cut text is a valid
 prefix, never checked as a whole). Prints a table; writes benchmarks/out/schemastore.json.
 """
@@ -91,7 +91,8 @@ def acceptance(sample: list[tuple[str, str]]) -> list[dict]:
     return rows
 
 
-def generation(rows: list[dict], model: str, count: int, max_tokens: int) -> None:
+def generation(rows: list[dict], model: str, count: int, max_tokens: int, temperature: float = 0.0,
+               seed: int = 0) -> None:
     import jsonschema
 
     import corejax
@@ -102,7 +103,7 @@ def generation(rows: list[dict], model: str, count: int, max_tokens: int) -> Non
         prompt = f"Write an example of a {row['name']} file as JSON.\nJSON:"
         t = time.perf_counter()
         try:
-            r = session.generate(prompt, temperature=0, max_tokens=max_tokens, response_format={
+            r = session.generate(prompt, temperature=temperature, seed=seed, max_tokens=max_tokens, response_format={
                 "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
         except corejax.CorejaxError as e:
             row.update(generated="error", error=str(e)[:300])
@@ -142,6 +143,8 @@ def main() -> None:
     ap.add_argument("--generate", type=int, default=60, help="accepted schemas to generate for (0: none)")
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; otherwise sampled")
+    ap.add_argument("--sampling-seed", type=int, default=0, help="the generations' seed when sampled")
     ap.add_argument("--json", default=str(Path(__file__).parent / "out" / "schemastore.json"))
     args = ap.parse_args()
 
@@ -149,7 +152,8 @@ def main() -> None:
     sample = random.Random(args.seed).sample(sorted(names.items()), args.count)
     rows = acceptance(sample)
     if args.generate:
-        generation(rows, args.model, args.generate, args.max_tokens)
+        generation(rows, args.model, args.generate, args.max_tokens, args.temperature,
+                   args.sampling_seed)
     s = summary(rows)
     print(f"{'schema':44} {'before':22} {'now':26} {'generated':16} valid")
     for r in rows:
@@ -160,7 +164,8 @@ def main() -> None:
     print(f"\naccepted: {pct(s['accepted'], s['schemas'])} (before: {pct(s['accepted_before'], s['schemas'])})")
     print(f"refused now: {s['refused']}")
     print(f"refused before: {s['refused_before']}")
-    print(f"generated {s['generated']} (greedy, max_tokens {args.max_tokens}): finished {s['finished']}, cut by "
+    how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, seed {args.sampling_seed}"
+    print(f"generated {s['generated']} ({how}, max_tokens {args.max_tokens}): finished {s['finished']}, cut by "
           f"max_tokens {s['cut_by_max_tokens']}; finished and valid (jsonschema): "
           f"{pct(s['finished_valid'], s['finished'])}")
     record = {"args": vars(args), "python": sys.version.split()[0], "summary": s, "rows": rows}

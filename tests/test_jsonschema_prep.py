@@ -163,6 +163,7 @@ def test_constraining_keywords_are_honoured_not_dropped(admits):
     ({"type": "integer", "divisibleBy": 2}, "divisibleBy"),
     ({"properties": {"a": {"type": "string", "required": True}}}, "required at #/properties/a"),
     ({"type": "object", "properties": {"a": {}, "b": {}, "c": {}}, "minProperties": 2}, "min/maxProperties"),
+    ({"type": "object", "x-guidance": 0}, "x-guidance must be an object"),
 ])
 def test_what_cannot_be_honoured_is_refused_naming_the_keyword(schema, words):
     with pytest.raises(InvalidParameterError, match=re.escape(words)):

@@ -74,6 +74,9 @@ class Constraint:
                 raise InvalidParameterError(f"invalid json schema: a keyword has a value of the wrong kind "
                                             f"({type(e).__name__}: {e})") from None
             own = schema.get("x-guidance", {}) if isinstance(schema, dict) else {}  # the schema's own options win
+            if not isinstance(own, dict):
+                raise InvalidParameterError(f"invalid json schema: x-guidance must be an object of llguidance's "
+                                            f"options (e.g. {{\"whitespace_flexible\": false}}); got {own!r}")
             bounded = {} if {"whitespace_pattern", "whitespace_flexible"} & set(own) else {
                 "whitespace_pattern": JSON_WHITESPACE}
             return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=bounded)
