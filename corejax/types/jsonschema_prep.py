@@ -4,14 +4,16 @@ llguidance (corejax/serving/structured.py) compiles Draft 2020-12 and refuses wh
 ignores keywords it does not know (annotations: `description`, `markdownDescription`, `defaultSnippets`, `x-*`,
 ...). What it refuses or misreads in files such as SchemaStore's is rewritten here into an equivalent schema:
 
-- `additionalProperties`: where a schema lists `properties` and does not say, only the listed properties are
-  generated (OpenAI's strict mode and xgrammar do the same: a small model otherwise keeps inventing keys and
-  never closes the object); `"additionalProperties": true` keeps the JSON-schema meaning. Objects that are
-  joined (`allOf`, `$ref` beside other keys, `anyOf`/`oneOf` beside `properties`) are closed once, on the
-  joining schema, over every property its parts list, so a part never forbids another part's keys.
+- `additionalProperties`: where a schema lists `properties` (or `patternProperties`) and does not say, only the
+  listed (and required) properties are generated (OpenAI's strict mode and xgrammar do the same: a small model
+  otherwise keeps inventing keys and never closes the object); `"additionalProperties": true` keeps the
+  JSON-schema meaning. Objects that are joined (`allOf`, `$ref` beside other keys, `anyOf`/`oneOf` beside
+  `properties`) are closed once, on the joining schema, over every property its parts list, so a part never
+  forbids another part's keys.
 - `oneOf` whose branches cannot both match (different types, different `const`/`enum` values of a property
   both require, or a property one requires and the other forbids) becomes `anyOf`: then the two are the same
-  set. Otherwise it stays `oneOf`, and llguidance accepts it only where it can prove the same, or says so.
+  set (corejax/types/jsonschema_oneof.py, which also handles branches that overlap only where oneOf rejects
+  anyway). Otherwise it stays `oneOf`, and llguidance accepts it only where it can prove the same, or says so.
   Coercing every `oneOf` (llguidance's `coerce_one_of`) could generate a value that matches two branches, which
   the schema rejects; a schema can still ask for it with `"x-guidance": {"coerce_one_of": true}`.
 - an unknown `format` (`uri-reference`, `regex`, `color`, ...) is a plain string: in JSON schema a format is an
