@@ -123,6 +123,12 @@ def test_one_of_object_branches_exclude_the_non_objects_that_would_match_them_al
         jsonschema.validate(["a string meets both branches"], patch)
 
 
+def test_a_ref_into_a_one_of_branch_still_resolves(admits):
+    schema = {"$defs": {"v": {"oneOf": [{"type": "integer"}, {"type": "string", "maxLength": 3}]}},
+              "properties": {"a": {"$ref": "#/$defs/v"}, "b": {"$ref": "#/$defs/v/oneOf/1"}}}
+    assert admits(schema, '{"a": 1, "b": "abc"}') and not admits(schema, '{"b": 1}')
+
+
 def test_one_of_whose_branches_may_both_match_is_refused_by_name():
     both = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
                       {"type": "object", "properties": {"b": {"type": "integer"}}}]}  # {} matches both

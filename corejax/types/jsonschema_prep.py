@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import re
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from corejax.errors import InvalidParameterError
 from corejax.types.jsonschema_oneof import node_list, one_of_as_any_of, pointer, resolve
@@ -72,8 +72,10 @@ def prepare(schema: Any) -> Any:
     for node, where in list(_nodes(root, "#")):
         _clean(node, where, ids, lenient)
     _Walk(root, _joined_parts(root), lenient).node(root, "#")
-    for node, _ in _nodes(root, "#"):
-        one_of_as_any_of(root, node)
+    refs = {unquote(n["$ref"]) for n, _ in _nodes(root, "#") if isinstance(n.get("$ref"), str)}
+    for node, where in _nodes(root, "#"):
+        if not any(ref.startswith(f"{where}/oneOf/") for ref in refs):  # a $ref into a branch keeps its path
+            one_of_as_any_of(root, node)
     if guidance is not None:
         root = {"x-guidance": guidance, **root}
     return root
