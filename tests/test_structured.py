@@ -302,6 +302,22 @@ def test_real_models_schemas_greedy_sampled_alone_and_batched(real):
 
 
 @pytest.mark.slow
+def test_real_models_generate_only_the_listed_properties(real):
+    """Issue #39: a schema that does not say additionalProperties gets only its listed keys (with
+    "additionalProperties": true, SmolLM2 kept adding keys until max_tokens at seeds 1 and 4)."""
+    person = {"type": "object", "properties": {"name": {"type": "string"}, "born": {"type": "integer"}},
+              "required": ["name", "born"]}
+    schema = {"type": "object", "properties": {"person": person}, "required": ["person"]}
+    prompt = "Answer with JSON only.\nQuestion: describe Ada Lovelace, born 1815.\nAnswer:"
+    jobs = [(prompt, SamplingParams.from_kwargs(response_format=json_format(schema), temperature=t, seed=seed,
+                                                max_tokens=120)) for t, seed in ((0.0, None), (0.9, 1), (0.9, 4))]
+    for tokens in generate_batch(real, jobs):
+        text = real.tokenizer.decode(tokens)
+        value = checked_json(text.strip(), schema)
+        assert len(tokens) < 120 and set(value) == {"person"} and set(value["person"]) == {"name", "born"}, text
+
+
+@pytest.mark.slow
 def test_real_models_constrained_greedy_equals_free_greedy_when_it_conforms(real):
     prompt = "The three primary colours are"
     free = generate_batch(real, [(prompt, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))])[0]

@@ -5,18 +5,22 @@ corejax/serving/structured.py.
 
 Options (SamplingParams.constraint, built by `Constraint.from_options`):
   response_format={"type": "json_schema", "json_schema": {"schema": {...}}} (OpenAI's form; a bare schema is
-  accepted too), {"type": "json_object"} (any JSON object), {"type": "text"} (no constraint); regex="..." (Rust
-  regex syntax, anchored at both ends, with \d \w \s meaning their ASCII classes);
+  accepted too; corejax/types/jsonschema_prep.py normalises it: only listed properties unless
+  "additionalProperties" says otherwise, annotations and unknown formats ignored, remote $refs refused),
+  {"type": "json_object"} (any JSON object), {"type": "text"} (no constraint); regex="..." (Rust regex syntax,
+  anchored at both ends, with \d \w \s meaning their ASCII classes);
   choice=["a", "b"]; grammar="..." (Lark as llguidance reads it, or GBNF when it contains `::=`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from corejax.errors import InvalidParameterError
+from corejax.types.jsonschema_prep import prepare
 
 KINDS = ("json_schema", "regex", "choice", "grammar")
 # JSON: any whitespace between items, but at most this much per gap, so a small model cannot loop on blank
@@ -49,6 +53,9 @@ class Constraint:
         llg = grammar_engine()
         error = llg.LLMatcher.validate_grammar(self.grammar())
         if error:
+            if "coerce_one_of" in error:  # llguidance's switch, as a schema sets it
+                error = (f"{error.strip()} (the branches may both match: to accept that, put \"x-guidance\": "
+                         f"{{\"coerce_one_of\": true}} at the schema's top)")
             raise InvalidParameterError(f"invalid {self.kind.replace('_', ' ')}: {error.strip()}")
 
     def grammar(self) -> str:
@@ -59,10 +66,20 @@ class Constraint:
                 schema = json.loads(self.source)
             except ValueError as e:
                 raise InvalidParameterError(f"invalid json schema: the text is not JSON ({e})") from None
+            try:
+                schema = prepare(schema)  # real-world schemas -> what llguidance compiles exactly, or refused
+            except InvalidParameterError as e:
+                raise InvalidParameterError(f"invalid json schema: {e}") from None
+            except (TypeError, AttributeError, KeyError, RecursionError, re.error) as e:  # a malformed keyword
+                raise InvalidParameterError(f"invalid json schema: a keyword has a value of the wrong kind "
+                                            f"({type(e).__name__}: {e})") from None
             own = schema.get("x-guidance", {}) if isinstance(schema, dict) else {}  # the schema's own options win
+            if not isinstance(own, dict):
+                raise InvalidParameterError(f"invalid json schema: x-guidance must be an object of llguidance's "
+                                            f"options (e.g. {{\"whitespace_flexible\": false}}); got {own!r}")
             bounded = {} if {"whitespace_pattern", "whitespace_flexible"} & set(own) else {
                 "whitespace_pattern": JSON_WHITESPACE}
-            return llg.LLMatcher.grammar_from_json_schema(self.source, defaults=bounded)
+            return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=bounded)
         if self.kind == "regex":  # \d, \w, \s mean their ASCII classes, as in outlines and vLLM
             return llg.LLMatcher.grammar_from_regex(llg.regex_to_lark(self.source, "dws"))
         if self.kind == "choice":
