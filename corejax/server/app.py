@@ -78,9 +78,9 @@ class Server:
             Route("/v1/embeddings", self._route("embeddings", self.embeddings), methods=["POST"]),
         ]
         # The other APIs on the same port, each a translation into and out of the OpenAI path above.
-        from corejax.server import ollama
+        from corejax.server import anthropic, extras, ollama, responses
 
-        for api in (ollama,):
+        for api in (ollama, anthropic, responses, extras):
             routes += api.routes(self)
         self.app = Starlette(routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed})
 

@@ -1,0 +1,214 @@
+"""Anthropic's Messages API, OpenAI's Responses API, /tokenize, /detokenize and rerank on `corejax serve`
+(corejax/server/anthropic.py, responses.py, extras.py): the real `anthropic` and `openai` packages over loopback
+HTTP against a real server process, raw HTTP for the error cases."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+from references import require
+from test_server import API_KEY, ENCODER, GENERATOR, ServerProcess
+
+anthropic = require("anthropic")  # test dependencies (pyproject [test])
+openai = require("openai")
+
+SYSTEM = "You are brief."
+GREEDY = {"extra_body": {"temperature": 0}}  # Anthropic's SDK 2.x no longer types the sampling fields
+USER = "Name a primary colour."
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2_gguf):
+    s = ServerProcess(tmp_path_factory.mktemp("serve"), "-m", GENERATOR, "-m", ENCODER, "--api-key", API_KEY,
+                      "--max-tokens", "512")
+    yield s
+    assert s.stop() == 0, s.log_text()
+
+
+@pytest.fixture(scope="module")
+def claude(server):
+    return anthropic.Anthropic(base_url=f"http://127.0.0.1:{server.port}", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+
+
+def _openai_greedy(server, max_tokens: int) -> dict:
+    status, _, body = server.request("POST", "/v1/chat/completions", {
+        "model": GENERATOR, "max_tokens": max_tokens, "temperature": 0,
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]})
+    assert status == 200, body
+    return body
+
+
+# --- Anthropic ------------------------------------------------------------------------------------------------
+
+def test_messages_equal_the_openai_path(server, claude):
+    want = _openai_greedy(server, 12)
+    m = claude.messages.create(model=GENERATOR, max_tokens=12, **GREEDY, system=SYSTEM,
+                               messages=[{"role": "user", "content": USER}])
+    assert m.type == "message" and m.role == "assistant" and m.id.startswith("msg_")
+    assert [b.type for b in m.content] == ["text"] and m.content[0].text == want["choices"][0]["message"]["content"]
+    assert m.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[want["choices"][0]["finish_reason"]]
+    assert (m.usage.input_tokens, m.usage.output_tokens) == (want["usage"]["prompt_tokens"],
+                                                             want["usage"]["completion_tokens"])
+    blocks = claude.messages.create(model=GENERATOR, max_tokens=12, **GREEDY,
+                                    system=[{"type": "text", "text": SYSTEM}],
+                                    messages=[{"role": "user", "content": [{"type": "text", "text": USER}]}])
+    assert blocks.content[0].text == m.content[0].text
+
+
+def test_messages_stream_accumulates_the_greedy_text(claude):
+    kw = dict(model=GENERATOR, max_tokens=16, **GREEDY, system=SYSTEM,
+              messages=[{"role": "user", "content": USER}])
+    whole = claude.messages.create(**kw)
+    with claude.messages.stream(**kw) as stream:
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert len(pieces) > 2 and "".join(pieces) == whole.content[0].text == final.content[0].text
+    assert final.stop_reason == whole.stop_reason and final.usage.output_tokens == whole.usage.output_tokens
+    assert final.usage.input_tokens == whole.usage.input_tokens
+    events = [e.type for e in claude.messages.create(**kw, stream=True)]
+    assert events[:2] == ["message_start", "content_block_start"] and events[-2:] == ["message_delta", "message_stop"]
+    assert "content_block_delta" in events and "content_block_stop" in events
+
+
+def test_messages_sampling_and_stop_sequences(claude):
+    hi = [{"role": "user", "content": "Write a word."}]
+    top1 = claude.messages.create(model=GENERATOR, max_tokens=12, messages=hi,
+                                  extra_body={"temperature": 1.0, "top_p": 0.9, "top_k": 1})
+    assert top1.content[0].text == claude.messages.create(model=GENERATOR, max_tokens=12, messages=hi,
+                                                          **GREEDY).content[0].text  # top_k 1 is greedy
+    base = claude.messages.create(model=GENERATOR, max_tokens=40, **GREEDY,
+                                  messages=[{"role": "user", "content": "Count from 1 to 10 with commas."}])
+    text = base.content[0].text
+    assert "5" in text  # so the stop below has something to cut
+    cut = claude.messages.create(model=GENERATOR, max_tokens=40, **GREEDY, stop_sequences=["5"],
+                                 messages=[{"role": "user", "content": "Count from 1 to 10 with commas."}])
+    assert cut.content[0].text == text[:text.index("5")] and cut.stop_reason == "end_turn"
+    short = claude.messages.create(model=GENERATOR, max_tokens=3, **GREEDY,
+                                   messages=[{"role": "user", "content": "Tell me a long story."}])
+    assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3
+
+
+def test_messages_output_config_format(claude):
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 10}},
+              "required": ["colour"], "additionalProperties": False}
+    m = claude.messages.create(model=GENERATOR, max_tokens=40, **GREEDY,
+                               messages=[{"role": "user", "content": "Name a colour as JSON."}],
+                               output_config={"format": {"type": "json_schema", "schema": schema}})
+    jsonschema.validate(json.loads(m.content[0].text), schema)
+
+
+def test_count_tokens(server, claude):
+    want = _openai_greedy(server, 1)
+    n = claude.messages.count_tokens(model=GENERATOR, system=SYSTEM, messages=[{"role": "user", "content": USER}])
+    assert n.input_tokens == want["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("body, status, kind, words", [
+    ({"model": GENERATOR, "messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_request_error",
+     "max_tokens"),
+    ({"model": "claude-nope", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}, 404,
+     "not_found_error", "does not exist"),
+    ({"model": GENERATOR, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400,
+     "invalid_request_error", "image"),
+    ({"model": GENERATOR, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+      "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}, 400, "invalid_request_error", "tool"),
+    ({"model": GENERATOR, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+      "tool_choice": {"type": "sometimes"}}, 400, "invalid_request_error", "tool_choice"),
+    ({"model": GENERATOR, "max_tokens": 100000, "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "invalid_request_error", "limit"),
+])
+def test_messages_errors_have_anthropic_shape(server, body, status, kind, words):
+    got, _, payload = server.request("POST", "/v1/messages", body)
+    assert got == status, payload
+    assert payload["type"] == "error" and payload["error"]["type"] == kind and words in payload["error"]["message"]
+
+
+def test_messages_auth_with_x_api_key(server):
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=f"http://127.0.0.1:{server.port}", api_key="wrong", max_retries=0) \
+            .messages.create(model=GENERATOR, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    status, _, payload = server.request("POST", "/v1/messages", {}, key=None)
+    assert status == 401 and payload["error"]["type"] == "authentication_error"
+
+
+# --- OpenAI's Responses API ----------------------------------------------------------------------------------
+
+def test_responses_stream_and_not(server, oai):
+    want = _openai_greedy(server, 12)
+    r = oai.responses.create(model=GENERATOR, instructions=SYSTEM, input=USER, max_output_tokens=12, temperature=0,
+                             store=False)
+    assert r.output_text == want["choices"][0]["message"]["content"] and r.object == "response"
+    assert r.usage.input_tokens == want["usage"]["prompt_tokens"]
+    assert r.status == ("incomplete" if want["choices"][0]["finish_reason"] == "length" else "completed")
+    items = oai.responses.create(model=GENERATOR, max_output_tokens=12, temperature=0, input=[
+        {"role": "system", "content": SYSTEM}, {"role": "user", "content": [{"type": "input_text", "text": USER}]}])
+    assert items.output_text == r.output_text
+    events = list(oai.responses.create(model=GENERATOR, instructions=SYSTEM, input=USER, max_output_tokens=12,
+                                       temperature=0, stream=True))
+    assert events[0].type == "response.created" and events[-1].type in ("response.completed",
+                                                                        "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert events[-1].response.output_text == r.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_responses_structured_output(oai):
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 10}},
+              "required": ["colour"], "additionalProperties": False}
+    r = oai.responses.create(model=GENERATOR, input="Name a colour as JSON.", max_output_tokens=40, temperature=0,
+                             text={"format": {"type": "json_schema", "name": "c", "schema": schema}})
+    jsonschema.validate(json.loads(r.output_text), schema)
+
+
+@pytest.mark.parametrize("extra, words", [({"previous_response_id": "resp_1"}, "keeps no responses"),
+                                          ({"store": True}, "store"), ({"input": 3}, "input"),
+                                          ({"tools": [{"type": "function", "name": "f"}]}, "tool")])
+def test_responses_refusals(server, extra, words):
+    got, _, payload = server.request("POST", "/v1/responses", {"model": GENERATOR, "input": "hi", **extra})
+    assert got == 400 and words in payload["error"]["message"], payload
+
+
+# --- /tokenize, /detokenize, rerank --------------------------------------------------------------------------
+
+def test_tokenize_detokenize_round_trip(server):
+    text = "Hello, wörld! 123"
+    status, _, body = server.request("POST", "/tokenize", {"model": GENERATOR, "content": text})
+    assert status == 200 and len(body["tokens"]) > 3 and all(isinstance(i, int) for i in body["tokens"])
+    status, _, back = server.request("POST", "/detokenize", {"model": GENERATOR, "tokens": body["tokens"]})
+    assert status == 200 and back["content"] == text
+    _, _, pieces = server.request("POST", "/tokenize", {"model": GENERATOR, "content": text, "with_pieces": True})
+    assert [p["id"] for p in pieces["tokens"]] == body["tokens"] and "".join(p["piece"] for p in pieces["tokens"])
+    for bad in ({"model": GENERATOR, "tokens": [10**9]}, {"model": GENERATOR, "tokens": "x"}):
+        got, _, payload = server.request("POST", "/detokenize", bad)
+        assert got == 400 and "tokens" in payload["error"]["message"]
+    assert server.request("POST", "/tokenize", {"content": text})[0] == 400  # two models: which one?
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank"])
+def test_rerank_orders_by_relevance(server, path):
+    docs = ["Stock markets fell sharply on Monday.", "The kitten chased a ball of yarn.", "A recipe for bread."]
+    status, _, body = server.request("POST", path, {"model": ENCODER, "query": "a young cat playing",
+                                                    "documents": docs, "return_documents": True, "top_n": 2})
+    assert status == 200, body
+    results = body["results"]
+    assert len(results) == 2 and results[0]["index"] == 1 and results[0]["document"]["text"] == docs[1]
+    assert results[0]["relevance_score"] > results[1]["relevance_score"] and body["usage"]["total_tokens"] > 10
+    _, _, plain = server.request("POST", path, {"query": "a young cat playing", "documents": docs})  # the encoder
+    assert plain["results"][0]["index"] == 1 and "document" not in plain["results"][0]
+    assert len(plain["results"]) == 3
+
+
+@pytest.mark.parametrize("body, words", [({"model": GENERATOR, "query": "q", "documents": ["d"]}, "embedding model"),
+                                         ({"model": ENCODER, "query": "q", "documents": []}, "documents"),
+                                         ({"model": ENCODER, "query": "", "documents": ["d"]}, "query"),
+                                         ({"model": ENCODER, "query": "q", "documents": ["d"], "top_n": 0}, "top_n")])
+def test_rerank_errors(server, body, words):
+    got, _, payload = server.request("POST", "/v1/rerank", body)
+    assert got == 400 and words in payload["error"]["message"], payload
