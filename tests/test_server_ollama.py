@@ -7,8 +7,7 @@ import json
 
 import jsonschema
 import pytest
-
-from references import require  # noqa: E402
+from references import require
 from test_server import API_KEY, ENCODER, GENERATOR, ServerProcess
 
 ollama = require("ollama")  # a test dependency (pyproject [test])
@@ -62,6 +61,7 @@ def test_generate_applies_the_template_and_raw_does_not(server, client):
     assert text == r.response
     status, _, raw = server.request("POST", "/v1/completions", {"model": GENERATOR, "prompt": "The sky is",
                                                                 "max_tokens": 8, "temperature": 0})
+    assert status == 200
     r = client.generate(GENERATOR, "The sky is", raw=True, options={"temperature": 0, "num_predict": 8})
     assert r.response == raw["choices"][0]["text"] and r.eval_count == 8 and r.done_reason == "length"
     loaded = client.generate(GENERATOR, "", keep_alive="5m")  # Ollama's way to load a model
