@@ -89,7 +89,18 @@ def test_messages_sampling_and_stop_sequences(claude):
     assert "5" in text  # so the stop below has something to cut
     cut = claude.messages.create(model=GENERATOR, max_tokens=40, **GREEDY, stop_sequences=["5"],
                                  messages=[{"role": "user", "content": "Count from 1 to 10 with commas."}])
-    assert cut.content[0].text == text[:text.index("5")] and cut.stop_reason == "end_turn"
+    assert cut.content[0].text == text[:text.index("5")]
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", "5") and base.stop_reason == "max_tokens"
+    with claude.messages.stream(model=GENERATOR, max_tokens=40, **GREEDY, stop_sequences=["9", "5"],
+                                messages=[{"role": "user", "content": "Count from 1 to 10 with commas."}]) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == cut.content[0].text and final.stop_sequence == "5"
+    unused = claude.messages.create(model=GENERATOR, max_tokens=40, **GREEDY, stop_sequences=["zebra"],
+                                    messages=[{"role": "user", "content": "Count from 1 to 10 with commas."}])
+    assert unused.content[0].text == text and (unused.stop_reason, unused.stop_sequence) == ("max_tokens", None)
+    ended = claude.messages.create(model=GENERATOR, max_tokens=60, **GREEDY, stop_sequences=["zebra"],
+                                   messages=[{"role": "user", "content": USER}])
+    assert (ended.stop_reason, ended.stop_sequence) == ("end_turn", None)  # the end-of-turn token, not a stop
     short = claude.messages.create(model=GENERATOR, max_tokens=3, **GREEDY,
                                    messages=[{"role": "user", "content": "Tell me a long story."}])
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3

@@ -7,8 +7,9 @@ in their own functions (anthropic_tools, anthropic_tool_choice, anthropic_messag
 Errors are Anthropic's {"type": "error", "error": {"type", "message"}}; the API key may come as x-api-key.
 
 Anthropic's SDK (2.x) no longer types temperature, top_p and top_k; they are honoured when sent (extra_body=).
-stop_reason is "end_turn" when a stop sequence ended the text too (stop_sequence stays null): corejax's results
-say that the text stopped, not whether a stop string or the end-of-sequence token stopped it."""
+With stop_sequences the chat path is asked for each token's text (logprobs, no alternatives): the generated
+tokens past the text say whether a stop sequence (stop_reason "stop_sequence", and which) or the end of the
+turn ended it, which a finish_reason of "stop" does not."""
 
 from __future__ import annotations
 
@@ -164,6 +165,8 @@ def openai_body(body: dict, *, count_only: bool = False) -> dict:
                          ("stop", "stop_sequences")):
         if body.get(theirs) is not None:
             out[ours] = body[theirs]
+    if out.get("stop") and not count_only:
+        out["logprobs"], out["top_logprobs"] = True, 0  # the tokens' text, to tell which stop ended it
     config = body.get("output_config")
     if config is not None:
         out.update(_output_config(config))
@@ -192,6 +195,22 @@ def _output_config(config: Any) -> dict:
     return {"response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}}
 
 
+def stop_reason(finish: str | None, text: str, token_texts: list[str], stops: Any) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence): a finish of "stop" is a stop sequence when the tokens generated past the
+    text begin with one (the text ends where the stop sequence began)."""
+    if finish == "stop" and isinstance(stops, list) and token_texts:
+        tail = "".join(token_texts)
+        tail = tail[len(text):] if tail.startswith(text) else ""
+        for s in sorted((s for s in stops if isinstance(s, str) and s), key=len, reverse=True):
+            if tail.startswith(s):
+                return "stop_sequence", s
+    return _STOP_REASONS.get(finish or "stop", "end_turn"), None
+
+
+def _token_texts(logprobs: dict | None) -> list[str]:
+    return [t["token"] for t in (logprobs or {}).get("content") or []]
+
+
 class _Messages:
     def __init__(self, server: Server):
         self.server = server
@@ -201,23 +220,27 @@ class _Messages:
         out = await self.server.openai_generation(request, ctx, openai_body(body), chat=True)
         mid = schema.new_id("msg").replace("-", "_")
         if not isinstance(out, dict):
-            return StreamingResponse(self._events(ctx, mid, out), media_type="text/event-stream",
+            return StreamingResponse(self._events(ctx, mid, out, body.get("stop_sequences")),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         c = out["choices"][0]
-        content = [{"type": "text", "text": c["message"]["content"]}] if c["message"].get("content") else []
+        text = c["message"].get("content") or ""
+        content = [{"type": "text", "text": text}] if text else []
         content += tool_use_blocks(c["message"].get("tool_calls"))
+        reason, sequence = stop_reason(c["finish_reason"], text, _token_texts(c.get("logprobs")),
+                                       body.get("stop_sequences"))
         return JSONResponse({"id": mid, "type": "message", "role": "assistant", "model": ctx["model"],
-                             "content": content, "stop_reason": _STOP_REASONS.get(c["finish_reason"], "end_turn"),
-                             "stop_sequence": None,
+                             "content": content, "stop_reason": reason, "stop_sequence": sequence,
                              "usage": {"input_tokens": out["usage"]["prompt_tokens"],
                                        "output_tokens": out["usage"]["completion_tokens"]}})
 
-    async def _events(self, ctx: dict, mid: str, chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    async def _events(self, ctx: dict, mid: str, chunks: AsyncIterator[dict], stops: Any) -> AsyncIterator[bytes]:
         yield _event("message_start", {"message": {
             "id": mid, "type": "message", "role": "assistant", "model": ctx["model"], "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})
         index, open_kind = -1, None  # the content block being streamed: its index and type
         tools: dict[int, int] = {}  # OpenAI's tool call index -> its block's index
+        text, token_texts = "", []
         async with contextlib.aclosing(chunks):
             async for c in chunks:
                 if "error" in c:
@@ -227,6 +250,8 @@ class _Messages:
                     continue
                 ch = c["choices"][0]
                 delta = ch.get("delta") or {}
+                token_texts += _token_texts(ch.get("logprobs"))
+                text += delta.get("content") or ""
                 if delta.get("content"):
                     if open_kind != "text":
                         if open_kind is not None:
@@ -252,9 +277,9 @@ class _Messages:
                     if open_kind is not None:
                         yield _event("content_block_stop", {"index": index})
                     t = c.get("timings") or {}
+                    reason, sequence = stop_reason(ch["finish_reason"], text, token_texts, stops)
                     yield _event("message_delta", {
-                        "delta": {"stop_reason": _STOP_REASONS.get(ch["finish_reason"], "end_turn"),
-                                  "stop_sequence": None},
+                        "delta": {"stop_reason": reason, "stop_sequence": sequence},
                         "usage": {"input_tokens": t.get("prompt_tokens", 0),
                                   "output_tokens": t.get("generated_tokens", 0)}})
         yield _event("message_stop", {})
