@@ -223,3 +223,12 @@ def test_rerank_orders_by_relevance(server, path):
 def test_rerank_errors(server, body, words):
     got, _, payload = server.request("POST", "/v1/rerank", body)
     assert got == 400 and words in payload["error"]["message"], payload
+
+
+def test_metrics_count_every_api(server):
+    """Run last: each API's requests are in the server's metrics under their own endpoint."""
+    m = server.metrics()
+    for endpoint in ("anthropic_messages", "anthropic_count_tokens", "responses", "tokenize"):
+        assert m[f'corejax_requests_total{{endpoint="{endpoint}",model="{GENERATOR}",status="200"}}'] >= 1, endpoint
+    assert m[f'corejax_requests_total{{endpoint="rerank",model="{ENCODER}",status="200"}}'] >= 3
+    assert m[f'corejax_generation_tokens_total{{model="{GENERATOR}"}}'] > 50

@@ -153,6 +153,7 @@ def test_pull_of_a_cached_model_streams_progress(client):
     ("POST", "/api/embed", {"model": ENCODER, "input": []}, 400, "input"),
     ("POST", "/api/generate", b"{not json", 400, "JSON"),
     ("POST", "/api/nothing", {}, 404, "no route"),
+    ("POST", "/api/tags", {}, 405, "not allowed"),
 ])
 def test_errors_have_ollama_shape(server, method, path, body, status, words):
     got, _, payload = server.request(method, path, body)
@@ -167,3 +168,14 @@ def test_auth_is_the_servers(server):
         ollama.Client(host=f"http://127.0.0.1:{server.port}").list()
     assert e.value.status_code == 401
     assert server.request("GET", "/api/tags", key=None, headers={"x-api-key": API_KEY})[0] == 200
+
+
+def test_metrics_and_access_log(server, client):
+    """Run last: the Ollama endpoints count in the server's metrics and access log as /v1's do."""
+    client.chat(GENERATOR, messages=CHAT, options={"num_predict": 2})
+    m = server.metrics()
+    assert m[f'corejax_requests_total{{endpoint="ollama_chat",model="{GENERATOR}",status="200"}}'] >= 3
+    assert m[f'corejax_requests_total{{endpoint="ollama_pull",model="{GENERATOR}",status="200"}}'] >= 2
+    assert m[f'corejax_request_duration_seconds_count{{endpoint="ollama_generate",model="{GENERATOR}"}}'] >= 3
+    log = server.log_text()
+    assert f'"POST /api/chat" 200 model={GENERATOR}' in log and f'"POST /api/pull" 200 model={GENERATOR}' in log

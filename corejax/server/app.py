@@ -160,6 +160,10 @@ class Server:
                                         code="not_found"))
 
     async def _not_allowed(self, request: Request, exc: Exception) -> Response:
+        if request.url.path.startswith("/api/"):
+            from corejax.server.ollama import error_response
+
+            return error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
         return _error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
 
     async def _body(self, request: Request) -> dict:
@@ -207,6 +211,7 @@ class Server:
 
     # The plumbing the other APIs' modules (ollama.py, anthropic.py, responses.py, extras.py) share.
     route = _route
+    log_request = _log
     read_body = _body
     served_model = _model
     admitted = _admitted

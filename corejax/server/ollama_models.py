@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from corejax import errors, hub
-from corejax.server.ollama import NDJSON, timestamp
+from corejax.server.ollama import NDJSON
 from corejax.server.schema import ApiError, bad
 from corejax.version import __version__
 
@@ -115,7 +115,7 @@ class _Models:
         stream = body.get("stream", True)
         lines = self._progress(entry)
         if stream is not False:
-            return StreamingResponse(_ndjson(lines), media_type=NDJSON)
+            return StreamingResponse(self._ndjson(request, ctx, lines), media_type=NDJSON)
         last: dict = {}
         async with contextlib.aclosing(lines):
             async for last in lines:
@@ -145,17 +145,19 @@ class _Models:
         yield {"status": "success"}
 
 
+    async def _ndjson(self, request: Request, ctx: dict, lines: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+        status = 499  # until the last line went out: the client left
+        try:
+            async with contextlib.aclosing(lines):
+                async for line in lines:
+                    yield json.dumps(line).encode() + b"\n"
+                    status = 500 if "error" in line else 200
+        finally:
+            self.server.log_request(request, ctx, status)
+
+
 def _bytes_under(path: Any) -> int:
     try:
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     except OSError:
         return 0
-
-
-async def _ndjson(lines: AsyncIterator[dict]) -> AsyncIterator[bytes]:
-    async with contextlib.aclosing(lines):
-        async for line in lines:
-            yield json.dumps(line).encode() + b"\n"
-
-
-__all__ = ["routes", "timestamp"]
