@@ -232,3 +232,58 @@ def test_metrics_count_every_api(server):
         assert m[f'corejax_requests_total{{endpoint="{endpoint}",model="{GENERATOR}",status="200"}}'] >= 1, endpoint
     assert m[f'corejax_requests_total{{endpoint="rerank",model="{ENCODER}",status="200"}}'] >= 3
     assert m[f'corejax_generation_tokens_total{{model="{GENERATOR}"}}'] > 50
+
+
+_HOSTILE = (None, True, 0, -1, 2**63, 1e308, "", "x", "\udcff", [], ["x"], [[]], {"a": 1}, [{"type": "text"}],
+            [{"role": "user"}], [{"role": "user", "content": [{"type": "tool_result", "content": 1}]}],
+            [{"role": "assistant", "content": "", "tool_calls": [{"function": 1}]}], {"type": "json_schema"})
+_BASES = [
+    ("/v1/messages", {"model": GENERATOR, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+     ("model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "top_k", "stream",
+      "tools", "tool_choice", "thinking", "output_config", "metadata")),
+    ("/v1/messages/count_tokens", {"model": GENERATOR, "messages": [{"role": "user", "content": "hi"}]},
+     ("model", "messages", "system", "tools")),
+    ("/v1/responses", {"model": GENERATOR, "input": "hi", "max_output_tokens": 2},
+     ("model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "text", "store",
+      "previous_response_id", "reasoning", "tools")),
+    ("/api/generate", {"model": GENERATOR, "prompt": "hi", "stream": False, "options": {"num_predict": 2}},
+     ("model", "prompt", "system", "raw", "format", "options", "stream", "keep_alive", "images", "think")),
+    ("/api/chat", {"model": GENERATOR, "messages": [{"role": "user", "content": "hi"}], "stream": False,
+                   "options": {"num_predict": 2}}, ("model", "messages", "format", "options", "tools", "stream")),
+    ("/api/embed", {"model": ENCODER, "input": "hi"}, ("model", "input", "truncate", "options", "dimensions")),
+    ("/api/show", {"model": GENERATOR}, ("model", "name")),
+    ("/api/pull", {"model": GENERATOR, "stream": False}, ("model", "name")),
+    ("/tokenize", {"model": GENERATOR, "content": "hi"}, ("model", "content", "add_special", "with_pieces")),
+    ("/detokenize", {"model": GENERATOR, "tokens": [1]}, ("model", "tokens")),
+    ("/v1/rerank", {"model": ENCODER, "query": "q", "documents": ["d"]},
+     ("model", "query", "documents", "top_n", "return_documents")),
+]
+
+
+def _shape_ok(path: str, payload) -> bool:
+    if path.startswith("/api/"):
+        return isinstance(payload, dict) and set(payload) == {"error"} and isinstance(payload["error"], str)
+    if path.startswith("/v1/messages"):
+        return isinstance(payload, dict) and payload.get("type") == "error" and payload["error"]["message"]
+    return isinstance(payload, dict) and set(payload["error"]) == {"message", "type", "param", "code"}
+
+
+def test_no_client_input_gets_a_500(server):
+    """Each field of each new endpoint set to each value of a hostile list: a 2xx, or a 4xx in the API's own
+    error shape, never a 5xx (options' values too: Ollama's options walk the same list)."""
+    failures, sent = [], 0
+    bases = _BASES + [("/api/generate", {"model": GENERATOR, "prompt": "hi", "stream": False,
+                                         "options": {"num_predict": 2}}, ())]
+    for path, base, fields in bases:
+        cases = [(f, v) for f in fields for v in _HOSTILE]
+        if not fields:  # the options object, option by option
+            cases = [("options", {"num_predict": 2, name: v}) for name in ("temperature", "seed", "stop", "top_k",
+                                                                          "repeat_last_n", "mirostat", "num_ctx")
+                     for v in _HOSTILE]
+        for field, value in cases:
+            raw = json.dumps(dict(base, **{field: value})).encode()
+            status, _, payload = server.request("POST", path, raw)
+            sent += 1
+            if status >= 500 or status >= 400 and not _shape_ok(path, payload):
+                failures.append((path, raw[:140], status, str(payload)[:200]))
+    assert sent > 1000 and not failures, failures[:10]
