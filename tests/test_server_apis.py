@@ -4,7 +4,11 @@ HTTP against a real server process, raw HTTP for the error cases."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import signal
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -287,3 +291,47 @@ def test_no_client_input_gets_a_500(server):
             if status >= 500 or status >= 400 and not _shape_ok(path, payload):
                 failures.append((path, raw[:140], status, str(payload)[:200]))
     assert sent > 1000 and not failures, failures[:10]
+
+
+def _stream(server, path: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json",
+                                                              "Authorization": f"Bearer {API_KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    return conn, resp
+
+
+def test_a_failure_mid_stream_ends_each_stream_in_its_own_shape(server):
+    """Run last (it kills the generator's worker; the next request starts a new one): an Ollama, an Anthropic and
+    a Responses stream, each past its first text, end with their API's own error object."""
+    story = "Write a long story about a dragon."
+    streams = {
+        "ollama": _stream(server, "/api/generate", {"model": GENERATOR, "prompt": story,
+                                                     "options": {"num_predict": 500}}),
+        "anthropic": _stream(server, "/v1/messages", {"model": GENERATOR, "max_tokens": 500, "stream": True,
+                                                      "messages": [{"role": "user", "content": story}]}),
+        "responses": _stream(server, "/v1/responses", {"model": GENERATOR, "input": story, "stream": True,
+                                                       "max_output_tokens": 500}),
+    }
+    firsts = {"ollama": b'"response"', "anthropic": b"content_block_delta", "responses": b"output_text.delta"}
+    for name, (_, resp) in streams.items():
+        while firsts[name] not in (line := resp.readline()):
+            assert line, name
+    victim = next(p for p in server.worker_pids() if f"--model {GENERATOR}" in Path(f"/proc/{p}/cmdline")
+                  .read_bytes().replace(b"\0", b" ").decode())
+    os.kill(victim, signal.SIGKILL)
+    tails = {name: resp.read().decode().strip() for name, (_, resp) in streams.items()}
+    for conn, _ in streams.values():
+        conn.close()
+    last = json.loads(tails["ollama"].splitlines()[-1])
+    assert set(last) == {"error"} and last["error"], tails["ollama"][-300:]
+    kind, data = tails["anthropic"].split("\n\n")[-1].split("\n")
+    assert kind == "event: error" and json.loads(data[len("data: "):])["type"] == "error"
+    kind, data = tails["responses"].split("\n\n")[-1].split("\n")
+    failed = json.loads(data[len("data: "):])
+    assert kind == "event: response.failed" and failed["response"]["status"] == "failed"
+    assert failed["response"]["error"]["message"]
+    r = server.request("POST", "/api/generate", {"model": GENERATOR, "prompt": "hi", "stream": False,
+                                                 "options": {"num_predict": 2}})
+    assert r[0] == 200 and r[2]["done"]  # a new worker answers
