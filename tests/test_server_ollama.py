@@ -85,6 +85,20 @@ def test_options_seed_num_predict_and_stop(client):
     assert base.response.startswith(r.response)
 
 
+def test_logprobs(client):
+    r = client.chat(GENERATOR, messages=CHAT, logprobs=True, top_logprobs=3, options={"temperature": 0,
+                                                                                     "num_predict": 6})
+    assert len(r.logprobs) == r.eval_count
+    for entry in r.logprobs:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token  # greedy: the best
+    streamed = [lp for p in client.chat(GENERATOR, messages=CHAT, logprobs=True, stream=True,
+                                        options={"temperature": 0, "num_predict": 6}) for lp in p.logprobs or []]
+    assert [e.token for e in streamed] == [e.token for e in r.logprobs]
+    raw = client.generate(GENERATOR, "One, two,", raw=True, logprobs=True, top_logprobs=2,
+                          options={"temperature": 0, "num_predict": 4})
+    assert "".join(e.token for e in raw.logprobs) == raw.response and len(raw.logprobs[0].top_logprobs) == 2
+
+
 @pytest.mark.parametrize("opts, words", [({"mirostat": 2}, "mirostat"), ({"typical_p": 0.5}, "typical_p"),
                                           ({"repeat_penalty": 1.3, "repeat_last_n": 64}, "repeat_last_n"),
                                           ({"frobnicate": 1}, "frobnicate"), ({"num_predict": "x"}, "num_predict"),

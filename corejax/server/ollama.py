@@ -175,6 +175,19 @@ def ollama_tool_calls(calls: list[dict] | None) -> list[dict]:
     return out
 
 
+def ollama_logprobs(lp: dict | None) -> list[dict] | None:
+    """OpenAI's logprobs (the chat form, or the completions form of raw: true) as Ollama's list of {token,
+    logprob, top_logprobs}."""
+    if not lp:
+        return None
+    if "content" in lp:
+        return [{"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"],
+                 "top_logprobs": [{"token": a["token"], "logprob": a["logprob"], "bytes": a["bytes"]}
+                                  for a in t["top_logprobs"]]} for t in lp["content"] or []]
+    return [{"token": tok, "logprob": p, "top_logprobs": [{"token": k, "logprob": v} for k, v in top.items()]}
+            for tok, p, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])]
+
+
 def _done_reason(finish: str | None) -> str:
     return "length" if finish == "length" else "stop" if finish in ("stop", "tool_calls", None) else finish
 
@@ -199,9 +212,6 @@ class _Ollama:
             if body.get(field):
                 raise bad(f"{field} is not supported by corejax's Ollama API (text models with their own chat "
                           "template only)", field)
-        if body.get("logprobs") or body.get("top_logprobs"):
-            raise bad("logprobs are not supported by corejax's Ollama API yet; use /v1/chat/completions",
-                      "logprobs")
         if body.get("think"):
             raise bad("think is not supported by corejax", "think")
         stream = body.get("stream", True)
@@ -209,6 +219,10 @@ class _Ollama:
             raise bad("stream must be true or false", "stream")
         # keep_alive is accepted and has no effect: the server keeps every model loaded for its whole life.
         out = {"model": model, "stream": stream, **options(body)}
+        if body.get("logprobs") is not None:
+            out["logprobs"] = body["logprobs"]
+        if body.get("top_logprobs") is not None:
+            out["top_logprobs"] = body["top_logprobs"]
         fmt = response_format(body.get("format"))
         if fmt is not None:
             out["response_format"] = fmt
@@ -235,6 +249,10 @@ class _Ollama:
             if system:
                 raise bad("system cannot be used with raw: true (the prompt is sent as it is)", "system")
             openai_body["prompt"] = prompt
+            if openai_body.get("logprobs") is True:  # completions' form: the number of alternatives
+                openai_body["logprobs"] = openai_body.pop("top_logprobs", 0)
+            elif openai_body.get("logprobs") is False:
+                openai_body.pop("logprobs")
             if "max_tokens" not in openai_body:
                 openai_body["max_tokens"] = self.server.limits.max_tokens
             chat = False
@@ -270,6 +288,8 @@ class _Ollama:
                     obj["message"]["tool_calls"] = ollama_tool_calls(c["message"]["tool_calls"])
             else:
                 obj["response"] = c["text"] if "text" in c else c["message"].get("content") or ""
+            if c.get("logprobs"):
+                obj["logprobs"] = ollama_logprobs(c["logprobs"])
             obj.update(_stats(ctx, out["timings"][0], c["finish_reason"]))
             return JSONResponse(obj)
         return StreamingResponse(self._lines(ctx, out, field), media_type=NDJSON)
@@ -294,20 +314,24 @@ class _Ollama:
                     fn = tc.get("function") or {}
                     slot["function"]["name"] += fn.get("name") or ""
                     slot["function"]["arguments"] += fn.get("arguments") or ""
+                logprobs = ollama_logprobs(ch.get("logprobs"))
                 if ch.get("finish_reason") is None:
-                    if text:
-                        yield _line(self._piece(model, field, text))
+                    if text or logprobs:
+                        yield _line(self._piece(model, field, text, logprobs))
                     continue
-                last = self._piece(model, field, text)
+                last = self._piece(model, field, text, logprobs)
                 if calls and field == "message":
                     last["message"]["tool_calls"] = ollama_tool_calls([calls[i] for i in sorted(calls)])
                 last.update(_stats(ctx, c.get("timings"), ch["finish_reason"]))
                 yield _line(last)
 
     @staticmethod
-    def _piece(model: str, field: str, text: str) -> dict:
+    def _piece(model: str, field: str, text: str, logprobs: list[dict] | None = None) -> dict:
         value: Any = {"role": "assistant", "content": text} if field == "message" else text
-        return {"model": model, "created_at": timestamp(), field: value, "done": False}
+        out = {"model": model, "created_at": timestamp(), field: value, "done": False}
+        if logprobs:
+            out["logprobs"] = logprobs
+        return out
 
     async def embed(self, request: Request, ctx: dict) -> Response:
         body = await self.server.read_body(request)
