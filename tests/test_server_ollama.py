@@ -66,6 +66,8 @@ def test_generate_applies_the_template_and_raw_does_not(server, client):
     assert r.response == raw["choices"][0]["text"] and r.eval_count == 8 and r.done_reason == "length"
     loaded = client.generate(GENERATOR, "", keep_alive="5m")  # Ollama's way to load a model
     assert loaded.done and loaded.done_reason == "load" and loaded.response == ""
+    assert client.chat(GENERATOR, messages=[], keep_alive=0).done_reason == "unload"  # answered; still loaded
+    assert client.generate(GENERATOR, "hi", options={"num_predict": 1}).eval_count == 1
 
 
 def test_options_seed_num_predict_and_stop(client):

@@ -116,3 +116,29 @@ def test_responses_body():
     for bad in ({"previous_response_id": "resp_1"}, {"store": True}, {"reasoning": {"effort": "high"}}):
         with pytest.raises(ApiError):
             responses.openai_body({"model": "m", "input": "hi", **bad})
+
+
+def test_responses_tools_and_function_call_items():
+    body = responses.openai_body({"model": "m", "tool_choice": {"type": "function", "name": "get_weather"},
+                                  "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"},
+                                             "strict": True}],
+                                  "input": [{"role": "user", "content": "Weather in Paris and Rome?"},
+                                            {"type": "function_call", "call_id": "c1", "name": "get_weather",
+                                             "arguments": '{"city": "Paris"}'},
+                                            {"type": "function_call", "call_id": "c2", "name": "get_weather",
+                                             "arguments": '{"city": "Rome"}'},
+                                            {"type": "function_call_output", "call_id": "c1", "output": "20C"},
+                                            {"type": "function_call_output", "call_id": "c2", "output": "25C"}]})
+    assert body["tools"] == [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"},
+                                                               "strict": True}}]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assistant = body["messages"][1]
+    assert [c["id"] for c in assistant["tool_calls"]] == ["c1", "c2"] and assistant["role"] == "assistant"
+    assert body["messages"][2:] == [{"role": "tool", "tool_call_id": "c1", "content": "20C"},
+                                    {"role": "tool", "tool_call_id": "c2", "content": "25C"}]
+    items = responses.function_call_items([{"id": "c3", "type": "function",
+                                            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}])
+    assert items == [{"type": "function_call", "id": "fc_c3", "call_id": "c3", "name": "get_weather",
+                      "arguments": '{"city": "Oslo"}', "status": "completed"}]
+    with pytest.raises(ApiError):
+        responses.openai_body({"model": "m", "input": "hi", "tools": [{"type": "web_search"}]})

@@ -188,6 +188,12 @@ def ollama_logprobs(lp: dict | None) -> list[dict] | None:
             for tok, p, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])]
 
 
+def _load_reason(body: dict) -> str:
+    """A request without a prompt loads its model, or with keep_alive 0 unloads it in Ollama; corejax's server
+    keeps its models loaded either way, and answers as Ollama does."""
+    return "unload" if body.get("keep_alive") in (0, "0", "0s", "0m", "0h") else "load"
+
+
 def _done_reason(finish: str | None) -> str:
     return "length" if finish == "length" else "stop" if finish in ("stop", "tool_calls", None) else finish
 
@@ -214,7 +220,8 @@ class _Ollama:
                           "template only)", field)
         if body.get("think"):
             raise bad("think is not supported by corejax", "think")
-        stream = body.get("stream", True)
+        stream = body.get("stream")
+        stream = True if stream is None else stream  # Ollama streams unless told not to
         if not isinstance(stream, bool):
             raise bad("stream must be true or false", "stream")
         # keep_alive is accepted and has no effect: the server keeps every model loaded for its whole life.
@@ -244,7 +251,7 @@ class _Ollama:
         if not prompt:  # Ollama's way to load (or, keep_alive 0, unload) a model: here always loaded
             model = self.server.served_model(name, ctx)
             return JSONResponse({"model": model.id, "created_at": timestamp(), "response": "", "done": True,
-                                 "done_reason": "unload" if body.get("keep_alive") in (0, "0") else "load"})
+                                 "done_reason": _load_reason(body)})
         if body.get("raw"):
             if system:
                 raise bad("system cannot be used with raw: true (the prompt is sent as it is)", "system")
@@ -270,7 +277,7 @@ class _Ollama:
             model = self.server.served_model(openai_body["model"], ctx)
             return JSONResponse({"model": model.id, "created_at": timestamp(),
                                  "message": {"role": "assistant", "content": ""}, "done": True,
-                                 "done_reason": "unload" if body.get("keep_alive") in (0, "0") else "load"})
+                                 "done_reason": _load_reason(body)})
         openai_body["messages"] = ollama_messages(messages)
         if body.get("tools"):
             openai_body["tools"] = ollama_tools(body["tools"])
