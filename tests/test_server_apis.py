@@ -8,6 +8,8 @@ import http.client
 import json
 import os
 import signal
+import socket
+import time
 from pathlib import Path
 
 import jsonschema
@@ -300,6 +302,35 @@ def _stream(server, path: str, body: dict) -> tuple[http.client.HTTPConnection, 
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()
     return conn, resp
+
+
+def test_a_client_leaving_any_stream_frees_its_generation(server):
+    """An Ollama, an Anthropic and a Responses stream, each closed by its client after its first line: the
+    generations end in the worker at once and the requests are logged as 499."""
+    story = "Write a long story about a dragon."
+    streams = [_stream(server, "/api/generate", {"model": GENERATOR, "prompt": story, "options": {"num_predict": 500}}),
+               _stream(server, "/v1/messages", {"model": GENERATOR, "max_tokens": 500, "stream": True,
+                                                "messages": [{"role": "user", "content": story}]}),
+               _stream(server, "/v1/responses", {"model": GENERATOR, "input": story, "stream": True,
+                                                 "max_output_tokens": 500})]
+    for _, resp in streams:
+        assert resp.readline().strip()
+    assert server.metrics()[f'corejax_requests_in_flight{{model="{GENERATOR}"}}'] == 3
+    for conn, _ in streams:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+
+    def idle() -> bool:
+        m = server.metrics()
+        return (m[f'corejax_requests_in_flight{{model="{GENERATOR}"}}'] == 0
+                and m[f'corejax_requests_running{{model="{GENERATOR}"}}'] == 0
+                and m[f'corejax_kv_cache_usage_ratio{{model="{GENERATOR}"}}'] == 0)
+
+    deadline = time.monotonic() + 10  # 500 tokens each would take far longer on 2 cores
+    while not idle():
+        assert time.monotonic() < deadline, server.metrics()
+        time.sleep(0.1)
+    assert server.log_text().count('" 499 model=') >= 3
 
 
 def test_a_failure_mid_stream_ends_each_stream_in_its_own_shape(server):

@@ -235,13 +235,13 @@ class _Messages:
                                        "output_tokens": out["usage"]["completion_tokens"]}})
 
     async def _events(self, ctx: dict, mid: str, chunks: AsyncIterator[dict], stops: Any) -> AsyncIterator[bytes]:
-        yield _event("message_start", {"message": {
-            "id": mid, "type": "message", "role": "assistant", "model": ctx["model"], "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})
-        index, open_kind = -1, None  # the content block being streamed: its index and type
-        tools: dict[int, int] = {}  # OpenAI's tool call index -> its block's index
-        text, token_texts = "", []
-        async with contextlib.aclosing(chunks):
+        async with contextlib.aclosing(chunks):  # closed however this stream ends
+            yield _event("message_start", {"message": {
+                "id": mid, "type": "message", "role": "assistant", "model": ctx["model"], "content": [],
+                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})
+            index, open_kind = -1, None  # the content block being streamed: its index and type
+            tools: dict[int, int] = {}  # OpenAI's tool call index -> its block's index
+            text, token_texts = "", []
             async for c in chunks:
                 if "error" in c:
                     yield _event("error", error_body(ApiError(500, c["error"]["message"])))

@@ -117,7 +117,7 @@ class Server:
             except Exception as e:
                 log.exception("internal error in %s", request.url.path)
                 response = error(ApiError(500, f"internal server error ({type(e).__name__})",
-                                                    type="server_error"))
+                                          type="server_error"))
             if isinstance(response, StreamingResponse):
                 return response  # its stream logs the request when it ends (_log_stream)
             self._log(request, ctx, response.status_code)
@@ -214,7 +214,6 @@ class Server:
     log_request = _log
     read_body = _body
     served_model = _model
-    admitted = _admitted
 
     # --- endpoints ------------------------------------------------------------------------------------------
 
@@ -316,14 +315,27 @@ class Server:
         if len(result.tokens) > 1:
             self.metrics.decode_rate.labels(model.id).observe(result.timings.decode_tokens_per_s)
 
-    async def _chunks(self, request: Request, ctx: dict, req: GenerationRequest, rid: str, model: ServedModel,
-                      streams: _Choices, first: list, admitted: Any) -> AsyncIterator[dict]:
+    def _chunks(self, request: Request, ctx: dict, req: GenerationRequest, rid: str, model: ServedModel,
+                streams: _Choices, first: list, admitted: Any) -> _ChunkStream:
+        state = {"status": 499, "finished": False}  # 499: nginx's "client closed request", until the stream ends
+
+        def finish() -> None:  # once, and synchronous: it may run in a cancelled scope, where no await may run
+            if not state["finished"]:
+                state["finished"] = True
+                streams.cancel()  # the workers stop these generations at once and free their KV pages
+                admitted.__exit__(None, None, None)
+                self._log(request, ctx, state["status"])
+
+        return _ChunkStream(self._chunk_items(state, finish, ctx, req, rid, model, streams, first), finish)
+
+    async def _chunk_items(self, state: dict, finish: Callable[[], None], ctx: dict, req: GenerationRequest,
+                           rid: str, model: ServedModel, streams: _Choices, first: list) -> AsyncIterator[dict]:
         created = schema.now()
 
         def event(choices: list[dict]) -> dict:
             return schema.chunk(req, rid, created, model.id, model.fingerprint, choices)
 
-        status, finished = 200, False
+        status = 200
         offsets = dict.fromkeys(range(streams.count), 0)  # completions' text_offset, per choice
         results: dict[int, GenerationResult] = {}
         try:
@@ -350,11 +362,9 @@ class Server:
                 if req.include_usage:
                     usage = schema.usage(ctx["prompt_tokens"], sum(len(r.tokens) for r in results.values()))
                     yield dict(schema.chunk(req, rid, created, model.id, model.fingerprint, []), usage=usage)
-            finished = True
+            state["status"] = status
         finally:  # also when the client went away: Starlette cancels this generator; nothing here may await
-            streams.cancel()  # the workers stop these generations at once and free their KV pages
-            admitted.__exit__(None, None, None)
-            self._log(request, ctx, status if finished else 499)  # 499: nginx's "client closed request"
+            finish()
 
     def _remaining(self) -> float | None:
         """Seconds a stream may still run: None until a shutdown signal, then what is left of the grace."""
@@ -444,6 +454,29 @@ class _Choices:
         it also works from a cancelled scope, where no await may run)."""
         for task in self.tasks:
             task.cancel()
+
+
+class _ChunkStream:
+    """A stream's chunk objects, an async iterator. Its end, its aclose() or its being dropped unread ends its
+    generations in the workers, frees its place in flight and logs the request (finish, which runs once): a
+    client that leaves before the first chunk was asked for leaves a generator that never started, whose own
+    finally would never run."""
+
+    def __init__(self, items: AsyncIterator[dict], finish: Callable[[], None]):
+        self._items, self._finish = items, finish
+
+    def __aiter__(self) -> _ChunkStream:
+        return self
+
+    async def __anext__(self) -> dict:
+        return await self._items.__anext__()
+
+    async def aclose(self) -> None:
+        await self._items.aclose()  # type: ignore[attr-defined]
+        self._finish()
+
+    def __del__(self) -> None:
+        self._finish()
 
 
 async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:

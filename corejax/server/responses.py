@@ -189,15 +189,15 @@ class _Responses:
             return f"event: {kind}\ndata: ".encode() + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
         where = {"item_id": mid, "output_index": 0, "content_index": 0}
-        yield event("response.created", response=self._response(body, rid, mid, ctx, created, None, None, None))
-        yield event("response.in_progress", response=self._response(body, rid, mid, ctx, created, None, None, None))
-        item = {"type": "message", "id": mid, "status": "in_progress", "role": "assistant", "content": []}
-        yield event("response.output_item.added", output_index=0, item=item)
-        yield event("response.content_part.added", **where, part={"type": "output_text", "text": "",
-                                                                 "annotations": []})
-        text, finish = "", None
-        calls: dict[int, dict] = {}  # chat's tool call index -> the call so far (its arguments come in pieces)
-        async with contextlib.aclosing(chunks):
+        async with contextlib.aclosing(chunks):  # closed however this stream ends
+            yield event("response.created", response=self._response(body, rid, mid, ctx, created, None, None, None))
+            yield event("response.in_progress", response=self._response(body, rid, mid, ctx, created, None, None, None))
+            item = {"type": "message", "id": mid, "status": "in_progress", "role": "assistant", "content": []}
+            yield event("response.output_item.added", output_index=0, item=item)
+            yield event("response.content_part.added", **where, part={"type": "output_text", "text": "",
+                                                                     "annotations": []})
+            text, finish = "", None
+            calls: dict[int, dict] = {}  # chat's tool call index -> the call so far (its arguments come in pieces)
             async for c in chunks:
                 if "error" in c:
                     failed = self._response(body, rid, mid, ctx, created, text, "error", None)
