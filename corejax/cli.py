@@ -222,7 +222,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: Any) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, ...)")
+    p = sub.add_parser("serve", help="an HTTP server speaking OpenAI's, Ollama's and Anthropic's APIs "
+                                     "(/v1/chat/completions, /api/chat, /v1/messages, ...)")
     p.add_argument("-m", "--model", dest="models", action="append", default=None,
                    help=f"a model to serve (repeatable: each its own worker; default {hub.DEFAULT_MODEL}); "
                         "requests choose one by its name in the model field")

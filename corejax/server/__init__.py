@@ -4,7 +4,17 @@
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
 
 Endpoints: GET /v1/models, POST /v1/completions, /v1/chat/completions, /v1/embeddings; GET /health and
-/metrics (Prometheus). app.py holds the application, schema.py OpenAI's request and response JSON."""
+/metrics (Prometheus). app.py holds the application, schema.py OpenAI's request and response JSON.
+
+The same port speaks other APIs, each a translation into and out of the chat path (so limits, metrics and
+structured output are the same), with errors in its own shape:
+  ollama.py, ollama_models.py  Ollama: POST /api/generate, /api/chat, /api/embed, /api/embeddings, /api/show,
+                               /api/pull; GET /api/tags, /api/ps, /api/version
+  anthropic.py                 Anthropic: POST /v1/messages, /v1/messages/count_tokens
+  responses.py                 OpenAI's Responses API, stateless: POST /v1/responses
+  extras.py                    llama.cpp's POST /tokenize, /detokenize; POST /v1/rerank (/rerank, /v2/rerank)
+--api-key guards every endpoint but /health, as 'Authorization: Bearer <key>' or 'x-api-key: <key>'
+(Anthropic's clients send it so; Ollama has no keys of its own, and its clients take the header)."""
 
 from __future__ import annotations
 

@@ -82,6 +82,11 @@ class Server:
             Route("/v1/chat/completions", self._route("chat", self.chat_completions), methods=["POST"]),
             Route("/v1/embeddings", self._route("embeddings", self.embeddings), methods=["POST"]),
         ]
+        # The other APIs on the same port, each a translation into and out of the OpenAI path above.
+        from corejax.server import anthropic, extras, ollama, responses
+
+        for api in (ollama, anthropic, responses, extras):
+            routes += api.routes(self)
         self.app = Starlette(routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed})
 
     def idle_for(self) -> float:
@@ -97,7 +102,12 @@ class Server:
 
     # --- plumbing: auth, errors, metrics and the access log around every endpoint --------------------------
 
-    def _route(self, endpoint: str, handler: Callable[[Request, dict], Awaitable[Response]]):
+    def _route(self, endpoint: str, handler: Callable[[Request, dict], Awaitable[Response]],
+               error: Callable[[ApiError], Response] | None = None):
+        """The handler with auth, errors (in OpenAI's shape, or `error`'s: each API answers in its own), metrics
+        and the access log around it."""
+        error = error or _error_response
+
         async def route(request: Request) -> Response:
             start = time.perf_counter()
             self.last_activity = time.monotonic()
@@ -108,11 +118,11 @@ class Server:
                     self._authorize(request)
                 response = await handler(request, ctx)
             except ApiError as e:
-                response = _error_response(e)
+                response = error(e)
             except Exception as e:
                 log.exception("internal error in %s", request.url.path)
-                response = _error_response(ApiError(500, f"internal server error ({type(e).__name__})",
-                                                    type="server_error"))
+                response = error(ApiError(500, f"internal server error ({type(e).__name__})",
+                                          type="server_error"))
             if isinstance(response, StreamingResponse):
                 return response  # its stream logs the request when it ends (_log_stream)
             self._log(request, ctx, response.status_code)
@@ -121,13 +131,18 @@ class Server:
         return route
 
     def _authorize(self, request: Request) -> None:
+        """--api-key, the same on every endpoint but /health: 'Authorization: Bearer <key>' (OpenAI's and
+        Ollama's clients, given headers) or 'x-api-key: <key>' (Anthropic's)."""
         key = self.limits.api_key
         if key is None:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
+        if scheme.lower() != "bearer":
+            token = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>' "
+                                "(or 'x-api-key: <key>')",
                            type="invalid_request_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
@@ -135,17 +150,25 @@ class Server:
         elapsed = time.perf_counter() - ctx["start"]
         endpoint, model = ctx["endpoint"], ctx["model"]
         self.metrics.requests.labels(model, endpoint, str(status)).inc()
-        if endpoint in ("completions", "chat", "embeddings"):
+        if endpoint not in ("health", "metrics", "models"):
             self.metrics.duration.labels(model, endpoint).observe(elapsed)
         client = f"{request.client.host}:{request.client.port}" if request.client else "-"
         log.info('%s "%s %s" %d model=%s prompt_tokens=%d completion_tokens=%d %.3fs', client, request.method,
                  request.url.path, status, model, ctx["prompt_tokens"], ctx["completion_tokens"], elapsed)
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
+        if request.url.path.startswith("/api/"):
+            from corejax.server.ollama import error_response
+
+            return error_response(ApiError(404, f"no route {request.method} {request.url.path}"))
         return _error_response(ApiError(404, f"no route {request.method} {request.url.path}; the API is under /v1",
                                         code="not_found"))
 
     async def _not_allowed(self, request: Request, exc: Exception) -> Response:
+        if request.url.path.startswith("/api/"):
+            from corejax.server.ollama import error_response
+
+            return error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
         return _error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
 
     async def _body(self, request: Request) -> dict:
@@ -193,6 +216,13 @@ class Server:
             self.last_activity = time.monotonic()
             self.pool.release(model)  # starts its keep_alive once idle
 
+    # The plumbing the other APIs' modules (ollama.py, anthropic.py, responses.py, extras.py) share.
+    route = _route
+    log_request = _log
+    read_body = _body
+    served_model = _model
+    admitted = _admitted
+
     # --- endpoints ------------------------------------------------------------------------------------------
 
     async def health(self, request: Request, ctx: dict) -> Response:
@@ -223,10 +253,11 @@ class Server:
         ctx["model"] = model_id
         return JSONResponse(self._model_card(model_id))
 
-    async def embeddings(self, request: Request, ctx: dict) -> Response:
-        body = await self._body(request)
-        texts = schema.embedding_inputs(body)
-        model = await self._model(body.get("model"), ctx, body.get("keep_alive"))
+    async def embed(self, name: Any, texts: list[str], ctx: dict,
+                    keep_alive: Any = None) -> tuple[ServedModel, Any, list[int]]:
+        """(the model, its vectors [n, D], each text's token count) of texts embedded by the model `name`,
+        admitted and counted as every request is (the other APIs' embedding and rerank endpoints use it)."""
+        model = await self._model(name, ctx, keep_alive)
         with self._admitted(model):
             try:
                 vectors = await asyncio.to_thread(model.session.embed, texts)
@@ -235,6 +266,12 @@ class Server:
                 raise _api_error(e) from None
         ctx["prompt_tokens"] = sum(counts)
         self.metrics.prompt_tokens.labels(model.id).inc(sum(counts))
+        return model, vectors, counts
+
+    async def embeddings(self, request: Request, ctx: dict) -> Response:
+        body = await self._body(request)
+        texts = schema.embedding_inputs(body)
+        model, vectors, counts = await self.embed(body.get("model"), texts, ctx, body.get("keep_alive"))
         b64 = body.get("encoding_format") == "base64"
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() if b64 else
@@ -249,7 +286,18 @@ class Server:
         return await self._generate(request, ctx, chat=True)
 
     async def _generate(self, request: Request, ctx: dict, *, chat: bool) -> Response:
-        body = await self._body(request)
+        out = await self.openai_generation(request, ctx, await self._body(request), chat=chat)
+        if isinstance(out, dict):
+            return JSONResponse(out)
+        return StreamingResponse(_sse(out), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def openai_generation(self, request: Request, ctx: dict, body: dict, *,
+                                chat: bool) -> dict | AsyncIterator[dict]:
+        """An OpenAI completions (chat=False) or chat completions body through the server's generation path:
+        the completion object, or with stream: true an async iterator of the chunk objects (an {"error": ...}
+        object last when the stream fails after it began). Errors before the stream begins raise ApiError.
+        Ollama's, Anthropic's and the Responses API are translations into and out of these (ollama.py, ...)."""
         req = schema.generation_request(body, chat=chat, max_tokens_limit=self.limits.max_tokens)
         model = await self._model(req.model, ctx, body.get("keep_alive"))
         if not model.generates:
@@ -267,9 +315,7 @@ class Server:
         try:
             if req.stream:
                 first = await streams.first_events()  # errors before the first token get their HTTP status
-                return StreamingResponse(self._sse(request, ctx, req, rid, model, streams, first, admitted),
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return self._chunks(request, ctx, req, rid, model, streams, first, admitted)
             results = await streams.results(request)
         except BaseException:
             streams.cancel()
@@ -278,7 +324,7 @@ class Server:
         admitted.__exit__(None, None, None)
         for index, result in results:
             self._count(model, ctx, req, index, result)
-        return JSONResponse(schema.completion(req, rid, model.id, model.fingerprint, results))
+        return schema.completion(req, rid, model.id, model.fingerprint, results)
 
     def _count(self, model: ServedModel, ctx: dict, req: GenerationRequest, index: int,
                result: GenerationResult) -> None:
@@ -292,14 +338,27 @@ class Server:
         if len(result.tokens) > 1:
             self.metrics.decode_rate.labels(model.id).observe(result.timings.decode_tokens_per_s)
 
-    async def _sse(self, request: Request, ctx: dict, req: GenerationRequest, rid: str, model: ServedModel,
-                   streams: _Choices, first: list, admitted: Any) -> AsyncIterator[bytes]:
+    def _chunks(self, request: Request, ctx: dict, req: GenerationRequest, rid: str, model: ServedModel,
+                streams: _Choices, first: list, admitted: Any) -> _ChunkStream:
+        state = {"status": 499, "finished": False}  # 499: nginx's "client closed request", until the stream ends
+
+        def finish() -> None:  # once, and synchronous: it may run in a cancelled scope, where no await may run
+            if not state["finished"]:
+                state["finished"] = True
+                streams.cancel()  # the workers stop these generations at once and free their KV pages
+                admitted.__exit__(None, None, None)
+                self._log(request, ctx, state["status"])
+
+        return _ChunkStream(self._chunk_items(state, finish, ctx, req, rid, model, streams, first), finish)
+
+    async def _chunk_items(self, state: dict, finish: Callable[[], None], ctx: dict, req: GenerationRequest,
+                           rid: str, model: ServedModel, streams: _Choices, first: list) -> AsyncIterator[dict]:
         created = schema.now()
 
-        def event(choices: list[dict]) -> bytes:
-            return schema.sse(schema.chunk(req, rid, created, model.id, model.fingerprint, choices))
+        def event(choices: list[dict]) -> dict:
+            return schema.chunk(req, rid, created, model.id, model.fingerprint, choices)
 
-        status, finished = 200, False
+        status = 200
         offsets = dict.fromkeys(range(streams.count), 0)  # completions' text_offset, per choice
         results: dict[int, GenerationResult] = {}
         try:
@@ -313,15 +372,14 @@ class Server:
                 if isinstance(item, Exception):  # a failure after the headers went out: a final error event
                     error = item if isinstance(item, ApiError) else _api_error(item)
                     status = error.status
-                    yield schema.sse(error.body())
+                    yield error.body()
                     break
                 if item.result is not None:
                     results[index] = item.result
                     self._count(model, ctx, req, index, item.result)
-                    yield schema.sse(dict(
-                        schema.chunk(req, rid, created, model.id, model.fingerprint,
-                                     [schema.delta_choice(req, index, "", (), item.result.finish_reason)]),
-                        timings=schema.timings(item.result)))
+                    yield dict(schema.chunk(req, rid, created, model.id, model.fingerprint,
+                                            [schema.delta_choice(req, index, "", (), item.result.finish_reason)]),
+                               timings=schema.timings(item.result))
                     continue
                 if item.text or item.logprobs or item.tool_calls or item.reasoning:
                     yield event([schema.delta_choice(req, index, item.text, item.logprobs, None, offsets[index],
@@ -330,14 +388,10 @@ class Server:
             else:
                 if req.include_usage:
                     usage = schema.usage(ctx["prompt_tokens"], sum(len(r.tokens) for r in results.values()))
-                    yield schema.sse(dict(schema.chunk(req, rid, created, model.id, model.fingerprint, []),
-                                          usage=usage))
-            yield schema.SSE_DONE
-            finished = True
+                    yield dict(schema.chunk(req, rid, created, model.id, model.fingerprint, []), usage=usage)
+            state["status"] = status
         finally:  # also when the client went away: Starlette cancels this generator; nothing here may await
-            streams.cancel()  # the workers stop these generations at once and free their KV pages
-            admitted.__exit__(None, None, None)
-            self._log(request, ctx, status if finished else 499)  # 499: nginx's "client closed request"
+            finish()
 
     def _remaining(self) -> float | None:
         """Seconds a stream may still run: None until a shutdown signal, then what is left of the grace."""
@@ -438,6 +492,37 @@ class _Choices:
             task.cancel()
 
 
+class _ChunkStream:
+    """A stream's chunk objects, an async iterator. Its end, its aclose() or its being dropped unread ends its
+    generations in the workers, frees its place in flight and logs the request (finish, which runs once): a
+    client that leaves before the first chunk was asked for leaves a generator that never started, whose own
+    finally would never run."""
+
+    def __init__(self, items: AsyncIterator[dict], finish: Callable[[], None]):
+        self._items, self._finish = items, finish
+
+    def __aiter__(self) -> _ChunkStream:
+        return self
+
+    async def __anext__(self) -> dict:
+        return await self._items.__anext__()
+
+    async def aclose(self) -> None:
+        await self._items.aclose()  # type: ignore[attr-defined]
+        self._finish()
+
+    def __del__(self) -> None:
+        self._finish()
+
+
+async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    """OpenAI's server-sent events of a stream's chunk objects, then [DONE]."""
+    async with contextlib.aclosing(chunks):
+        async for c in chunks:
+            yield schema.sse(c)
+    yield schema.SSE_DONE
+
+
 def _api_error(e: BaseException) -> ApiError:
     """corejax's exceptions as OpenAI errors with the HTTP status a client can act on."""
     message = str(e)
@@ -457,6 +542,9 @@ def _api_error(e: BaseException) -> ApiError:
         return ApiError(500, message, type="server_error")
     log.error("unexpected %s: %s", type(e).__name__, e)
     return ApiError(500, f"internal server error ({type(e).__name__})", type="server_error")
+
+
+api_error = _api_error  # public for the other APIs' modules
 
 
 def _error_response(e: ApiError) -> JSONResponse:
