@@ -131,11 +131,11 @@ def test_count_tokens(server, claude):
     ({"model": GENERATOR, "messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_request_error",
      "max_tokens"),
     ({"model": "claude-nope", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}, 404,
-     "not_found_error", "does not exist"),
+     "not_found_error", "is not served here"),
     ({"model": GENERATOR, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400,
      "invalid_request_error", "image"),
     ({"model": GENERATOR, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
-      "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}, 400, "invalid_request_error", "tool"),
+      "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 400, "invalid_request_error", "server tools"),
     ({"model": GENERATOR, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
       "tool_choice": {"type": "sometimes"}}, 400, "invalid_request_error", "tool_choice"),
     ({"model": GENERATOR, "max_tokens": 100000, "messages": [{"role": "user", "content": "hi"}]}, 400,
@@ -186,7 +186,7 @@ def test_responses_structured_output(oai):
 
 @pytest.mark.parametrize("extra, words", [({"previous_response_id": "resp_1"}, "keeps no responses"),
                                           ({"store": True}, "store"), ({"input": 3}, "input"),
-                                          ({"tools": [{"type": "function", "name": "f"}]}, "tool")])
+                                          ({"tools": [{"type": "web_search"}]}, "built-in tools")])
 def test_responses_refusals(server, extra, words):
     got, _, payload = server.request("POST", "/v1/responses", {"model": GENERATOR, "input": "hi", **extra})
     assert got == 400 and words in payload["error"]["message"], payload
@@ -366,3 +366,42 @@ def test_a_failure_mid_stream_ends_each_stream_in_its_own_shape(server):
     r = server.request("POST", "/api/generate", {"model": GENERATOR, "prompt": "hi", "stream": False,
                                                  "options": {"num_predict": 2}})
     assert r[0] == 200 and r[2]["done"]  # a new worker answers
+
+
+# --- tool calls through the translations (the chat path's tools: corejax/tools/) -------------------------------
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+           "additionalProperties": False}
+
+
+def test_messages_tool_use_and_result_round_trip(claude):
+    tools = [{"name": "get_weather", "description": "The weather in a city", "input_schema": WEATHER}]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    m = claude.messages.create(model=GENERATOR, max_tokens=60, **GREEDY, tools=tools, messages=ask,
+                               tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True})
+    uses = [b for b in m.content if b.type == "tool_use"]
+    assert m.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name == "get_weather", m
+    jsonschema.validate(uses[0].input, WEATHER)
+    with claude.messages.stream(model=GENERATOR, max_tokens=60, **GREEDY, tools=tools, messages=ask,
+                                tool_choice={"type": "any", "disable_parallel_tool_use": True}) as stream:
+        final = stream.get_final_message()
+    streamed = [b for b in final.content if b.type == "tool_use"]
+    assert final.stop_reason == "tool_use" and [b.input for b in streamed] == [uses[0].input]
+    back = claude.messages.create(model=GENERATOR, max_tokens=8, **GREEDY, tools=tools, messages=[
+        *ask, {"role": "assistant", "content": [u.model_dump() for u in uses]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "Sunny, 21 C"}]}])
+    assert back.stop_reason in ("end_turn", "max_tokens") and back.content and back.content[0].type == "text"
+
+
+def test_responses_function_call_round_trip(oai):
+    tools = [{"type": "function", "name": "get_weather", "description": "The weather in a city",
+              "parameters": WEATHER}]
+    r = oai.responses.create(model=GENERATOR, input="What is the weather in Paris?", max_output_tokens=60,
+                             temperature=0, tools=tools, tool_choice="required", parallel_tool_calls=False)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather", r.output
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER)
+    back = oai.responses.create(model=GENERATOR, max_output_tokens=8, temperature=0, tools=tools, input=[
+        {"role": "user", "content": "What is the weather in Paris?"}, calls[0].model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 21 C"}])
+    assert back.output_text

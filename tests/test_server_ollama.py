@@ -158,9 +158,9 @@ def test_pull_of_a_cached_model_streams_progress(client):
 
 
 @pytest.mark.parametrize("method, path, body, status, words", [
-    ("POST", "/api/chat", {"model": "nope", "messages": CHAT}, 404, "does not exist"),
+    ("POST", "/api/chat", {"model": "nope", "messages": CHAT}, 404, "is not served here"),
     ("POST", "/api/chat", {"model": GENERATOR, "messages": CHAT, "stream": False,
-                           "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tool"),
+                           "tools": [{"type": "function", "function": {"parameters": {}}}]}, 400, "tools"),
     ("POST", "/api/chat", {"model": GENERATOR, "messages": "hi", "stream": False}, 400, "messages"),
     ("POST", "/api/generate", {"model": GENERATOR, "prompt": "hi", "images": ["aGk="]}, 400, "images"),
     ("POST", "/api/generate", {"model": GENERATOR, "prompt": "hi", "format": "yaml"}, 400, "format"),
@@ -195,3 +195,18 @@ def test_metrics_and_access_log(server, client):
     assert m[f'corejax_request_duration_seconds_count{{endpoint="ollama_generate",model="{GENERATOR}"}}'] >= 3
     log = server.log_text()
     assert f'"POST /api/chat" 200 model={GENERATOR}' in log and f'"POST /api/pull" 200 model={GENERATOR}' in log
+
+
+def test_chat_with_tools_and_a_tool_result(client):
+    """Ollama has no tool_choice: the tools reach the template (SmolLM2's knows none: the generic system message)
+    and whatever the model answers comes back as content or tool_calls; a tool result goes back through."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    r = client.chat(GENERATOR, messages=CHAT, tools=tools, options={"temperature": 0, "num_predict": 24})
+    assert r.done and (r.message.content or r.message.tool_calls)
+    call = {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    back = client.chat(GENERATOR, tools=tools, options={"temperature": 0, "num_predict": 6}, messages=[
+        *CHAT, {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "Sunny, 21 C", "tool_name": "get_weather"}])
+    assert back.done and back.message.content

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -25,8 +25,7 @@ from starlette.routing import Route
 from corejax.server import schema
 from corejax.server.schema import ApiError, bad
 
-if TYPE_CHECKING:
-    from corejax.server.app import Server
+# `server` is corejax.server.app's Server (not imported here: app imports this module to build its routes).
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
@@ -34,7 +33,7 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 _STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "stop": "end_turn"}
 
 
-def routes(server: Server) -> list[Route]:
+def routes(server: Any) -> list[Route]:
     api = _Messages(server)
     return [Route("/v1/messages", server.route("anthropic_messages", api.messages, error_response),
                   methods=["POST"]),
@@ -212,7 +211,7 @@ def _token_texts(logprobs: dict | None) -> list[str]:
 
 
 class _Messages:
-    def __init__(self, server: Server):
+    def __init__(self, server: Any):
         self.server = server
 
     async def messages(self, request: Request, ctx: dict) -> Response:

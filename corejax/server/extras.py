@@ -4,7 +4,7 @@ of llama.cpp's server and Cohere's API) on `corejax serve`'s port. Errors in Ope
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from starlette.requests import Request
@@ -12,15 +12,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from corejax import errors
-from corejax.server.schema import bad
+from corejax.server.schema import ApiError, api_error, bad
 
-if TYPE_CHECKING:
-    from corejax.server.app import Server
+# `server` is corejax.server.app's Server (not imported here: app imports this module to build its routes).
 
 MAX_DOCUMENTS = 1024  # one rerank request's documents (each is one embedding)
 
 
-def routes(server: Server) -> list[Route]:
+def routes(server: Any) -> list[Route]:
     api = _Extras(server)
     return [Route("/tokenize", server.route("tokenize", api.tokenize), methods=["POST"]),
             Route("/detokenize", server.route("detokenize", api.detokenize), methods=["POST"]),
@@ -29,7 +28,7 @@ def routes(server: Server) -> list[Route]:
 
 
 class _Extras:
-    def __init__(self, server: Server):
+    def __init__(self, server: Any):
         self.server = server
 
     async def tokenize(self, request: Request, ctx: dict) -> Response:
@@ -121,7 +120,5 @@ class _Extras:
         return encoders[0] if len(encoders) == 1 else None
 
 
-def _error(e: errors.CorejaxError):
-    from corejax.server.app import api_error
-
+def _error(e: errors.CorejaxError) -> ApiError:
     return api_error(e)

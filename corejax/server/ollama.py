@@ -15,18 +15,17 @@ import datetime
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from corejax.server.ollama_models import NDJSON
 from corejax.server.schema import ApiError, bad
 
-if TYPE_CHECKING:
-    from corejax.server.app import Server
+# `server` is corejax.server.app's Server (not imported here: app imports this module to build its routes).
 
-NDJSON = "application/x-ndjson"
 
 # Ollama's options and what corejax does with each. Mapped: sampling corejax honours, under OpenAI's names.
 _MAPPED = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed",
@@ -44,7 +43,7 @@ _PERFORMANCE = {"num_thread", "num_gpu", "main_gpu", "num_batch", "low_vram", "u
                 "rope_frequency_scale", "num_ctx", "num_keep"}
 
 
-def routes(server: Server) -> list[Route]:
+def routes(server: Any) -> list[Route]:
     from corejax.server import ollama_models
 
     api = _Ollama(server)
@@ -209,7 +208,7 @@ def _stats(ctx: dict, timings: dict | None, finish: str | None) -> dict:
 
 
 class _Ollama:
-    def __init__(self, server: Server):
+    def __init__(self, server: Any):
         self.server = server
 
     def _openai_body(self, body: dict, model: str) -> dict:

@@ -12,31 +12,31 @@ import datetime
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from corejax import errors, hub
-from corejax.server.ollama import NDJSON
 from corejax.server.schema import ApiError, bad
 from corejax.version import __version__
 
-if TYPE_CHECKING:
-    from corejax.server.app import ServedModel, Server
+NDJSON = "application/x-ndjson"
+
+# `server` is corejax.server.app's Server (not imported here: app imports this module to build its routes).
 
 _POLL_S = 0.5  # how often a streamed pull reports the bytes downloaded so far
 
 
-def routes(server: Server, route: Callable[..., Route]) -> list[Route]:
+def routes(server: Any, route: Callable[..., Route]) -> list[Route]:
     api = _Models(server)
     return [route("/api/tags", "tags", api.tags, "GET"), route("/api/show", "show", api.show),
             route("/api/ps", "ps", api.ps, "GET"), route("/api/pull", "pull", api.pull),
             route("/api/version", "version", api.version, "GET")]
 
 
-def _digest(m: ServedModel) -> str:
+def _digest(m: Any) -> str:
     entry = hub.REGISTRY.get(m.id)
     if entry is not None and entry.sha256:
         return entry.sha256
@@ -50,16 +50,16 @@ def _details(info: dict) -> dict:
 
 
 class _Models:
-    def __init__(self, server: Server):
+    def __init__(self, server: Any):
         self.server = server
 
-    async def _info(self, m: ServedModel) -> dict:
+    async def _info(self, m: Any) -> dict:
         try:
             return await asyncio.to_thread(m.session.info)
         except errors.CorejaxError:  # a worker restarting: what a card needs is not worth a failure
             return {}
 
-    async def _card(self, m: ServedModel) -> dict:
+    async def _card(self, m: Any) -> dict:
         info = await self._info(m)
         return {"name": m.id, "model": m.id, "modified_at": _iso(m.created),
                 "size": int(info.get("weight_bytes") or 0), "digest": _digest(m), "details": _details(info)}
@@ -100,7 +100,7 @@ class _Models:
         with self.server.admitted(m):
             return await self._show(m)
 
-    async def _show(self, m: ServedModel) -> Response:
+    async def _show(self, m: Any) -> Response:
         info = await self._info(m)
         cfg, arch = info.get("config") or {}, info.get("architecture") or "model"
         model_info = {"general.architecture": arch, "general.name": info.get("name") or m.id}

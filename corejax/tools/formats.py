@@ -126,8 +126,12 @@ def read_calls(text: str, names: frozenset[str] | None) -> list[tuple[str, str]]
 
 
 def call_schema(tool: dict, arguments_key: str = "arguments") -> dict:
+    from corejax.types.jsonschema_prep import (
+        prepare,  # the same reading of a schema as response_format's
+    )
+
     fn = tool["function"]
-    params = fn.get("parameters") or {"type": "object"}
+    params = prepare(fn.get("parameters") or {"type": "object"})  # e.g. only the listed properties
     return {"type": "object", "properties": {"name": {"const": fn["name"]}, arguments_key: params},
             "required": ["name", arguments_key], "additionalProperties": False}
 

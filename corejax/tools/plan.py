@@ -45,7 +45,10 @@ def prepare(messages: Sequence[dict], tools: ToolRequest | None, fmt: ChatFormat
             out = with_system(out, generic_instructions(tools.tools, parallel))
         else:
             template_tools = [dict(t) for t in tools.tools]
-        grammar = tools.grammar(fmt)
+        try:
+            grammar = tools.grammar(fmt)
+        except InvalidParameterError as e:  # a parameters schema corejax cannot enforce (jsonschema_prep's word)
+            raise ToolError(f"the tools' parameter schemas cannot be enforced: {str(e)[:300]}", "tools") from None
         if grammar is not None:
             if sampling.constraint is not None:
                 raise ToolError("tool_choice 'required' or a named function constrains the reply to tool calls, "
