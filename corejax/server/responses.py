@@ -23,7 +23,7 @@ from corejax.server.schema import bad
 # `server` is corejax.server.app's Server (not imported here: app imports this module to build its routes).
 
 # Fields with no effect on the text: accepted and not passed on.
-_IGNORED = ("metadata", "user", "truncation", "parallel_tool_calls", "service_tier", "safety_identifier",
+_IGNORED = ("metadata", "user", "truncation", "service_tier", "safety_identifier",
             "prompt_cache_key", "include", "background")
 
 
@@ -133,6 +133,8 @@ def openai_body(body: dict) -> dict:
         out["tools"] = responses_tools(body["tools"])
     if body.get("tool_choice") is not None:
         out["tool_choice"] = responses_tool_choice(body["tool_choice"])
+    if body.get("parallel_tool_calls") is not None:  # the chat path checks it is a bool
+        out["parallel_tool_calls"] = body["parallel_tool_calls"]
     fmt = _format(body.get("text"))
     if fmt is not None:
         out["response_format"] = fmt
@@ -154,7 +156,8 @@ class _Responses:
         return {"id": rid, "object": "response", "created_at": created, "status": status, "error": None,
                 "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,
                 "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
-                "model": ctx["model"], "output": output, "parallel_tool_calls": False,
+                "model": ctx["model"], "output": output,
+                "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
                 "temperature": body.get("temperature"), "top_p": body.get("top_p"),
                 "tool_choice": body.get("tool_choice") or "auto", "tools": tools, "text": {"format": {"type": "text"}}, "store": False, "metadata": {},
                 "usage": None if usage is None else {
