@@ -96,6 +96,7 @@ def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 
         pool = ModelPool(allowed, load, max_models=max_models,
                          keep_alive_s=DEFAULT_KEEP_ALIVE_S if keep_alive is None else
                          parse_keep_alive(keep_alive, "--keep-alive"))
+        pool.allow_registry = allow_registry
         server = Server(served, limits, pool)
         config = uvicorn.Config(server.app, host=host, port=port, uds=uds, log_level=log_level, access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=int(limits.shutdown_grace_s) + 5)

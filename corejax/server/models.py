@@ -112,6 +112,7 @@ class ModelPool:
     def __init__(self, allowed: dict[str, Any], load: Callable[[str, Any], Any] | None, *,
                  max_models: int | None = None, keep_alive_s: float | None = DEFAULT_KEEP_ALIVE_S):
         self.allowed = dict(allowed)
+        self.allow_registry = False  # --allow-registry: a registry model pulled later (Ollama's /api/pull) joins
         self._load = load
         self.max_models = max_models
         self.keep_alive_s = float("inf") if keep_alive_s is not None and keep_alive_s < 0 else keep_alive_s

@@ -157,6 +157,8 @@ class _Models:
                 yield {"error": str(e)}
                 return
         yield dict(layer, completed=entry.size)
+        if self.server.pool.allow_registry:  # now cached: requests may name it (without the flag: only as listed)
+            self.server.pool.allowed.setdefault(entry.name, entry.name)
         yield {"status": "verifying sha256 digest"}
         yield {"status": "writing manifest"}
         yield {"status": "success"}
