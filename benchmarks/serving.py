@@ -23,8 +23,8 @@ Prints a table per model and the goals (checked and shown, not asserted): aggreg
 stream; 2 streams never below 1x; corejax serve's aggregate >= 1.2x llama-server's at every N with an
 inter-token P95 no worse. Writes benchmarks/out/serving.json. llama.cpp's programs come from --llama-cpp DIR or
 the cached build that serving_llama.py makes (~/.cache/corejax-bench/llama.cpp-<version>). Run it on an idle
-machine: the full grid takes about an hour on 2 cores; --quick (SmolLM2, 1/2/4 streams, 16 tokens, one
-repetition) checks that everything runs in a few minutes.
+machine: the full grid takes an hour or more on 2 cores (the 1.1B shape about half of it); --quick (SmolLM2,
+1/2/4 streams, 16 tokens, one repetition) checks that everything runs, in about a minute.
 """
 
 from __future__ import annotations
@@ -190,17 +190,33 @@ def run_model(name: str, args: argparse.Namespace, programs: dict) -> dict:
     path = model_file(name, args.shapes_dir)
     print(f"\n== {name}: {path} ==", flush=True)
     prompts = Prompts(path, args.prompt_tokens)
+    from corejax.loading.gguf import read_gguf
+
+    with read_gguf(path) as f:
+        context = int(f.metadata[f"{f.metadata['general.architecture']}.context_length"])
+    if max(args.streams) * (args.prompt_tokens + args.tokens) > context:
+        print(f"note: {max(args.streams)} streams of {args.prompt_tokens}+{args.tokens} tokens are over the model's "
+              f"context ({context}), which bounds corejax's KV pool: some streams may wait for pages", flush=True)
     ctx_per_stream = args.prompt_tokens + args.tokens + 64
     results: dict[str, dict] = {rt: {} for rt in args.runtimes}
     logs = OUT / "serving-logs"
     logs.mkdir(parents=True, exist_ok=True)
+    name = path.stem if name.endswith(".gguf") else name  # the logs' and the table's name for a path
+    for old in logs.glob(f"{name}-*.log"):  # this run's logs only (the servers' append, one start per level)
+        old.unlink()
 
     if "batched-bench" in args.runtimes:
         try:
-            rows = serving_llama.batched_bench(programs["llama-batched-bench"], path, args.prompt_tokens,
-                                               args.tokens, args.streams, args.threads,
-                                               logs / f"{name}-batched-bench.log", args.peer_timeout)
-            results["batched-bench"] = {str(n): rows[n] for n in args.streams if n in rows}
+            runs = [serving_llama.batched_bench(programs["llama-batched-bench"], path, args.prompt_tokens,
+                                                args.tokens, args.streams, args.threads,
+                                                logs / f"{name}-batched-bench-{rep}.log", args.peer_timeout)
+                    for rep in range(args.reps)]
+            for n in args.streams:
+                rows = [run[n] for run in runs if n in run]
+                if rows:  # the mean of each figure over the repetitions
+                    results["batched-bench"][str(n)] = {
+                        **{k: statistics.mean(r[k] for r in rows) for k in rows[0]},
+                        "aggregate_runs": [r["aggregate_tok_s"] for r in rows]}
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             results["batched-bench"] = {"error": str(e)}
             print(f"batched-bench: {e}", flush=True)
@@ -335,10 +351,19 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smollm2, streams 1 2 4, 16 tokens, one repetition")
     ap.add_argument("--json", default=str(OUT / "serving.json"))
     args = ap.parse_args()
+    if args.reps < 1 or args.tokens < 2 or args.prompt_tokens < 16 or min(args.streams) < 1:
+        ap.error("--reps and --streams need at least 1, --tokens 2 (an inter-token gap), --prompt-tokens 16")
     if args.quick:
         args.models, args.streams, args.tokens, args.reps = ["smollm2"], [1, 2, 4], 16, 1
-    from corejax.bench.machine import fingerprint, load_average
+    from corejax.bench.machine import fingerprint, load_average, usable_cores
 
+    if usable_cores() != args.threads:
+        print(f"note: {usable_cores()} usable cores; llama.cpp runs on --threads {args.threads}, corejax's XLA "
+              "on all of them (the comparison is like for like only where they match)", flush=True)
+
+    if load_average()[0] > 0.5:
+        print(f"note: load average {load_average()[0]:.2f} before the start: the figures are only worth comparing "
+              "on an idle machine (llama.cpp's spinning threads suffer most from a busy one)", flush=True)
     needs_llama = {"llama-server", "batched-bench"} & set(args.runtimes)
     programs = serving_llama.locate(args.llama_cpp) if needs_llama else {}
     t0 = time.perf_counter()

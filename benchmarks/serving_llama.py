@@ -57,6 +57,17 @@ def cmake_args() -> list[str]:
             "-DLLAMA_USE_PREBUILT_UI=OFF"]  # no download during the build, no web UI
 
 
+def unpack(sdist: Path, source: Path) -> None:
+    """vendor/llama.cpp of llama-cpp-python's sdist into `source`."""
+    prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+    print(f"+ unpack {prefix} of {sdist.name} into {source}", flush=True)
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        tar.extractall(source, members=[m for m in members if m.name], filter="data")
+
+
 def build(version: str | None = None, jobs: int | None = None) -> dict[str, Path]:
     """Finds the cached build of llama.cpp <version> or makes it (printing each command); the programs' paths."""
     version = version or installed_version()
@@ -75,14 +86,7 @@ def build(version: str | None = None, jobs: int | None = None) -> dict[str, Path
         with tempfile.TemporaryDirectory() as tmp:
             _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                   f"llama-cpp-python=={version}", "-d", tmp])
-            sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-            prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
-            print(f"+ unpack {prefix} of {sdist.name} into {source}", flush=True)
-            with tarfile.open(sdist) as tar:
-                members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-                for m in members:
-                    m.name = m.name[len(prefix):]
-                tar.extractall(source, members=[m for m in members if m.name], filter="data")
+            unpack(next(Path(tmp).glob("llama_cpp_python-*.tar.gz")), source)
     _run(["cmake", "-S", str(source), "-B", str(home / "build"), *cmake_args()])
     _run(["cmake", "--build", str(home / "build"), f"-j{jobs or os.cpu_count() or 2}", "--target", *PROGRAMS])
     found = programs_in(home / "build")
