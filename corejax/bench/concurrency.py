@@ -18,9 +18,14 @@ from corejax.bench.text import PARAGRAPH
 LEVELS = (1, 2, 4, 8, 16)
 
 
-def burst(session: Any, streams: int, tokens: int) -> tuple[float, list[float]]:
-    """(aggregate tokens/s, each stream's time to first token) with `streams` threads started together."""
+def burst(session: Any, streams: int, tokens: int, prompts: list[str] | None = None,
+          arrivals: list[list[float]] | None = None) -> tuple[float, list[float]]:
+    """(aggregate tokens/s, each stream's time to first token) with `streams` threads started together.
+    prompts: one per stream (default "Story i: ..."); arrivals: if given, filled with each stream's
+    perf_counter() at the submit and at every chunk that carried tokens (benchmarks/serving.py's latencies)."""
     start = threading.Barrier(streams + 1)
+    if arrivals is not None:
+        arrivals[:] = [[] for _ in range(streams)]
     ttft: list[float] = [0.0] * streams
     generated = [0] * streams
     errors: list[BaseException] = []
@@ -29,10 +34,15 @@ def burst(session: Any, streams: int, tokens: int) -> tuple[float, list[float]]:
         try:
             start.wait()
             t0 = time.perf_counter()
-            for chunk in session.stream_chunks(f"Story {i}: {PARAGRAPH}", temperature=0, max_tokens=tokens,
-                                               ignore_eos=True):
-                if chunk.tokens and not ttft[i]:
-                    ttft[i] = time.perf_counter() - t0
+            if arrivals is not None:
+                arrivals[i].append(t0)
+            prompt = prompts[i] if prompts else f"Story {i}: {PARAGRAPH}"
+            for chunk in session.stream_chunks(prompt, temperature=0, max_tokens=tokens, ignore_eos=True):
+                if chunk.tokens:
+                    now = time.perf_counter()
+                    ttft[i] = ttft[i] or now - t0
+                    if arrivals is not None:
+                        arrivals[i].append(now)
                 if chunk.result is not None:
                     generated[i] = chunk.result.timings.generated_tokens
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
