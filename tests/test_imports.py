@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # The layers, lowest first. A module that matches none fails test_every_module_has_a_layer.
 CHAIN = [
@@ -197,3 +199,13 @@ def test_child_processes_import_their_parents_corejax(tmp_path):
     plain = subprocess.run([sys.executable, "-m", "corejax.cli", "ps"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120)
     assert "decoy" in plain.stderr  # the check can fail: a plain `-m` takes the folder's corejax
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages a regular (not editable) install copies: a folder left out installs
+    nothing, and `pip install .` then fails on its first import while an editable checkout works."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(("corejax", *p.parent.relative_to(ROOT / "corejax").parts)).rstrip(".")
+               for p in (ROOT / "corejax").rglob("__init__.py")}
+    assert folders - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"

@@ -10,6 +10,7 @@ import time
 import pytest
 from references import require
 from test_server import API_KEY, ENCODER, GENERATOR, ServerProcess
+from test_server import _wait_for as _wait
 
 openai = require("openai")
 TOO_BIG = "gemma3-270m"  # needs about 1.0 GiB of budget: over --memory-limit 1000MiB, where the others fit
@@ -34,15 +35,6 @@ def _status(server) -> dict[str, str]:
     status, _, body = server.request("GET", "/v1/models")
     assert status == 200, body
     return {m["id"]: m["status"]["value"] for m in body["data"]}
-
-
-def _wait(predicate, timeout=30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_load_on_demand_and_lru_eviction(pool_server, client):
