@@ -1,13 +1,15 @@
-"""`corejax serve`: an OpenAI-compatible HTTP server (Starlette on uvicorn) over one sandboxed Session per model.
+"""`corejax serve`: an OpenAI-compatible HTTP server (Starlette on uvicorn) over one sandboxed Session per loaded model.
 
     corejax serve -m smollm2-135m-instruct --port 8000
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
 
 Endpoints: GET /v1/models, POST /v1/completions, /v1/chat/completions, /v1/embeddings; GET /health and
-/metrics (Prometheus). app.py holds the application, schema.py OpenAI's request and response JSON.
+/metrics (Prometheus). app.py holds the application, schema.py OpenAI's request and response JSON, streams.py a
+request's generation streams, models.py the pool of models (loaded on demand from an allow-list, at most
+--max-models, unloaded after keep_alive), fim.py fill-in-the-middle prompts; tool calls are corejax/tools/'s.
 
 The same port speaks other APIs, each a translation into and out of the chat path (so limits, metrics and
-structured output are the same), with errors in its own shape:
+structured output and tool calls are the same), with errors in its own shape:
   ollama.py, ollama_models.py  Ollama: POST /api/generate, /api/chat, /api/embed, /api/embeddings, /api/show,
                                /api/pull; GET /api/tags, /api/ps, /api/version
   anthropic.py                 Anthropic: POST /v1/messages, /v1/messages/count_tokens
