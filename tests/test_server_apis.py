@@ -405,3 +405,11 @@ def test_responses_function_call_round_trip(oai):
         {"role": "user", "content": "What is the weather in Paris?"}, calls[0].model_dump(exclude_none=True),
         {"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 21 C"}])
     assert back.output_text
+
+
+def test_models_list_reads_in_both_clients(claude, oai):
+    """One /v1/models listing in OpenAI's and Anthropic's shapes, so either client's models.list() works."""
+    anthropic_ids = [m.id for m in claude.models.list()]
+    assert GENERATOR in anthropic_ids and anthropic_ids == [m.id for m in oai.models.list()]
+    info = claude.models.retrieve(GENERATOR)
+    assert info.type == "model" and info.display_name == GENERATOR and info.created_at.year >= 2026

@@ -241,11 +241,17 @@ class Server:
         a request may load); a loaded one's status also has size_bytes and expires_at (ModelPool.ps)."""
         m = self.models.get(model_id)
         status = {"value": self.pool.status(model_id), **self.pool.usage(model_id)}
-        return {"id": model_id, "object": "model", "created": m.created if m else self.started, "owned_by": "corejax",
-                "status": status}
+        created = m.created if m else self.started
+        # Anthropic's ModelInfo fields too (type, display_name, created_at): one listing serves both clients.
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "corejax", "status": status,
+                "type": "model", "display_name": model_id,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))}
 
     async def list_models(self, request: Request, ctx: dict) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_card(m["id"]) for m in self.pool.listing()]})
+        """OpenAI's list ({"object": "list", "data"}) and Anthropic's page (data, has_more, first_id, last_id)."""
+        data = [self._model_card(m["id"]) for m in self.pool.listing()]
+        return JSONResponse({"object": "list", "data": data, "has_more": False,
+                             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 
     async def get_model(self, request: Request, ctx: dict) -> Response:
         model_id = self._model_id(request.path_params["model_id"])
