@@ -51,6 +51,11 @@ _MAX_QUEUED = 10_000
 _LEAD = object()  # put in a waiting caller's mailbox: the socket is free, read it (WorkerClient.wait)
 
 
+# What decoding a frame can raise (msgpack's errors are ValueErrors). Not `Exception`: an exception a signal
+# handler raises while this thread reads (a notebook's interrupt, mid-frame possibly) is the caller's, and must
+# reach it with the connection intact, not be taken for a bad frame that ends the worker.
+_UNREADABLE = (ValueError, TypeError, LookupError, AttributeError, ArithmeticError, RecursionError, MemoryError)
+
 class Mailbox:
     """One request's mailbox: reply frames, then possibly a messages.Terminal event (crashed, timeout, retry)."""
 
@@ -352,7 +357,7 @@ class WorkerClient:
             reason = f"it broke the protocol ({e})"
         except OSError as e:
             reason = f"the connection failed ({e})"
-        except Exception as e:  # noqa: BLE001 - whatever a worker's frame made the reader raise ends that worker
+        except _UNREADABLE as e:  # what a worker's frame can make the reader raise ends that worker
             reason = f"it sent a frame corejax cannot read ({type(e).__name__}: {clean(e, 200)})"
         self._die(reason)
         return None
