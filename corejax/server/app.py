@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from corejax import errors
 from corejax.types.results import GenerationResult
-from corejax.server import fim, schema
+from corejax.server import fim, http_errors, schema
 from corejax.server.metrics import CONTENT_TYPE, Metrics
 from corejax.server.models import ModelPool
 from corejax.server.schema import ApiError, GenerationRequest
@@ -416,7 +416,7 @@ async def _completion_extras(model: ServedModel, req: GenerationRequest) -> Gene
     return dataclasses.replace(req, prompts=prompts, shown_prompts=req.prompts)
 
 
-_api_error = schema.api_error  # the status a client can act on, for corejax's exceptions
+_api_error = http_errors.api_error  # the status a client can act on, for corejax's exceptions
 api_error = _api_error  # public for the other APIs' modules
 
 

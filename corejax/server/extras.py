@@ -12,7 +12,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from corejax import errors
-from corejax.server.schema import ApiError, api_error, bad
+from corejax.server.http_errors import api_error
+from corejax.server.schema import ApiError, bad
 
 # `server` is corejax.server.app's Server (not imported here: app imports this module to build its routes).
 

@@ -11,11 +11,11 @@ from typing import Any
 from starlette.requests import Request
 
 from corejax.client.session import Session
-from corejax.server import schema
+from corejax.server import http_errors, schema
 from corejax.server.schema import ApiError, GenerationRequest
 from corejax.types.results import Chunk, GenerationResult
 
-_api_error = schema.api_error
+_api_error = http_errors.api_error
 
 
 class Choices:
