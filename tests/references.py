@@ -15,7 +15,7 @@ def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        message = f"the reference package {module} is missing ({e}); install the test extra: pip install -e '.[test]'"
+        message = f"the reference package {module} is missing ({e}); install the test extra: pip install '.[test]'"
         if os.environ.get("CI"):
             pytest.fail(message, pytrace=False)
         pytest.skip(message, allow_module_level=True)
