@@ -10,15 +10,15 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from corejax.kernels import ffi
+from tiny_model import write_tiny_llama
 
 import corejax
 from corejax.hub import ModelSource
-from corejax.kernels import ffi
 from corejax.loading import weights_cache
 from corejax.loading.loader import load_model
 from corejax.types import weights_file
 from corejax.types.weights_file import CachePlan
-from tiny_model import write_tiny_llama
 
 pytestmark = pytest.mark.skipif(not ffi.ensure(), reason="the native kernels (and the kept-quantized path) need a "
                                                          "C++ compiler")

@@ -157,10 +157,7 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
             cfg = gguf_config(f, meta)
             tokenizer = tokenizer_from_gguf_metadata(meta)
             if weights == "native":
-                from corejax.loading import weights_cache as wc
-
-                params, cache_status = wc.load_or_build(
-                    cache_plan(source, weights_cache), source.path, lambda: load_gguf_params(f, cfg, weights=weights, progress=progress))
+                params, cache_status = _native_gguf_params(f, cfg, source, progress, weights_cache)
             else:
                 params = load_gguf_params(f, cfg, weights=weights, progress=progress)
                 cache_status = {"status": "off", "detail": f"weights={weights!r} (only native weights are cached)"}
@@ -208,6 +205,23 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
     info["weights"] = weights
     info["weight_bytes"] = param_bytes(params)
     return LoadedModel(cfg, params, tokenizer, info, time.perf_counter() - start, sentence)
+
+
+def _native_gguf_params(f: Any, cfg: ModelConfig, source: ModelSource, progress: Any, weights_cache: Any
+                        ) -> tuple[Any, dict[str, str]]:
+    """A GGUF's kept-quantized params, mapped from the weights cache where it has them (loading/weights_cache.py),
+    else repacked from the open file (and written to the cache)."""
+    from corejax.loading import weights_cache as wc
+
+    def check(p: Any) -> str:
+        fits = isinstance(p, dict) and isinstance(p.get("layers"), list) and len(p["layers"]) == cfg.num_layers
+        return "" if fits and "lm_head" in p else "its params do not match the file's config"
+
+    params, status = wc.load_or_build(cache_plan(source, weights_cache), source.path,
+                                      lambda: load_gguf_params(f, cfg, weights="native", progress=progress), check)
+    if status["status"] == "hit" and callable(progress):  # the parent's bar: every tensor read at once
+        progress("loading weights", len(f.tensors), len(f.tensors))
+    return params, status
 
 
 @dataclasses.dataclass(frozen=True)

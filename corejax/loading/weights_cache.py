@@ -64,11 +64,13 @@ def default_plan(source: Path) -> CachePlan | None:
     return CachePlan(path, path)
 
 
-def load_or_build(plan: CachePlan | None, source: Path, build: Callable[[], Any]) -> tuple[Any, dict[str, str]]:
+def load_or_build(plan: CachePlan | None, source: Path, build: Callable[[], Any],
+                  check: Callable[[Any], str] = lambda params: "") -> tuple[Any, dict[str, str]]:
     """-> (params, what the cache did): mapped from plan.read where that file is valid; else build(), written to
     plan.write and mapped back from it (the built copy then freed), or build()'s own params where the cache is off
     or cannot be written (a full disk, a read-only folder: today's path, and the status says why).
-    status: "hit", "written", "off" or "not written"; detail: why, for the last two and for a rejected file."""
+    status: "hit", "written", "off" or "not written"; detail: why, for the last two and for a rejected file.
+    check(params) -> why mapped params do not fit the model's config ("" when they do): such a file is rejected."""
     import jax
 
     from corejax.hostmem import trim_heap
@@ -80,6 +82,10 @@ def load_or_build(plan: CachePlan | None, source: Path, build: Callable[[], Any]
         return build(), {"status": "off", "detail": "the device's memory is not this process's"}
     kernels = ffi.library_key()
     params, why = load(plan.read, source, kernels)
+    bad = check(params) if params is not None else ""
+    if bad:
+        release(params)
+        params, why = _reject(plan.read, bad)
     if params is not None:
         return params, {"status": "hit", "detail": "", "file": str(plan.read)}
     built = build()
@@ -93,7 +99,7 @@ def load_or_build(plan: CachePlan | None, source: Path, build: Callable[[], Any]
         return built, {"status": "not written", "detail": f"{why}; written, then {bad}"}
     release(built)
     trim_heap()
-    return mapped, {"status": "written", "detail": why, "file": str(plan.write)}
+    return mapped, {"status": "written", "detail": why, "file": str(plan.read)}  # a worker's: moved there
 
 
 # --- writing ----------------------------------------------------------------------------------------------
