@@ -124,6 +124,23 @@ def test_a_damaged_cache_file_is_rebuilt_never_used(model, root, damage):
     assert _load(model).info["weights_cache"]["status"] == "hit"
 
 
+def test_mapped_params_that_do_not_fit_the_model_are_rejected(model, root):
+    from corejax.loading.loader import cache_plan
+
+    _load(model)
+    plan = cache_plan(model)
+    params, status = weights_cache.load_or_build(plan, model.path, lambda: "built", check=lambda p: "no good")
+    assert params == "built" and status["status"] == "not written" and "no good" in status["detail"]
+    assert not plan.read.exists()
+
+
+def test_a_hit_reports_the_loading_stage_to_the_progress_callback(model, root):
+    seen = []
+    _load(model)
+    load_model(model, weights="native", progress=lambda *a: seen.append(a))
+    assert seen and seen[-1][0] == "loading weights" and seen[-1][1] == seen[-1][2] > 0
+
+
 def test_the_switch_turns_it_off(model, root, monkeypatch):
     monkeypatch.setenv(weights_file.ENV, "0")
     m = _load(model)
