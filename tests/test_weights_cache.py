@@ -168,6 +168,16 @@ def test_an_unwritable_folder_or_a_full_disk_falls_back_to_the_repacked_weights(
     np.testing.assert_array_equal(_logits(m), expected)
 
 
+def test_models_of_one_name_in_two_folders_keep_a_cache_each(model, root, tmp_path):
+    (tmp_path / "b").mkdir()
+    twin = ModelSource("tiny", "gguf", write_tiny_llama(tmp_path / "b" / "tiny.gguf", context=64, quantize="Q8_0",
+                                                        seed=1))
+    _load(model)
+    _load(twin)
+    assert len(weights_file.cache_files(root)) == 2
+    assert _load(model).info["weights_cache"]["status"] == _load(twin).info["weights_cache"]["status"] == "hit"
+
+
 def test_orphaned_cache_files_are_pruned(model, root, tmp_path):
     other = ModelSource("gone", "gguf", write_tiny_llama(tmp_path / "gone.gguf", context=64, quantize="Q8_0"))
     _load(other)

@@ -219,8 +219,9 @@ def _native_gguf_params(f: Any, cfg: ModelConfig, source: ModelSource, progress:
 
     params, status = wc.load_or_build(cache_plan(source, weights_cache), source.path,
                                       lambda: load_gguf_params(f, cfg, weights="native", progress=progress), check)
-    if status["status"] == "hit" and callable(progress):  # the parent's bar: every tensor read at once
-        progress("loading weights", len(f.tensors), len(f.tensors))
+    if status["status"] == "hit" and callable(progress):  # the parent's bar, a step per tensor as a repack reports
+        for done in range(1, len(f.tensors) + 1):
+            progress("loading weights", done, len(f.tensors))
     return params, status
 
 

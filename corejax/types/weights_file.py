@@ -60,9 +60,10 @@ def cache_key(ident: dict[str, Any], kernels: str) -> dict[str, Any]:
 def cache_file(source: Path, kernels: str, root: Path | None = None) -> Path:
     """The cache file of one model file (its identity) for one native-kernel build (ffi.library_key)."""
     ident = identity(source)
-    digest = hashlib.sha256(json.dumps(cache_key(ident, kernels), sort_keys=True).encode()).hexdigest()[:20]
+    digest = hashlib.sha256(json.dumps(cache_key(ident, kernels), sort_keys=True).encode()).hexdigest()[:16]
+    where = hashlib.sha256(ident["path"].encode()).hexdigest()[:8]  # files of one name in two folders differ
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(source).stem)[:80]
-    return (root or cache_root()) / f"{stem}-{digest}{SUFFIX}"
+    return (root or cache_root()) / f"{stem}-{where}-{digest}{SUFFIX}"
 
 
 def from_options(options: dict | None) -> CachePlan | None:
@@ -131,8 +132,9 @@ class WorkerStage:
 
 
 def prune(keep: Path) -> None:
-    """Drops the other cache files of keep's model file (the same name before the key: an older identity or
-    kernel build) and those whose model file no longer exists (a test's temporary model, a deleted download)."""
+    """Drops the other cache files of keep's model file (the same name and path hash before the key: an older
+    identity or kernel build) and those whose model file no longer exists (a test's temporary model, a deleted
+    download)."""
     stem = keep.name[: keep.name.rfind("-") + 1]
     for path in cache_files(keep.parent):
         same = path.name.startswith(stem) and path.name[len(stem):-len(SUFFIX)].isalnum()
