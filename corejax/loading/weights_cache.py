@@ -298,12 +298,28 @@ def _build(tree: Any, views: list[Any]) -> Any:
             if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) for d in shape + ints)
                     and isinstance(v.get("fmt"), str) and v["bits"] in (4, 8)):
                 raise _Invalid("a malformed quantized matrix")
-            return QuantArray(codes=node(v.get("codes")), scales=node(v.get("scales")), mins=node(v.get("mins")),
-                              shape=tuple(shape), block=v["block"], bits=v["bits"], offset=v["offset"],
-                              fmt=v["fmt"], code_max=v["code_max"])
+            q = QuantArray(codes=node(v.get("codes")), scales=node(v.get("scales")), mins=node(v.get("mins")),
+                           shape=tuple(shape), block=v["block"], bits=v["bits"], offset=v["offset"], fmt=v["fmt"],
+                           code_max=v["code_max"])
+            _check_layout(q)
+            return q
         raise _Invalid(f"an unknown tree node {t!r}")
 
     return node(tree)
+
+
+def _check_layout(q: Any) -> None:
+    """A mapped QuantArray's arrays have the shapes its static fields imply (weights/quant.py's layout), so no
+    kernel is handed a matrix its buffers do not hold."""
+    d_in, d_out = q.shape
+    groups = -(-d_out // 16)
+    codes, scales = tuple(q.codes.shape), tuple(q.scales.shape)
+    ok = (q.block in (16, 32) and d_in > 0 and d_out > 0 and d_in % 32 == 0 and 0 <= q.offset <= 255
+          and 0 <= q.code_max <= 255 and len(codes) >= 3 and codes[-3:] == (groups, d_in * q.bits // 32, 64)
+          and scales[-3:] == (groups, d_in // q.block, 16) and codes[:-3] == scales[:-3]
+          and (q.mins is None or tuple(q.mins.shape) == scales))
+    if not ok:
+        raise _Invalid(f"a quantized matrix {q.shape} whose arrays ({codes}, {scales}) do not fit its layout")
 
 
 def load(path: Path, source: Path, kernels: str) -> tuple[Any, str]:
