@@ -132,13 +132,13 @@ class WorkerStage:
 
 
 def prune(keep: Path) -> None:
-    """Drops the other cache files of keep's model file (the same name and path hash before the key: an older
-    identity or kernel build) and those whose model file no longer exists (a test's temporary model, a deleted
+    """Drops the other cache files of keep's model file (an older identity, kernel build or naming, read from
+    each file's header) and those whose model file no longer exists (a test's temporary model, a deleted
     download)."""
-    stem = keep.name[: keep.name.rfind("-") + 1]
+    own = source_path(keep)
     for path in cache_files(keep.parent):
-        same = path.name.startswith(stem) and path.name[len(stem):-len(SUFFIX)].isalnum()
-        if path.name != keep.name and (same or not source_exists(path)):
+        src = path.name != keep.name and source_path(path)
+        if src and (src == own or not os.path.exists(src)):
             try:
                 path.unlink()
             except OSError:
@@ -154,17 +154,22 @@ def cache_files(root: Path | None = None) -> list[Path]:
         return []
 
 
-def source_exists(path: Path) -> bool:
-    """Whether the model file a cache file was made from still exists (True where its header cannot be read:
-    only a file known to be orphaned is dropped)."""
+def source_path(path: Path) -> str | None:
+    """The model file a cache file was made from, as its header names it; None where the header cannot be read
+    (such a file is left alone: only a file known to be stale is dropped)."""
     try:
         with open(path, "rb") as f:
             magic, _, n, _, _, _ = PREFIX.unpack(f.read(PREFIX.size))
             if magic != MAGIC or n > MAX_HEADER:
-                return True
+                return None
             f.seek(PREFIX_BYTES)
-            return os.path.exists(json.loads(f.read(n))["key"]["source"]["path"])
+            src = json.loads(f.read(n))["key"]["source"]["path"]
+            return src if isinstance(src, str) else None
     except (OSError, ValueError, KeyError, TypeError, struct.error):
-        return True
+        return None
 
 
+def source_exists(path: Path) -> bool:
+    """Whether the model file a cache file was made from still exists (True where its header cannot be read)."""
+    src = source_path(path)
+    return src is None or os.path.exists(src)
