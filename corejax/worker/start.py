@@ -13,8 +13,8 @@ from corejax.engine import distributed
 from corejax.errors import UnsupportedModelError
 from corejax.hub import ModelSource
 from corejax.kernels.policy import Kernels
-from corejax.loading.gguf import reuse_headers
 from corejax.loading import weights_cache as weights_cache_file
+from corejax.loading.gguf import reuse_headers
 from corejax.loading.loader import cache_plan, default_weights, load_model, plan_weights
 from corejax.types.config import EncoderConfig, EngineConfig
 from corejax.types.filter import Blocklist
