@@ -292,6 +292,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """The repacked-weights cache (corejax/types/weights_file.py): each file roughly duplicates its GGUF."""
+    from corejax.types import weights_file
+
+    files = [(f, f.stat().st_size) for f in weights_file.cache_files() if f.exists()]
+    for f, size in files:
+        if args.clean:
+            f.unlink(missing_ok=True)
+        print(f"{'removed ' if args.clean else ''}{f.name}  {size / 1e6:.1f} MB"
+              + ("" if args.clean or weights_file.source_exists(f) else "  (its model file is gone)"))
+    print(f"{'freed' if args.clean else 'weights cache'}: {sum(s for _, s in files) / 1e6:.1f} MB in {len(files)} "
+          f"files, {weights_file.cache_root()}  (COREJAX_WEIGHTS_CACHE=0 turns it off)")
+    return 0
+
+
 def _kernel_path() -> str:
     """Which native kernel path (ISA) this machine runs, and why not when none."""
     from corejax import native
@@ -443,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stop", help="unload kept models now (all, or those named)")
     p.add_argument("models", nargs="*", help="model names or paths (default: every kept model)")
     p.set_defaults(func=cmd_stop)
+    p = sub.add_parser("cache", help="the repacked-weights cache: its files and sizes; --clean removes them")
+    p.add_argument("--clean", action="store_true", help="remove every cached weights file (rebuilt on next load)")
+    p.set_defaults(func=cmd_cache)
     p = sub.add_parser("info", help="architecture, tensor types and sizes of a model")
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--json", action="store_true")

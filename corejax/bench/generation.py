@@ -76,7 +76,10 @@ def run_corejax(spec: dict[str, Any], step: Step) -> dict[str, Any]:
     return {"load_s": load_s, "ttft_cold_s": cold, "peak_rss_bytes": peak, "bytes_per_token": info["weight_bytes"],
             "cases": cases, "details": {"weights": info.get("weights", spec["weights"]), "sandbox": spec["sandbox"],
                                         "kv_dtype": info.get("kv_dtype"), "threads": "XLA default (all cores)",
-                                        "prefix_cache": False, "weight_bytes": info["weight_bytes"]}}
+                                        "prefix_cache": False, "weight_bytes": info["weight_bytes"],
+                                        # the worker's RssAnon/RssFile at the end (mapped weights are file pages)
+                                        "resident": info.get("resident"),
+                                        "weights_cache": (info.get("weights_cache") or {}).get("status")}}
 
 
 def _greedy_runs(ids: list[int], spec: dict[str, Any], step: Step, evaluate: Callable[[list[int]], None],

@@ -31,6 +31,7 @@ from corejax import errors
 from corejax.paths import PACKAGE_ROOT
 from corejax.client.processes import rss_bytes, spawn
 from corejax.client.programs import copy_programs, folder_bytes, merge_programs, program_cache_dir
+from corejax.types.weights_file import WorkerStage
 from corejax.sandbox.layer import missing_layers
 from corejax.wire.messages import Ended, Terminal, clean, error_from_wire
 from corejax.wire.protocol import Connection, Kind, ProtocolError
@@ -168,6 +169,8 @@ class WorkerClient:
         # model executes, nor what any unsandboxed Runtime loads, and a request that compromises a worker cannot
         # reach the model's later workers: programs compiled after start-up die with the worker.
         self._programs = program_cache_dir(self.source, self.options.get("native_kernels"))
+        self._weights = WorkerStage.open(self.source, self.options.get("native_kernels"))  # the same, for weights
+        self.options["weights_cache"] = self._weights.options() if self._weights else None
         xla = self._private / "xla"
         copy_programs(self._programs, xla)
         package_root = str(PACKAGE_ROOT)  # the folder the corejax package is imported from
@@ -186,7 +189,7 @@ class WorkerClient:
         )
         env.setdefault("LANG", "C.UTF-8")
         cmd = [sys.executable, "-m", self.module, "--fd", str(child.fileno()), "--parent",
-               str(os.getpid()), "--private", str(tmp), "--writable", str(xla)]
+               str(os.getpid()), "--private", str(tmp), "--writable", str(xla), *(self._weights.argv() if self._weights else ())]
         if self.source is not None:
             cmd += ["--model", self.source.name, self.source.format, str(self.source.path),
                     "--options", json.dumps(self.options)]
@@ -239,6 +242,8 @@ class WorkerClient:
                     # Start-up's programs only (the warm-up's), from a worker that has seen nothing but the
                     # model file: a worker compromised by a request never adds a program later workers run.
                     merge_programs(self._private / "xla", self._programs)
+                    if self._weights is not None:
+                        self._weights.finish()
                 self._ready(frame.payload)
                 return
 
@@ -522,3 +527,5 @@ class WorkerClient:
             self._log.close()
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
+        if getattr(self, "_weights", None) is not None:
+            self._weights.discard()

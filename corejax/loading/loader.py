@@ -116,12 +116,27 @@ def default_weights(source: ModelSource, kernels: Kernels) -> str:
     return "native" if quantized else "f32"
 
 
-def load_model(source: ModelSource, *, weights: str | None = None, progress: bool = True) -> LoadedModel:
+_DEFAULT = "default"
+
+
+def cache_plan(source: ModelSource, weights_cache: Any = _DEFAULT) -> Any:
+    """The weights_cache.CachePlan a load of `source` uses: the one given, or (the default) the in-process one."""
+    from corejax.loading import weights_cache as wc
+
+    return wc.default_plan(source.path) if isinstance(weights_cache, str) and weights_cache == _DEFAULT \
+        else weights_cache
+
+
+def load_model(source: ModelSource, *, weights: str | None = None, progress: bool = True,
+               weights_cache: Any = _DEFAULT) -> LoadedModel:
     """Reads a model completely: the only place corejax touches model files (inside the worker).
 
     weights: "f32" (everything dequantized at load; the default here — Runtime picks default_weights),
     "native" (GGUF only: quantized tensors stay quantized, ~file-size memory, the quantized kernel's speed),
-    "int8" / "int4" (quantize float matrices at load)."""
+    "int8" / "int4" (quantize float matrices at load).
+    weights_cache: a weights_cache.CachePlan (a sandboxed worker's, from its parent), None (off), or the
+    default: the in-process cache file under the corejax cache (weights_cache.default_plan); only a GGUF loaded
+    with weights="native" uses it (loading/weights_cache.py)."""
     weights = weights or "f32"
     if weights not in WEIGHT_MODES or (source.format == "hf" and weights == "native"):
         raise InvalidParameterError(
@@ -141,8 +156,13 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
             meta = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in f.metadata.items()}
             cfg = gguf_config(f, meta)
             tokenizer = tokenizer_from_gguf_metadata(meta)
-            params = load_gguf_params(f, cfg, weights=weights, progress=progress)
+            if weights == "native":
+                params, cache_status = _native_gguf_params(f, cfg, source, progress, weights_cache)
+            else:
+                params = load_gguf_params(f, cfg, weights=weights, progress=progress)
+                cache_status = {"status": "off", "detail": f"weights={weights!r} (only native weights are cached)"}
         info = describe_gguf(source.path)
+        info["weights_cache"] = cache_status
     elif encoder:
         from corejax.loading.encoder import load_dense, load_encoder_folder, read_hf_config, read_sentence_config
         from corejax.tokenizer import tokenizer_from_files
@@ -187,13 +207,32 @@ def load_model(source: ModelSource, *, weights: str | None = None, progress: boo
     return LoadedModel(cfg, params, tokenizer, info, time.perf_counter() - start, sentence)
 
 
+def _native_gguf_params(f: Any, cfg: ModelConfig, source: ModelSource, progress: Any, weights_cache: Any
+                        ) -> tuple[Any, dict[str, str]]:
+    """A GGUF's kept-quantized params, mapped from the weights cache where it has them (loading/weights_cache.py),
+    else repacked from the open file (and written to the cache)."""
+    from corejax.loading import weights_cache as wc
+
+    def check(p: Any) -> str:
+        fits = isinstance(p, dict) and isinstance(p.get("layers"), list) and len(p["layers"]) == cfg.num_layers
+        return "" if fits and "lm_head" in p else "its params do not match the file's config"
+
+    params, status = wc.load_or_build(cache_plan(source, weights_cache), source.path,
+                                      lambda: load_gguf_params(f, cfg, weights="native", progress=progress), check)
+    if status["status"] == "hit" and callable(progress):  # the parent's bar, a step per tensor as a repack reports
+        for done in range(1, len(f.tensors) + 1):
+            progress("loading weights", done, len(f.tensors))
+    return params, status
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightPlan:
     """What loading a model will hold, read from its headers before any tensor is (memory.py reserves it).
 
     weight_bytes: the params in the chosen weights mode; loading_bytes: held only while loading — the file
     pages the mmap'd reads make resident, plus the largest one tensor's conversion holds (convert.weight_bytes);
-    native_bytes: what weights="native" would hold instead (GGUF only, for hints)."""
+    native_bytes: what weights="native" would hold instead (GGUF only, for hints); mapped: the weights come
+    mapped from a valid weights cache (loading/weights_cache.py): file-backed pages, no loading transient."""
 
     cfg: Any
     weights: str
@@ -202,6 +241,7 @@ class WeightPlan:
     file_bytes: int
     tensors: int
     native_bytes: int | None = None
+    mapped: bool = False
 
 
 def plan_weights(source: ModelSource, weights: str | None = None) -> WeightPlan:

@@ -155,6 +155,7 @@ def load_runtime(name: str, fmt: str, path: str, options: dict | None = None,
     from corejax.types.filter import Blocklist
     from corejax.hub import ModelSource
     from corejax.kernels import ffi
+    from corejax.types.weights_file import from_options
     from corejax.worker.start import open_runtime
 
     options = options or {}
@@ -164,7 +165,9 @@ def load_runtime(name: str, fmt: str, path: str, options: dict | None = None,
     runtime = open_runtime(ModelSource(name, fmt, Path(path)), weights=options.get("weights"),
                            engine=EngineConfig(**options.get("engine", {})), progress=report or False,
                            memory_limit=options.get("memory_limit"),
-                           output_filter=None if patterns is None else Blocklist(patterns))
+                           output_filter=None if patterns is None else Blocklist(patterns),
+                           **({"weights_cache": from_options(options["weights_cache"])}
+                              if "weights_cache" in options else {}))  # a sandboxed worker's, from its parent
     if options.get("warmup"):
         runtime.warmup(report)
     return runtime

@@ -186,8 +186,11 @@ def admit(budget: MemoryBudget, plan: Any, engine_cfg: Any, name: str = "the mod
     cfg = plan.cfg
     what = f"loading {name}"
     runtime = Reservation("runtime", RUNTIME_BASELINE, "Python, JAX/XLA and corejax before the model")
-    weights = Reservation("weights", plan.weight_bytes, f"{plan.tensors} tensors as weights={plan.weights!r}")
-    loading = Reservation("loading", plan.loading_bytes, "file pages and tensor copies while reading; freed after")
+    mapped = getattr(plan, "mapped", False)  # file-backed pages of the weights cache: counted in RSS as RssFile
+    weights = Reservation("weights", plan.weight_bytes, f"{plan.tensors} tensors as weights={plan.weights!r}"
+                          + (", mapped from the weights cache (file-backed)" if mapped else ""))
+    loading = Reservation("loading", plan.loading_bytes, "the file's header only: the weights are mapped" if mapped
+                          else "file pages and tensor copies while reading; freed after")
     vocab = cfg.vocab_size
     tokenizer = Reservation("tokenizer", vocab * TOKENIZER_BYTES_PER_TOKEN, f"{vocab} tokens' tables")
     hints = []
@@ -258,6 +261,23 @@ def loaded(budget: MemoryBudget, weight_bytes: int) -> None:
     detail = budget.reservations["weights"].detail if "weights" in budget.reservations else ""
     budget.release("loading")
     budget.reserve("weights", weight_bytes, detail)
+
+
+def resident(pid: int | str = "self") -> dict[str, int]:
+    """The process's resident bytes split as the kernel counts them (Linux; {} elsewhere): rss_anon (heap,
+    anonymous mappings: what only this process holds), rss_file (file-backed pages: the shared libraries, and
+    weights mapped from the weights cache, which the page cache shares and may drop), rss and peak (VmHWM)."""
+    names = {"RssAnon": "rss_anon", "RssFile": "rss_file", "RssShmem": "rss_shmem", "VmRSS": "rss", "VmHWM": "peak"}
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in names:
+                    out[names[key]] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
 
 
 def reserve_serving(budget: MemoryBudget) -> None:

@@ -48,7 +48,7 @@ class Runtime:
 
     def info(self) -> dict[str, Any]:
         return dict(self.model.info, load_seconds=self.model.load_seconds, memory=self.budget.report(),
-                    native_kernels=self.kernels.native, kernel_isa=self.kernels.isa)
+                    native_kernels=self.kernels.native, kernel_isa=self.kernels.isa, resident=memory.resident())
 
     def warmup(self, report: Any = None) -> None:
         """Compiles what a first request runs (a Generator does; nothing to do here)."""
