@@ -12,14 +12,12 @@ memory limit by killing the worker, which the reading caller then sees as end-of
 from __future__ import annotations
 
 import gc
-import json
 import os
 import queue
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,19 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from corejax import errors
-from corejax.paths import PACKAGE_ROOT
 from corejax.client.processes import rss_bytes, spawn
-from corejax.client.programs import copy_programs, folder_bytes, merge_programs, program_cache_dir
-from corejax.types.weights_file import WorkerStage
+from corejax.client.programs import (
+    copy_programs,
+    folder_bytes,
+    merge_programs,
+    program_cache_dir,
+)
+from corejax.client.worker_command import worker_argv, worker_env
 from corejax.sandbox.layer import missing_layers
+from corejax.types.weights_file import WorkerStage
 from corejax.wire.messages import Ended, Terminal, clean, error_from_wire
 from corejax.wire.protocol import Connection, Kind, ProtocolError
-
-# Names the worker may put in an ERROR frame; anything else becomes a SandboxError (never a lookup by name).
-# Environment names passed to the worker; everything else (tokens, credentials, proxies) stays behind.
-_ENV_PREFIXES = ("JAX_", "XLA_", "TF_CPP_", "CUDA_", "NVIDIA_", "TPU_")
-_ENV_NAMES = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH", "COREJAX_SECCOMP_LOG")
-
 
 WORKER_MODULE = "corejax.worker.main"  # what a sandboxed worker runs (python -m)
 
@@ -173,37 +170,9 @@ class WorkerClient:
         self.options["weights_cache"] = self._weights.options() if self._weights else None
         xla = self._private / "xla"
         copy_programs(self._programs, xla)
-        package_root = str(PACKAGE_ROOT)  # the folder the corejax package is imported from
-        env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
-        import site
-
-        user_site = site.getusersitepackages() if site.ENABLE_USER_SITE else None
-        paths = [package_root, *pythonpath] + [p for p in (user_site,) if p and p in sys.path and os.path.isdir(p)]
-        env.update(
-            HOME=str(tmp), TMPDIR=str(tmp), PYTHONPATH=os.pathsep.join(paths), PYTHONDONTWRITEBYTECODE="1",
-            OPENBLAS_NUM_THREADS="1",  # numpy's BLAS would start threads before the policy binds them
-            JAX_COMPILATION_CACHE_DIR=str(xla), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-            # XLA's own caches would live under (and put into every program's key) the private copy's path,
-            # which is new for each worker: every program would miss. None of them, then.
-            JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES="none",
-        )
-        env.setdefault("LANG", "C.UTF-8")
-        cmd = [sys.executable, "-m", self.module, "--fd", str(child.fileno()), "--parent",
-               str(os.getpid()), "--private", str(tmp), "--writable", str(xla), *(self._weights.argv() if self._weights else ())]
-        if self.source is not None:
-            cmd += ["--model", self.source.name, self.source.format, str(self.source.path),
-                    "--options", json.dumps(self.options)]
-        for key in ("draft_read", "native_kernels"):  # the speculative draft model, the native kernels
-            if self.options.get(key):
-                cmd += ["--read", str(self.options[key])]
-        for d in env.get("LD_LIBRARY_PATH", "").split(os.pathsep):  # its shared libraries, not whole folders
-            if d and os.path.isabs(d) and os.path.isdir(d):
-                cmd += [a for f in sorted(os.listdir(d)) if ".so" in f and os.path.isfile(os.path.join(d, f))
-                        for a in ("--read", os.path.join(d, f))]
-        for p in pythonpath:  # extra folders the worker imports from (the test suite's probes), read-only
-            cmd += ["--read", str(p)]
-        if not network_namespace:
-            cmd.append("--no-netns")
+        env = worker_env(tmp, xla, pythonpath)
+        cmd = worker_argv(self.module, child.fileno(), tmp, xla, self.source, self.options, env, pythonpath,
+                          network_namespace, self._weights.argv() if self._weights else ())
         self._log = open(self._private / "worker.log", "wb")  # noqa: SIM115 - the worker's stderr, closed in close()
         self.proc = spawn(cmd, pass_fds=[child.fileno()], close_fds=True, env=env, cwd=cwd,
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log)
