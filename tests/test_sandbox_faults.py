@@ -133,7 +133,9 @@ def test_hang_times_out_and_queued_requests_are_not_lost(tiny):
                 errors[i] = e
 
         # The three generations below run batched; compile their shapes now, outside the timed scenario
-        # (the replacement worker finds them in the persistent compilation cache).
+        # (the replacement worker finds them in the persistent compilation cache), under a timeout a loaded
+        # machine's compiles never reach; the monitor reads the timeout as it goes.
+        s.timeout = s._client.timeout = 120
         warm = [threading.Thread(target=gen, args=(i,)) for i in range(3)]
         for t in warm:
             t.start()
@@ -141,6 +143,7 @@ def test_hang_times_out_and_queued_requests_are_not_lost(tiny):
             t.join(timeout=120)
         assert not errors and len(results) == 3
         results.clear()
+        s.timeout = s._client.timeout = 6
         started = time.monotonic()
 
         def hang():
