@@ -14,8 +14,8 @@ their own on the CPU cores the decode also needs: a prompt token costs ~1 ms how
 call still costs about a decode step (SmolLM2, 2 busy cores: 16 tokens 39 ms, 32 tokens 46 ms, 64 tokens 92 ms,
 128 tokens 208 ms, a decode step of 8 rows 35 ms). Sliced finely, a burst's prompts add that stall to nearly
 every gap of every running stream (and the fixed part to the prompts' TTFT); in a few whole chunks they stall
-each stream a few times, which keeps the inter-token P95 near the plain decode step (docs/MEASUREMENTS.md,
-serving section). A deployment that wants smooth streams over throughput sets a small max_prefill_stall
+each stream a few times, which keeps the inter-token P95 near the plain decode step (benchmarks/pacing_model.py;
+the figures are in docs/MEASUREMENTS.md, serving section). A deployment that wants smooth streams over throughput sets a small max_prefill_stall
 (0.05 s: `INTERLEAVE_FLOOR`-token parts).
 
 Timing comes from the prefill calls that sample (they wait for their result anyway, so nothing is synchronised
