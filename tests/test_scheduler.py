@@ -14,10 +14,11 @@ import corejax
 from corejax.engine.programs import programs_built
 from corejax.types.config import EngineConfig
 from corejax.types.options import SamplingParams
-from corejax.errors import CacheFullError
+from corejax.errors import CacheFullError, InvalidParameterError
 from corejax.hub import ModelSource
 from corejax.worker.generator import Generator
 from corejax.worker.start import open_runtime
+from corejax.serving.pacing import INTERLEAVE_FLOOR, PrefillPacer
 from corejax.serving.scheduler import Scheduler
 from tiny_model import write_tiny_llama
 
@@ -154,6 +155,85 @@ def test_fifo_admission_when_the_pool_is_short(runtime):
     sch.run_until_idle()
     assert all(len(list(r)) > 0 for r in (first, big, small))
 
+
+
+def test_pacer_sizes_a_steps_prefill_by_its_measured_time():
+    """Whole chunks with nothing decoding; while decoding, the largest power of two whose estimated time fits
+    the stall budget, never below the floor; the first call of a shape (its compile) is not a measurement."""
+    pacer = PrefillPacer(512, max_stall=0.5, floor=32)
+    assert pacer.budget(decoding=False) == 512
+    assert pacer.budget(decoding=True) == 32  # nothing timed yet: the floor
+    pacer.timed((4, 128), 9.0)  # compiling
+    assert pacer.budget(decoding=True) == 32
+    pacer.timed((4, 128), 0.6)
+    assert pacer.estimate(512) == pytest.approx(0.6) and pacer.estimate(128) == pytest.approx(0.15)
+    assert pacer.budget(decoding=True) == 256
+    pacer.max_stall = 1.0
+    assert pacer.budget(decoding=True) == 512
+    pacer.max_stall = 0.001
+    assert pacer.budget(decoding=True) == 32
+    pacer.timed((1, 32), 0.01)
+    pacer.timed((1, 32), 0.01)  # the nearest timed size is the one used
+    assert pacer.estimate(32) == pytest.approx(0.01) and pacer.estimate(64) == pytest.approx(0.02)
+    pacer.max_stall = 0.05
+    # 64 tokens: 0.02 s, scaled from the 32-token call; 128 tokens (as near 512 as 32): 0.15 s, from the larger one
+    assert pacer.budget(decoding=True) == 64
+    with pytest.raises(InvalidParameterError):
+        EngineConfig(max_prefill_stall=0)
+
+
+def paced(runtime: Generator, stall: float, chunk: int = 128) -> tuple[Scheduler, list[tuple[int, int]]]:
+    """A scheduler whose prefill calls are logged as (prompt tokens fed, sequences decoding meanwhile)."""
+    sch = scheduler(runtime, prefill_chunk=chunk, max_prefill_stall=stall, prefix_cache=False,  # every token fed
+                    kv_cache_tokens=1024)  # room for all at once (the default pool is one context: 256)
+    calls: list[tuple[int, int]] = []
+    prefill = sch.runner.prefill
+
+    def logged(batch, *args, **kwargs):
+        calls.append((int((batch.lengths - batch.positions[:, 0])[:batch.rows].sum()), len(sch.running)))
+        return prefill(batch, *args, **kwargs)
+
+    sch.runner.prefill = logged
+    return sch, calls
+
+
+def test_a_prompt_joining_running_decodes_is_prefilled_in_paced_parts(runtime):
+    """With three sequences decoding and a tiny stall budget, a long prompt is prefilled `interleave_floor`
+    tokens per step, finishes in ceil(len / floor) steps, and every text is the text it gets alone."""
+    tok = runtime.tokenizer
+    short = [tok.encode(p) for p in PROMPTS[:3]]
+    long = tok.encode(PROMPTS[4] + " " + PROMPTS[7])
+    assert 160 < len(long) < 256 - 40  # the tiny model's context: 256
+    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    expected = [alone(runtime, p, sp) for p in [*short, long]]
+    sch, calls = paced(runtime, stall=1e-6)
+    reqs = [sch.submit(p, sp, frozenset()) for p in short]
+    sch.step()
+    assert calls == [(sum(map(len, short)), 0)]  # nothing decoding: one call takes them all
+    reqs.append(sch.submit(long, sp, frozenset()))
+    steps = 0
+    while reqs[-1] in (*sch.waiting, *sch.prefilling) or not steps:
+        sch.step()
+        steps += 1
+    parts = calls[1:]
+    assert all(fed <= INTERLEAVE_FLOOR and decoding == 3 for fed, decoding in parts), parts
+    assert sum(fed for fed, _ in parts) == len(long) and steps == -(-len(long) // INTERLEAVE_FLOOR)
+    sch.run_until_idle()
+    assert [[e.token for e in r] for r in reqs] == expected
+    assert_pool_clean(sch)
+
+
+def test_a_generous_stall_budget_prefills_whole_chunks_while_decoding(runtime):
+    tok = runtime.tokenizer
+    long = tok.encode(PROMPTS[4] + " " + PROMPTS[7])
+    sch, calls = paced(runtime, stall=30.0)
+    sch.pacer.seconds = {128: 0.05}  # as if a 128-token call had been timed
+    first = sch.submit(tok.encode(PROMPTS[0]), GREEDY, frozenset())
+    sch.step()
+    second = sch.submit(long, GREEDY, frozenset())
+    sch.run_until_idle()
+    assert [fed for fed, decoding in calls if decoding] == [128, len(long) - 128]
+    assert len(list(first)) == len(list(second)) == GREEDY.max_tokens
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, 7), st.integers(1, 20), st.integers(0, 6), st.booleans(),

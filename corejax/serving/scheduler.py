@@ -3,9 +3,11 @@ serves every running sequence. One `step()`:
 1. drops cancelled requests (their pages go back to the pool before anything else is scheduled);
 2. admits waiting requests in arrival order while the batch has room and the page pool holds their prompt —
    a request that does not fit blocks the ones behind it (FIFO, so nobody starves);
-3. runs one prefill chunk of the oldest admitted-but-unprefilled request — at most `interleave_chunk` tokens
-   while other sequences are decoding, so a long prompt delays each running stream by one short chunk
-   instead of stalling it — batched with the final chunks of the requests behind it that fit the same budget;
+3. runs one prefill chunk of the oldest admitted-but-unprefilled request, batched with the final chunks of the
+   requests behind it that fit the same token budget: the engine's whole prefill_chunk when nothing decodes;
+   while other sequences decode, the largest power-of-two budget whose measured time stays within the engine's
+   max_prefill_stall (1 s), at least `interleave_floor` tokens (corejax/serving/pacing.py says why a few
+   whole chunks beat many small ones on CPU);
 4. runs one decode step for every running sequence: [B, T] tokens in one call (B bucketed to a power of two,
    T = 1 + the longest speculative draft, see corejax/serving/speculative.py), then keeps each row's accepted tokens.
 When a sequence cannot get a page, the most recently admitted other sequence is preempted by recompute
@@ -28,6 +30,7 @@ import numpy as np
 
 from corejax.serving.loops import EXITING, LOOPS
 from corejax.serving.batch import MIN_PREFILL_BUCKET, StepBatch, prefill_parts, table_width
+from corejax.serving.pacing import INTERLEAVE_FLOOR, PrefillPacer
 from corejax.serving.runner import ModelRunner
 from corejax.errors import CacheFullError
 from corejax.serving.requests import DONE, Request
@@ -41,12 +44,16 @@ GREEDY_ROW = SamplingParams(temperature=0.0)
 class Scheduler:
     """Continuous batching over one ModelRunner (its params, KV page pool and page allocator)."""
 
-    def __init__(self, runner: ModelRunner, *, max_batch: int = 16, interleave_chunk: int = 128,
+    def __init__(self, runner: ModelRunner, *, max_batch: int = 16, interleave_floor: int = INTERLEAVE_FLOOR,
                  draft_loader: Callable[[SpeculativeConfig], Proposer] | None = None, background: bool = True):
+        """interleave_floor: the fewest prompt tokens a step prefills while others decode (pacing.py); the most
+        it may stall them is the engine's max_prefill_stall."""
         if max_batch < 1 or max_batch & (max_batch - 1):
             raise ValueError(f"max_batch must be a power of two >= 1; got {max_batch}")
         self.runner = runner
-        self.max_batch, self.interleave_chunk = max_batch, interleave_chunk
+        self.max_batch = max_batch
+        ec = runner.engine_cfg
+        self.pacer = PrefillPacer(ec.prefill_chunk, ec.max_prefill_stall, interleave_floor)
         self.speculation = Speculation(draft_loader)
         self.background = background
         self.waiting: collections.deque[Request] = collections.deque()
@@ -177,9 +184,7 @@ class Scheduler:
         """One prefill call (batch.prefill_parts chooses its rows): prompt chunks written to the cache, and the
         first token sampled for the rows whose prompt it finishes."""
         runner = self.runner
-        budget = runner.engine_cfg.prefill_chunk
-        if self.running:  # a long prompt delays each running stream by one short chunk, not by all of it
-            budget = min(budget, self.interleave_chunk)
+        budget = self.pacer.budget(decoding=bool(self.running))
         parts = prefill_parts(((r.context, r.computed) for r in self.prefilling), budget, self.max_batch)
         reqs = self.prefilling[:len(parts)]
         batch = self._batch_of(reqs, [part for part, _ in parts], [r.computed for r in reqs], MIN_PREFILL_BUCKET)
@@ -192,9 +197,11 @@ class Scheduler:
                                            runner.cfg.vocab_size)
             mask = step_masks(samplers, [[] for _ in samplers], [reqs.index(r) for r in samplers], b, 1,
                               runner.cfg.vocab_size)
+        started = time.perf_counter()
         out = runner.prefill(batch, sampling, None if mask is None else mask[:, 0])
         if samplers:
             out = out.to_host(with_logprobs=any(r.sp.logprobs is not None for r in samplers))
+            self.pacer.timed(batch.shape, time.perf_counter() - started)
         for i, (req, (part, final)) in enumerate(zip(reqs, parts)):
             req.computed += len(part)
             if final:

@@ -263,6 +263,8 @@ class EngineConfig:
     working set stays bounded however long the prompt.
     prefix_cache: reuse the KV pages of earlier prompts that start the same way (off: every prompt is
     computed in full — for measuring prefill).
+    max_prefill_stall: seconds one scheduler step's prefill part may delay the sequences already decoding
+    (corejax/serving/pacing.py): new prompts run in the largest power-of-two chunks whose measured time fits.
     devices: split the model over this many devices, tensor-parallel (corejax/engine/sharding.py); 1 = one device."""
 
     page_size: int = 16
@@ -272,6 +274,7 @@ class EngineConfig:
     prefill_chunk: int = 512
     prefix_cache: bool = True
     devices: int = 1
+    max_prefill_stall: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix_cache, bool):
@@ -282,6 +285,10 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InvalidParameterError(f"{name} must be a positive integer; got {value!r}")
+        if isinstance(self.max_prefill_stall, bool) or not isinstance(self.max_prefill_stall, (int, float)) \
+                or not self.max_prefill_stall > 0:
+            raise InvalidParameterError(
+                f"max_prefill_stall must be a positive number of seconds; got {self.max_prefill_stall!r}")
         if self.kv_cache_tokens is not None and (not isinstance(self.kv_cache_tokens, int)
                                                  or self.kv_cache_tokens < self.page_size):
             raise InvalidParameterError(
