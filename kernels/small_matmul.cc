@@ -157,15 +157,20 @@ static void to_bf16_strips(const float* x, const int64_t* rows, int64_t R, int64
     m0 = m1;
   }
 }
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-#define COREJAX_AMX_BF16 1
+constexpr bool kBf16Dot = true;
+#else
+static void block_rows_bf16(const uint32_t*, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t) {}
+static void to_bf16_strips(const float*, const int64_t*, int64_t, int64_t, uint32_t*) {}
+constexpr bool kBf16Dot = false;
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
 // AMX (Sapphire Rapids and later): one tdpbf16ps adds 16 rows x 16 columns x 32 k bfloat16 products into a
-// float32 tile, sixteen vdpbf16ps' work, so an encoder batch (hundreds of token rows) is no longer bound by the
-// vector units. The bfloat16 block layout above is already AMX's B layout: 16 pairs of rows x 16 columns, one
-// tile load with a stride of a pair row (128 bytes), columns 16-31 at an offset of 64 bytes. The rows are
-// rounded to bfloat16 exactly as for vdpbf16ps and the sums are float32; only their order differs. Fewer than
-// kAmxBf16MinRows rows (a sentence) keep the vector path: there the weights' stream from memory is the bound.
-constexpr int64_t kAmxBf16MinRows = 32;
+// float32 tile, sixteen vdpbf16ps' work. The bfloat16 block layout above is already AMX's B layout: 16 pairs of
+// rows x 16 columns, one tile load with a stride of a pair row (128 bytes), columns 16-31 at an offset of 64
+// bytes. The rows are rounded to bfloat16 exactly as for vdpbf16ps and the sums are float32; only their order
+// differs. Faster at every row count measured, a sentence's 8 included (the vector path is bound by vdpbf16ps,
+// not by the weights' stream: 16 rows took twice 8 rows' time there, on AMX the same; docs/MEASUREMENTS.md).
 
 // Tiles 0-1: A, 16 rows x 32 k; 2-3: B, 16 pairs x 16 columns; 4-7: C, 16 x 16 float32 (a 32 x 32 output).
 // Loaded by every block: pool threads run other kernels (quant_matmul.cc's own tile shapes) between our calls.
@@ -180,7 +185,7 @@ static void amx_bf16_config() {
 }
 
 // The R rows of x (as to_bf16_strips) rounded to bfloat16, row-major [Rp, K] with zero rows up to Rp (a multiple
-// of 32): the A tiles read them in place.
+// of 16): the A tiles read them in place.
 static void to_bf16_rows(const float* x, const int64_t* rows, int64_t R, int64_t Rp, int64_t K, uint16_t* out) {
   for (int64_t m = 0; m < R; ++m) {
     const float* xm = x + (rows ? rows[m] : m) * K;
@@ -191,7 +196,8 @@ static void to_bf16_rows(const float* x, const int64_t* rows, int64_t R, int64_t
   std::memset(out + R * K, 0, (Rp - R) * K * sizeof(uint16_t));
 }
 
-// Rows [0, R) of column block b from xa (to_bf16_rows; K a multiple of 32), 32 rows at a time.
+// Rows [0, R) of column block b from xa (to_bf16_rows; K a multiple of 32): 32 rows at a time on four C tiles,
+// a last group of 16 rows or fewer (a sentence) on two.
 static void block_rows_amx(const uint16_t* xa, const uint16_t* w, float* y, int64_t R, int64_t K, int64_t N,
                            int64_t b) {
   const uint16_t* wb = w + b * K * kBlock;
@@ -199,6 +205,7 @@ static void block_rows_amx(const uint16_t* xa, const uint16_t* w, float* y, int6
   alignas(64) float c[32 * 32];
   amx_bf16_config();
   for (int64_t m0 = 0; m0 < R; m0 += 32) {
+    const bool two = R - m0 > 16;  // a second A tile of real rows
     _tile_zero(4);
     _tile_zero(5);
     _tile_zero(6);
@@ -207,13 +214,15 @@ static void block_rows_amx(const uint16_t* xa, const uint16_t* w, float* y, int6
     for (int64_t k0 = 0; k0 < K; k0 += 32) {
       const uint16_t* bp = wb + k0 * kBlock;  // pair row k0 / 2, 2 * kBlock values each
       _tile_loadd(0, a + k0, K * 2);
-      _tile_loadd(1, a + 16 * K + k0, K * 2);
       _tile_loadd(2, bp, 4 * kBlock);
       _tile_loadd(3, bp + 32, 4 * kBlock);
       _tile_dpbf16ps(4, 0, 2);
       _tile_dpbf16ps(5, 0, 3);
-      _tile_dpbf16ps(6, 1, 2);
-      _tile_dpbf16ps(7, 1, 3);
+      if (two) {
+        _tile_loadd(1, a + 16 * K + k0, K * 2);
+        _tile_dpbf16ps(6, 1, 2);
+        _tile_dpbf16ps(7, 1, 3);
+      }
     }
     if (m0 + 32 <= R) {
       _tile_stored(4, yb + m0 * N, N * 4);
@@ -230,20 +239,11 @@ static void block_rows_amx(const uint16_t* xa, const uint16_t* w, float* y, int6
   }
 }
 
-static bool amx_bf16(int64_t R, int64_t K) { return R >= kAmxBf16MinRows && K % 32 == 0 && corejax::amx_granted(); }
+static bool amx_bf16(int64_t R, int64_t K) { return R > 0 && K % 32 == 0 && corejax::amx_granted(); }
 #else
 static void to_bf16_rows(const float*, const int64_t*, int64_t, int64_t, int64_t, uint16_t*) {}
 static void block_rows_amx(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t) {}
 static bool amx_bf16(int64_t, int64_t) { return false; }
-#endif
-constexpr bool kBf16Dot = true;
-#else
-static void block_rows_bf16(const uint32_t*, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t) {}
-static void to_bf16_strips(const float*, const int64_t*, int64_t, int64_t, uint32_t*) {}
-static void to_bf16_rows(const float*, const int64_t*, int64_t, int64_t, int64_t, uint16_t*) {}
-static void block_rows_amx(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t) {}
-static bool amx_bf16(int64_t, int64_t) { return false; }
-constexpr bool kBf16Dot = false;
 #endif
 
 extern "C" int corejax_bf16_dot() { return kBf16Dot; }  // weights="bf16" runs here (kernels/small_matmul.py)
@@ -301,7 +301,7 @@ static void matmul_rows(Pool& pool, const float* x, const W* w, const int32_t* v
   if constexpr (bf16) {
     amx = amx_bf16(R, K);
     if (amx) {
-      const int64_t Rp = (R + 31) / 32 * 32;
+      const int64_t Rp = (R + 15) / 16 * 16;  // whole A tiles
       xa.reset(new uint16_t[Rp * K]);
       to_bf16_rows(x, gather, R, Rp, K, xa.get());
     } else {
