@@ -16,6 +16,7 @@
 namespace corejax {
 
 inline bool amx_granted() {
+#if defined(__x86_64__) && defined(SYS_arch_prctl)
   static const bool granted = [] {
     const char* env = std::getenv("COREJAX_AMX");
     if (env != nullptr && std::strcmp(env, "0") == 0) return false;
@@ -23,6 +24,9 @@ inline bool amx_granted() {
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return granted;
+#else
+  return false;  // AMX is x86's
+#endif
 }
 
 }  // namespace corejax
