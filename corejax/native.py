@@ -26,7 +26,7 @@ from pathlib import Path
 
 SOURCES = ("small_matmul.cc", "paged_attention.cc", "quant_matmul.cc", "encoder_attention.cc", "lazy_zeros.cc",
            "ggml_repack.cc")
-HEADERS = ("parallel.h", "vecmath.h", "isa.h")  # included by the sources; part of the build key
+HEADERS = ("parallel.h", "vecmath.h", "isa.h", "amx.h")  # included by the sources; part of the build key
 
 # COREJAX_ISA -> (the compiler's target flags, the /proc/cpuinfo flags the CPU must have, XLA's own cap).
 # "native" (the default) builds for exactly this CPU; the others build the named path of kernels/isa.h, and

@@ -50,6 +50,7 @@
 #include <utility>
 #include <vector>
 
+#include "amx.h"
 #include "parallel.h"
 
 #include "isa.h"
@@ -305,23 +306,10 @@ void group(const Weights& w, const Acts& a, int64_t g, int64_t m0, float* y) {
 // group()'s, op for op, so a row's output is bit-identical whichever path or batch computes it (batched streams
 // equal their text alone). Linux grants AMX per process (arch_prctl ARCH_REQ_XCOMP_PERM); without the grant, or
 // with COREJAX_AMX=0, the VNNI path runs.
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include <cstdlib>
+using corejax::amx_granted;
 
 constexpr int64_t kAmxRows = 8;      // rows per tile pass: their q codes, then their r codes, fill a tile's 16
 constexpr int64_t kAmxMinRows = 8;   // fewer rows take the VNNI path (4 rows were faster there)
-
-bool amx_granted() {
-  static const bool granted = [] {
-    const char* env = std::getenv("COREJAX_AMX");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return granted;
-}
 
 // Two sets of tiles, for two 32-k blocks in flight (a tile is not renamed: a set reused at once would wait for
 // its last store): A 16 rows x 32 bytes (tiles 0, 3), B 8 rows x 64 bytes (1, 4), C 16 rows x 16 int32 (2, 5).

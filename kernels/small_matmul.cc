@@ -27,11 +27,13 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "amx.h"
 #include "parallel.h"
 #include "vecmath.h"
 #include "xla/ffi/api/ffi.h"
@@ -136,14 +138,15 @@ static void block_rows_bf16(const uint32_t* xs, const uint16_t* w, float* y, int
   }
 }
 
-// The R rows of x rounded to bfloat16 (nearest even) and laid out as block_rows_bf16 reads them.
-static void to_bf16_strips(const float* x, int64_t R, int64_t K, uint32_t* out) {
+// The R rows of x (row rows[m], or m where rows is null) rounded to bfloat16 (nearest even) and laid out as
+// block_rows_bf16 reads them.
+static void to_bf16_strips(const float* x, const int64_t* rows, int64_t R, int64_t K, uint32_t* out) {
   std::vector<uint16_t> row(K);
   const int64_t K2 = K / 2, n = strip_count(R, kBf16Rows);
   for (int64_t i = 0, m0 = 0; i < n; ++i) {
     const int64_t m1 = R * (i + 1) / n, ms = m1 - m0;
     for (int64_t m = m0; m < m1; ++m) {
-      const float* xm = x + m * K;
+      const float* xm = x + (rows ? rows[m] : m) * K;
       int64_t k = 0;
       for (; k + 16 <= K; k += 16)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(&row[k]), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xm + k)));
@@ -157,8 +160,90 @@ static void to_bf16_strips(const float* x, int64_t R, int64_t K, uint32_t* out) 
 constexpr bool kBf16Dot = true;
 #else
 static void block_rows_bf16(const uint32_t*, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t) {}
-static void to_bf16_strips(const float*, int64_t, int64_t, uint32_t*) {}
+static void to_bf16_strips(const float*, const int64_t*, int64_t, int64_t, uint32_t*) {}
 constexpr bool kBf16Dot = false;
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
+// AMX (Sapphire Rapids and later): one tdpbf16ps adds 16 rows x 16 columns x 32 k bfloat16 products into a
+// float32 tile, sixteen vdpbf16ps' work. The bfloat16 block layout above is already AMX's B layout: 16 pairs of
+// rows x 16 columns, one tile load with a stride of a pair row (128 bytes), columns 16-31 at an offset of 64
+// bytes. The rows are rounded to bfloat16 exactly as for vdpbf16ps and the sums are float32; only their order
+// differs. Faster at every row count measured, a sentence's 8 included (the vector path is bound by vdpbf16ps,
+// not by the weights' stream: 16 rows took twice 8 rows' time there, on AMX the same; docs/MEASUREMENTS.md).
+
+// Tiles 0-1: A, 16 rows x 32 k; 2-3: B, 16 pairs x 16 columns; 4-7: C, 16 x 16 float32 (a 32 x 32 output).
+// Loaded by every block: pool threads run other kernels (quant_matmul.cc's own tile shapes) between our calls.
+static void amx_bf16_config() {
+  alignas(64) uint8_t cfg[64] = {};
+  cfg[0] = 1;  // palette
+  uint16_t* colsb = reinterpret_cast<uint16_t*>(cfg + 16);
+  uint8_t* rows = cfg + 48;
+  for (int t = 0; t < 8; ++t) colsb[t] = 64, rows[t] = 16;
+  asm volatile("" : : "r"(cfg) : "memory");  // GCC 12 drops the stores above otherwise (quant_matmul.cc)
+  _tile_loadconfig(cfg);
+}
+
+// The R rows of x (as to_bf16_strips) rounded to bfloat16, row-major [Rp, K] with zero rows up to Rp (a multiple
+// of 16): the A tiles read them in place.
+static void to_bf16_rows(const float* x, const int64_t* rows, int64_t R, int64_t Rp, int64_t K, uint16_t* out) {
+  for (int64_t m = 0; m < R; ++m) {
+    const float* xm = x + (rows ? rows[m] : m) * K;
+    for (int64_t k = 0; k < K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * K + k),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xm + k)));
+  }
+  std::memset(out + R * K, 0, (Rp - R) * K * sizeof(uint16_t));
+}
+
+// Rows [0, R) of column block b from xa (to_bf16_rows; K a multiple of 32): 32 rows at a time on four C tiles,
+// a last group of 16 rows or fewer (a sentence) on two.
+static void block_rows_amx(const uint16_t* xa, const uint16_t* w, float* y, int64_t R, int64_t K, int64_t N,
+                           int64_t b) {
+  const uint16_t* wb = w + b * K * kBlock;
+  float* yb = y + b * kBlock;
+  alignas(64) float c[32 * 32];
+  amx_bf16_config();
+  for (int64_t m0 = 0; m0 < R; m0 += 32) {
+    const bool two = R - m0 > 16;  // a second A tile of real rows
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    const uint16_t* a = xa + m0 * K;
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      const uint16_t* bp = wb + k0 * kBlock;  // pair row k0 / 2, 2 * kBlock values each
+      _tile_loadd(0, a + k0, K * 2);
+      _tile_loadd(2, bp, 4 * kBlock);
+      _tile_loadd(3, bp + 32, 4 * kBlock);
+      _tile_dpbf16ps(4, 0, 2);
+      _tile_dpbf16ps(5, 0, 3);
+      if (two) {
+        _tile_loadd(1, a + 16 * K + k0, K * 2);
+        _tile_dpbf16ps(6, 1, 2);
+        _tile_dpbf16ps(7, 1, 3);
+      }
+    }
+    if (m0 + 32 <= R) {
+      _tile_stored(4, yb + m0 * N, N * 4);
+      _tile_stored(5, yb + m0 * N + 16, N * 4);
+      _tile_stored(6, yb + (m0 + 16) * N, N * 4);
+      _tile_stored(7, yb + (m0 + 16) * N + 16, N * 4);
+    } else {  // the last rows: through a buffer, so nothing is written past row R
+      _tile_stored(4, c, 128);
+      _tile_stored(5, c + 16, 128);
+      _tile_stored(6, c + 16 * 32, 128);
+      _tile_stored(7, c + 16 * 32 + 16, 128);
+      for (int64_t m = m0; m < R; ++m) std::memcpy(yb + m * N, c + (m - m0) * 32, 32 * sizeof(float));
+    }
+  }
+}
+
+static bool amx_bf16(int64_t R, int64_t K) { return R > 0 && K % 32 == 0 && corejax::amx_granted(); }
+#else
+static void to_bf16_rows(const float*, const int64_t*, int64_t, int64_t, int64_t, uint16_t*) {}
+static void block_rows_amx(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t) {}
+static bool amx_bf16(int64_t, int64_t) { return false; }
 #endif
 
 extern "C" int corejax_bf16_dot() { return kBf16Dot; }  // weights="bf16" runs here (kernels/small_matmul.py)
@@ -193,28 +278,48 @@ static void matmul_rows(Pool& pool, const float* x, const W* w, const int32_t* v
   for (int64_t m = 0; m < M; ++m)
     if (valid[m]) rows.push_back(m);
   const int64_t R = int64_t(rows.size());
-  std::vector<float> xbuf, ybuf;
+  // Scratch is left uninitialized (new T[n], not a vector's zero fill): every element is written before it is read.
+  std::unique_ptr<float[]> xbuf, ybuf;
   const float* xr = x;
   float* yr = y;
   // A single sentence padded to its length bucket: the real rows come first and need no gathering.
   const bool prefix = R == 0 || rows[R - 1] == R - 1;
+  const bool bf16 = std::is_same_v<W, uint16_t>;
   if (R < M && !prefix) {
-    xbuf.resize(R * K);
-    ybuf.resize(R * N);
-    for (int64_t r = 0; r < R; ++r) std::memcpy(&xbuf[r * K], x + rows[r] * K, K * sizeof(float));
-    xr = xbuf.data();
-    yr = ybuf.data();
+    ybuf.reset(new float[R * N]);
+    yr = ybuf.get();
+    if (!bf16) {  // bfloat16 rows are gathered as they are rounded
+      xbuf.reset(new float[R * K]);
+      for (int64_t r = 0; r < R; ++r) std::memcpy(&xbuf[r * K], x + rows[r] * K, K * sizeof(float));
+      xr = xbuf.get();
+    }
   }
-  std::vector<uint32_t> xh;  // bfloat16 weights: the rows rounded to bfloat16 once, shared by every block
-  if constexpr (std::is_same_v<W, uint16_t>) {
-    xh.resize(R * K / 2);
-    to_bf16_strips(xr, R, K, xh.data());
+  const int64_t* gather = R < M && !prefix ? rows.data() : nullptr;
+  std::unique_ptr<uint32_t[]> xh;  // bfloat16 weights: the rows rounded to bfloat16 once, shared by every block
+  std::unique_ptr<uint16_t[]> xa;  // the same, row-major for AMX's tiles
+  bool amx = false;
+  if constexpr (bf16) {
+    amx = amx_bf16(R, K);
+    if (amx) {
+      const int64_t Rp = (R + 15) / 16 * 16;  // whole A tiles
+      xa.reset(new uint16_t[Rp * K]);
+      to_bf16_rows(x, gather, R, Rp, K, xa.get());
+    } else {
+      xh.reset(new uint32_t[R * K / 2]);
+      to_bf16_strips(x, gather, R, K, xh.get());
+    }
   }
-  corejax::parallel_for(pool, N / kBlock, threads, [&](int64_t b) {
-    if constexpr (std::is_same_v<W, uint16_t>)  // bfloat16 pairs
-      block_rows_bf16(xh.data(), w, yr, R, K, N, b);
-    else
+  // On AMX a sentence's product (8 x 384 x 1536) costs less on this thread than split (docs/MEASUREMENTS.md).
+  const int32_t workers = amx && R * K * N < (int64_t(1) << 24) ? 1 : threads;
+  corejax::parallel_for(pool, N / kBlock, workers, [&](int64_t b) {
+    if constexpr (std::is_same_v<W, uint16_t>) {  // bfloat16 pairs
+      if (amx)
+        block_rows_amx(xa.get(), w, yr, R, K, N, b);
+      else
+        block_rows_bf16(xh.get(), w, yr, R, K, N, b);
+    } else {
       block_rows(xr, w, yr, R, K, N, b);
+    }
     epi.block(yr, R, N, b * kBlock, rows.data());
   });
   // Row pass (layer norm, ~3 N flops a row): a sentence's 16 rows of 384 cost less on this thread than
@@ -225,9 +330,13 @@ static void matmul_rows(Pool& pool, const float* x, const W* w, const int32_t* v
     });
   if (R < M && prefix) {
     std::memset(y + R * N, 0, (M - R) * N * sizeof(float));
-  } else if (R < M) {
-    std::memset(y, 0, M * N * sizeof(float));
-    for (int64_t r = 0; r < R; ++r) std::memcpy(y + rows[r] * N, &ybuf[r * N], N * sizeof(float));
+  } else if (R < M) {  // each row written once: a real row from ybuf, a padding row zero
+    for (int64_t m = 0, r = 0; m < M; ++m) {
+      if (r < R && rows[r] == m)
+        std::memcpy(y + m * N, &ybuf[r++ * N], N * sizeof(float));
+      else
+        std::memset(y + m * N, 0, N * sizeof(float));
+    }
   }
 }
 

@@ -28,8 +28,8 @@ THREADS = 64  # at most; kernels/parallel.h caps the workers at the cores (the c
 class BlockedWeight:
     """A [K, N] matrix stored as data [N / 32, K, 32] (data[b, k, c] = w[k, 32 b + c]), float32 or float16
     (an encoder's weights="f16"); or bfloat16 (weights="bf16") with rows in pairs, the order the kernel's
-    vdpbf16ps reads: data.reshape(N / 32, K / 2, 32, 2)[b, i, c, t] = w[2 i + t, 32 b + c]. Products are
-    float32 in every case."""
+    vdpbf16ps reads and AMX's B tiles are: data.reshape(N / 32, K / 2, 32, 2)[b, i, c, t] = w[2 i + t, 32 b + c].
+    Products are float32 in every case."""
 
     data: jax.Array
 

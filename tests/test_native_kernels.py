@@ -138,7 +138,7 @@ def test_fused_activation_is_accurate_over_its_range(act):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"])
-@pytest.mark.parametrize("rows", [1, 8, 13])
+@pytest.mark.parametrize("rows", [1, 8, 13, 75])
 @pytest.mark.parametrize("padding", ["middle", "tail"])
 def test_fused_epilogues_match_numpy(dtype, rows, padding):
     """act(x @ w + b) and LayerNorm(residual + x @ w + b), float32, float16 or bfloat16 weights (bfloat16
@@ -183,10 +183,11 @@ def test_float16_blocked_weights_are_widened_exactly():
 
 
 @pytest.mark.skipif(not ffi.bf16_dot(), reason="the kernel path (this CPU or COREJAX_ISA) has no AVX512_BF16: bfloat16 weights go to XLA's dot")
-@pytest.mark.parametrize("rows", [1, 5, 14, 15, 29])
+@pytest.mark.parametrize("rows", [1, 5, 14, 15, 29, 48, 100])
 def test_bfloat16_blocked_weights_multiply_bfloat16_rows(rows):
     """A bfloat16 BlockedWeight (rows in pairs, for vdpbf16ps) gives bf16(x) @ w16 summed in float32, over
-    strip sizes 1..14 and several strips; padding rows are zero; the XLA path reads the same layout."""
+    strip sizes 1..14 and several strips, and on AMX tiles (32+ real rows, where granted: whole 32-row groups
+    and a partial last one); padding rows are zero; the XLA path reads the same layout."""
     import ml_dtypes
 
     rng = np.random.default_rng(rows)

@@ -59,7 +59,8 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def onnx_embedder(folder: Path) -> Fn:
+def onnx_embedder(folder: Path, threads: int | None = None) -> Fn:
+    """ONNX Runtime on the exported encoder, intra-op threads = `threads` (the bench's --threads: corejax's cores)."""
     try:
         import onnx  # noqa: F401 - torch.onnx.export writes through it
         import onnxruntime as ort
@@ -89,7 +90,10 @@ def onnx_embedder(folder: Path) -> Fn:
         torch.onnx.export(Wrapped().eval(), tuple(ids[k] for k in names), str(path), input_names=list(names),
                           output_names=["hidden"], dynamic_axes={k: {0: "b", 1: "t"} for k in names},
                           opset_version=17, dynamo=False)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def embed(texts: list[str]) -> np.ndarray:
         enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="np")
@@ -135,9 +139,9 @@ def _runtime(ctx: Any, label: str, source: Any, labels: list[str], sessions: lis
     if source.format != "hf":
         ctx.skip("embedding", label, "needs an HF folder model", steps=ctx.reps, status="unsupported")
         return None
-    make = onnx_embedder if label == "onnxruntime" else sentence_transformers_embedder
     try:
-        embed = make(source.path)
+        embed = (onnx_embedder(source.path, ctx.threads) if label == "onnxruntime" else
+                 sentence_transformers_embedder(source.path))
         w, b = _head(embed, len(labels))
     except PeerMissing as e:
         ctx.skip("embedding", label, str(e), steps=ctx.reps, status=e.status)
@@ -145,7 +149,8 @@ def _runtime(ctx: Any, label: str, source: Any, labels: list[str], sessions: lis
     except Exception as e:  # noqa: BLE001 - a peer's own failure is its row, not the suite's
         ctx.peer_raised("embedding", label, e, steps=ctx.reps)
         return None
-    ctx.describe("embedding", label, {"head": "numpy matmul over the embeddings"})
+    ctx.describe("embedding", label, {"head": "numpy matmul over the embeddings"} |
+                 ({"intra_op_threads": ctx.threads} if label == "onnxruntime" else {}))
     return embed, lambda texts: embed(texts) @ w + b
 
 
