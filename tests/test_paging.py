@@ -167,3 +167,19 @@ def _check(a: PageAllocator, live: dict[int, list[int]], ps: int) -> None:
         first = live[s0][i0 * ps : (i0 + 1) * ps]
         for s, i in rest:
             assert i == i0 and live[s][i * ps : (i + 1) * ps] == first, (page, users)
+
+
+def test_a_chunked_prompt_offers_its_pages_only_as_they_are_written():
+    """allocate(..., written=0) then mark_written: another prompt reuses only pages whose KV is written, so a
+    prompt cancelled between chunks never hands on pages it did not fill."""
+    a = PageAllocator(num_pages=16, page_size=4)
+    prompt = list(range(1, 14))  # 13 tokens: 3 full pages
+    assert a.allocate(1, prompt, written=0) == 0
+    assert a.allocate(2, prompt, written=0) == 0  # nothing written yet: nothing to reuse
+    a.free(2)  # cancelled before its first chunk
+    a.mark_written(1, 9)  # the first chunk: pages 0 and 1 full and written
+    assert a.allocate(3, prompt, written=0) == 8  # the written pages are reused
+    a.free(3)
+    a.free(1)  # cancelled: page 2 was never written and is not offered
+    assert a.allocate(4, prompt + [99]) == 8
+    a.free(4)

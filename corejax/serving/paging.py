@@ -39,7 +39,9 @@ class PageCopy:
 class _Sequence:
     tokens: list[int]  # every token id the sequence's KV covers (prompt, then appended)
     pages: list[int]  # page i holds tokens [i · page_size, (i + 1) · page_size)
-    hashes: list[bytes]  # chained hash of each full page, len = number of full pages
+    hashes: list[bytes]  # chained hash of each full page offered for reuse (those whose KV is written)
+    pending: list[bytes] = dataclasses.field(default_factory=list)  # the prompt's full pages' hashes (allocate)
+    written: int | None = None  # leading tokens whose KV is written; None: all of `tokens`
 
 
 def _chain(prev: bytes, tokens: Sequence[int]) -> bytes:
@@ -51,7 +53,10 @@ class PageAllocator:
 
     Contract with the engine: after `allocate`/`append` the caller applies the returned PageCopy list
     (if any), then writes the KV of the new tokens into the slots `slots()` names before the next
-    `allocate` may reuse them (a page's hash is registered as soon as its tokens are declared)."""
+    `allocate` may reuse them (a page's hash is registered as soon as its tokens are declared). A prompt
+    prefilled in chunks over several steps declares its KV as it goes (`allocate(..., written=0)`, then
+    `mark_written` after each chunk): a page another prompt reuses must hold KV, not a chunk still to come (or
+    one that never comes, when the request is cancelled or preempted mid-prompt)."""
 
     def __init__(self, num_pages: int, page_size: int):
         if num_pages < 2 or page_size < 1:
@@ -98,9 +103,11 @@ class PageAllocator:
         return page in self._hash_of_page
 
     # --- lifecycle -----------------------------------------------------------------------------------
-    def allocate(self, seq_id: int, prompt: Sequence[int], *, reuse: bool = True) -> int:
+    def allocate(self, seq_id: int, prompt: Sequence[int], *, reuse: bool = True, written: int | None = None) -> int:
         """Starts sequence `seq_id` holding `prompt`; returns how many leading tokens reuse cached KV
-        (none with reuse=False: the prompt's pages are all fresh, e.g. to measure prefill).
+        (none with reuse=False: the prompt's pages are all fresh, e.g. to measure prefill). written: how many
+        leading tokens' KV the caller writes before the next `allocate` (default: all of the prompt); the
+        prompt's later pages are offered for reuse by `mark_written` as their KV is written.
 
         Reuse is whole cached pages only, and stops one token short of the prompt's end so at least one
         token is computed (its logits start generation). Raises CacheFullError, changing nothing, when
@@ -124,9 +131,14 @@ class PageAllocator:
         for page in reused:
             self._retain(page)
         pages = reused + [self._take() for _ in range(needed)]
-        self._seqs[seq_id] = _Sequence(tokens=prompt, pages=pages, hashes=[])
-        self._register_full_pages(self._seqs[seq_id], hashes)
+        self._seqs[seq_id] = seq = _Sequence(tokens=prompt, pages=pages, hashes=[], pending=hashes)
+        self._declare(seq, None if written is None else max(written, len(reused) * ps))
         return len(reused) * ps
+
+    def mark_written(self, seq_id: int, length: int) -> None:
+        """The sequence's first `length` tokens now have their KV written (a prefill chunk ran): their full
+        pages may be reused by later prompts."""
+        self._declare(self._seq(seq_id), length)
 
     def append(self, seq_id: int, tokens: Sequence[int]) -> list[PageCopy]:
         """Adds tokens (generated ones, or the next prefill chunk) to the sequence, allocating pages.
@@ -151,7 +163,7 @@ class PageAllocator:
         while len(seq.pages) * ps < n + len(tokens):
             seq.pages.append(self._take())
         seq.tokens.extend(tokens)
-        self._register_full_pages(seq, [])
+        self._declare(seq, None)  # generated tokens: written by the step that feeds them
         return copies
 
     def fork(self, parent_id: int, child_id: int) -> None:
@@ -236,10 +248,13 @@ class PageAllocator:
             else:
                 self._free.append(page)
 
-    def _register_full_pages(self, seq: _Sequence, hashes: list[bytes]) -> None:
-        """Hashes the sequence's newly full pages and offers them for reuse (first page with a hash wins)."""
+    def _declare(self, seq: _Sequence, written: int | None) -> None:
+        """Hashes the sequence's newly full pages up to `written` tokens (None: all) and offers them for reuse
+        (first page with a hash wins)."""
+        seq.written = None if written is None or written >= len(seq.tokens) else written
         ps = self.page_size
-        for i in range(len(seq.hashes), len(seq.tokens) // ps):
+        hashes = seq.pending
+        for i in range(len(seq.hashes), (len(seq.tokens) if seq.written is None else seq.written) // ps):
             h = (
                 hashes[i]
                 if i < len(hashes)

@@ -161,7 +161,8 @@ class Scheduler:
             req = self.waiting[0]
             self._seq_counter += 1
             try:
-                reused = alloc.allocate(self._seq_counter, req.context, reuse=ec.prefix_cache)
+                # written=0: the prompt's pages are offered to other prompts chunk by chunk, as _prefill writes them
+                reused = alloc.allocate(self._seq_counter, req.context, reuse=ec.prefix_cache, written=0)
             except CacheFullError as e:
                 if self.prefilling or self.running:
                     return  # pages come back as running sequences finish; nobody behind it overtakes it
@@ -204,6 +205,7 @@ class Scheduler:
             self.pacer.timed(batch.shape, time.perf_counter() - started)
         for i, (req, (part, final)) in enumerate(zip(reqs, parts)):
             req.computed += len(part)
+            runner.allocator.mark_written(req.seq, req.computed)
             if final:
                 self.prefilling.remove(req)
                 self.running.append(req)
