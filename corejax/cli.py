@@ -211,7 +211,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(max_body_bytes=args.max_body, max_tokens=args.max_tokens, max_queue=args.max_queue,
                           api_key=args.api_key, shutdown_grace_s=args.shutdown_grace)
     options = {"sandbox": args.sandbox, "weights": args.weights, "kv_dtype": args.kv_dtype,
-               "output_filter": _output_filter(args), "timeout": args.timeout, "memory_limit": args.memory_limit}
+               "output_filter": _output_filter(args), "timeout": args.timeout, "memory_limit": args.memory_limit,
+               "max_prefill_stall": args.max_prefill_stall, "warmup": "batches" if args.warmup == "batches" else True}
     if cluster is not None:
         options["cluster"] = cluster
     serve(args.models or [], host=args.host, port=args.port, uds=args.uds, limits=limits,
@@ -258,6 +259,12 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds a request may run in the worker before it is stopped (default: none)")
     p.add_argument("--memory-limit", default=None, help="bytes (or e.g. 2GiB) each model's worker may use")
+    p.add_argument("--max-prefill-stall", type=float, default=1.0, metavar="SECONDS",
+                   help="the most one step's prefill of new prompts may delay the streams already decoding "
+                        "(default 1.0; lower: steadier streams, higher: sooner first tokens)")
+    p.add_argument("--warmup", choices=["batches", "first"], default="batches",
+                   help="at start, compile every batch and chunk bucket (batches, the default: no compile while "
+                        "streams join and leave) or only what a first request runs (first: a faster first start)")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="at SIGINT/SIGTERM, seconds running streams may finish before they are cut (default 10)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

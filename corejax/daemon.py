@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     name, fmt, path = launch["source"]
     try:
         server.session = Session(ModelSource(name, fmt, Path(path)), keep_alive=0, progress=True,
-                                 warmup=bool(launch.get("warmup")), _on_progress=server.on_progress,
+                                 warmup=launch.get("warmup") or False, _on_progress=server.on_progress,
                                  **session_options(launch["settings"]))
     except Exception as e:  # noqa: BLE001 - told to every waiting client, as a worker's failed start is
         server.failure = error_to_wire(e)

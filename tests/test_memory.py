@@ -40,6 +40,13 @@ def test_session_rejects_a_bad_limit_before_starting(tiny):
         corejax.Session(str(tiny), memory_limit="2 parsecs", sandbox=False)
 
 
+@pytest.mark.parametrize(("option", "message"), [({"warmup": "all"}, "warmup must be True, False or \"batches\""),
+                                                 ({"max_prefill_stall": 0}, "max_prefill_stall must be a positive")])
+def test_session_rejects_a_bad_warmup_or_stall_before_starting(tiny, option, message):
+    with pytest.raises(InvalidParameterError, match=message):
+        corejax.Session(str(tiny), sandbox=False, **option)
+
+
 def _tiny_variant(tmp_path, **kw) -> Path:
     return write_tiny_llama(tmp_path / "v.gguf", **kw)
 

@@ -3,7 +3,9 @@ FIFO admission, and property tests under random arrivals and cancellations."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -235,6 +237,31 @@ def test_a_generous_stall_budget_prefills_whole_chunks_while_decoding(runtime):
     assert [fed for fed, decoding in calls if decoding] == [128, len(long) - 128]
     assert len(list(first)) == len(list(second)) == GREEDY.max_tokens
 
+def test_a_prompt_cancelled_mid_prefill_leaves_no_unwritten_page_for_reuse(runtime):
+    """A prompt prefilled in chunks declares its pages to the prefix cache only as their KV is written: a longer
+    prompt with the same start, after the first was cancelled between chunks, gets its text alone (it once read
+    the never-written pages of the cancelled prompt's later chunks)."""
+    tok = runtime.tokenizer
+    first, long = tok.encode(PROMPTS[4]), tok.encode(PROMPTS[7])
+    shared = next(i for i, (a, b) in enumerate(zip(first, long)) if a != b)
+    assert shared >= 32  # more than one 16-token page in common
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    expected = alone(runtime, long, sp)
+    sch = scheduler(runtime, page_size=16)
+    decoding = sch.submit(tok.encode(PROMPTS[0]), GREEDY, frozenset())
+    for _ in range(3):
+        sch.step()
+    cancelled = sch.submit(first, sp, frozenset())
+    sch.step()
+    assert 0 < cancelled.computed < len(first)  # stopped between two of its chunks
+    cancelled.close()
+    later = sch.submit(long, sp, frozenset())
+    sch.run_until_idle()
+    assert [e.token for e in later] == expected
+    assert len(list(decoding)) == GREEDY.max_tokens
+    assert_pool_clean(sch)
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, 7), st.integers(1, 20), st.integers(0, 6), st.booleans(),
                           st.sampled_from([None, "ngram"])), min_size=1, max_size=10),
@@ -341,3 +368,38 @@ def test_exit_ends_the_scheduler_thread_first(tiny_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-2:] == ["exiting", "scheduler threads at exit: 0"], out.stdout
+
+
+def test_warm_batches_leave_nothing_to_compile_when_streams_join_and_leave(tiny_path):
+    """warmup(batches=True) builds every batch and chunk bucket first, so streams that join and leave a running
+    batch, with prompts of different lengths, compile nothing, and each still gets its text alone."""
+    runtime = open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False,
+                           engine=EngineConfig(prefill_chunk=128))
+    runtime.scheduler_max_batch = 4
+    sp = SamplingParams(temperature=0.0, ignore_eos=True)
+    prompts = [PROMPTS[k] for k in (0, 7, 2, 5, 1)]
+
+    def text(rt: Generator, prompt: str, max_tokens: int) -> str:
+        return "".join(c.text for c in rt.stream(prompt, None, dataclasses.replace(sp, max_tokens=max_tokens)))
+
+    ref = open_runtime(ModelSource("tiny", "gguf", tiny_path), progress=False)  # its own programs
+    expected = [text(ref, p, 6 + 3 * i) for i, p in enumerate(prompts)]
+    shapes = runtime.runner.batch_shapes(4)
+    assert ("decode", 4, 1) in shapes and ("prefill", 4, 128) in shapes and ("prefill_part", 1, 64) in shapes
+    runtime.warmup(batches=True)
+    before = programs_built()
+    got: list[str | None] = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        got[i] = text(runtime, prompts[i], 6 + 3 * i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for i, t in enumerate(threads):  # staggered: rows join a decoding batch, and leave it at different steps
+        t.start()
+        if i % 2:
+            time.sleep(0.05)
+    for t in threads:
+        t.join(60)
+    after = programs_built()
+    assert got == expected
+    assert (after["_prefill"] - before["_prefill"], after["_decode_step"] - before["_decode_step"]) == (0, 0)

@@ -39,11 +39,13 @@ def _free_port() -> int:
 class ServerProcess:
     """`corejax serve ...` in a subprocess; its log in a file the failure message shows."""
 
-    def __init__(self, tmp: Path, *args: str):
+    def __init__(self, tmp: Path, *args: str, warmup: str = "first"):
+        """warmup: `--warmup`; "first" (only a first request's programs) keeps the suite's many starts short, and
+        the module's main server runs the default, "batches"."""
         self.port = _free_port()
         self.log = tmp / f"serve-{self.port}.log"
         cmd = [sys.executable, "-c", "from corejax.cli import main; raise SystemExit(main())", "serve",
-               "--port", str(self.port), *args]
+               "--port", str(self.port), "--warmup", warmup, *args]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -114,7 +116,7 @@ class ServerProcess:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm2_gguf):
     s = ServerProcess(tmp_path_factory.mktemp("serve"), "-m", GENERATOR, "-m", ENCODER, "--api-key", API_KEY,
-                      "--max-queue", "3", "--max-body", str(256 << 10), "--max-tokens", "2048")
+                      "--max-queue", "3", "--max-body", str(256 << 10), "--max-tokens", "2048", warmup="batches")
     yield s
     assert s.stop() == 0, s.log_text()
 

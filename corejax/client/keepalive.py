@@ -100,7 +100,7 @@ class KeptServer:
             return None
         return sock
 
-    def connect(self, keep_alive_s: float, *, progress: bool, warmup: bool, start_timeout: float) -> KeptClient:
+    def connect(self, keep_alive_s: float, *, progress: bool, warmup: bool | str, start_timeout: float) -> KeptClient:
         """A client of the running server, or of one started now (one starter at a time: a lock file)."""
         for _ in range(3):
             sock = self._dial() or self._start(keep_alive_s, progress=progress, warmup=warmup)
@@ -111,7 +111,7 @@ class KeptServer:
         raise SandboxError(f"the background process that keeps {self.source.name} loaded closed every connection; "
                            f"its log ({self.log}) ends:\n{self.log_tail(2000)}")
 
-    def _start(self, keep_alive_s: float, *, progress: bool, warmup: bool) -> socket.socket:
+    def _start(self, keep_alive_s: float, *, progress: bool, warmup: bool | str) -> socket.socket:
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)  # only this user may connect to the sockets in it
         with open(self.folder / f"{self.socket.stem}.lock", "w") as lock:

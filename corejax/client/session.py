@@ -42,9 +42,15 @@ class Session(AsyncSession):
     progress: progress bars for fetching the model, loading its weights (reported by the worker) and warming up.
     warmup: compile the programs a first short request runs while starting (with a "compiling" bar), so the
     first request does not wait for the compiler; from the persistent cache on later starts. Default: when
-    sandboxed. A sandboxed worker's programs persist for later workers of the model only if it compiled them
+    sandboxed. warmup="batches" also compiles every batch and chunk bucket that streams joining and leaving
+    a batch meet (decode at 1-16 rows, prefill chunks of 16-512 tokens), as `corejax serve` does: a longer first
+    start (seconds per program on 2 cores; later starts read them from the cache), then no compile mid-serve.
+    A sandboxed worker's programs persist for later workers of the model only if it compiled them
     before its first request (a request that compromised a worker must not reach later ones), so without the
     warm-up every new worker compiles its first request's programs again.
+    max_prefill_stall: seconds a new prompt's prefill may delay the streams already decoding, per step (default
+        1.0): while others decode, a step prefills the largest chunk measured to fit it (corejax/serving/pacing.py).
+        Lower keeps inter-token gaps short under new arrivals; higher gets new prompts to their first token sooner.
     memory_limit: bytes (or a size such as "2GiB") the worker may use. The worker reserves its weights, KV
         pool and workspace against it before allocating them (corejax/worker/memory.py), failing with
         MemoryBudgetError if they cannot fit; a worker whose resident memory passes it anyway is stopped and its
@@ -87,7 +93,7 @@ class Session(AsyncSession):
     def __init__(self, model: str | None = None, *, sandbox: bool = True, memory_limit: int | str | None = None,
                  timeout: float | None = None, weights: str | None = None, kv_dtype: str = "bf16",
                  kv_cache_tokens: int | None = None, prefix_cache: bool = True, progress: bool = True,
-                 speculative: Any = None, warmup: bool | None = None,
+                 speculative: Any = None, warmup: bool | str | None = None, max_prefill_stall: float = 1.0,
                  start_timeout: float = 600.0, sandbox_require: Mapping[str, bool] | None = None,
                  output_filter: Blocklist | None = None, devices: int = 1, cluster: Any = None,
                  keep_alive: float | str | None = None, _pythonpath: Sequence[str] = (),
@@ -103,14 +109,16 @@ class Session(AsyncSession):
         self._require = sandbox_require_of(sandbox_require)
         # Validated here, in the parent, before a worker starts.
         engine = EngineConfig(kv_dtype=kv_dtype, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache,
-                              devices=devices)
+                              devices=devices, max_prefill_stall=max_prefill_stall)
+        if warmup not in (None, True, False, "batches"):
+            raise InvalidParameterError(f'warmup must be True, False or "batches"; got {warmup!r}')
         if output_filter is not None and not isinstance(output_filter, Blocklist):
             raise InvalidParameterError("output_filter must be a corejax.Blocklist, e.g. Blocklist(['word']); "
                                         f"got {type(output_filter).__name__}")
         self.output_filter = output_filter
         self.cluster = Cluster.of(cluster)
         self._options = {"weights": weights, "engine": dataclasses.asdict(engine), "memory_limit": memory_limit,
-                         "progress": bool(progress), "warmup": bool(sandbox if warmup is None else warmup),
+                         "progress": bool(progress), "warmup": sandbox if warmup is None else warmup,
                          "output_filter": None if output_filter is None else output_filter.to_wire(),
                          "cluster": None if self.cluster is None else self.cluster.to_wire()}
         # Resolving maps a name to a path (pulling it on first use); it never opens the model file itself.
@@ -148,6 +156,7 @@ class Session(AsyncSession):
         settings = {"memory_limit": self.memory_limit, "timeout": self.timeout, "weights": self._options["weights"],
                     "kv_dtype": engine.kv_dtype, "kv_cache_tokens": engine.kv_cache_tokens,
                     "prefix_cache": engine.prefix_cache, "devices": engine.devices,
+                    "max_prefill_stall": engine.max_prefill_stall,
                     "speculative": None if spec is None else spec.to_wire(), "sandbox_require": self._require,
                     "output_filter": None if self.output_filter is None else list(self.output_filter.patterns)}
         server = KeptServer(self.source, settings)

@@ -78,14 +78,16 @@ def serve(models: Sequence[str | None], *, host: str = "127.0.0.1", port: int = 
     ids = {str(v): k for k, v in allowed.items()}
     served: list[ServedModel] = []
     server: Server | None = None
+    # Every batch and chunk bucket compiled at start, so streams joining and leaving never wait for a compiler.
+    warmups = {"warmup": "batches", **(session_options or {})}
 
     def load(model_id: str, what: Any) -> ServedModel:
-        options = dict(session_options or {}, progress=False)  # a load on demand draws no bars in the log
-        return ServedModel(model_id, Session(what, warmup=True, keep_alive=0, **options))
+        options = dict(warmups, progress=False)  # a load on demand draws no bars in the log
+        return ServedModel(model_id, Session(what, keep_alive=0, **options))
 
     try:
         for name in models:
-            session = Session(name, warmup=True, keep_alive=0, **(session_options or {}))  # the server keeps them
+            session = Session(name, keep_alive=0, **warmups)  # the server keeps them
             model_id = name if name is not None and name in allowed else ids.get(str(session.source), None) \
                 or session.source.name
             if any(m.id == model_id for m in served):

@@ -23,9 +23,13 @@ from corejax.engine.programs import Programs
 from corejax.engine.sampling import SampleOutput, SamplingBatch
 from corejax.errors import ContextLengthError, InvalidParameterError
 from corejax.models.stack import stack_layers
-from corejax.serving.batch import MIN_TABLE_PAGES, StepBatch, bucket
+from corejax.serving.batch import MIN_PREFILL_BUCKET, MIN_TABLE_PAGES, StepBatch, bucket
 from corejax.serving.paging import PageAllocator
 from corejax.types.config import EncoderConfig, EngineConfig, ModelConfig
+from corejax.types.options import SamplingParams
+
+
+BURST_TOKENS = 128  # batch_shapes: the longest prompt chunk warmed at every row bucket
 
 
 class ModelRunner:
@@ -69,23 +73,31 @@ class ModelRunner:
     # --- the programs --------------------------------------------------------------------------------------
 
     def prefill(self, batch: StepBatch, sampling: SamplingBatch | None = None,
-                mask: np.ndarray | None = None) -> SampleOutput | None:
+                mask: np.ndarray | None = None, *, compile_only: bool = False) -> SampleOutput | None:
         """One prompt chunk per row written to the cache; with `sampling` (rows whose prompt it finishes), the
-        first new token sampled from each row's last position, under the token bitmask `mask` [B, W]."""
+        first new token sampled from each row's last position, under the token bitmask `mask` [B, W].
+        compile_only: build (or load) the call's program and run nothing."""
         extra = {} if sampling is None else dict(sampling=sampling.tensors, keys=sampling.keys,
                                                  penalties=sampling.penalties, mask=mask)
-        out, self.cache = self.programs.prefill(self.params, batch.tokens, batch.positions, batch.last,
-                                                batch.cache(self.cache), cfg=self.cfg, kernels=self.kernels,
-                                                **extra)
+        args = (self.params, batch.tokens, batch.positions, batch.last, batch.cache(self.cache))
+        kwargs = dict(cfg=self.cfg, kernels=self.kernels, **extra)
+        if compile_only:
+            self.programs.prefill.lower(*args, **kwargs).compile()
+            return None
+        out, self.cache = self.programs.prefill(*args, **kwargs)
         return out
 
     def decode(self, batch: StepBatch, sampling: SamplingBatch, steps: np.ndarray,
-               mask: np.ndarray | None = None) -> SampleOutput:
+               mask: np.ndarray | None = None, *, compile_only: bool = False) -> SampleOutput | None:
         """One decode step ([B, T]: each row's last token, then its drafts); the sampling batch's penalty state
-        is updated on the device."""
-        out, self.cache, sampling.penalties = self.programs.decode_step(
-            self.params, batch.tokens, batch.positions, batch.cache(self.cache), sampling.tensors,
-            sampling.penalties, sampling.keys, steps, cfg=self.cfg, kernels=self.kernels, mask=mask)
+        is updated on the device. compile_only: build (or load) the step's program and run nothing."""
+        args = (self.params, batch.tokens, batch.positions, batch.cache(self.cache), sampling.tensors,
+                sampling.penalties, sampling.keys, steps)
+        kwargs = dict(cfg=self.cfg, kernels=self.kernels, mask=mask)
+        if compile_only:
+            self.programs.decode_step.lower(*args, **kwargs).compile()
+            return None
+        out, self.cache, sampling.penalties = self.programs.decode_step(*args, **kwargs)
         return out
 
     def copy_pages(self, copies: Any) -> None:
@@ -100,6 +112,37 @@ class ModelRunner:
     def full_logits(self, tokens: np.ndarray) -> jax.Array:
         """tokens [B, T] -> logits [B, T, V] from a fresh forward (tests, scoring)."""
         return self.programs.full_logits(self.params, tokens, cfg=self.cfg, kernels=self.kernels)
+
+    def batch_shapes(self, max_batch: int) -> list[tuple[str, int, int]]:
+        """The calls a burst of streams meets, as (program, rows, tokens) buckets: the decode step at every row
+        bucket up to max_batch; the prefill call that finishes prompts at every row bucket for prompts of up to
+        128 tokens (a burst of chat turns is one such call) and at one row for every chunk size; a long prompt's
+        middle chunk (no sampling) at every chunk size the pacer (pacing.py) gives while others decode. Empty
+        where page-table widths depend on the request (the non-native attention path): those cannot be known
+        ahead."""
+        if self.table_pages is None:
+            return []
+        rows = [1 << i for i in range(max(1, max_batch).bit_length())]
+        chunks = [t for t in (1 << i for i in range(4, 16)) if t <= max(self.engine_cfg.prefill_chunk, 16)]
+        shapes = [("decode", b, 1) for b in rows]
+        shapes += [("prefill", b, t) for t in chunks if t <= BURST_TOKENS for b in rows]
+        shapes += [("prefill", 1, t) for t in chunks if t > BURST_TOKENS]
+        shapes += [("prefill_part", 1, t) for t in chunks if t > MIN_PREFILL_BUCKET]
+        return shapes
+
+    def warm(self, shape: tuple[str, int, int], sp: SamplingParams) -> None:
+        """Builds (or loads from the persistent cache) the program of one call of `shape` (batch_shapes) without
+        running it, on the arguments a batch of that shape with `sp`'s sampling flags passes, so a request finds
+        it ready. (JAX keeps an ahead-of-time compile for the jitted function's later calls.)"""
+        kind, b, t = shape
+        zeros = np.zeros((b, t), np.int32)
+        batch = StepBatch(zeros, zeros, np.zeros((b,), np.int32), np.zeros((b,), np.int32),
+                          np.zeros((b, self.table_pages), np.int32), 0)
+        sampling = SamplingBatch.build([sp] * b, [], [((), ())] * b, b, self.cfg.vocab_size)
+        if kind == "decode":
+            self.decode(batch, sampling, np.zeros((b,), np.int32), compile_only=True)
+        else:
+            self.prefill(batch, sampling if kind == "prefill" else None, compile_only=True)
 
     # --- the pool ------------------------------------------------------------------------------------------
 

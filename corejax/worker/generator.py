@@ -109,14 +109,22 @@ class Generator(Runtime):
         """A follower's whole life: the leader's program calls, until the leader leaves (their count)."""
         return self.runner.follow()
 
-    def warmup(self, report: Callable[[str, int, int], None] | None = None) -> None:
+    def warmup(self, report: Callable[[str, int, int], None] | None = None, batches: bool = False) -> None:
         """Compiles what a first short request with default sampling runs (the smallest prefill bucket and the
         one-row decode step), so the first user request finds them ready; a second start of the same model
-        loads them from the persistent compilation cache in a fraction of the time."""
+        loads them from the persistent compilation cache in a fraction of the time. batches: also every batch
+        and chunk bucket a burst of streams meets (ModelRunner.batch_shapes), so streams joining and leaving a
+        server's batch never wait for a compile."""
         if self.cluster is not None:
             return  # a cluster's processes compile together, on the leader's first steps (a follower cannot stream)
+        shapes = self.runner.batch_shapes(self.scheduler_max_batch) if batches else []
+        total = len(shapes) + 1
         if report is not None:
-            report("compiling", 0, 1)
+            report("compiling", 0, total)
+        for i, shape in enumerate(shapes):
+            self.runner.warm(shape, SamplingParams(ignore_eos=True))
+            if report is not None:
+                report("compiling", i + 1, total)
         # Default sampling, default max_tokens: the same static flags and page-table width as a default request.
         chunks = self.stream("Hello", None, SamplingParams(ignore_eos=True))
         for i, _ in enumerate(chunks):
@@ -124,7 +132,7 @@ class Generator(Runtime):
                 break
         chunks.close()
         if report is not None:
-            report("compiling", 1, 1)
+            report("compiling", total, total)
 
     def info(self) -> dict[str, Any]:
         ec, alloc = self.runner.engine_cfg, self.runner.allocator
@@ -171,12 +179,15 @@ class Generator(Runtime):
             return self.tokenizer.encode(text, add_special=False)
         return self.tokenizer.encode(prompt, add_special=True)
 
+    scheduler_max_batch = 16  # rows one step carries (Scheduler's max_batch)
+
     @property
     def scheduler(self) -> Scheduler:
         """The continuous-batching loop over the engine (started with the first request)."""
         with _SCHEDULER_LOCK:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self.runner, draft_loader=self._load_draft)
+                self._scheduler = Scheduler(self.runner, max_batch=self.scheduler_max_batch,
+                                            draft_loader=self._load_draft)
             return self._scheduler
 
     def _load_draft(self, spec: SpeculativeConfig) -> DraftModelProposer:

@@ -169,7 +169,7 @@ def load_runtime(name: str, fmt: str, path: str, options: dict | None = None,
                            **({"weights_cache": from_options(options["weights_cache"])}
                               if "weights_cache" in options else {}))  # a sandboxed worker's, from its parent
     if options.get("warmup"):
-        runtime.warmup(report)
+        runtime.warmup(report, batches=options["warmup"] == "batches")
     return runtime
 
 

@@ -50,7 +50,7 @@ class Runtime:
         return dict(self.model.info, load_seconds=self.model.load_seconds, memory=self.budget.report(),
                     native_kernels=self.kernels.native, kernel_isa=self.kernels.isa, resident=memory.resident())
 
-    def warmup(self, report: Any = None) -> None:
+    def warmup(self, report: Any = None, batches: bool = False) -> None:
         """Compiles what a first request runs (a Generator does; nothing to do here)."""
 
     def cancel(self, tag: Any) -> None:
