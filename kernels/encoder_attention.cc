@@ -6,7 +6,7 @@
 // Why it exists: for a sentence (8-64 tokens, 12 heads of 32) XLA:CPU runs the same attention as ~10 ops per
 // layer: three transposes of q, k and v into head-major order, two batched dots, the softmax pieces and the
 // transpose back, about ten times the arithmetic's time (docs/MEASUREMENTS.md). This kernel reads q, k and v where
-// the projection put them, one (sequence, head) pair per task on XLA's pool (kernels/parallel.h).
+// the projection put them, one (sequence, head) pair per task over the cores (kernels/parallel.h).
 //
 // Per pair: the head's keys are transposed once into kt[H][S] so that one query's scores against 16 keys
 // are H vector FMAs; each query's score row (S floats, never an S x S matrix) is exponentiated with the

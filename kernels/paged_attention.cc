@@ -1,5 +1,5 @@
 // Paged attention on a CPU, for every query count: a decode step, a speculative verify, a prefill chunk. KV pages
-// in float32 or bfloat16, read in place from the whole cache; split over XLA's thread pool (kernels/parallel.h).
+// in float32 or bfloat16, read in place from the whole cache; split over the cores (kernels/parallel.h).
 //
 // Why it exists: the lax path (kernels/paged_attention.py) gathers each tile of pages into a dense copy, builds
 // [B, K, G, T, tile] score tensors and runs ~15 XLA ops per tile on one core; at a 4k-token prompt its prefill
@@ -73,10 +73,11 @@ constexpr int64_t kMinSplitKeys = 256; // a decode task reads at least this many
 constexpr int64_t kPrefetchTiles = 4;  // how far ahead decode prefetches, in tiles
 const float kNegInf = -INFINITY;
 
-inline float HMax(v16 v) {
-  float m = v[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
-  return m;
+inline float HMax(v16 v) {  // a tree of shuffles (max is exact in any order)
+  v16 a = corejax::vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  a = corejax::vmax(a, __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  a = corejax::vmax(a, __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  return std::max(a[0], a[1]);
 }
 
 template <typename KV>
@@ -88,21 +89,25 @@ struct Problem {
   const int32_t* len;
   const int32_t* pos;
   int64_t B, T, N, H, K, P, PS, W, G, window;
+  int ps_shift = -1;  // log2(PS) where PS is a power of two (the usual 16): no division per key
   float scale, softcap;
+
+  int64_t PageOf(int64_t s) const { return ps_shift >= 0 ? s >> ps_shift : s / PS; }
 
   // Key s of row b, head kh: its page row, or nullptr where the table entry is out of range (the host never
   // writes such entries; the kernel stays in bounds anyway and treats the key as invisible).
   const KV* Row(const KV* base, int64_t b, int64_t kh, int64_t s) const {
-    if (s / PS >= W) return nullptr;
-    const int64_t page = table[b * W + s / PS];
+    const int64_t pi = PageOf(s);
+    if (pi >= W) return nullptr;
+    const int64_t page = table[b * W + pi];
     if (page < 0 || page >= P) return nullptr;
-    return base + ((kh * P + page) * PS + s % PS) * H;
+    return base + ((kh * P + page) * PS + (s - pi * PS)) * H;
   }
 
   // Prefetches the keys and values of [s0, s1) into the cache.
   void Prefetch(int64_t b, int64_t kh, int64_t s0, int64_t s1) const {
     for (int64_t s = s0; s < s1;) {
-      const int64_t end = std::min(s1, (s / PS + 1) * PS);  // the rest of s's page
+      const int64_t end = std::min(s1, (PageOf(s) + 1) * PS);  // the rest of s's page
       const KV* kr = Row(k, b, kh, s);
       if (kr) {
         const char* kc = reinterpret_cast<const char*>(kr);
@@ -223,6 +228,8 @@ void AttendRange(const Problem<KV>& pr, int64_t b, int64_t kh, int64_t t0, int64
   float* s = sc.s.data();
   const v16i iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
+  // The first tiles, which the prefetch inside the loop never asks for (at a short context, all of them).
+  if (!transpose) pr.Prefetch(b, kh, k0, std::min(k1, k0 + kPrefetchTiles * kTile));
   for (int64_t s0 = k0; s0 < k1; s0 += kTile) {
     const int64_t n = std::min(kTile, k1 - s0);
     // Decode streams the context's pages from memory once per step: ask for the tile after next now, so the
@@ -325,10 +332,12 @@ void AttendRange(const Problem<KV>& pr, int64_t b, int64_t kh, int64_t t0, int64
         for (int64_t h = 0; h < H; ++h) a[h] *= corr;
       }
     }
-    // acc += p . V, four rows at a time.
+    // acc += p . V, up to four rows per pass over the values (three for a GQA group of 3, 6 or 7 heads).
     int64_t r = 0;
     for (; r + 4 <= R; r += 4) PVRows<KV, 4>(acc + r * H, s + r * kTile, vrow, n, H);
-    for (; r < R; ++r) PVRows<KV, 1>(acc + r * H, s + r * kTile, vrow, n, H);
+    if (R - r == 3) PVRows<KV, 3>(acc + r * H, s + r * kTile, vrow, n, H), r += 3;
+    if (R - r == 2) PVRows<KV, 2>(acc + r * H, s + r * kTile, vrow, n, H), r += 2;
+    if (R - r == 1) PVRows<KV, 1>(acc + r * H, s + r * kTile, vrow, n, H), r += 1;
   }
 }
 
@@ -456,6 +465,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
     Problem<KV> pr;
     pr.B = qd[0], pr.T = qd[1], pr.N = qd[2], pr.H = qd[3];
     pr.K = kd[1], pr.P = kd[2], pr.PS = kd[3], pr.W = td[1], pr.G = pr.N / pr.K;
+    if (pr.PS > 0 && (pr.PS & (pr.PS - 1)) == 0) pr.ps_shift = __builtin_ctzll(uint64_t(pr.PS));
     const int64_t per_layer = pr.K * pr.P * pr.PS * pr.H;
     pr.q = q.typed_data();
     pr.k = static_cast<const KV*>(k_pages.untyped_data()) + layer * per_layer;

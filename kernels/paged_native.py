@@ -1,7 +1,7 @@
 """Paged attention on a CPU through the native kernel kernels/paged_attention.cc, for any number of query
 positions (a decode step, a speculative verify, a prefill chunk), reading float32 or bfloat16 KV pages in place
-from the whole cache, split over XLA's thread pool. kernels/paged_attention.py is its reference and the path for
-everything else (int8/int4 pages, GPUs, no native library)."""
+from the whole cache, split over the cores (kernels/parallel.h). kernels/paged_attention.py is its reference
+and the path for everything else (int8/int4 pages, GPUs, no native library)."""
 
 from __future__ import annotations
 

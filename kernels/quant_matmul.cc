@@ -36,9 +36,8 @@
 //
 // Rows: up to kRows (8; 4 on AVX2's 16 registers) share one pass over a column group (their int32 and float
 // accumulators stay in registers); more rows loop over the group while it is in L1/L2 (prefill). Chunks of column groups are split over the
-// caller and XLA's own intra-op pool (kernels/parallel.h), at most `threads` (from Python) workers. Threads
-// started per call and helper threads of our own spinning between calls (fighting XLA's pool for the two
-// cores) were both slower than one thread; the pool's threads are awake while a program runs.
+// caller and the kernels' helper threads (kernels/parallel.h: awake between a decode step's calls, asleep
+// between steps), at most `threads` (from Python) workers.
 //
 // Built by corejax/native.py with the other kernels; registered as "corejax_quant_matmul".
 
@@ -459,7 +458,7 @@ GroupsFn pick(int bits, int block, int code_max) {
   return block == 16 ? pick_codes<16>(bits, code_max) : pick_codes<32>(bits, code_max);
 }
 
-// Column groups in chunks of kChunk (4 KiB-64 KiB of codes each), claimed by the caller and XLA's pool threads.
+// Column groups in chunks of kChunk (4 KiB-64 KiB of codes each), claimed by the caller and the helpers (kernels/parallel.h).
 constexpr int64_t kChunk = 4;
 
 void run(ffi::ThreadPool& pool, const Weights& w, const Acts& a, int64_t M, int64_t B, int code_max, int threads,

@@ -11,8 +11,8 @@
 // N floats per row, into a new page each time, where the hardware prefetcher does not follow (less than half
 // the bandwidth).
 //
-// Column blocks are split over the cores through XLA's own intra-op thread pool (kernels/parallel.h): no
-// threads of our own to start per call or to keep spinning next to XLA's. The weights are prefetched 128 rows
+// Column blocks are split over the cores by kernels/parallel.h (the caller and helper threads kept awake
+// between a step's calls, asleep between steps). The weights are prefetched 128 rows
 // ahead (16 KiB of float32), faster for float32 and float16 weights alike (docs/MEASUREMENTS.md): the hardware
 // prefetcher alone restarts at every block.
 //

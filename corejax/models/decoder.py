@@ -1,7 +1,7 @@
 """The decoder block every supported family runs (Llama, Mistral, Qwen2/3, Gemma 2/3, SmolLM3, Granite, OLMo 2,
 and the mixtures of experts Qwen3-MoE, OLMoE, Mixtral), a pure function over a params pytree. What differs between families is data in ModelConfig (types/families.py):
 biases, where the norms sit, Q/K norms, multipliers; what differs between layers is data in LayerAt (the window,
-the RoPE frequencies, zero for a layer without RoPE)."""
+the RoPE rotation, by angle 0 in a layer without RoPE)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def attention_block(layer: Params, x: jax.Array, positions: jax.Array, cache: An
                     cfg: ModelConfig) -> tuple[jax.Array, Any]:
     """x [B, T, D] -> attention output [B, T, D]; writes this layer's keys/values to the cache."""
     batch, t, _ = x.shape
-    q = apply_rope(_project(x, layer, "q", cfg.num_heads, cfg), positions, at.inv_freq, cfg.rope_attn_factor)
-    k = apply_rope(_project(x, layer, "k", cfg.num_kv_heads, cfg), positions, at.inv_freq, cfg.rope_attn_factor)
+    q = apply_rope(_project(x, layer, "q", cfg.num_heads, cfg), at.rope)
+    k = apply_rope(_project(x, layer, "k", cfg.num_kv_heads, cfg), at.rope)
     v = _project(x, layer, "v", cfg.num_kv_heads, cfg)
     out, cache = cache.attend(at.index, q, k, v, positions, window=at.window, scale=cfg.attention_scale,
                               softcap=cfg.attn_softcap)

@@ -74,21 +74,39 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> j
     return jnp.where(mid, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, factor: float = 1.0) -> jax.Array:
-    """x [B, T, N, H], positions [B, T] -> rotated x, HF's rotate-half layout (the loader undoes llama.cpp's
-    interleaved Q/K permutation, so one convention serves both checkpoint formats). With fewer frequencies than
-    H / 2 (partial rotary, Phi-3/4) only the first 2 * len(inv_freq) dimensions rotate; `factor` scales cos and
-    sin (LongRoPE's attention factor)."""
-    rot = 2 * inv_freq.shape[-1]
-    x_rot, x_pass = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """The rotation of one set of positions: cos and sin [B, T, 1, rot] (rot = 2 * len(inv_freq)), already scaled by
+    LongRoPE's attention factor. Made once per call for each distinct set of frequencies (rope_tables) and shared
+    by every layer that has them: inside the layer loop XLA recomputed the cos and sin for every layer and every
+    head (a twentieth of an 8-row decode step of SmolLM2, docs/MEASUREMENTS.md)."""
+
+    cos: jax.Array
+    sin: jax.Array
+
+
+jax.tree_util.register_dataclass(Rope, data_fields=["cos", "sin"], meta_fields=[])
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array, factor: float = 1.0) -> Rope:
+    """positions [B, T], inv_freq [rot/2] -> their Rope."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot/2]
     cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
     if factor != 1.0:
         cos, sin = cos * factor, sin * factor
+    return Rope(cos, sin)
+
+
+def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
+    """x [B, T, N, H] -> rotated x, HF's rotate-half layout (the loader undoes llama.cpp's interleaved Q/K
+    permutation, so one convention serves both checkpoint formats). With fewer frequencies than H / 2 (partial
+    rotary, Phi-3/4) only the first rot dimensions rotate."""
+    rot = rope.cos.shape[-1]
+    x_rot, x_pass = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
     half = rot // 2
     rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    out = (x_rot * cos + rotated * sin).astype(x.dtype)
+    out = (x_rot * rope.cos + rotated * rope.sin).astype(x.dtype)
     return out if x_pass is None else jnp.concatenate([out, x_pass], axis=-1)
 
 
@@ -133,11 +151,11 @@ def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class LayerAt:
     """What differs between layers besides weights: the index (a Python int when unrolled, traced in the loop),
-    the attention window (0 = none) and the RoPE inverse frequencies (Gemma's local layers have their own base)."""
+    the attention window (0 = none) and the RoPE rotation (Gemma's local layers have their own base)."""
 
     index: jax.Array | int
     window: jax.Array | int
-    inv_freq: jax.Array
+    rope: Rope
 
 
 def layer_theta(cfg: ModelConfig, index: int) -> float:
@@ -145,16 +163,31 @@ def layer_theta(cfg: ModelConfig, index: int) -> float:
     return cfg.rope_local_theta if cfg.layer_windows[index] > 0 and cfg.rope_local_theta else cfg.rope_theta
 
 
-def layer_at(cfg: ModelConfig, index: int) -> LayerAt:
-    # Gemma 3's RoPE scaling is its global layers' (HF's rope_parameters["full_attention"], llama.cpp's
-    # freq_scale_swa = 1): the local layers keep unscaled frequencies of their own base.
+def _rope_kind(cfg: ModelConfig, index: int) -> tuple[float, bool, bool]:
+    """What layer_inv_freq depends on for layer `index` besides the model's own settings: (base, local, has RoPE).
+    Gemma 3's RoPE scaling is its global layers' (HF's rope_parameters["full_attention"], llama.cpp's
+    freq_scale_swa = 1): the local layers keep unscaled frequencies of their own base."""
     local = cfg.layer_windows[index] > 0 and bool(cfg.rope_local_theta)
-    inv_freq = rope_inv_freq(cfg.rotary_dim, layer_theta(cfg, index), None if local else cfg.rope_scaling)
+    return layer_theta(cfg, index), local, bool(cfg.rope_layers[index])
+
+
+def layer_inv_freq(cfg: ModelConfig, index: int) -> jax.Array:
+    theta, local, has_rope = _rope_kind(cfg, index)
+    inv_freq = rope_inv_freq(cfg.rotary_dim, theta, None if local else cfg.rope_scaling)
     if cfg.rope_factors:  # llama.cpp's rope_freqs: theta_i / factor_i
         inv_freq = inv_freq / jnp.asarray(cfg.rope_factors, jnp.float32)
-    if not cfg.rope_layers[index]:  # no RoPE here (SmolLM3): rotating by angle 0 leaves q and k as they are
+    if not has_rope:  # no RoPE here (SmolLM3): rotating by angle 0 leaves q and k as they are
         inv_freq = jnp.zeros_like(inv_freq)
-    return LayerAt(index, cfg.layer_windows[index], inv_freq)
+    return inv_freq
+
+
+def layer_ropes(cfg: ModelConfig, positions: jax.Array, num_layers: int) -> tuple[list[Rope], list[int]]:
+    """The distinct rotations of the layers (one for most models, two for Gemma's local and global layers) and
+    which one each layer uses."""
+    kinds = [_rope_kind(cfg, i) for i in range(num_layers)]
+    distinct = list(dict.fromkeys(kinds))
+    ropes = [rope_tables(positions, layer_inv_freq(cfg, kinds.index(k)), cfg.rope_attn_factor) for k in distinct]
+    return ropes, [distinct.index(k) for k in kinds]
 
 
 def run_layers(
@@ -174,15 +207,20 @@ def run_layers(
     layers = params["layers"]
     if isinstance(layers, StackedLayers):
         windows = jnp.asarray(cfg.layer_windows, jnp.int32)
-        inv_freqs = jnp.stack([layer_at(cfg, i).inv_freq for i in range(layers.num_layers)])
+        ropes, which = layer_ropes(cfg, positions, layers.num_layers)
+        if len(ropes) > 1:
+            cos, sin = jnp.stack([r.cos for r in ropes]), jnp.stack([r.sin for r in ropes])
+            which_rope = jnp.asarray(which, jnp.int32)
 
         def body(i, carry):
             x, cache = carry
-            at = LayerAt(i, windows[i], inv_freqs[i])
-            return block(layers.layer(i), x, positions, cache, at, cfg)
+            rope = ropes[0] if len(ropes) == 1 else Rope(cos[which_rope[i]], sin[which_rope[i]])
+            return block(layers.layer(i), x, positions, cache, LayerAt(i, windows[i], rope), cfg)
 
         x, cache = jax.lax.fori_loop(0, layers.num_layers, body, (x, cache))
     else:
+        ropes, which = layer_ropes(cfg, positions, len(layers))
         for index, layer in enumerate(layers):
-            x, cache = block(layer, x, positions, cache, layer_at(cfg, index), cfg)
+            at = LayerAt(index, cfg.layer_windows[index], ropes[which[index]])
+            x, cache = block(layer, x, positions, cache, at, cfg)
     return rms_norm(x, params["final_norm"], cfg.norm_eps), cache
