@@ -144,7 +144,9 @@ def test_loading_blocks_neither_health_nor_other_streams(tmp_path_factory, smoll
                       "--api-key", API_KEY)
     try:
         client = openai.OpenAI(base_url=s.base_url, api_key=API_KEY, max_retries=0)
-        stream = client.completions.create(model=GENERATOR, prompt="Once upon a time", max_tokens=300,
+        # Long enough to outlast the encoder's load (a cold worker start and compile: several seconds on 2 cores,
+        # while 300 tokens took 2 s once decode reached 150 tok/s); closed as soon as the load is done.
+        stream = client.completions.create(model=GENERATOR, prompt="Once upon a time", max_tokens=3000,
                                            temperature=0, stream=True, extra_body={"ignore_eos": True})
         it = iter(stream)
         next(it)
